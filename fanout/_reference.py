@@ -1,0 +1,510 @@
+"""Pure-Python twins of the compiled modules, behaviour for behaviour.
+
+Used by the parity tests and with ``FANOUT_NO_EXTENSIONS=1``. Written for
+clarity, not speed; the reasoning behind each rule lives in the .pxd files.
+"""
+from __future__ import annotations
+
+import asyncio
+import operator
+import os
+import stat
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
+    "encode_frame", "encode_text", "encode_close",
+    "Ring", "Writer", "Conn", "Channel",
+]
+
+OP_CONT = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+
+_OPCODES = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+_I64 = (-(2**63), 2**63 - 1)
+_C_INT = (-(2**31), 2**31 - 1)
+_SSIZE = (-(2**63), 2**63 - 1)
+
+
+def _as_int(value: Any, bounds: tuple[int, int], name: str) -> int:
+    # Same errors as Cython's C-integer argument conversion.
+    result = operator.index(value)
+    if not bounds[0] <= result <= bounds[1]:
+        raise OverflowError(f"{name} out of range")
+    return result
+
+
+def _as_bytes(payload: Any) -> bytes:
+    if type(payload) is bytes:
+        return payload
+    with memoryview(payload) as view:
+        if not view.c_contiguous:
+            raise BufferError("payload must be a contiguous buffer")
+        return view.tobytes()
+
+
+def _header(opcode: int, size: int) -> bytes:
+    if size <= 125:
+        return bytes((0x80 | opcode, size))
+    if size <= 0xFFFF:
+        return struct.pack("!BBH", 0x80 | opcode, 126, size)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, size)
+
+
+def encode_frame(opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
+    opcode = _as_int(opcode, _C_INT, "opcode")
+    if opcode not in _OPCODES:
+        raise ValueError(f"invalid opcode {opcode:#x}")
+    data = _as_bytes(payload)
+    if opcode >= 8 and len(data) > 125:
+        raise ValueError("control frame payload longer than 125 bytes")
+    return _header(opcode, len(data)) + data
+
+
+def encode_text(payload: bytes | bytearray | memoryview) -> bytes:
+    return encode_frame(OP_TEXT, payload)
+
+
+def encode_close(code: int, reason: bytes | bytearray | memoryview = b"") -> bytes:
+    code = _as_int(code, _C_INT, "code")
+    if not 1000 <= code <= 4999 or code in (1004, 1005, 1006, 1015):
+        raise ValueError(f"invalid close code {code}")
+    data = _as_bytes(reason)
+    if len(data) > 123:
+        raise ValueError("close reason longer than 123 bytes")
+    data.decode("utf-8")
+    return _header(OP_CLOSE, len(data) + 2) + code.to_bytes(2, "big") + data
+
+
+class Ring:
+    def __init__(self, capacity: int, max_bytes: int = 2**62) -> None:
+        capacity = _as_int(capacity, _SSIZE, "capacity")
+        max_bytes = _as_int(max_bytes, _I64, "max_bytes")
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
+        self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._entries: deque[tuple[int, int, int, bytes]] = deque()
+        self._nbytes = 0
+        self._last_seq = 0
+
+    def _evict_oldest(self) -> None:
+        self._nbytes -= len(self._entries.popleft()[3])
+
+    def append(self, seq: int, prev: int, ts: int, frame: bytes) -> None:
+        seq = _as_int(seq, _I64, "seq")
+        prev = _as_int(prev, _I64, "prev")
+        ts = _as_int(ts, _I64, "ts")
+        if not isinstance(frame, bytes):
+            raise TypeError(f"frame must be bytes, not {type(frame).__name__}")
+        if seq <= self._last_seq:
+            raise ValueError(f"seq {seq} is not after the last seq {self._last_seq}")
+        if prev < -1 or prev >= seq:
+            raise ValueError(f"prev {prev} must be -1 or in [0, seq)")
+        if self._entries and prev >= 0 and prev != self._last_seq:
+            self._entries.clear()
+            self._nbytes = 0
+        if len(self._entries) == self._capacity:
+            self._evict_oldest()
+        self._entries.append((seq, prev, ts, frame))
+        self._nbytes += len(frame)
+        self._last_seq = seq
+        while len(self._entries) > 1 and self._nbytes > self._max_bytes:
+            self._evict_oldest()
+
+    def since(self, seq: int) -> list[bytes] | None:
+        seq = _as_int(seq, _I64, "seq")
+        if seq >= self._last_seq:
+            return []
+        if not self._entries:
+            return None
+        first_seq, first_prev = self._entries[0][:2]
+        if seq < first_seq and not (first_prev >= 0 and seq >= first_prev):
+            return None
+        return [frame for s, _, _, frame in self._entries if s > seq]
+
+    def last(self) -> tuple[int, int, int, bytes] | None:
+        return self._entries[-1] if self._entries else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def first_seq(self) -> int:
+        return self._entries[0][0] if self._entries else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    def __repr__(self) -> str:
+        return (f"<Ring len={len(self)} capacity={self._capacity} "
+                f"first_seq={self.first_seq} last_seq={self._last_seq} nbytes={self._nbytes}>")
+
+
+def _iov_max() -> int:
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        limit = -1
+    return 1024 if limit <= 0 else min(limit, 1024)
+
+
+_IOV_MAX = _iov_max()
+
+
+class Writer:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._conns: list[Conn] = []
+        self._dirty: list[Conn] = []
+        self._scheduled = False
+        self._iov_max = _IOV_MAX
+        self._frames_out = 0
+        self._bytes_out = 0
+        self._syscalls = 0
+        self._overflows = 0
+        self._write_errors = 0
+
+    frames_out = property(lambda self: self._frames_out)
+    bytes_out = property(lambda self: self._bytes_out)
+    syscalls = property(lambda self: self._syscalls)
+    overflows = property(lambda self: self._overflows)
+    write_errors = property(lambda self: self._write_errors)
+
+    def _mark_dirty(self, conn: Conn) -> None:
+        conn._dirty = True
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def _register(self, conn: Conn) -> None:
+        conn._widx = len(self._conns)
+        self._conns.append(conn)
+
+    def _unregister(self, conn: Conn) -> None:
+        idx = conn._widx
+        if idx < 0:
+            return
+        conn._widx = -1
+        last = self._conns.pop()
+        if last is not conn:
+            self._conns[idx] = last
+            last._widx = idx
+
+    def flush(self) -> None:
+        dirty = self._dirty
+        self._scheduled = False
+        if not dirty:
+            return
+        self._dirty = []
+        now = self._loop.time()
+        for conn in dirty:
+            conn._dirty = False
+            if conn._closed or conn._paused:
+                continue
+            try:
+                conn._flush(now)
+            except Exception as exc:
+                self._write_errors += 1
+                conn._drop()
+                self._loop.call_exception_handler({
+                    "message": "fanout: unexpected error while writing",
+                    "exception": exc,
+                    "transport": conn._transport,
+                })
+
+    def idle(self, now: float, send_idle: float, recv_idle: float) -> tuple[list[Conn], list[Conn]]:
+        quiet = [c for c in self._conns if now - c.last_send >= send_idle]
+        deaf = [c for c in self._conns if now - c.last_recv >= recv_idle]
+        return quiet, deaf
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __repr__(self) -> str:
+        return (f"<Writer conns={len(self._conns)} frames_out={self._frames_out} "
+                f"syscalls={self._syscalls} overflows={self._overflows}>")
+
+
+class Conn:
+    def __init__(self, writer: Writer, transport: asyncio.Transport, max_pending: int,
+                 on_overflow: Callable[[Conn], object]) -> None:
+        self._queue: list[bytes] = []
+        self._chans: dict[Channel, int] = {}
+        self._widx = -1
+        self._fd = -1
+        self._qbytes = 0
+        self._dirty = False
+        self._closed = True
+        if not isinstance(writer, Writer):
+            raise TypeError("writer must be a Writer")
+        max_pending = _as_int(max_pending, _SSIZE, "max_pending")
+        if max_pending < 0:
+            raise ValueError("max_pending must be >= 0")
+        self._writer = writer
+        self._transport = transport
+        self._max_pending = max_pending
+        self._on_overflow = on_overflow
+        self.session: object = None
+        now = writer._loop.time()
+        self.last_send: float = now
+        self.last_recv: float = now
+        sock = transport.get_extra_info("socket")
+        if (sock is not None and transport.get_extra_info("sslcontext") is None
+                and transport.get_extra_info("ssl_object") is None):
+            fd = sock.fileno()
+            if fd >= 0 and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                self._fd = fd
+        transport.set_write_buffer_limits(high=0 if self._fd >= 0 else 1, low=0)
+        self._tbuf = transport.get_write_buffer_size()
+        self._paused = self._tbuf > 0
+        self._closed = False
+        writer._register(self)
+
+    def _transport_size(self) -> int:
+        try:
+            return int(self._transport.get_write_buffer_size())
+        except Exception:
+            return 0
+
+    def _enqueue(self, frame: bytes) -> bool:
+        if self._closed:
+            return False
+        if not frame:
+            return True
+        self._queue.append(frame)
+        self._qbytes += len(frame)
+        if self._qbytes + self._tbuf > self._max_pending:
+            self._tbuf = self._transport_size()
+            if self._qbytes + self._tbuf > self._max_pending:
+                writer = self._writer
+                self._drop()
+                writer._overflows += 1
+                writer._loop.call_soon(self._on_overflow, self)
+                return False
+        if not self._dirty and not self._paused:
+            self._writer._mark_dirty(self)
+        return True
+
+    def _drop(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue = []
+        self._qbytes = 0
+        chans, self._chans = self._chans, {}
+        for ch, idx in chans.items():
+            ch._remove_at(idx)
+        self._writer._unregister(self)
+
+    def _flush(self, now: float) -> None:
+        if not self._queue:
+            return
+        tr = self._transport
+        if tr.is_closing():
+            self._drop()
+            return
+        if self._fd < 0 or tr.get_write_buffer_size() > 0:
+            self._flush_joined(now)
+        else:
+            self._flush_direct(now)
+
+    def _flush_joined(self, now: float) -> None:
+        q = self._queue
+        data = q[0] if len(q) == 1 else b"".join(q)
+        self._queue = []
+        self._qbytes = 0
+        w = self._writer
+        w._frames_out += len(q)
+        w._bytes_out += len(data)
+        w._syscalls += 1
+        self.last_send = now
+        self._handover(data)
+
+    def _handover(self, data: bytes) -> None:
+        try:
+            self._transport.write(data)
+        except Exception:
+            self._writer._write_errors += 1
+            self._drop()
+
+    def _flush_direct(self, now: float) -> None:
+        w = self._writer
+        q = self._queue
+        head = 0
+        while head < len(q):
+            batch = q[head:head + w._iov_max]
+            w._syscalls += 1
+            try:
+                n = os.writev(self._fd, batch)  # PEP 475 already retries EINTR
+            except (BlockingIOError, InterruptedError):
+                off = 0
+            except OSError:
+                w._write_errors += 1
+                self._drop()
+                return
+            else:
+                self.last_send = now
+                w._bytes_out += n
+                self._qbytes -= n
+                rem = n
+                k = 0
+                while k < len(batch) and rem >= len(batch[k]):
+                    rem -= len(batch[k])
+                    k += 1
+                w._frames_out += k
+                head += k
+                if n == sum(map(len, batch)):
+                    continue
+                off = rem
+            frame = q[head]
+            head += 1
+            tail = frame[off:] if off else frame
+            self._qbytes -= len(tail)
+            w._frames_out += 1
+            w._bytes_out += len(tail)
+            w._syscalls += 1
+            self.last_send = now
+            self._handover(tail)
+            if self._closed:
+                return
+            if self._paused or self._transport.get_write_buffer_size() > 0:
+                break
+        if self._closed:
+            return
+        if head >= len(q):
+            self._queue = []
+        else:
+            del q[:head]
+
+    def send(self, frame: bytes) -> bool:
+        if not isinstance(frame, bytes):
+            raise TypeError(f"frame must be bytes, not {type(frame).__name__}")
+        return self._enqueue(frame)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._tbuf = self._transport_size()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._tbuf = 0
+        if not self._closed and not self._dirty and self._queue:
+            self._writer._mark_dirty(self)
+
+    def close(self) -> None:
+        self._drop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._qbytes + self._transport_size()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._qbytes
+
+    @property
+    def max_pending(self) -> int:
+        return self._max_pending
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        return self._transport
+
+    @property
+    def writer(self) -> Writer:
+        return self._writer
+
+    def __repr__(self) -> str:
+        return (f"<Conn fd={self._fd} closed={self._closed} paused={self._paused} "
+                f"queued={len(self._queue)}/{self._qbytes}B>")
+
+
+class Channel:
+    def __init__(self) -> None:
+        self._conns: list[Conn] = []
+
+    def _remove_at(self, idx: int) -> None:
+        last = self._conns.pop()
+        if idx < len(self._conns):
+            self._conns[idx] = last
+            last._chans[self] = idx
+
+    def add(self, conn: Conn) -> bool:
+        if not isinstance(conn, Conn):
+            raise TypeError("conn must be a Conn")
+        if conn._closed or self in conn._chans:
+            return False
+        conn._chans[self] = len(self._conns)
+        self._conns.append(conn)
+        return True
+
+    def remove(self, conn: Conn) -> bool:
+        if not isinstance(conn, Conn):
+            raise TypeError("conn must be a Conn")
+        idx = conn._chans.pop(self, None)
+        if idx is None:
+            return False
+        self._remove_at(idx)
+        return True
+
+    def publish(self, frame: bytes) -> int:
+        if not isinstance(frame, bytes):
+            raise TypeError(f"frame must be bytes, not {type(frame).__name__}")
+        conns = self._conns
+        count = 0
+        i = 0
+        while i < len(conns):
+            conn = conns[i]
+            if conn._enqueue(frame):
+                count += 1
+            if i < len(conns) and conns[i] is conn:
+                i += 1
+        return count
+
+    def conns(self) -> list[Conn]:
+        return list(self._conns)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __contains__(self, conn: object) -> bool:
+        return isinstance(conn, Conn) and self in conn._chans
+
+    def __repr__(self) -> str:
+        return f"<Channel conns={len(self._conns)}>"

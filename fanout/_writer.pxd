@@ -1,0 +1,92 @@
+# The write pipeline: one encoded frame -> many sockets.
+#
+# Channel.publish() appends the *same* bytes object to the queue of every
+# subscriber (Conn._queue, a list of whole frames): no copy, no syscall, no
+# Python-level call per subscriber. The first Conn that becomes dirty in an
+# event-loop iteration schedules ONE loop.call_soon(Writer.flush); every
+# later publish of that iteration only appends. flush() then writes each dirty
+# conn's whole queue with sendmsg(2) over an iovec array (IOV_MAX entries per
+# call, MSG_DONTWAIT | MSG_NOSIGNAL), so a conn owed N frames costs one
+# syscall, not N.
+#
+# Why the byte order on the wire can never break: we write to the fd
+# ourselves only while the transport's own buffer is empty and the protocol is
+# not paused. When the kernel takes part of the data (or nothing: EAGAIN), the
+# unsent tail of the ONE frame being written (or the next whole frame) is
+# handed to transport.write(), and every later whole frame stays in our queue.
+# Conn() sets the transport's write limits to high=0/low=0 (high=1 for TLS,
+# whose transports pause at size >= high), so that handover makes the
+# transport call pause_writing() at once and resume_writing() only once its
+# buffer is empty again; the gateway's protocol forwards both to the
+# Conn, and resume schedules the next flush. Hence:
+#   * the transport never holds more than the tail of one of our frames plus
+#     what the gateway wrote there itself, and its buffer always ends on a
+#     frame boundary: the gateway may transport.write() any complete frame
+#     (a ping, or the close frame after an overflow) at any time;
+#   * a stalled reader costs one Python-level transport.write() and then
+#     nothing until it drains; flush never blocks and never retries EAGAIN.
+# TLS transports (and any without a socket) have fd == -1: flush hands the
+# whole queue to transport.write() as one joined bytes, once per iteration.
+#
+# Memory is bounded per conn: when our queue plus the transport's buffer
+# exceeds max_pending, the conn "overflows": queue dropped at once, closed,
+# removed from its channels and the writer, and on_overflow(conn) is called
+# from loop.call_soon, never re-entrantly inside publish().
+
+from posix.uio cimport iovec
+
+
+cdef class Writer:
+    cdef object _loop
+    cdef object _flush_cb         # bound self.flush, made once: call_soon needs no new object
+    cdef list _conns              # live conns; each knows its index (_widx) for O(1) removal
+    cdef list _dirty              # conns with data to write this iteration
+    cdef bint _scheduled
+    cdef iovec* _iov
+    cdef Py_ssize_t _iov_max
+    cdef readonly unsigned long long frames_out
+    cdef readonly unsigned long long bytes_out
+    cdef readonly unsigned long long syscalls
+    cdef readonly unsigned long long overflows
+    cdef readonly unsigned long long write_errors
+
+    cdef int _mark_dirty(self, Conn conn) except -1
+    cdef void _register(self, Conn conn)
+    cdef void _unregister(self, Conn conn)
+
+
+cdef class Conn:
+    cdef Writer _writer
+    cdef object _transport
+    cdef object _on_overflow
+    cdef int _fd
+    cdef Py_ssize_t _max_pending
+    cdef list _queue              # whole encoded frames, shared with other conns, oldest first
+    cdef Py_ssize_t _qbytes
+    # Last known transport buffer size. Re-read on pause and whenever the cap
+    # looks crossed, so the hot path needs no Python call per frame.
+    cdef Py_ssize_t _tbuf
+    cdef bint _paused
+    cdef bint _dirty
+    cdef bint _closed
+    cdef Py_ssize_t _widx
+    cdef dict _chans              # Channel -> this conn's index in it (swap-remove)
+    cdef public double last_send
+    cdef public double last_recv
+    cdef public object session
+
+    cdef int _init(self, Writer writer, transport, Py_ssize_t max_pending, on_overflow) except -1
+    cdef int _enqueue(self, bytes frame) except -1
+    cdef int _flush(self, double now) except -1
+    cdef int _flush_joined(self, double now) except -1
+    cdef int _flush_direct(self, double now) except -1
+    cdef int _handover(self, bytes data) except -1
+    cdef Py_ssize_t _transport_size(self)
+    cdef int _overflow(self) except -1
+    cdef void _drop(self)
+
+
+cdef class Channel:
+    cdef list _conns
+    cdef void _remove_at(self, Py_ssize_t idx)
+    cpdef int publish(self, bytes frame) except -1

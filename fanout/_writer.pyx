@@ -1,0 +1,456 @@
+"""One encoded frame -> many sockets; one write per socket per loop iteration.
+
+The pipeline and the reasons the per-connection byte order holds are explained
+once, in _writer.pxd.
+"""
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.number cimport PyNumber_Index
+from cpython.ref cimport PyObject
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.string cimport memset
+from posix.stat cimport S_ISSOCK, fstat, struct_stat
+from posix.uio cimport iovec
+
+cdef extern from *:
+    """
+    #include <sys/types.h>
+    #include <sys/socket.h>
+    #include <sys/uio.h>
+    #include <limits.h>
+    #include <errno.h>
+    #ifndef MSG_NOSIGNAL
+    #define MSG_NOSIGNAL 0  /* macOS: SIGPIPE is ignored by CPython anyway */
+    #endif
+    #ifndef IOV_MAX
+    #define IOV_MAX 1024
+    #endif
+    #define FANOUT_IOV_MAX (IOV_MAX < 1024 ? IOV_MAX : 1024)
+    """
+    struct msghdr:
+        void* msg_name
+        iovec* msg_iov
+        size_t msg_iovlen
+    ctypedef long ssize_t
+    ssize_t sendmsg(int fd, const msghdr* msg, int flags) nogil
+    const int EWOULDBLOCK
+    const int MSG_NOSIGNAL
+    const int MSG_DONTWAIT
+    const int FANOUT_IOV_MAX
+
+__all__ = ["Writer", "Conn", "Channel"]
+
+
+cdef class Writer:
+    """Flushes the queues of all conns that became dirty in one loop iteration."""
+
+    def __cinit__(self, loop):
+        self._loop = loop
+        self._conns = []
+        self._dirty = []
+        self._iov_max = FANOUT_IOV_MAX
+        self._iov = <iovec*>PyMem_Malloc(self._iov_max * sizeof(iovec))
+        if self._iov == NULL:
+            raise MemoryError()
+        self._flush_cb = self.flush
+
+    def __dealloc__(self):
+        PyMem_Free(self._iov)
+
+    cdef int _mark_dirty(self, Conn conn) except -1:
+        conn._dirty = True
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_cb)
+        return 0
+
+    cdef void _register(self, Conn conn):
+        conn._widx = PyList_GET_SIZE(self._conns)
+        self._conns.append(conn)
+
+    cdef void _unregister(self, Conn conn):
+        cdef Py_ssize_t idx = conn._widx
+        cdef Conn last
+        if idx < 0:
+            return
+        conn._widx = -1
+        last = self._conns.pop()
+        if last is not conn:
+            self._conns[idx] = last
+            last._widx = idx
+
+    def flush(self):
+        """Write the queues of all dirty conns now (normally run by call_soon)."""
+        cdef list dirty = self._dirty
+        cdef Conn conn
+        cdef double now
+        self._scheduled = False
+        if not dirty:
+            return
+        # Swap first: a conn made dirty again while we write lands in the next round.
+        self._dirty = []
+        now = self._loop.time()
+        for conn in dirty:
+            conn._dirty = False
+            if conn._closed or conn._paused:
+                continue
+            try:
+                conn._flush(now)
+            except Exception as exc:
+                # Never let one broken conn stop the others' writes.
+                self.write_errors += 1
+                conn._drop()
+                self._loop.call_exception_handler({
+                    "message": "fanout: unexpected error while writing",
+                    "exception": exc,
+                    "transport": conn._transport,
+                })
+
+    def idle(self, double now, double send_idle, double recv_idle):
+        """(conns silent for >= send_idle, conns unheard for >= recv_idle)."""
+        cdef list quiet = []
+        cdef list deaf = []
+        cdef Conn conn
+        for conn in self._conns:
+            if now - conn.last_send >= send_idle:
+                quiet.append(conn)
+            if now - conn.last_recv >= recv_idle:
+                deaf.append(conn)
+        return quiet, deaf
+
+    def __len__(self):
+        return PyList_GET_SIZE(self._conns)
+
+    def __repr__(self):
+        return (f"<Writer conns={len(self._conns)} frames_out={self.frames_out} "
+                f"syscalls={self.syscalls} overflows={self.overflows}>")
+
+
+cdef class Conn:
+    """One client connection's outbound queue."""
+
+    def __cinit__(self, *args, **kwargs):
+        self._queue = []
+        self._chans = {}
+        self._widx = -1
+        self._fd = -1
+        self._closed = True  # until __init__ has registered us
+
+    def __init__(self, Writer writer not None, transport, max_pending, on_overflow):
+        self._init(writer, transport, PyNumber_Index(max_pending), on_overflow)
+
+    cdef int _init(self, Writer writer, transport, Py_ssize_t max_pending, on_overflow) except -1:
+        cdef double now
+        cdef struct_stat st
+        cdef int fd
+        if max_pending < 0:
+            raise ValueError("max_pending must be >= 0")
+        self._writer = writer
+        self._transport = transport
+        self._max_pending = max_pending
+        self._on_overflow = on_overflow
+        self.session = None
+        now = writer._loop.time()
+        self.last_send = now
+        self.last_recv = now
+        sock = transport.get_extra_info("socket")
+        # asyncio's TLS transport still reports the raw socket; writing to it
+        # would bypass the encryption.
+        if (sock is not None and transport.get_extra_info("sslcontext") is None
+                and transport.get_extra_info("ssl_object") is None):
+            fd = sock.fileno()
+            # uvloop's pipe transports also report a (pseudo) socket.
+            if fd >= 0 and fstat(fd, &st) == 0 and S_ISSOCK(st.st_mode):
+                self._fd = fd
+        # Pause as soon as the transport buffers anything, resume once it is
+        # empty. The TLS transports pause at size >= high (plain ones at > high):
+        # high=0 would pause them while empty and never resume.
+        transport.set_write_buffer_limits(high=0 if self._fd >= 0 else 1, low=0)
+        # A transport that already buffers something has paused (or just now
+        # pauses) the protocol before it could know this conn; a resume follows.
+        self._tbuf = transport.get_write_buffer_size()
+        self._paused = self._tbuf > 0
+        self._closed = False
+        writer._register(self)
+        return 0
+
+    cdef Py_ssize_t _transport_size(self):
+        try:
+            return self._transport.get_write_buffer_size()
+        except Exception:
+            return 0
+
+    cdef int _enqueue(self, bytes frame) except -1:
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(frame)
+        if self._closed:
+            return 0
+        if n == 0:
+            return 1
+        self._queue.append(frame)
+        self._qbytes += n
+        if self._qbytes + self._tbuf > self._max_pending:
+            self._tbuf = self._transport_size()
+            if self._qbytes + self._tbuf > self._max_pending:
+                self._overflow()
+                return 0
+        if not self._dirty and not self._paused:
+            self._writer._mark_dirty(self)
+        return 1
+
+    cdef int _overflow(self) except -1:
+        cdef Writer writer = self._writer
+        self._drop()
+        writer.overflows += 1
+        writer._loop.call_soon(self._on_overflow, self)
+        return 0
+
+    cdef void _drop(self):
+        cdef dict chans
+        cdef Channel ch
+        if self._closed:
+            return
+        self._closed = True
+        # A new list, not clear(): a flush further up the stack may still hold the old one.
+        self._queue = []
+        self._qbytes = 0
+        chans = self._chans
+        self._chans = {}
+        for ch, idx in chans.items():
+            ch._remove_at(idx)
+        self._writer._unregister(self)
+
+    cdef int _flush(self, double now) except -1:
+        if PyList_GET_SIZE(self._queue) == 0:
+            return 0
+        tr = self._transport
+        if tr.is_closing():
+            # After close the fd may already belong to another connection.
+            self._drop()
+            return 0
+        if self._fd < 0 or tr.get_write_buffer_size() > 0:
+            # No fd, or the transport holds data we were not told about (a
+            # protocol that does not forward pause_writing): order forbids a
+            # direct write, so everything goes behind it.
+            return self._flush_joined(now)
+        return self._flush_direct(now)
+
+    cdef int _flush_joined(self, double now) except -1:
+        cdef list q = self._queue
+        cdef Py_ssize_t n = PyList_GET_SIZE(q)
+        cdef Writer w = self._writer
+        cdef bytes data = <bytes>q[0] if n == 1 else b"".join(q)
+        self._queue = []
+        self._qbytes = 0
+        w.frames_out += n
+        w.bytes_out += PyBytes_GET_SIZE(data)
+        w.syscalls += 1
+        self.last_send = now
+        self._handover(data)
+        return 0
+
+    cdef int _handover(self, bytes data) except -1:
+        try:
+            self._transport.write(data)
+        except Exception:
+            self._writer.write_errors += 1
+            self._drop()
+        return 0
+
+    cdef int _flush_direct(self, double now) except -1:
+        cdef Writer w = self._writer
+        cdef iovec* iov = w._iov
+        cdef list q = self._queue
+        cdef Py_ssize_t qlen = PyList_GET_SIZE(q)
+        cdef Py_ssize_t head = 0
+        cdef Py_ssize_t cnt, k, off, flen
+        cdef ssize_t n, total, rem
+        cdef PyObject* item
+        cdef msghdr msg
+        cdef int err
+        cdef int eintr = 0
+        cdef bytes frame, tail
+        memset(&msg, 0, sizeof(msg))
+        msg.msg_iov = iov
+        while head < qlen:
+            cnt = qlen - head
+            if cnt > w._iov_max:
+                cnt = w._iov_max
+            total = 0
+            for k in range(cnt):
+                # Borrowed: q keeps every frame alive for the duration of the call.
+                item = PyList_GET_ITEM(q, head + k)
+                iov[k].iov_base = PyBytes_AS_STRING(<object>item)
+                iov[k].iov_len = <size_t>PyBytes_GET_SIZE(<object>item)
+                total += <ssize_t>iov[k].iov_len
+            msg.msg_iovlen = <size_t>cnt
+            n = sendmsg(self._fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+            w.syscalls += 1
+            if n < 0:
+                err = errno
+                if err == EINTR and eintr < 3:
+                    eintr += 1
+                    continue
+                if err != EAGAIN and err != EWOULDBLOCK and err != EINTR:
+                    # EPIPE, ECONNRESET...: the reading side sees it too and
+                    # connection_lost follows; nothing left worth queueing.
+                    w.write_errors += 1
+                    self._drop()
+                    return 0
+                off = 0
+            else:
+                self.last_send = now
+                w.bytes_out += <unsigned long long>n
+                self._qbytes -= n
+                rem = n
+                k = 0
+                while k < cnt and rem >= <ssize_t>iov[k].iov_len:
+                    rem -= <ssize_t>iov[k].iov_len
+                    k += 1
+                w.frames_out += <unsigned long long>k
+                head += k
+                if n == total:
+                    continue
+                off = rem
+            # The kernel is full: the rest of the frame at `head` becomes the
+            # transport's (it pauses us), all later frames stay with us.
+            frame = <bytes><object>PyList_GET_ITEM(q, head)
+            head += 1
+            flen = PyBytes_GET_SIZE(frame)
+            tail = frame if off == 0 else PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame) + off, flen - off)
+            self._qbytes -= flen - off
+            w.frames_out += 1
+            w.bytes_out += <unsigned long long>(flen - off)
+            w.syscalls += 1
+            self.last_send = now
+            self._handover(tail)
+            if self._closed:
+                return 0
+            if self._paused or self._transport.get_write_buffer_size() > 0:
+                break
+            # The transport wrote it all at once: the socket has room again.
+        if self._closed:
+            return 0
+        if head >= PyList_GET_SIZE(q):
+            self._queue = []
+        else:
+            del q[:head]
+        return 0
+
+    def send(self, bytes frame not None):
+        """Queue one whole encoded frame (kept by reference); False when closed."""
+        return self._enqueue(frame) == 1
+
+    def pause_writing(self):
+        """Forward from the protocol: the transport buffers, stop writing to the fd."""
+        self._paused = True
+        self._tbuf = self._transport_size()
+
+    def resume_writing(self):
+        """Forward from the protocol: the transport drained, write our queue again."""
+        self._paused = False
+        self._tbuf = 0
+        if not self._closed and not self._dirty and PyList_GET_SIZE(self._queue):
+            self._writer._mark_dirty(self)
+
+    def close(self):
+        """Drop the queue and leave every channel and the writer; idempotent."""
+        self._drop()
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def paused(self):
+        return self._paused
+
+    @property
+    def pending_bytes(self):
+        """Our queue plus the transport's buffer."""
+        return self._qbytes + self._transport_size()
+
+    @property
+    def queued_bytes(self):
+        """Our queue only (what an overflow releases)."""
+        return self._qbytes
+
+    @property
+    def max_pending(self):
+        return self._max_pending
+
+    @property
+    def fd(self):
+        """The fd written directly, or -1 when everything goes through the transport."""
+        return self._fd
+
+    @property
+    def transport(self):
+        return self._transport
+
+    @property
+    def writer(self):
+        return self._writer
+
+    def __repr__(self):
+        return (f"<Conn fd={self._fd} closed={self._closed} paused={self._paused} "
+                f"queued={PyList_GET_SIZE(self._queue)}/{self._qbytes}B>")
+
+
+cdef class Channel:
+    """The subscribers of one subject."""
+
+    def __cinit__(self):
+        self._conns = []
+
+    cdef void _remove_at(self, Py_ssize_t idx):
+        cdef Conn last = self._conns.pop()
+        if idx < PyList_GET_SIZE(self._conns):
+            self._conns[idx] = last
+            last._chans[self] = idx
+
+    def add(self, Conn conn not None):
+        """Subscribe ``conn``; False when already here or closed."""
+        if conn._closed or self in conn._chans:
+            return False
+        conn._chans[self] = PyList_GET_SIZE(self._conns)
+        self._conns.append(conn)
+        return True
+
+    def remove(self, Conn conn not None):
+        """Unsubscribe ``conn``; False when it was not here."""
+        idx = conn._chans.pop(self, None)
+        if idx is None:
+            return False
+        self._remove_at(idx)
+        return True
+
+    cpdef int publish(self, bytes frame) except -1:
+        """Queue ``frame`` on every subscriber; returns how many took it."""
+        cdef list conns = self._conns
+        cdef Py_ssize_t i = 0
+        cdef int count = 0
+        cdef Conn conn
+        if frame is None:
+            raise TypeError("frame must be bytes, not None")
+        while i < PyList_GET_SIZE(conns):
+            conn = <Conn><object>PyList_GET_ITEM(conns, i)
+            if conn._enqueue(frame):
+                count += 1
+            # An overflow swap-removes `conn`: slot i then holds a conn not yet served.
+            if i < PyList_GET_SIZE(conns) and <PyObject*>conn == PyList_GET_ITEM(conns, i):
+                i += 1
+        return count
+
+    def conns(self):
+        return list(self._conns)
+
+    def __len__(self):
+        return PyList_GET_SIZE(self._conns)
+
+    def __contains__(self, conn):
+        return isinstance(conn, Conn) and self in (<Conn>conn)._chans
+
+    def __repr__(self):
+        return f"<Channel conns={len(self._conns)}>"

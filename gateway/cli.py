@@ -1,0 +1,128 @@
+"""`python -m gateway serve [...]`: the operating contract of PROTOCOL.md.
+
+main(argv) is testable: it returns the exit code; bad flags or values print one line and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import config as cfg
+from .config import Config, ConfigError
+
+log = logging.getLogger("gateway")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m gateway", description="Kafka-native WebSocket gateway")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser(
+        "serve", help="run the gateway",
+        description="Run the gateway. Every flag also reads from the environment as GATEWAY_<FLAG> "
+                    "(e.g. GATEWAY_KAFKA, GATEWAY_JWT_SECRET); flags win, then the environment, then "
+                    "--config, then the defaults.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    for name, f in cfg.FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        meta = {"int": "N"}.get(f.type, name.split("_")[-1].upper())  # type: ignore[arg-type]
+        serve.add_argument(flag, dest=name, default=None, metavar=meta,
+                           help=f"{f.metadata['help']} (default: {shown}; env {cfg.env_name(name)})")
+    serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings")
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    # ArgumentDefaultsHelpFormatter would print "None": the help texts say the real defaults.
+    serve.formatter_class = argparse.HelpFormatter
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
+    try:
+        config = cfg.load(flags, file=args.config)
+    except ConfigError as exc:
+        print(f"python -m gateway: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # picows logs every misbehaving client at ERROR; those are the clients' faults, counted in /metrics.
+    logging.getLogger("picows").setLevel(logging.CRITICAL if config.log_level != "debug" else logging.DEBUG)
+    logging.getLogger("gateway.ws").setLevel(logging.CRITICAL if config.log_level != "debug" else logging.DEBUG)
+    if config.workers > 1 and not args.reuse_port:
+        return _run_workers(config, argv)
+    return _run(config, reuse_port=args.reuse_port)
+
+
+def _run(config: Config, *, reuse_port: bool = False, announce: bool = True) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        return int(runner(_serve(config, reuse_port=reuse_port, announce=announce)))
+    except OSError as exc:
+        print(f"python -m gateway: error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
+    from .server import Gateway
+
+    gw = Gateway(config)
+    loop = asyncio.get_running_loop()
+    await gw.start(reuse_port=reuse_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if announce:
+        print(f"gateway {config.node_id} serving on {gw.url} (WebSocket {gw.url.replace('http', 'ws', 1)}ws, "
+              f"engine {config.engine}) - open {gw.url} for the demo", flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await gw.stop()
+    return 0
+
+
+def _worker(argv: list[str]) -> None:
+    sys.exit(main(argv))
+
+
+def _run_workers(config: Config, argv: Sequence[str] | None) -> int:
+    """N processes on one port (SO_REUSEPORT); each reads every partition and serves its own clients."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=([*argv, "--reuse-port"],), daemon=False)
+             for _ in range(config.workers)]
+    for p in procs:
+        p.start()
+    print(f"gateway: {config.workers} workers on port {config.port} (pids "
+          f"{', '.join(str(p.pid) for p in procs)})", flush=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()
+    return max((p.exitcode or 0) for p in procs)

@@ -1,0 +1,1109 @@
+"""Python asyncio client SDK for the gateway (PROTOCOL.md, "Client obligations" and "Liveness").
+
+    async with Client(["ws://127.0.0.1:8800/ws", "ws://127.0.0.1:8801/ws"]) as client:
+        sub = await client.subscribe("/matches/football/5")
+        await client.publish("/matches/football/5", "1-0")
+        async for msg in sub:
+            print(msg.seq, msg.content)
+
+What the client does for you:
+
+* keeps the last (epoch, seq) of every subject (``Client.positions``) and, on every reconnect,
+  resubscribes all subjects in one ``subscribe`` carrying those positions, so the gateway replays
+  what was missed;
+* drops duplicates (seq <= last seq of the same epoch) and, on a ``prev`` mismatch, holds the
+  subject back and subscribes again to it with the last position on the same connection
+  (negative feedback) until ``subscribed`` arrives and the replay fills the gap;
+* treats a connection that receives nothing for 2 x ``heartbeat_ms`` as dead, and reconnects with
+  exponential backoff and full jitter, cycling through the URL list; close code 1008 (or an
+  ``unauthorized`` error) is fatal and stops it;
+* never resends a publish on its own: publishes waiting for an ack when the connection drops fail
+  with ``ConnectionClosedError`` and the caller decides.
+
+The pure parts (``backoff_delay``, ``classify``, ``decode_message``, ``content_fields``) do no I/O
+and are tested on their own; ``Client`` is the asyncio adapter around them, on ``websockets``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import inspect
+import itertools
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Literal
+
+import orjson
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
+from websockets.uri import parse_uri
+
+from .subjects import SubjectError, parse_subject
+
+__all__ = [
+    "Ack",
+    "Client",
+    "ConnectionClosedError",
+    "GatewayError",
+    "Message",
+    "Subscription",
+    "Verdict",
+    "backoff_delay",
+    "classify",
+    "content_fields",
+    "decode_message",
+]
+
+log = logging.getLogger("gateway.client")
+
+CLOSE_POLICY: Final = 1008
+# Errors that answer one entry of a `subscribe` (PROTOCOL.md "Subscribing"); bad_request also
+# carries `subject` when an entry is malformed.
+_SUBSCRIBE_ERRORS: Final = frozenset({"forbidden", "invalid_subject", "unknown_topic", "bad_request"})
+# Errors after which reconnecting cannot help.
+_FATAL_ERRORS: Final = frozenset({"unauthorized", "not_connected"})
+# A gateway sends `connected` first; tolerate (and skip) a few unknown frames before it.
+_HANDSHAKE_MAX_FRAMES: Final = 8
+
+
+# --------------------------------------------------------------------------- values and errors
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One `msg` frame. `data` is `content` encoded as UTF-8, or the decoded `content_b64`."""
+
+    subject: str
+    content: str | None
+    data: bytes
+    epoch: str
+    seq: int
+    prev: int | None
+    ts: int | None
+    snapshot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The gateway's `ack` of a publish: the message is durable at (epoch, seq)."""
+
+    subject: str
+    epoch: str
+    seq: int
+    id: str | int
+
+
+class GatewayError(Exception):
+    """An `error` frame from the gateway (or a local failure with a protocol error code)."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        *,
+        subject: str | None = None,
+        id: str | int | None = None,  # noqa: A002 - the protocol's field name
+    ) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.subject = subject
+        self.id = id
+
+    @classmethod
+    def from_frame(cls, frame: Mapping[str, Any]) -> GatewayError:
+        code = frame.get("code")
+        message = frame.get("message")
+        subject = frame.get("subject")
+        ident = frame.get("id")
+        return cls(
+            code if isinstance(code, str) else "unknown",
+            message if isinstance(message, str) else "",
+            subject=subject if isinstance(subject, str) else None,
+            id=ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None,
+        )
+
+
+class ConnectionClosedError(GatewayError):
+    """The connection was lost (or never made) while a request waited for its answer.
+
+    A publish that fails this way may or may not have been stored: the client never resends it.
+    """
+
+    def __init__(
+        self,
+        message: str = "connection closed",
+        *,
+        close_code: int | None = None,
+        subject: str | None = None,
+        id: str | int | None = None,  # noqa: A002
+    ) -> None:
+        super().__init__("connection_closed", message, subject=subject, id=id)
+        self.close_code = close_code
+
+
+# --------------------------------------------------------------------------- sans-I/O helpers
+
+
+def backoff_delay(
+    attempt: int, initial: float, maximum: float, rng: random.Random | None = None
+) -> float:
+    """Delay before reconnect attempt number `attempt` (0-based): "full jitter", i.e. uniform in
+    [0, min(maximum, initial * 2**attempt)], so a crowd of clients does not reconnect in step."""
+    cap = min(maximum, initial * 2.0 ** min(max(attempt, 0), 64))
+    return (rng if rng is not None else random).uniform(0.0, cap)
+
+
+Verdict = Literal["deliver", "duplicate", "gap"]
+
+
+def classify(
+    last: tuple[str, int] | None,
+    epoch: str,
+    seq: int,
+    prev: int | None,
+    *,
+    snapshot: bool = False,
+    skip_prev: bool = False,
+) -> Verdict:
+    """What to do with a message, given the last position received for its subject.
+
+    Another epoch (or no position yet) starts afresh. A snapshot, or the first message after a
+    `subscribed` with `recovered:false` (`skip_prev`), is a known jump: it is not a gap, otherwise
+    resubscribing would get the same answer forever.
+    """
+    if last is None or last[0] != epoch:
+        return "deliver"
+    if seq <= last[1]:
+        return "duplicate"
+    if prev is not None and prev != last[1] and not snapshot and not skip_prev:
+        return "gap"
+    return "deliver"
+
+
+def content_fields(content: str | bytes | bytearray | memoryview) -> dict[str, str]:
+    """`content` for text and UTF-8 bytes, `content_b64` for other bytes (PROTOCOL.md "Messages")."""
+    if isinstance(content, str):
+        return {"content": content}
+    raw = bytes(content)
+    try:
+        return {"content": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"content_b64": base64.b64encode(raw).decode("ascii")}
+
+
+def _opt_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def decode_message(frame: Mapping[str, Any]) -> Message | None:
+    """A `msg` frame as a Message, or None when a required field is missing or mistyped."""
+    subject = frame.get("subject")
+    epoch = frame.get("epoch")
+    seq = _opt_int(frame.get("seq"))
+    if not isinstance(subject, str) or not isinstance(epoch, str) or seq is None:
+        return None
+    content = frame.get("content")
+    if isinstance(content, str):
+        data = content.encode("utf-8", "surrogatepass")
+    else:
+        b64 = frame.get("content_b64")
+        content = None
+        if isinstance(b64, str):
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError):
+                return None
+        elif b64 is None:
+            data = b""
+        else:
+            return None
+    return Message(
+        subject,
+        content,
+        data,
+        epoch,
+        seq,
+        _opt_int(frame.get("prev")),
+        _opt_int(frame.get("ts")),
+        frame.get("snapshot") is True,
+    )
+
+
+def _dumps(frame: Mapping[str, Any]) -> bytes:
+    return orjson.dumps(frame)
+
+
+# --------------------------------------------------------------------------- subscription
+
+
+_Callback = Callable[[Message], Any]
+
+
+class Subscription:
+    """One subscribed subject: an async iterator of its messages, in order.
+
+    With a `callback`, messages go to the callback only (sync callbacks are called inline by the
+    reader; coroutine results are awaited one after the other by a per-subscription task, so order
+    holds either way) and the iterator stays empty. Without one they are queued for `get()` /
+    `async for` (unbounded: consume them).
+    """
+
+    __slots__ = (
+        "subject",
+        "recovered",
+        "epoch",
+        "seq",
+        "_callback",
+        "_queue",
+        "_pending",
+        "_worker",
+        "_closed",
+        "_error",
+        "_client",
+    )
+
+    def __init__(self, client: Client, subject: str, callback: _Callback | None) -> None:
+        self.subject = subject
+        self.recovered: bool | None = None
+        self.epoch: str | None = None
+        self.seq: int | None = None
+        self._client = client
+        self._callback = callback
+        self._queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._pending: asyncio.Queue[Awaitable[Any] | None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self._error: GatewayError | None = None
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.subject} epoch={self.epoch} seq={self.seq} closed={self._closed}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Message:
+        msg = await self._queue.get()
+        if msg is None:
+            self._queue.put_nowait(None)  # every later reader sees the end too
+            if self._error is not None:
+                raise self._error
+            raise StopAsyncIteration
+        return msg
+
+    async def get(self, timeout: float | None = None) -> Message:
+        """The next message; TimeoutError after `timeout`; the closing error once closed."""
+        async with asyncio.timeout(timeout):
+            msg = await self._queue.get()
+        if msg is None:
+            self._queue.put_nowait(None)
+            raise self._error or ConnectionClosedError("subscription closed", subject=self.subject)
+        return msg
+
+    async def unsubscribe(self) -> None:
+        await self._client.unsubscribe(self.subject)
+
+    # -- called by the client
+
+    def _deliver(self, msg: Message) -> None:
+        if self._closed:
+            return
+        callback = self._callback
+        if callback is None:
+            self._queue.put_nowait(msg)
+            return
+        try:
+            result = callback(msg)
+        except Exception:
+            log.exception("callback for %s failed", self.subject)
+            return
+        if inspect.isawaitable(result):
+            if self._pending is None:
+                self._pending = asyncio.Queue()
+                self._worker = asyncio.get_running_loop().create_task(
+                    self._run_callbacks(self._pending), name=f"gateway-callbacks {self.subject}"
+                )
+            self._pending.put_nowait(result)
+
+    async def _run_callbacks(self, pending: asyncio.Queue[Awaitable[Any] | None]) -> None:
+        try:
+            for _ in itertools.count():  # ends at the sentinel put by _close()
+                awaitable = await pending.get()
+                if awaitable is None:
+                    return
+                try:
+                    await awaitable
+                except Exception:
+                    log.exception("callback for %s failed", self.subject)
+        finally:
+            # Close what will never run, so no "coroutine was never awaited" warning.
+            while not pending.empty():
+                left = pending.get_nowait()
+                if inspect.iscoroutine(left):
+                    left.close()
+
+    def _close(self, error: GatewayError | None = None) -> asyncio.Task[None] | None:
+        """End the iterator; let queued async callbacks finish. Returns the callback task."""
+        if self._closed:
+            return None
+        self._closed = True
+        self._error = error
+        self._queue.put_nowait(None)
+        if self._pending is not None:
+            self._pending.put_nowait(None)
+        return self._worker
+
+
+# --------------------------------------------------------------------------- client
+
+
+class _Fatal(Exception):
+    """Reconnecting cannot help (close 1008, `unauthorized`): carries the error to surface."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# What a failed attempt can raise; anything here means "try the next URL after a backoff".
+_RETRYABLE: Final = (OSError, WebSocketException, ValueError)
+
+
+class Client:
+    """Connection to one of several gateways, with subscriptions that survive reconnects."""
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        token: str | None = None,
+        name: str = "gateway-py/0.1",
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        connect_timeout: float = 5.0,
+        max_message_bytes: int = 16 * 2**20,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        max_reconnect_attempts: int | None = None,
+        rng: random.Random | None = None,
+        ws_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._urls: list[str] = [urls] if isinstance(urls, str) else list(urls)
+        if not self._urls:
+            raise ValueError("at least one gateway URL is required")
+        for url in self._urls:
+            try:
+                parse_uri(url)
+            except InvalidURI as exc:
+                raise ValueError(f"not a WebSocket URL: {url!r}") from exc
+        self._token = token
+        self._name = name
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._connect_timeout = connect_timeout
+        self._max_message_bytes = max_message_bytes
+        self._on_event = on_event
+        self._max_attempts = max_reconnect_attempts
+        self._rng = rng if rng is not None else random.Random()
+        self._ws_options: dict[str, Any] = dict(ws_options or {})
+
+        self.session: str | None = None
+        self.server: str | None = None
+        self.heartbeat_ms: int | None = None
+        self.connected = False
+        self.url: str | None = None
+        self.positions: dict[str, tuple[str, int]] = {}
+        self.stats: dict[str, int] = {
+            "messages": 0,
+            "duplicates_dropped": 0,
+            "gaps_detected": 0,
+            "reconnects": 0,
+            "resubscribes": 0,
+        }
+
+        self._url_index = 0
+        self._ws: ClientConnection | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._closing = False
+        self._fatal: GatewayError | None = None
+        self._ids = itertools.count(1)
+        self._subs: dict[str, Subscription] = {}
+        self._sub_waiters: dict[str, list[asyncio.Future[Subscription]]] = {}
+        self._unsub_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._acks: dict[str | int, asyncio.Future[Ack]] = {}
+        self._pings: dict[str | int, asyncio.Future[None]] = {}
+        # Subscribe entries sent on this connection and not yet answered, per subject: tells a
+        # subscribe error from the error of a fire-and-forget publish to the same subject.
+        self._awaiting: dict[str, int] = {}
+        self._resyncing: set[str] = set()
+        self._skip_prev: set[str] = set()
+        self._last_rx = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<Client {state} url={self.url} session={self.session} subjects={len(self._subs)}>"
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self, *, timeout: float | None = 30.0) -> None:
+        """Connect to the first reachable URL and wait for `connected`; keep reconnecting after.
+
+        Raises the gateway's error on close 1008 / `unauthorized`, and ConnectionClosedError when
+        no gateway answered within `timeout` (None: keep trying, bounded only by
+        `max_reconnect_attempts`).
+        """
+        if self._runner is not None and not self._runner.done():
+            raise RuntimeError("already connected or connecting")
+        loop = asyncio.get_running_loop()
+        self._closing = False
+        self._fatal = None
+        first: asyncio.Future[None] = loop.create_future()
+        self._first = first
+        runner = loop.create_task(self._run(), name="gateway-client")
+        self._runner = runner
+        runner.add_done_callback(self._runner_done)
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(first)
+        except TimeoutError:
+            await self._stop_runner()
+            raise ConnectionClosedError(f"no gateway reachable within {timeout} s") from None
+        except BaseException:
+            await self._stop_runner()
+            raise
+
+    async def close(self) -> None:
+        """Stop reconnecting, close the connection with 1000, end every subscription."""
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await ws.close(1000)
+        await self._stop_runner()
+        error = ConnectionClosedError("client closed")
+        self._fail_requests(error)
+        self._fail_subscribe_waiters(error)
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(error)
+            self._first.exception()  # retrieved: nobody else may wait for it
+        subs, self._subs = self._subs, {}
+        tasks = {t for sub in subs.values() if (t := sub._close()) is not None}
+        tasks.update(self._tasks)
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()  # pending async callbacks do not outlive the client
+        if tasks:
+            await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("background task failed", exc_info=task.exception())
+
+    async def _stop_runner(self) -> None:
+        runner = self._runner
+        if runner is None:
+            return
+        if not runner.done():
+            runner.cancel()
+            await asyncio.wait({runner})  # its outcome is read by _runner_done
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:  # a bug, not a network failure: say so, and stop for good
+            log.error("gateway client supervisor crashed", exc_info=exc)
+            self.connected = False
+            self._fatal = self._fatal or GatewayError("internal", repr(exc))
+        first = self._first
+        if first is None or first.done():
+            return
+        if task.cancelled():
+            first.set_exception(ConnectionClosedError("connect cancelled"))
+        else:
+            first.set_exception(exc or self._fatal or ConnectionClosedError("client stopped"))
+        first.exception()  # mark retrieved; connect() re-raises it if it still waits
+
+    # ----------------------------------------------------------------- subscribing
+
+    async def subscribe(
+        self,
+        subject: str,
+        callback: _Callback | None = None,
+        *,
+        position: tuple[str, int] | None = None,
+        timeout: float | None = 10.0,
+    ) -> Subscription:
+        """Subscribe and wait for `subscribed`; raise GatewayError (forbidden, invalid_subject,
+        unknown_topic). The position sent is the last one received for the subject if any, else
+        `position`. Subscribing again to a subscribed subject returns the same Subscription."""
+        (sub,) = await self._subscribe([(subject, position)], callback, timeout)
+        return sub
+
+    async def subscribe_many(
+        self,
+        subjects: Sequence[str],
+        callback: _Callback | None = None,
+        *,
+        timeout: float | None = 10.0,
+    ) -> list[Subscription]:
+        """One `subscribe` frame for many subjects. Raises the first error once all are answered
+        (the subjects that succeeded stay subscribed)."""
+        return await self._subscribe([(s, None) for s in subjects], callback, timeout)
+
+    async def _subscribe(
+        self,
+        items: Sequence[tuple[str, tuple[str, int] | None]],
+        callback: _Callback | None,
+        timeout: float | None,
+    ) -> list[Subscription]:
+        self._check_usable()
+        for subject, _ in items:
+            try:
+                parse_subject(subject)
+            except SubjectError as exc:
+                raise GatewayError("invalid_subject", str(exc), subject=subject) from None
+        loop = asyncio.get_running_loop()
+        subs: list[Subscription] = []
+        created: list[str] = []
+        waiters: list[tuple[str, asyncio.Future[Subscription]]] = []
+        for subject, position in items:
+            sub = self._subs.get(subject)
+            if sub is None:
+                sub = Subscription(self, subject, callback)
+                self._subs[subject] = sub
+                created.append(subject)
+            elif callback is not None:
+                sub._callback = callback
+            if position is not None and subject not in self.positions:
+                self.positions[subject] = (str(position[0]), int(position[1]))
+            fut: asyncio.Future[Subscription] = loop.create_future()
+            self._sub_waiters.setdefault(subject, []).append(fut)
+            waiters.append((subject, fut))
+            subs.append(sub)
+        # Not connected: the next connection's resubscription carries these subjects.
+        if self.connected and self._ws is not None:
+            await self._send_subscribe(self._ws, [s for s, _ in items])
+        try:
+            async with asyncio.timeout(timeout):
+                results = await asyncio.gather(*(f for _, f in waiters), return_exceptions=True)
+        except BaseException:
+            for subject, fut in waiters:
+                fut.cancel()
+                with contextlib.suppress(KeyError, ValueError):
+                    self._sub_waiters[subject].remove(fut)
+            for subject in created:
+                self._drop_subscription(subject, None)
+            raise
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return subs
+
+    async def unsubscribe(self, subject: str, *, timeout: float | None = 10.0) -> None:
+        """Stop the subscription (its iterator ends), forget its position, wait for `unsubscribed`."""
+        worker = self._drop_subscription(subject, None)
+        self.positions.pop(subject, None)
+        ws = self._ws
+        if self.connected and ws is not None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._unsub_waiters.setdefault(subject, []).append(fut)
+            try:
+                await ws.send(_dumps({"op": "unsubscribe", "subjects": [subject]}), text=True)
+                async with asyncio.timeout(timeout):
+                    await fut
+            except ConnectionClosed:
+                pass  # nothing to undo: the next connection does not resubscribe it
+            finally:
+                fut.cancel()
+                with contextlib.suppress(KeyError, ValueError):
+                    self._unsub_waiters[subject].remove(fut)
+        if worker is not None:  # queued async callbacks run to their end, within `timeout`
+            done, _ = await asyncio.wait({worker}, timeout=timeout)
+            if not done:
+                worker.cancel()
+                await asyncio.wait({worker})
+
+    def _drop_subscription(
+        self, subject: str, error: GatewayError | None
+    ) -> asyncio.Task[None] | None:
+        sub = self._subs.pop(subject, None)
+        self._resyncing.discard(subject)
+        self._skip_prev.discard(subject)
+        return sub._close(error) if sub is not None else None
+
+    def _entry(self, subject: str) -> dict[str, Any]:
+        pos = self.positions.get(subject)
+        if pos is None:
+            return {"subject": subject}
+        return {"subject": subject, "epoch": pos[0], "seq": pos[1]}
+
+    async def _send_subscribe(self, ws: ClientConnection, subjects: Sequence[str]) -> None:
+        # Built and counted synchronously, so a reconnect cannot slip in between.
+        frame = {"op": "subscribe", "subjects": [self._entry(s) for s in subjects]}
+        for s in subjects:
+            self._awaiting[s] = self._awaiting.get(s, 0) + 1
+        with contextlib.suppress(ConnectionClosed):  # the reconnect resubscribes
+            await ws.send(_dumps(frame), text=True)
+
+    # ----------------------------------------------------------------- publishing, ping
+
+    async def publish(
+        self,
+        subject: str,
+        content: str | bytes | bytearray | memoryview,
+        *,
+        ack: bool = True,
+        timeout: float | None = 10.0,
+    ) -> Ack | None:
+        """Publish. With `ack`, wait for the gateway's ack (the message is durable) and return it,
+        or raise its GatewayError (`unavailable`, `forbidden`, ...), ConnectionClosedError if the
+        connection drops first (never resent), TimeoutError after `timeout`."""
+        ws = self._require_ws()
+        frame: dict[str, Any] = {"op": "publish", "subject": subject}
+        frame.update(content_fields(content))
+        if not ack:
+            try:
+                await ws.send(_dumps(frame), text=True)
+            except ConnectionClosed as exc:
+                raise ConnectionClosedError(subject=subject) from exc
+            return None
+        ident = next(self._ids)
+        frame["id"] = ident
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        self._acks[ident] = fut
+        try:
+            try:
+                await ws.send(_dumps(frame), text=True)
+            except ConnectionClosed as exc:
+                raise ConnectionClosedError(subject=subject, id=ident) from exc
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._acks.pop(ident, None)
+
+    async def ping(self, timeout: float | None = 5.0) -> float:
+        """Round trip of an `op: ping` / `pong`, in seconds."""
+        ws = self._require_ws()
+        ident = next(self._ids)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pings[ident] = fut
+        started = time.perf_counter()
+        try:
+            try:
+                await ws.send(_dumps({"op": "ping", "id": ident}), text=True)
+            except ConnectionClosed as exc:
+                raise ConnectionClosedError(id=ident) from exc
+            async with asyncio.timeout(timeout):
+                await fut
+            return time.perf_counter() - started
+        finally:
+            self._pings.pop(ident, None)
+
+    def _check_usable(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closing:
+            raise ConnectionClosedError("client closed")
+
+    def _require_ws(self) -> ClientConnection:
+        self._check_usable()
+        ws = self._ws
+        if not self.connected or ws is None:
+            raise ConnectionClosedError("not connected")
+        return ws
+
+    # ----------------------------------------------------------------- connection supervisor
+
+    async def _run(self) -> None:
+        """Connect, serve, reconnect: until close(), a fatal error or too many failed attempts."""
+        failures = 0  # consecutive failed attempts, for max_reconnect_attempts
+        step = 0  # backoff exponent: grows with every wait, back to 0 after `connected`
+        first = True
+        while not self._closing:
+            url = self._urls[self._url_index]
+            try:
+                ws, hello = await self._open(url)
+            except _Fatal as fatal:
+                self._set_fatal(fatal.error)
+                return
+            except _RETRYABLE as exc:
+                log.info("gateway %s unreachable: %r", url, exc)
+                self._event("connect_failed", {"url": url, "error": repr(exc)})
+                self._next_url()
+                failures += 1
+                if self._max_attempts is not None and failures >= self._max_attempts:
+                    self._set_fatal(
+                        ConnectionClosedError(f"gave up after {failures} failed attempts")
+                    )
+                    return
+                await self._backoff(step)
+                step += 1
+                continue
+            failures = step = 0  # a successful `connected` resets the backoff
+            try:
+                code, reason = await self._serve(ws, url, hello, first)
+            except _Fatal as fatal:
+                self._set_fatal(fatal.error)
+                return
+            first = False
+            if self._closing:
+                return
+            log.info("connection to %s lost (close code %s %s), reconnecting", url, code, reason)
+            self._event("disconnected", {"url": url, "code": code, "reason": reason})
+            self._next_url()
+            await self._backoff(step)
+            step += 1
+
+    async def _backoff(self, attempt: int) -> None:
+        delay = backoff_delay(attempt, self._backoff_initial, self._backoff_max, self._rng)
+        self._event("reconnecting",
+                    {"attempt": attempt, "delay": delay, "url": self._urls[self._url_index]})
+        await asyncio.sleep(delay)
+
+    def _next_url(self) -> None:
+        self._url_index = (self._url_index + 1) % len(self._urls)
+
+    async def _open(self, url: str) -> tuple[ClientConnection, dict[str, Any]]:
+        """WebSocket handshake, `connect`, and the `connected` answer (within connect_timeout)."""
+        options: dict[str, Any] = {
+            "open_timeout": self._connect_timeout,
+            "max_size": self._max_message_bytes,
+            "ping_interval": None,  # liveness is the protocol's `hb`; the server pings us
+            "compression": None,
+            "proxy": None,
+            "close_timeout": self._connect_timeout,
+        }
+        options.update(self._ws_options)
+        ws = await ws_connect(url, **options)
+        try:
+            hello: dict[str, Any] = {"op": "connect", "client": self._name}
+            if self._token is not None:
+                hello["token"] = self._token
+            async with asyncio.timeout(self._connect_timeout):
+                await ws.send(_dumps(hello), text=True)
+                for _ in range(_HANDSHAKE_MAX_FRAMES):
+                    frame = orjson.loads(await ws.recv(decode=False))
+                    op = frame.get("op") if isinstance(frame, dict) else None
+                    if op == "connected":
+                        return ws, frame
+                    if op == "error":
+                        error = GatewayError.from_frame(frame)
+                        if error.code in _FATAL_ERRORS:
+                            raise _Fatal(error)
+                        log.warning("gateway %s refused connect: %s", url, error)
+                raise ValueError(f"{url} sent no `connected`")
+        except ConnectionClosed as exc:
+            self._discard(ws)
+            if exc.rcvd is not None and exc.rcvd.code == CLOSE_POLICY:
+                raise _Fatal(GatewayError("unauthorized", exc.rcvd.reason or "closed 1008")) from exc
+            raise
+        except BaseException:
+            self._discard(ws)
+            raise
+
+    @staticmethod
+    def _discard(ws: ClientConnection) -> None:
+        transport = ws.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+
+    async def _serve(
+        self, ws: ClientConnection, url: str, hello: dict[str, Any], first: bool
+    ) -> tuple[int | None, str]:
+        """Run one connection until it closes; returns the close code and reason received."""
+        loop = asyncio.get_running_loop()
+        session, server, hb = hello.get("session"), hello.get("server"), _opt_int(hello.get("heartbeat_ms"))
+        self.session = session if isinstance(session, str) else None
+        self.server = server if isinstance(server, str) else None
+        self.heartbeat_ms = hb
+        self.url = url
+        self._awaiting.clear()
+        self._resyncing.clear()  # the resubscription below carries every position
+        self._last_rx = loop.time()
+        self._ws = ws
+        self.connected = True
+        if not first:
+            self.stats["reconnects"] += 1
+        unauthorized: GatewayError | None = None
+        try:
+            subjects = list(self._subs)
+            if subjects:
+                if not first:
+                    self.stats["resubscribes"] += len(subjects)
+                await self._send_subscribe(ws, subjects)
+            if hb is not None and hb > 0:
+                self._arm_watchdog(loop, ws, 2.0 * hb / 1000.0)
+            self._event(
+                "connected",
+                {"url": url, "session": self.session, "server": self.server, "reconnect": not first},
+            )
+            if self._first is not None and not self._first.done():
+                self._first.set_result(None)
+            while True:  # ends with ConnectionClosed
+                raw = await ws.recv(decode=False)
+                self._last_rx = loop.time()
+                try:
+                    frame = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    log.warning("gateway %s sent a frame that is not JSON", url)
+                    continue
+                if not isinstance(frame, dict):
+                    continue
+                try:
+                    err = self._dispatch(frame)
+                except Exception:
+                    log.exception("failed to handle frame %r", frame.get("op"))
+                    continue
+                if err is not None:
+                    unauthorized = err
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            code = rcvd.code if rcvd is not None else None
+            reason = rcvd.reason if rcvd is not None else ""
+            if code == CLOSE_POLICY or unauthorized is not None:
+                error = unauthorized or GatewayError("unauthorized", reason or "closed 1008")
+                raise _Fatal(error) from exc
+            return code, reason
+        finally:
+            self.connected = False
+            self._ws = None
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+            self._discard(ws)
+            self._fail_requests(ConnectionClosedError("connection lost"))
+
+    def _arm_watchdog(self, loop: asyncio.AbstractEventLoop, ws: ClientConnection, dead_after: float) -> None:
+        period = max(dead_after / 8.0, 0.001)
+
+        def check() -> None:
+            silent = loop.time() - self._last_rx
+            if silent <= dead_after:
+                self._watchdog = loop.call_later(period, check)
+                return
+            self._watchdog = None
+            log.warning("nothing from %s for %.3f s (2 x heartbeat): connection dead", self.url, silent)
+            self._event("heartbeat_timeout", {"url": self.url, "silent_s": silent})
+            self._discard(ws)  # recv() then raises ConnectionClosed and _run reconnects
+
+        self._watchdog = loop.call_later(period, check)
+
+    # ----------------------------------------------------------------- incoming frames
+
+    def _dispatch(self, frame: dict[str, Any]) -> GatewayError | None:
+        """Handle one frame; returns an `unauthorized` error (the close 1008 follows it)."""
+        op = frame.get("op")
+        if op == "msg":
+            self._on_msg(frame)
+        elif op == "ack":
+            self._on_ack(frame)
+        elif op == "subscribed":
+            self._on_subscribed(frame)
+        elif op == "error":
+            return self._on_error(frame)
+        elif op == "unsubscribed":
+            subject = frame.get("subject")
+            for fut in self._unsub_waiters.pop(subject, []) if isinstance(subject, str) else []:
+                if not fut.done():
+                    fut.set_result(None)
+        elif op == "pong":
+            ident = frame.get("id")
+            ping = self._pings.pop(ident, None) if isinstance(ident, (str, int)) else None
+            if ping is not None and not ping.done():
+                ping.set_result(None)
+        # `hb` and unknown ops: nothing to do (receiving them already fed the watchdog).
+        return None
+
+    def _on_msg(self, frame: dict[str, Any]) -> None:
+        subject = frame.get("subject")
+        sub = self._subs.get(subject) if isinstance(subject, str) else None
+        if sub is None or subject in self._resyncing:
+            return  # unsubscribed, or held back until `subscribed` replays the gap
+        msg = decode_message(frame)
+        if msg is None:
+            log.warning("malformed msg for %s dropped", subject)
+            return
+        last = self.positions.get(msg.subject)
+        verdict = classify(
+            last, msg.epoch, msg.seq, msg.prev,
+            snapshot=msg.snapshot, skip_prev=msg.subject in self._skip_prev,
+        )
+        if verdict == "duplicate":
+            self.stats["duplicates_dropped"] += 1
+            return
+        if verdict == "gap":
+            assert last is not None
+            self._resync(msg.subject, last, msg)
+            return
+        self._skip_prev.discard(msg.subject)
+        self.positions[msg.subject] = (msg.epoch, msg.seq)
+        self.stats["messages"] += 1
+        sub._deliver(msg)
+
+    def _resync(self, subject: str, last: tuple[str, int], msg: Message) -> None:
+        """Negative feedback: subscribe again from the last position, on this connection."""
+        self.stats["gaps_detected"] += 1
+        self.stats["resubscribes"] += 1
+        self._resyncing.add(subject)
+        log.info("gap on %s: have %s, got seq %s prev %s; resubscribing",
+                 subject, last, msg.seq, msg.prev)
+        self._event("gap", {"subject": subject, "epoch": last[0], "seq": last[1],
+                            "got_seq": msg.seq, "got_prev": msg.prev})
+        ws = self._ws
+        if ws is not None:
+            self._spawn(self._send_subscribe(ws, [subject]))
+
+    def _on_subscribed(self, frame: dict[str, Any]) -> None:
+        subject = frame.get("subject")
+        if not isinstance(subject, str):
+            return
+        self._answered(subject)
+        sub = self._subs.get(subject)
+        if sub is not None:
+            epoch = frame.get("epoch")
+            sub.epoch = epoch if isinstance(epoch, str) else None
+            sub.seq = _opt_int(frame.get("seq"))
+            sub.recovered = frame.get("recovered") is True
+            self._resyncing.discard(subject)
+            if sub.recovered:
+                self._skip_prev.discard(subject)
+            else:
+                self._skip_prev.add(subject)  # a snapshot or a jump follows: not a gap
+        for fut in self._sub_waiters.pop(subject, []):
+            if not fut.done():
+                if sub is not None:
+                    fut.set_result(sub)
+                else:
+                    fut.set_exception(ConnectionClosedError("unsubscribed meanwhile", subject=subject))
+
+    def _answered(self, subject: str) -> bool:
+        count = self._awaiting.get(subject, 0)
+        if count <= 0:
+            return False
+        if count == 1:
+            del self._awaiting[subject]
+        else:
+            self._awaiting[subject] = count - 1
+        return True
+
+    def _on_ack(self, frame: dict[str, Any]) -> None:
+        ident = frame.get("id")
+        if not isinstance(ident, (str, int)):
+            return
+        fut = self._acks.pop(ident, None)
+        if fut is None or fut.done():
+            return
+        epoch, seq, subject = frame.get("epoch"), _opt_int(frame.get("seq")), frame.get("subject")
+        if not isinstance(epoch, str) or seq is None:
+            fut.set_exception(GatewayError("bad_ack", f"malformed ack {frame!r}", id=ident))
+            return
+        fut.set_result(Ack(subject if isinstance(subject, str) else "", epoch, seq, ident))
+
+    def _on_error(self, frame: dict[str, Any]) -> GatewayError | None:
+        error = GatewayError.from_frame(frame)
+        if error.id is not None:
+            pending = self._acks.pop(error.id, None)
+            if pending is not None:
+                if not pending.done():
+                    pending.set_exception(error)
+                return None
+        subject = error.subject
+        if subject is not None and error.code in _SUBSCRIBE_ERRORS and self._answered(subject):
+            waiters = self._sub_waiters.pop(subject, [])
+            if subject in self._subs:
+                worker = self._drop_subscription(subject, error)
+                if worker is not None:
+                    self._tasks.add(worker)
+                    worker.add_done_callback(self._tasks.discard)
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(error)
+            if not waiters:
+                log.warning("resubscription to %s refused: %s", subject, error)
+                self._event("subscription_lost",
+                            {"subject": subject, "code": error.code, "message": error.message})
+            return None
+        log.warning("gateway error: %s", error)
+        self._event("error", dict(frame))
+        return error if error.code in _FATAL_ERRORS else None
+
+    # ----------------------------------------------------------------- plumbing
+
+    def _set_fatal(self, error: GatewayError) -> None:
+        log.error("gateway client stopped: %s", error)
+        self._fatal = error
+        self.connected = False
+        self._fail_requests(error)
+        self._fail_subscribe_waiters(error)
+        for subject in list(self._subs):
+            worker = self._drop_subscription(subject, error)
+            if worker is not None:
+                self._tasks.add(worker)
+                worker.add_done_callback(self._tasks.discard)
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(error)
+            self._first.exception()
+        self._event("fatal", {"code": error.code, "message": error.message})
+
+    def _fail_requests(self, error: GatewayError) -> None:
+        acks, self._acks = self._acks, {}
+        for ident, fut in acks.items():
+            if not fut.done():
+                fut.set_exception(
+                    ConnectionClosedError(error.message, id=ident)
+                    if isinstance(error, ConnectionClosedError)
+                    else error
+                )
+        pings, self._pings = self._pings, {}
+        for ping in pings.values():
+            if not ping.done():
+                ping.set_exception(error)
+        unsubs, self._unsub_waiters = self._unsub_waiters, {}
+        for unsub_futs in unsubs.values():  # the next connection does not resubscribe: done
+            for f in unsub_futs:
+                if not f.done():
+                    f.set_result(None)
+
+    def _fail_subscribe_waiters(self, error: GatewayError) -> None:
+        waiters, self._sub_waiters = self._sub_waiters, {}
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(error)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _event(self, name: str, info: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(name, info)
+        except Exception:
+            log.exception("on_event(%r) failed", name)

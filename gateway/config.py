@@ -1,0 +1,160 @@
+"""Gateway settings: one frozen dataclass.
+
+Precedence: command-line flags > environment (GATEWAY_<FLAG>, e.g. GATEWAY_KAFKA, GATEWAY_JWT_SECRET)
+> a TOML file (--config FILE, keys spelled like the flags with '_') > the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .subjects import is_topic_name
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the flag."""
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8800, metadata={"help": "HTTP/WebSocket port (0 = any free port)"})
+    kafka: str | None = field(default=None, metadata={
+        "help": "Kafka bootstrap servers (host:port,...); without it the standalone engine runs"})
+    topics: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated Kafka topics served (Kafka engine); other topics get unknown_topic"})
+    jwt_secret: str | None = field(default=None, metadata={
+        "help": "HMAC secret: require JWTs signed with HS256/384/512"})
+    jwt_public_key: str | None = field(default=None, metadata={
+        "help": "PEM file: require JWTs signed with RS*/PS*/ES* by its private key"})
+    heartbeat_ms: int = field(default=15000, metadata={
+        "help": "send {op:hb} after this much silence; ping the peer, close it after 3x with no answer"})
+    node_id: str | None = field(default=None, metadata={"help": "this gateway's id in `connected` (default: host-pid)"})
+    tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate: serve wss:// and https://"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
+    workers: int = field(default=1, metadata={
+        "help": "processes sharing the port (SO_REUSEPORT); more than 1 needs --kafka"})
+    history: int = field(default=1000, metadata={"help": "messages kept per subject for recovery"})
+    history_bytes: int = field(default=4 * MiB, metadata={"help": "bytes kept per subject for recovery"})
+    max_message_bytes: int = field(default=1 * MiB, metadata={
+        "help": "largest inbound WebSocket message; larger closes with 1009"})
+    max_pending_bytes: int = field(default=1 * MiB, metadata={
+        "help": "largest output queued for one connection; more closes it with 4000 (slow consumer)"})
+    max_inflight_publishes: int = field(default=1000, metadata={
+        "help": "publishes of one connection awaiting the engine; more get rate_limited"})
+    connect_timeout_ms: int = field(default=10000, metadata={
+        "help": "close 1008 a connection that sends no connect within this time"})
+    warmup_records: int = field(default=10000, metadata={
+        "help": "Kafka: records read back per partition at start (snapshots, recovery window)"})
+    max_recovery_records: int = field(default=100000, metadata={
+        "help": "Kafka: deepest recovery read from Kafka itself, in records"})
+    kafka_fetch_wait_ms: int = field(default=5, metadata={
+        "help": "Kafka: fetch long-poll wait; keep it small on brokers whose fetch does not wake on new data"})
+    kafka_idempotence: str = field(default="auto", metadata={
+        "help": "Kafka: idempotent producer: on, off, or auto (try, fall back to acks=all without it)"})
+    kafka_publish_timeout_ms: int = field(default=5000, metadata={
+        "help": "Kafka: a publish not acknowledged within this time fails with `unavailable`"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    @property
+    def engine(self) -> str:
+        return "kafka" if self.kafka else "standalone"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+_POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
+             "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms"}
+_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms"}
+
+
+def env_name(name: str) -> str:
+    return "GATEWAY_" + name.upper()
+
+
+def _convert(name: str, value: Any) -> Any:
+    flag = "--" + name.replace("_", "-")
+    kind = FIELDS[name].type
+    try:
+        if name == "topics":
+            items = value.split(",") if isinstance(value, str) else list(value)
+            topics = tuple(t.strip() for t in items if t.strip())
+            for t in topics:
+                if not is_topic_name(t):
+                    raise ValueError(f"{t!r} is not a legal Kafka topic name")
+            return topics
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("not an integer")
+            number = int(value)
+            if name in _POSITIVE and number <= 0:
+                raise ValueError("must be > 0")
+            if name in _NON_NEGATIVE and number < 0:
+                raise ValueError("must be >= 0")
+            if name == "port" and number > 65535:
+                raise ValueError("must be <= 65535")
+            return number
+        value = str(value)
+        if name == "kafka_idempotence" and value not in ("auto", "on", "off"):
+            raise ValueError("must be on, off or auto")
+        if name == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be debug, info, warning or error")
+        return value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{flag}: bad value {value!r}: {exc}") from None
+
+
+def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: str | None = None) -> Config:
+    """Merge flags (None = not given) > env > file > defaults, validate, and return the Config."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    if file:
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"--config: cannot read {file}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigError(f"--config: unknown setting {key!r} in {file}")
+            values[name] = value
+    for name in FIELDS:
+        if env.get(env_name(name)) not in (None, ""):
+            values[name] = env[env_name(name)]
+    for name, value in flags.items():
+        if value is not None and name in FIELDS:
+            values[name] = value
+    config = Config(**{name: _convert(name, value) for name, value in values.items()})
+    return validate(config)
+
+
+def validate(config: Config) -> Config:
+    if config.jwt_secret and config.jwt_public_key:
+        raise ConfigError("--jwt-secret and --jwt-public-key exclude each other")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    for name in ("tls_cert", "tls_key", "jwt_public_key"):
+        path = getattr(config, name)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"--{name.replace('_', '-')}: no such file: {path}")
+    if config.workers > 1 and not config.kafka:
+        raise ConfigError("--workers > 1 needs --kafka: the standalone engine keeps its state in one process")
+    if config.kafka and not config.topics:
+        raise ConfigError("--kafka needs --topics (the topics this gateway serves)")
+    if config.max_message_bytes > 64 * MiB:
+        raise ConfigError("--max-message-bytes: at most 64 MiB")
+    if not config.node_id:
+        config = dataclasses.replace(config, node_id=f"{os.uname().nodename}-{os.getpid()}")
+    return dataclasses.replace(config, log_level=config.log_level.lower())

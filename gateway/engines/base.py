@@ -1,0 +1,96 @@
+"""The interface between the gateway and a message engine.
+
+An engine turns publishes into sequenced records and feeds every sequenced record, in seq order per
+subject, into one sink (the hub), which keeps the per-subject ring and fans out. The gateway never
+knows whether a record came from its own publish or from another producer.
+
+    client publish -> engine.publish() -> (epoch, seq)      [ack after the record is durable]
+    engine -------> sink(Record) -> hub: ring + fan-out      [every record, publisher's own included]
+    recovery -----> hub ring first, else engine.replay()     [Kafka reads the partition again]
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..subjects import Subject
+
+
+@dataclass(slots=True)
+class Record:
+    """One sequenced message of one subject."""
+
+    subject: str
+    content: bytes
+    epoch: str
+    seq: int          # >= 1, strictly increasing along the subject within the epoch
+    prev: int | None  # seq of the previous message of the subject in this epoch, 0 for the first, None unknown
+    ts: int           # ms since the Unix epoch
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot take a publish now (Kafka unreachable, timed out): error code `unavailable`."""
+
+
+class UnknownTopic(Exception):
+    """The subject's topic is not served by this gateway: error code `unknown_topic`."""
+
+
+Sink = Callable[[Record], None]
+
+
+class Engine(abc.ABC):
+    """What the hub, the sessions and recovery need from an engine."""
+
+    #: In the Kafka engine a recovery position ahead of what this gateway has read is valid
+    #: (another gateway was faster); in the standalone engine it is not (recovered:false).
+    accepts_positions_ahead: bool = False
+
+    def __init__(self) -> None:
+        self._sink: Sink | None = None
+
+    def bind(self, sink: Sink) -> None:
+        """Set where sequenced records go (the hub's deliver). Called once, before start()."""
+        self._sink = sink
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start; returns when the engine can take publishes (Kafka may still be catching up)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop and release resources; idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True once the gateway may report healthy (Kafka: partitions assigned and caught up)."""
+
+    @abc.abstractmethod
+    def check_subject(self, subject: Subject) -> None:
+        """Raise UnknownTopic when the subject's topic is not served."""
+
+    @abc.abstractmethod
+    def epoch(self, subject: Subject) -> str:
+        """The subject's current epoch (also when no message of it is held)."""
+
+    @abc.abstractmethod
+    async def publish(self, subject: Subject, content: bytes) -> tuple[str, int]:
+        """Make the message durable and return its (epoch, seq); raise EngineUnavailable or UnknownTopic.
+
+        The record also reaches the sink (possibly before this returns), like any other record.
+        """
+
+    async def replay(self, subject: Subject, epoch: str, after_seq: int, upto_seq: int) -> list[Record] | None:
+        """Records of `subject` with after_seq < seq <= upto_seq, read from durable storage, in order.
+
+        None when they cannot be had (epoch changed, older than retention, too many to read). The
+        default engine keeps nothing beyond the hub's ring.
+        """
+        return None
+
+    def stats(self) -> dict[str, float]:
+        """Engine-specific counters for /metrics (name -> value)."""
+        return {}

@@ -1,0 +1,646 @@
+"""The Kafka engine: an aiokafka bridge where a record's offset is its seq.
+
+    publish(/T/k) -> producer, acks=all, key "k" (murmur2 partition) or keyless -> partition 0
+                  -> (epoch of the partition, offset + 1)
+    consumer      -> manual assign of EVERY partition of the served topics (no group, no commits)
+                  -> sink(Record) per record, in offset order per partition, seq = offset + 1
+    metadata      -> refreshed periodically: new topics and partitions are assigned; a recreated
+                     topic (new topic id) gets a new epoch and is read from its start
+    replay()      -> a short-lived consumer: assign + seek, read the range, keep the subject's key
+
+Epoch = hash(cluster id, topic, topic id, partition): the same on every gateway of one cluster, so a
+client recovers on any of them. See PROTOCOL.md "Messages" and "Subjects / Kafka mapping".
+
+Every gateway reads every partition because any client may subscribe to any subject here; Kafka
+is the only shared state, so nothing is coordinated between gateways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Any
+
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+)
+from aiokafka.partitioner import murmur2
+from aiokafka.protocol.abstract import AbstractType
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.metadata import MetadataRequest as _LegacyMetadataRequest
+from aiokafka.protocol.types import Boolean, CompactArray, CompactString, Int16, Int32, Schema, TaggedFields
+from aiokafka.structs import TopicPartition
+
+from ..subjects import Subject, subject_for_record
+from .base import Engine, EngineUnavailable, Record, UnknownTopic
+
+log = logging.getLogger(__name__)
+
+_REQUEST_TIMEOUT_MS = 15_000   # consumer/metadata requests; fetches themselves wait fetch_wait_ms
+_POLL_MS = 100                 # getmany wait: also how soon a new assignment is applied
+_SUBJECT_CACHE_MAX = 100_000
+_UNKNOWN_TOPIC_OR_PARTITION = 3
+_CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError)
+
+
+def partition_for_key(key: bytes | None, partitions: int) -> int:
+    """Kafka's default partitioner (Java client, aiokafka): murmur2, positive, mod count; keyless -> 0."""
+    if key is None or partitions <= 0:
+        return 0
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def partition_epoch(cluster_id: str, topic: str, topic_id: str, partition: int) -> str:
+    """16 hex chars; identical on every gateway of the cluster, changes when the topic is recreated."""
+    text = f"{cluster_id}\0{topic}\0{topic_id}\0{partition}".encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+# --- Metadata v10: the first version whose response carries the topic id. aiokafka stops at v5. ---
+
+class _Uuid(AbstractType[bytes]):
+    @classmethod
+    def encode(cls, value: bytes) -> bytes:
+        return value
+
+    @classmethod
+    def decode(cls, data: BytesIO) -> bytes:
+        return data.read(16)
+
+
+class _MetadataResponseV10(Response):
+    API_KEY = 3
+    API_VERSION = 10
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("brokers", CompactArray(
+            ("node_id", Int32), ("host", CompactString("utf-8")), ("port", Int32),
+            ("rack", CompactString("utf-8")), ("tags", TaggedFields))),
+        ("cluster_id", CompactString("utf-8")),
+        ("controller_id", Int32),
+        ("topics", CompactArray(
+            ("error_code", Int16), ("name", CompactString("utf-8")), ("topic_id", _Uuid),
+            ("is_internal", Boolean),
+            ("partitions", CompactArray(
+                ("error_code", Int16), ("partition_index", Int32), ("leader_id", Int32),
+                ("leader_epoch", Int32), ("replica_nodes", CompactArray(Int32)),
+                ("isr_nodes", CompactArray(Int32)), ("offline_replicas", CompactArray(Int32)),
+                ("tags", TaggedFields))),
+            ("topic_authorized_operations", Int32), ("tags", TaggedFields))),
+        ("cluster_authorized_operations", Int32),
+        ("tags", TaggedFields),
+    )
+
+
+class _MetadataRequestV10(RequestStruct):
+    FLEXIBLE_VERSION = True
+    API_KEY = 3
+    API_VERSION = 10
+    RESPONSE_TYPE = _MetadataResponseV10
+    SCHEMA = Schema(
+        ("topics", CompactArray(("topic_id", _Uuid), ("name", CompactString("utf-8")), ("tags", TaggedFields))),
+        ("allow_auto_topic_creation", Boolean),
+        ("include_cluster_authorized_operations", Boolean),
+        ("include_topic_authorized_operations", Boolean),
+        ("tags", TaggedFields),
+    )
+
+
+class _MetadataRequest(Request[_MetadataRequestV10]):
+    API_KEY = 3
+
+    def __init__(self, topics: list[str]) -> None:
+        self._topics = topics
+
+    def build(self, request_struct_class: type[_MetadataRequestV10]) -> _MetadataRequestV10:
+        # Never auto-create: a served topic that does not exist yet is picked up when it appears.
+        topics: list[tuple[bytes, str, dict[int, bytes]]] = [(bytes(16), t, {}) for t in self._topics]
+        return request_struct_class(topics, False, False, False, {})
+
+
+@dataclass(slots=True, frozen=True)
+class _TopicMeta:
+    topic_id: str      # hex, "" when the broker does not tell
+    partitions: int
+
+
+@dataclass(slots=True)
+class _Partition:
+    """What the engine knows about one assigned partition."""
+
+    epoch: str
+    next: int | None = None    # next offset to hand to the sink; None: position not chosen yet
+    complete: bool = False     # read from log start: a subject's first record has prev 0
+    last: dict[str, int] = field(default_factory=dict)   # subject -> seq of its newest record
+
+
+class KafkaEngine(Engine):
+    accepts_positions_ahead = True
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Sequence[str],
+        *,
+        fetch_wait_ms: int = 5,
+        warmup_records: int = 10_000,
+        max_recovery_records: int = 100_000,
+        idempotence: bool | None = None,
+        publish_timeout: float = 5.0,
+        metadata_refresh_s: float = 5.0,
+        client_id: str = "gateway",
+        replay_timeout: float = 10.0,
+        max_concurrent_replays: int = 8,
+        start_timeout: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self._bootstrap = bootstrap
+        self._served = frozenset(topics)
+        self._fetch_wait_ms = fetch_wait_ms
+        self._warmup = max(0, warmup_records)
+        self._max_recovery = max_recovery_records
+        self._idempotence = idempotence
+        self._publish_timeout = publish_timeout
+        self._refresh_s = metadata_refresh_s
+        self._client_id = client_id
+        self._replay_timeout = replay_timeout
+        self._replay_slots = asyncio.Semaphore(max_concurrent_replays)
+        self._start_timeout = start_timeout
+
+        self._meta: AIOKafkaClient | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopped = False
+        self._send_lock = asyncio.Lock()
+        self._refresh_lock = asyncio.Lock()
+        self._legacy_metadata = False
+
+        self._cluster_id = ""
+        self._topic_meta: dict[str, _TopicMeta] = {}
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._dirty = False                              # assignment must be (re)applied
+        self._waiting: dict[TopicPartition, int | None] = {}   # warmup: tp -> high watermark to reach
+        self._ready = False
+        self._subjects: dict[tuple[str, bytes | None], Subject | None] = {}
+        self._metadata_failing = False
+        self.idempotent = False
+
+        self._n: dict[str, int] = dict.fromkeys((
+            "records_consumed", "records_skipped_bad_key", "records_skipped_keyless",
+            "records_duplicate", "offset_gaps", "sink_errors", "publishes", "publish_errors",
+            "metadata_errors", "replays", "replay_failures", "epoch_changes"), 0)
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._started or self._stopped:
+            raise RuntimeError("a KafkaEngine starts once")
+        self._started = True
+        try:
+            async with asyncio.timeout(self._start_timeout):
+                await self._start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await self.stop()
+            raise EngineUnavailable(f"cannot start the Kafka engine on {self._bootstrap}: {exc!r}") from exc
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        self._meta = AIOKafkaClient(
+            bootstrap_servers=self._bootstrap, client_id=self._client_id + "-metadata",
+            request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        await self._meta.bootstrap()
+        self._apply_metadata(*await self._fetch_metadata())
+
+        await self._start_producer()
+
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, client_id=self._client_id, group_id=None,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        await self._consumer.start()
+
+        # Warmup: the last `warmup_records` of each partition fill the hub's history. The end offset
+        # only sets where to start (Tansu's ListOffsets lags a little: we start a bit earlier);
+        # "caught up" is decided on the fetch high watermark.
+        tps = list(self._parts)
+        if tps:
+            self._consumer.assign(tps)
+            begin = await self._consumer.beginning_offsets(tps)
+            end = await self._consumer.end_offsets(tps)
+            for tp in tps:
+                p = self._parts[tp]
+                p.next = max(begin[tp], end[tp] - self._warmup)
+                p.complete = p.next <= begin[tp]
+                self._consumer.seek(tp, p.next)
+                self._waiting[tp] = None
+        self._dirty = False
+        self._ready = not self._waiting
+        self._tasks = [
+            asyncio.create_task(self._consume_loop(), name="kafka-consume"),
+            asyncio.create_task(self._refresh_loop(), name="kafka-metadata"),
+        ]
+        log.info("Kafka engine started on %s (cluster %s): %d partitions of %d topics",
+                 self._bootstrap, self._cluster_id, len(tps), len(self._topic_meta))
+
+    async def _start_producer(self) -> None:
+        want = True if self._idempotence is None else self._idempotence
+        producer = self._new_producer(want)
+        try:
+            await producer.start()
+        except _CONNECTION_ERRORS:
+            await producer.stop()
+            raise
+        except KafkaError as exc:
+            await producer.stop()
+            if not want or self._idempotence is not None:
+                raise
+            log.warning(
+                "Kafka broker %s refused the idempotent producer (%r, logged above by aiokafka); the "
+                "gateway goes on with acks=all without idempotence (order is still kept: one request "
+                "in flight per broker; a retried publish may be stored twice)", self._bootstrap, exc)
+            want = False
+            producer = self._new_producer(False)
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+        self._producer = producer
+        self.idempotent = want
+
+    def _new_producer(self, idempotent: bool) -> AIOKafkaProducer:
+        # request_timeout = publish_timeout: a batch that could not be delivered expires about when
+        # its publisher was told `unavailable`, instead of landing long after.
+        return AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap, client_id=self._client_id, acks="all",
+            enable_idempotence=idempotent, linger_ms=0,
+            request_timeout_ms=max(1000, int(self._publish_timeout * 1000)))
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._ready = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for name, closer in (("consumer", self._consumer), ("producer", self._producer)):
+            if closer is None:
+                continue
+            try:
+                # The producer flushes pending batches; they expire after publish_timeout.
+                async with asyncio.timeout(self._publish_timeout + 5):
+                    await closer.stop()
+            except Exception:  # noqa: BLE001 - stopping must go on
+                log.exception("error stopping the Kafka %s", name)
+        self._consumer = self._producer = None
+        if self._meta is not None:
+            try:
+                await self._meta.close()
+            except Exception:  # noqa: BLE001
+                log.exception("error closing the Kafka metadata client")
+            self._meta = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # ----------------------------------------------------------------------------- subjects, epochs
+
+    def check_subject(self, subject: Subject) -> None:
+        if subject.topic not in self._served:
+            raise UnknownTopic(f"topic {subject.topic!r} is not served by this gateway")
+
+    def partition_of(self, subject: Subject) -> int:
+        meta = self._topic_meta.get(subject.topic)
+        return partition_for_key(subject.key_bytes, meta.partitions if meta else 1)
+
+    def epoch(self, subject: Subject) -> str:
+        self.check_subject(subject)
+        return self._epoch_of(subject.topic, self.partition_of(subject))
+
+    def _epoch_of(self, topic: str, partition: int) -> str:
+        p = self._parts.get(TopicPartition(topic, partition))
+        if p is not None:
+            return p.epoch
+        # The topic does not exist yet: a provisional epoch that changes once it does.
+        meta = self._topic_meta.get(topic)
+        return partition_epoch(self._cluster_id, topic, meta.topic_id if meta else "", partition)
+
+    # ----------------------------------------------------------------------------- publish
+
+    async def publish(self, subject: Subject, content: bytes) -> tuple[str, int]:
+        self.check_subject(subject)
+        producer = self._producer
+        if producer is None or self._stopped:
+            raise EngineUnavailable("the Kafka engine is not running")
+        key = subject.key_bytes
+        try:
+            async with asyncio.timeout(self._publish_timeout):
+                # Enqueue in call order (the lock is FIFO): records of one connection to one subject
+                # enter the partition's batch queue in the order published. aiokafka then keeps one
+                # request in flight per broker, so neither retries nor a non-idempotent producer
+                # reorder them. Cancelling send() (timeout) withdraws the record.
+                async with self._send_lock:
+                    delivery = await producer.send(
+                        subject.topic, content, key=key, partition=0 if key is None else None)
+                meta = await delivery
+                tp = TopicPartition(meta.topic, meta.partition)
+                if tp not in self._parts:   # the topic (or partition) is new: learn its epoch first
+                    await self.refresh_metadata()
+        except (KafkaError, TimeoutError) as exc:
+            self._n["publish_errors"] += 1
+            raise EngineUnavailable(f"Kafka did not take the publish to {subject.text}: {exc!r}") from exc
+        self._n["publishes"] += 1
+        return self._epoch_of(meta.topic, meta.partition), meta.offset + 1
+
+    # ----------------------------------------------------------------------------- metadata
+
+    async def _fetch_metadata(self) -> tuple[str, dict[str, _TopicMeta], set[str]]:
+        """(cluster id, served topics that exist, served topics the broker says do not exist).
+
+        A topic in neither had a transient error (e.g. leader election) and is left as it is.
+        """
+        client = self._meta
+        if client is None:
+            raise KafkaConnectionError("metadata client closed")
+        node = client.get_random_node()
+        if node is None:
+            raise KafkaConnectionError("no broker known")
+        topics = sorted(self._served)
+        resp: Any = None
+        if not self._legacy_metadata:
+            try:
+                resp = await client.send(node, _MetadataRequest(topics))
+            except NotImplementedError:   # broker older than Kafka 2.8: no topic ids
+                self._legacy_metadata = True
+        if resp is None:
+            resp = await client.send(node, _LegacyMetadataRequest(topics, allow_auto_topic_creation=False))
+        found: dict[str, _TopicMeta] = {}
+        absent = set(self._served)
+        for t in resp.to_object()["topics"]:
+            name = t.get("name", t.get("topic"))
+            if name not in self._served:
+                continue
+            if t["error_code"] == _UNKNOWN_TOPIC_OR_PARTITION:
+                continue
+            absent.discard(name)
+            if t["error_code"] != 0 or not t["partitions"]:
+                continue
+            raw_id = t.get("topic_id") or bytes(16)
+            found[name] = _TopicMeta(raw_id.hex() if any(raw_id) else "", len(t["partitions"]))
+        return getattr(resp, "cluster_id", None) or "", found, absent
+
+    def _apply_metadata(self, cluster_id: str, topics: dict[str, _TopicMeta], absent: set[str]) -> None:
+        """Bring the partition table in line with the cluster; the consume loop re-assigns."""
+        if self._cluster_id and cluster_id and cluster_id != self._cluster_id:
+            log.warning("Kafka cluster id changed from %s to %s: every epoch changes", self._cluster_id, cluster_id)
+            self._parts.clear()
+            self._waiting.clear()
+        self._cluster_id = cluster_id or self._cluster_id
+        for topic, old in list(self._topic_meta.items()):
+            new = topics.get(topic)
+            if new is None and topic not in absent:
+                continue   # a transient error: keep reading what we have
+            if new is None or new.topic_id != old.topic_id:
+                # Deleted, or deleted and created again: a new epoch, read from its start.
+                if new is not None:
+                    log.warning("Kafka topic %s was recreated (id %s -> %s): new epoch", topic, old.topic_id, new.topic_id)
+                    self._n["epoch_changes"] += 1
+                for tp in [tp for tp in self._parts if tp.topic == topic]:
+                    del self._parts[tp]
+                    self._waiting.pop(tp, None)
+                del self._topic_meta[topic]
+                self._dirty = True
+        for topic, meta in topics.items():
+            self._topic_meta[topic] = meta
+            for partition in range(meta.partitions):
+                tp = TopicPartition(topic, partition)
+                if tp not in self._parts:
+                    self._parts[tp] = _Partition(partition_epoch(self._cluster_id, topic, meta.topic_id, partition))
+                    self._dirty = True
+
+    async def refresh_metadata(self) -> None:
+        """Fetch the served topics' metadata now (single flight); raises KafkaError when unreachable."""
+        async with self._refresh_lock:
+            self._apply_metadata(*await self._fetch_metadata())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            try:
+                await self.refresh_metadata()
+            except (KafkaError, OSError, TimeoutError) as exc:
+                self._n["metadata_errors"] += 1
+                if not self._metadata_failing:
+                    log.warning("Kafka metadata refresh failed (%r); the consumer keeps retrying", exc)
+                self._metadata_failing = True
+            else:
+                if self._metadata_failing:
+                    log.info("Kafka metadata refresh works again")
+                self._metadata_failing = False
+
+    # ----------------------------------------------------------------------------- consumption
+
+    async def _consume_loop(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        backoff = 0.1
+        while True:
+            try:
+                if self._dirty:
+                    await self._assign(consumer)
+                if not consumer.assignment():   # getmany() would wait for an assignment
+                    await asyncio.sleep(_POLL_MS / 1000)
+                    continue
+                batches = await consumer.getmany(timeout_ms=_POLL_MS)
+                for tp, records in batches.items():
+                    self._deliver(tp, records)
+                if self._waiting:
+                    await self._check_caught_up(consumer)
+                backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the reader must outlive any error
+                log.warning("Kafka consumer error (%r); retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _assign(self, consumer: AIOKafkaConsumer) -> None:
+        """(Re)assign every known partition; assign() forgets positions, so seek each to our own.
+
+        A partition found after start has no position yet: the consumer resets it to its log start
+        (auto_offset_reset="earliest"), so it is read whole (a new topic is empty or nearly so; a
+        partition added later holds only what was produced since). Its first record fixes next.
+        """
+        self._dirty = False
+        consumer.assign(list(self._parts))
+        for tp, p in self._parts.items():
+            if p.next is not None:
+                consumer.seek(tp, p.next)
+        log.debug("Kafka consumer assigned %d partitions", len(self._parts))
+
+    def _deliver(self, tp: TopicPartition, records: list[Any]) -> None:
+        p = self._parts.get(tp)
+        if p is None:   # unassigned meanwhile
+            return
+        if p.next is None and records:   # found after start: the consumer began at its log start
+            p.next, p.complete = records[0].offset, True
+        sink = self._sink
+        n = self._n
+        cache = self._subjects
+        topic = tp.topic
+        for r in records:
+            offset = r.offset
+            if offset < p.next:   # already handed over (a reset to an earlier offset)
+                n["records_duplicate"] += 1
+                continue
+            if offset > p.next:   # compaction, transaction markers, or retention while away
+                n["offset_gaps"] += 1
+            p.next = offset + 1
+            key = r.key
+            ck = (topic, key)
+            if ck in cache:
+                subject = cache[ck]
+            else:
+                if len(cache) >= _SUBJECT_CACHE_MAX:
+                    cache.clear()
+                subject = cache[ck] = subject_for_record(topic, key)
+            if subject is None:
+                n["records_skipped_bad_key"] += 1
+                continue
+            if key is None and tp.partition != 0:
+                n["records_skipped_keyless"] += 1
+                continue
+            seq = offset + 1
+            text = subject.text
+            prev = p.last.get(text)
+            if prev is None and p.complete:
+                prev = 0
+            p.last[text] = seq
+            ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else int(time.time() * 1000)
+            n["records_consumed"] += 1
+            if sink is None:
+                continue
+            try:
+                sink(Record(text, r.value if r.value is not None else b"", p.epoch, seq, prev, ts))
+            except Exception:  # noqa: BLE001 - one bad record must not stop the partition
+                n["sink_errors"] += 1
+                log.exception("sink failed on %s seq %d", text, seq)
+
+    async def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
+        for tp, target in list(self._waiting.items()):
+            p = self._parts.get(tp)
+            if p is None or p.next is None or tp not in consumer.assignment():
+                continue
+            if target is None:
+                target = consumer.highwater(tp)   # the fetch high watermark; None before a fetch
+                if target is None:
+                    continue
+                self._waiting[tp] = target
+            # position() also covers offsets without records (transaction markers, compaction).
+            if p.next >= target or await consumer.position(tp) >= target:
+                del self._waiting[tp]
+        if not self._waiting and not self._ready:
+            self._ready = True
+            log.info("Kafka engine caught up on %d partitions", len(self._parts))
+
+    # ----------------------------------------------------------------------------- recovery
+
+    async def replay(self, subject: Subject, epoch: str, after_seq: int, upto_seq: int) -> list[Record] | None:
+        if subject.topic not in self._served or self._stopped:
+            return None
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None:
+            return None
+        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
+        part = self._parts.get(tp)
+        if part is None or part.epoch != epoch or after_seq < 0:
+            return None
+        if upto_seq <= after_seq:
+            return []
+        if upto_seq - after_seq > self._max_recovery:
+            return None
+        self._n["replays"] += 1
+        try:
+            async with self._replay_slots, asyncio.timeout(self._replay_timeout):
+                return await self._read_range(tp, subject, part.epoch, after_seq, upto_seq)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self._n["replay_failures"] += 1
+            log.warning("replay of %s (%d, %d] from Kafka failed: %r", subject.text, after_seq, upto_seq, exc)
+            return None
+
+    async def _read_range(
+        self, tp: TopicPartition, subject: Subject, epoch: str, after_seq: int, upto_seq: int,
+    ) -> list[Record] | None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, client_id=self._client_id + "-replay", group_id=None,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        try:
+            await consumer.start()
+            consumer.assign([tp])
+            begin = (await consumer.beginning_offsets([tp]))[tp]
+            if after_seq < begin:   # the record at offset after_seq is gone (retention)
+                return None
+            # Read one record before the range too: when it is the subject's (the client's
+            # position), the first replayed record gets an exact prev.
+            start = after_seq - 1 if after_seq > begin else after_seq
+            consumer.seek(tp, start)
+            key = subject.key_bytes
+            last: int | None = 0 if start == 0 else None
+            out: list[Record] = []
+            position = start
+            while position < upto_seq:
+                batches = await consumer.getmany(tp, timeout_ms=_POLL_MS, max_records=5000)
+                for r in batches.get(tp, ()):
+                    if r.offset >= upto_seq:
+                        break
+                    if r.key == key:
+                        seq = r.offset + 1
+                        if seq > after_seq:
+                            ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else 0
+                            out.append(Record(subject.text, r.value if r.value is not None else b"",
+                                              epoch, seq, last, ts))
+                        last = seq
+                position = await consumer.position(tp)
+                hw = consumer.highwater(tp)
+                if not batches and hw is not None and position >= hw:
+                    break   # nothing more in the partition (upto_seq beyond its end)
+            return out
+        finally:
+            await consumer.stop()
+
+    # ----------------------------------------------------------------------------- metrics
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = {k: float(v) for k, v in self._n.items()}
+        out["partitions_assigned"] = float(len(self._parts))
+        out["ready"] = 1.0 if self._ready else 0.0
+        out["idempotent"] = 1.0 if self.idempotent else 0.0
+        lag = 0
+        consumer = self._consumer
+        if consumer is not None:
+            assigned = consumer.assignment()
+            for tp, p in self._parts.items():
+                if tp in assigned and p.next is not None:
+                    hw = consumer.highwater(tp)
+                    if hw is not None and hw > p.next:
+                        lag += hw - p.next
+        out["lag"] = float(lag)
+        return out

@@ -1,0 +1,92 @@
+"""/metrics: Prometheus text format via prometheus-client.
+
+Hot-path counters are plain integers on the objects that own them (fanout's Writer, the Hub, the
+gateway's Stats); a custom collector reads them at scrape time, so a delivery costs no metric call.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Stats:
+    """Counters of the gateway's own events."""
+
+    __slots__ = ("connections_total", "publishes", "errors", "closes", "http_requests")
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.publishes = 0
+        self.errors: Counter[str] = Counter()
+        self.closes: Counter[int] = Counter()
+        self.http_requests: Counter[str] = Counter()
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] += 1
+
+    def count_close(self, code: int) -> None:
+        self.closes[code] += 1
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        gw = self.gw
+        s, hub, w = gw.stats, gw.hub.stats, gw.writer
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"gateway_{name}", doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"gateway_{name}", doc, value=value)
+
+        yield gauge("connections", "Open WebSocket connections", len(gw.sessions))
+        yield counter("connections", "WebSocket connections accepted", s.connections_total)
+        yield gauge("subscriptions", "Active subscriptions over all connections",
+                    sum(len(x.subjects) for x in gw.sessions))
+        yield gauge("subjects", "Subjects the hub holds state for", len(gw.hub))
+        yield counter("messages_in", "Publishes accepted from clients", s.publishes)
+        yield counter("messages", "Sequenced messages taken from the engine", hub.records)
+        yield counter("messages_out", "msg frames queued to subscribers (fan-out deliveries)", hub.deliveries)
+        yield counter("duplicate_records", "Records dropped as already held (re-reads)", hub.duplicates)
+        yield counter("frames_out", "WebSocket frames written", w.frames_out)
+        yield counter("bytes_out", "Bytes written to client sockets", w.bytes_out)
+        yield counter("write_syscalls", "send/writev calls made by the fan-out writer", w.syscalls)
+        yield counter("slow_consumers", "Connections closed with 4000 (output over the limit)", w.overflows)
+        errors = CounterMetricFamily("gateway_errors", "error frames sent, by code", labels=["code"])
+        for code, n in sorted(s.errors.items()):
+            errors.add_metric([code], n)
+        yield errors
+        closes = CounterMetricFamily("gateway_closes", "Connections closed by the gateway, by close code",
+                                     labels=["code"])
+        for close_code, n in sorted(s.closes.items()):
+            closes.add_metric([str(close_code)], n)
+        yield closes
+        yield gauge("ready", "1 once the engine is ready (healthz 200)", 1.0 if gw.engine.ready else 0.0)
+        engine = GaugeMetricFamily("gateway_engine", "Engine counters", labels=["engine", "name"])
+        for name, value in sorted(gw.engine.stats().items()):
+            engine.add_metric([gw.config.engine, name], float(value))
+        yield engine
+
+
+def make_renderer(gw: Gateway) -> Callable[[], bytes]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gw))
+
+    def render() -> bytes:
+        return generate_latest(registry)
+
+    return render

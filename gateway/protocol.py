@@ -1,0 +1,296 @@
+"""Protocol v1, sans-I/O: client JSON frames -> requests, server messages -> JSON bytes.
+
+No asyncio here. `decode()` validates one text frame and returns a request object, or raises
+ProtocolError carrying the error code (and the `id` / `subject` to echo, when known). The encoders
+return the JSON payload (bytes); framing is fanout's job.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Union
+
+import orjson
+
+from .engines.base import Record
+from .subjects import Subject, SubjectError, parse_subject
+
+VERSION = 1
+
+# error codes (PROTOCOL.md "Errors and close codes")
+BAD_REQUEST = "bad_request"
+NOT_CONNECTED = "not_connected"
+UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
+INVALID_SUBJECT = "invalid_subject"
+UNKNOWN_TOPIC = "unknown_topic"
+TOO_LARGE = "too_large"
+RATE_LIMITED = "rate_limited"
+UNAVAILABLE = "unavailable"
+ERROR_CODES = (BAD_REQUEST, NOT_CONNECTED, UNAUTHORIZED, FORBIDDEN, INVALID_SUBJECT, UNKNOWN_TOPIC,
+               TOO_LARGE, RATE_LIMITED, UNAVAILABLE)
+
+# close codes
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_UTF8 = 1007
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_SLOW_CONSUMER = 4000
+
+Id = Union[str, int, float]
+_NO_ID = object()
+
+
+class ProtocolError(Exception):
+    """The peer sent something the protocol does not allow; becomes an `error` frame."""
+
+    def __init__(self, code: str, message: str, *, id: Any = _NO_ID, subject: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+        self.subject = subject
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _NO_ID
+
+    def payload(self) -> bytes:
+        return error(self.code, self.message, id=self.id, subject=self.subject)
+
+
+@dataclass(slots=True)
+class Connect:
+    token: str | None
+    client: str | None
+
+
+@dataclass(slots=True)
+class SubscribeEntry:
+    subject: Subject
+    position: tuple[str, int] | None
+
+
+@dataclass(slots=True)
+class Subscribe:
+    entries: list[SubscribeEntry | ProtocolError]  # judged one by one, in the order given
+
+
+@dataclass(slots=True)
+class Unsubscribe:
+    entries: list[Subject | ProtocolError]
+
+
+@dataclass(slots=True)
+class Publish:
+    subject: Subject
+    content: bytes
+    id: Any  # _NO_ID when absent
+
+    @property
+    def has_id(self) -> bool:
+        return self.id is not _NO_ID
+
+
+@dataclass(slots=True)
+class Ping:
+    id: Any
+
+
+Request = Union[Connect, Subscribe, Unsubscribe, Publish, Ping]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_json(data: bytes | str) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(BAD_REQUEST, f"bad JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_REQUEST, "a frame must hold one JSON object")
+    if not isinstance(obj.get("op"), str):
+        raise ProtocolError(BAD_REQUEST, "missing string field 'op'")
+    return obj
+
+
+def decode(data: bytes | str) -> Request:
+    """One client text frame -> request; raise ProtocolError (code bad_request, invalid_subject, ...)."""
+    obj = parse_json(data)
+    op = obj["op"]
+    decoder = _DECODERS.get(op)
+    if decoder is None:
+        raise ProtocolError(BAD_REQUEST, f"unknown op {op!r}", id=obj["id"] if _is_id(obj.get("id")) else _NO_ID)
+    return decoder(obj)
+
+
+def _decode_connect(obj: dict[str, Any]) -> Connect:
+    token, client = obj.get("token"), obj.get("client")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(BAD_REQUEST, "'token' must be a string")
+    if client is not None and not isinstance(client, str):
+        raise ProtocolError(BAD_REQUEST, "'client' must be a string")
+    return Connect(token or None, client)
+
+
+def _subject(value: Any, *, id: Any = _NO_ID) -> Subject:
+    if not isinstance(value, str):
+        raise ProtocolError(BAD_REQUEST, "'subject' must be a string", id=id)
+    try:
+        return parse_subject(value)
+    except SubjectError as exc:
+        raise ProtocolError(INVALID_SUBJECT, str(exc), id=id, subject=value) from None
+
+
+def _decode_subscribe(obj: dict[str, Any]) -> Subscribe:
+    items = obj.get("subjects")
+    if not isinstance(items, list):
+        raise ProtocolError(BAD_REQUEST, "'subjects' must be a list")
+    entries: list[SubscribeEntry | ProtocolError] = []
+    for item in items:
+        try:
+            entries.append(_subscribe_entry(item))
+        except ProtocolError as exc:
+            entries.append(exc)
+    return Subscribe(entries)
+
+
+def _subscribe_entry(item: Any) -> SubscribeEntry:
+    if not isinstance(item, dict):
+        raise ProtocolError(BAD_REQUEST, "each entry of 'subjects' must be an object with 'subject'")
+    subject = _subject(item.get("subject"))
+    epoch, seq = item.get("epoch"), item.get("seq")
+    if epoch is None and seq is None:
+        return SubscribeEntry(subject, None)
+    if epoch is None or seq is None:
+        raise ProtocolError(BAD_REQUEST, "'epoch' and 'seq' go together (a recovery position)",
+                            subject=subject.text)
+    if not isinstance(epoch, str) or not _is_int(seq) or seq < 0:
+        raise ProtocolError(BAD_REQUEST, "'epoch' must be a string and 'seq' an integer >= 0",
+                            subject=subject.text)
+    return SubscribeEntry(subject, (epoch, seq))
+
+
+def _decode_unsubscribe(obj: dict[str, Any]) -> Unsubscribe:
+    items = obj.get("subjects")
+    if not isinstance(items, list):
+        raise ProtocolError(BAD_REQUEST, "'subjects' must be a list of subject strings")
+    entries: list[Subject | ProtocolError] = []
+    for item in items:
+        try:
+            entries.append(_subject(item))
+        except ProtocolError as exc:
+            entries.append(exc)
+    return Unsubscribe(entries)
+
+
+def _decode_publish(obj: dict[str, Any]) -> Publish:
+    id = obj.get("id", _NO_ID)
+    if id is not _NO_ID and not _is_id(id):
+        raise ProtocolError(BAD_REQUEST, "'id' must be a string or a number")
+    subject = _subject(obj.get("subject"), id=id)
+    text, b64 = obj.get("content"), obj.get("content_b64")
+    if (text is None) == (b64 is None):
+        raise ProtocolError(BAD_REQUEST, "a publish carries exactly one of 'content' and 'content_b64'",
+                            id=id, subject=subject.text)
+    if text is not None:
+        if not isinstance(text, str):
+            raise ProtocolError(BAD_REQUEST, "'content' must be a string", id=id, subject=subject.text)
+        content = text.encode("utf-8", "surrogatepass")
+    else:
+        if not isinstance(b64, str):
+            raise ProtocolError(BAD_REQUEST, "'content_b64' must be a string", id=id, subject=subject.text)
+        try:
+            content = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(BAD_REQUEST, "'content_b64' is not valid base64", id=id,
+                                subject=subject.text) from None
+    return Publish(subject, content, id)
+
+
+def _decode_ping(obj: dict[str, Any]) -> Ping:
+    id = obj.get("id")
+    if id is not None and not _is_id(id):
+        raise ProtocolError(BAD_REQUEST, "'id' must be a string or a number")
+    return Ping(id)
+
+
+_DECODERS = {
+    "connect": _decode_connect,
+    "subscribe": _decode_subscribe,
+    "unsubscribe": _decode_unsubscribe,
+    "publish": _decode_publish,
+    "ping": _decode_ping,
+}
+
+
+# ---- server -> client ------------------------------------------------------------------------------
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj)
+
+
+def connected(session: str, server: str, heartbeat_ms: int) -> bytes:
+    return _dumps({"op": "connected", "session": session, "server": server, "heartbeat_ms": heartbeat_ms,
+                   "version": VERSION})
+
+
+def subscribed(subject: str, epoch: str, seq: int, recovered: bool) -> bytes:
+    return _dumps({"op": "subscribed", "subject": subject, "epoch": epoch, "seq": seq, "recovered": recovered})
+
+
+def unsubscribed(subject: str) -> bytes:
+    return _dumps({"op": "unsubscribed", "subject": subject})
+
+
+def ack(id: Any, subject: str, epoch: str, seq: int) -> bytes:
+    return _dumps({"op": "ack", "id": id, "subject": subject, "epoch": epoch, "seq": seq})
+
+
+def pong(id: Any) -> bytes:
+    return _dumps({"op": "pong", "id": id})
+
+
+HEARTBEAT = b'{"op":"hb"}'
+
+
+def error(code: str, message: str, *, id: Any = _NO_ID, subject: str | None = None) -> bytes:
+    obj: dict[str, Any] = {"op": "error", "code": code, "message": message}
+    if id is not _NO_ID:
+        obj["id"] = id
+    if subject is not None:
+        obj["subject"] = subject
+    return _dumps(obj)
+
+
+def content_fields(content: bytes) -> dict[str, str]:
+    """`content` when the bytes are valid UTF-8, else `content_b64`."""
+    try:
+        return {"content": content.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"content_b64": base64.b64encode(content).decode("ascii")}
+
+
+def msg(record: Record, *, snapshot: bool = False) -> bytes:
+    """The `msg` payload of a record: encoded once per message, shared by every subscriber."""
+    obj: dict[str, Any] = {"op": "msg", "subject": record.subject}
+    obj.update(content_fields(record.content))
+    obj["epoch"] = record.epoch
+    obj["seq"] = record.seq
+    if record.prev is not None:
+        obj["prev"] = record.prev
+    obj["ts"] = record.ts
+    if snapshot:
+        obj["snapshot"] = True
+    return _dumps(obj)

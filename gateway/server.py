@@ -1,0 +1,258 @@
+"""The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, /, /client.js),
+the liveness sweep (heartbeats, pings, dead peers, connect timeout), and the lifecycle.
+
+HTTP parsing and the WebSocket handshake and inbound frames are picows' (see docs/DESIGN.md for the
+measurement behind that choice); every outbound frame goes through fanout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import logging
+import ssl
+from collections.abc import Coroutine
+from typing import Any
+
+import orjson
+from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
+
+from fanout import Conn, Writer
+
+from . import protocol
+from .auth import Authenticator
+from .config import Config
+from .engines.base import Engine
+from .hub import Hub
+from .metrics import CONTENT_TYPE, Stats, make_renderer
+from .session import Session
+
+log = logging.getLogger("gateway")
+
+#: picows needs room for the HTTP upgrade request; the buffer grows for larger frames and shrinks
+#: back is not done by picows, so start small: most connections only ever receive small frames.
+READ_BUFFER_INIT = 256
+_WS_LOG = logging.LoggerAdapter(logging.getLogger("gateway.ws"), {})
+
+
+def make_engine(config: Config) -> Engine:
+    if config.kafka:
+        from .engines.kafka import KafkaEngine
+
+        idem = {"on": True, "off": False, "auto": None}[config.kafka_idempotence]
+        return KafkaEngine(
+            config.kafka, config.topics,
+            fetch_wait_ms=config.kafka_fetch_wait_ms,
+            warmup_records=config.warmup_records,
+            max_recovery_records=config.max_recovery_records,
+            idempotence=idem,
+            publish_timeout=config.kafka_publish_timeout_ms / 1000,
+            client_id=f"gateway-{config.node_id}",
+        )
+    from .engines.standalone import StandaloneEngine
+
+    return StandaloneEngine()
+
+
+def _static(name: str) -> bytes:
+    return importlib.resources.files("gateway").joinpath("static", name).read_bytes()
+
+
+class Gateway:
+    """One gateway process: engine + hub + fan-out writer + listener."""
+
+    #: after a close frame is queued, how long the peer gets to finish before the socket is aborted
+    close_grace = 2.0
+
+    def __init__(self, config: Config, engine: Engine | None = None) -> None:
+        self.config = config
+        self.node_id: str = config.node_id or "gateway"
+        self.engine = engine or make_engine(config)
+        self.hub = Hub(self._epoch_of, config.history, config.history_bytes)
+        self.engine.bind(self.hub.deliver)
+        secret = config.jwt_secret
+        public_key = None
+        if config.jwt_public_key:
+            with open(config.jwt_public_key, encoding="utf-8") as fh:
+                public_key = fh.read()
+        self.auth = Authenticator(secret=secret, public_key_pem=public_key)
+        self.stats = Stats()
+        self.sessions: set[Session] = set()
+        self._unconnected: set[Session] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.writer: Writer = None  # type: ignore[assignment]
+        self._render_metrics = make_renderer(self)
+        self._pages = {b"/": ("text/html; charset=utf-8", _static("index.html")),
+                       b"/client.js": ("text/javascript; charset=utf-8", _static("client.js"))}
+
+    def _epoch_of(self, subject: str) -> str:
+        from .subjects import parse_subject
+
+        return self.engine.epoch(parse_subject(subject))
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    async def start(self, *, reuse_port: bool = False) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.writer = Writer(self.loop)
+        await self.engine.start()
+        ctx = None
+        if self.config.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        self._server = await ws_create_server(
+            self._route,
+            self.config.host,
+            self.config.port,
+            ssl=ctx,
+            reuse_port=reuse_port or None,
+            websocket_handshake_timeout=self.config.connect_timeout_ms / 1000,
+            enable_auto_ping=False,   # the sweep pings: one timer for all connections, not one each
+            enable_auto_pong=True,
+            max_frame_size=self.config.max_message_bytes,
+            read_buffer_init_size=READ_BUFFER_INIT,
+            use_aiofastnet=False,     # the loop's (uvloop's) own transports: fanout writes to their fds
+            logger_name=_WS_LOG,     # one adapter for all: no logging.Logger per connection
+            backlog=4096,
+        )
+        self._sweeper = self.loop.create_task(self._sweep_forever())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.config.tls else "http"
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"{scheme}://{host}:{self.port}/"
+
+    async def stop(self) -> None:
+        """Stop accepting, close every client with 1001, stop the engine. Idempotent."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in list(self.sessions):
+            session.close(protocol.CLOSE_GOING_AWAY, "gateway shutting down")
+        if self.writer is not None:
+            self.writer.flush()
+        deadline = self.loop.time() + 2.0
+        while self.sessions and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            session._abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await asyncio.wait_for(self.engine.stop(), 2.0)
+        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - exit within the SIGTERM budget anyway
+            log.warning("engine did not stop cleanly", exc_info=True)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task failed", exc_info=task.exception())
+
+    # ---- connections -----------------------------------------------------------------------------------
+
+    def session_opened(self, session: Session) -> None:
+        self.stats.connections_total += 1
+        self.sessions.add(session)
+        self._unconnected.add(session)
+
+    def session_connected(self, session: Session) -> None:
+        self._unconnected.discard(session)
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self._unconnected.discard(session)
+
+    def on_overflow(self, conn: Conn) -> None:
+        session = conn.session
+        if isinstance(session, Session):
+            session.overflowed()
+
+    async def _sweep_forever(self) -> None:
+        hb = self.config.heartbeat_ms / 1000
+        interval = min(max(hb / 4, 0.01), 1.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.sweep(self.loop.time())
+            except Exception:  # noqa: BLE001 - liveness must keep running
+                log.exception("sweep failed")
+
+    def sweep(self, now: float) -> None:
+        """Heartbeats after `heartbeat_ms` of output silence; a ping after as much input silence;
+        close 1011 after 3x without anything from the peer; close 1008 without connect in time."""
+        hb = self.config.heartbeat_ms / 1000
+        quiet_out, quiet_in = self.writer.idle(now, hb, hb)
+        for conn in quiet_out:
+            session = conn.session
+            if isinstance(session, Session):
+                session.heartbeat()
+        for conn in quiet_in:
+            session = conn.session
+            if not isinstance(session, Session):
+                continue
+            if now - conn.last_recv >= 3 * hb:
+                session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
+            elif now - session.last_ping >= hb:
+                session.ping(now)
+        limit = self.config.connect_timeout_ms / 1000
+        for session in list(self._unconnected):
+            if now - session.created >= limit:
+                self._unconnected.discard(session)
+                session.close(protocol.CLOSE_POLICY, "no connect in time")
+
+    # ---- HTTP ------------------------------------------------------------------------------------------
+
+    def _route(self, request: WSUpgradeRequest) -> Any:
+        path = request.path.split(b"?", 1)[0]
+        if path == b"/ws":
+            if self._stopping:
+                return self._http(503, b"shutting down\n")
+            return Session(self)
+        self.stats.http_requests[path.decode("latin-1")[:64]] += 1
+        if path == b"/healthz":
+            ready = self.engine.ready and not self._stopping
+            body = orjson.dumps({"status": "ok" if ready else "starting", "node": self.node_id,
+                                 "engine": self.config.engine, "connections": len(self.sessions)})
+            return self._http(200 if ready else 503, body, "application/json")
+        if path == b"/metrics":
+            return self._http(200, self._render_metrics(), CONTENT_TYPE)
+        page = self._pages.get(path)
+        if page is not None:
+            return self._http(200, page[1], page[0])
+        return self._http(404, b"not found\n")
+
+    @staticmethod
+    def _http(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> Any:
+        headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
+        if status == 200:
+            response = WSUpgradeResponse.create_ok_response(body, headers)
+        else:
+            response = WSUpgradeResponse.create_error_response(status, body, headers)
+        return WSUpgradeResponseWithListener(response, None)

