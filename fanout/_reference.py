@@ -100,6 +100,12 @@ class Ring:
     def _evict_oldest(self) -> None:
         self._nbytes -= len(self._entries.popleft()[3])
 
+    def seq_at(self, i: int) -> int:
+        """Seq of the i-th held entry, oldest first (0 <= i < len); for cursors over the window."""
+        if i < 0 or i >= len(self._entries):
+            raise IndexError("ring index out of range")
+        return self._entries[i][0]
+
     def append(self, seq: int, prev: int, ts: int, frame: bytes) -> None:
         seq = _as_int(seq, _I64, "seq")
         prev = _as_int(prev, _I64, "prev")

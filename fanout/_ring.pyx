@@ -152,6 +152,12 @@ cdef class Ring:
         s = self._slot(self._len - 1)
         return (self._seq[s], self._prev[s], self._ts[s], self._frames[s])
 
+    def seq_at(self, Py_ssize_t i):
+        """Seq of the i-th held entry, oldest first (0 <= i < len); for cursors over the window."""
+        if i < 0 or i >= self._len:
+            raise IndexError("ring index out of range")
+        return self._seq[self._slot(i)]
+
     def __len__(self):
         return self._len
 

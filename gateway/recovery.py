@@ -6,11 +6,19 @@ messages; no message is sent twice on one subscription and none is skipped. The 
 without yielding to the loop, so no live message can slip between replay and joining the channel.
 The engine path awaits; meanwhile live messages of the subject are buffered in a `Pending` and merged
 after the replay, deduplicated by seq.
+
+A replay from the ring can be far larger than what one connection may have queued (a client that was
+away for a while): it is paced by `RingReplay`, which walks the ring with a cursor, queues only while
+the connection's output is under half its limit, continues when the socket drains, and joins the
+channel when it reaches the newest message. Live messages meanwhile land in the ring, so nothing is
+buffered per connection. A reader so slow that the ring moves past its cursor is closed like any slow
+consumer (4000) and recovers again from its last position.
 """
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import asyncio
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fanout import Conn, encode_text
@@ -21,9 +29,57 @@ from .hub import Hub, Pending, SubjectState
 from .subjects import Subject
 
 
+class RingReplay:
+    """A replay from the ring, paced by the connection's output queue (see the module docstring)."""
+
+    __slots__ = ("st", "conn", "cursor", "on_stall", "done")
+
+    def __init__(self, st: SubjectState, conn: Conn, after: int, on_stall: Callable[[], None]) -> None:
+        self.st = st
+        self.conn = conn
+        self.cursor = after
+        self.on_stall = on_stall  # the ring moved past the cursor: the reader is too slow
+        self.done = False
+
+    def pump(self) -> bool:
+        """Queue what the connection can take now; True once caught up and live (or given up)."""
+        if self.done:
+            return True
+        conn, st = self.conn, self.st
+        if conn.closed:
+            self.done = True
+            return True
+        frames = st.ring.since(self.cursor) if st.ring is not None else []
+        if frames is None:
+            self.done = True
+            self.on_stall()
+            return True
+        budget = conn.max_pending // 2
+        sent = 0
+        for frame in frames:
+            if sent and conn.pending_bytes + len(frame) > budget:
+                break
+            if not conn.send(frame):
+                self.done = True
+                return True
+            sent += 1
+        if sent == len(frames):
+            st.channel.add(conn)
+            self.done = True
+            return True
+        # `frames` are the newest len(frames) entries of the ring: the last one sent is the new cursor
+        assert st.ring is not None
+        self.cursor = st.ring.seq_at(len(st.ring) - (len(frames) - sent) - 1)
+        return False
+
+
 def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
-              position: tuple[str, int] | None) -> Coroutine[Any, Any, None] | None:
-    """Answer one subscribe entry. Returns None when done, or a coroutine to await (an engine replay)."""
+              position: tuple[str, int] | None,
+              start_replay: Callable[[RingReplay], None] | None = None) -> Coroutine[Any, Any, None] | None:
+    """Answer one subscribe entry. Returns None when done, or a coroutine to await (an engine replay).
+
+    A ring replay that does not fit the connection's queue at once is handed to `start_replay`, which
+    must pump it again when the connection drains."""
     st = hub.state(subject.text)
     st.channel.remove(conn)  # subscribing again replaces the old subscription
     _drop_pending(st, conn)
@@ -42,13 +98,25 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
         if not engine.accepts_positions_ahead:
             _fresh(st, conn)
             return None
+        # The hub holds nothing of S after `newest`, but the engine may have read past the position
+        # (S's messages are older than what the hub was warmed up with): those come from the engine.
+        read_through = getattr(engine, "read_through", None)
+        upto = read_through(subject) if read_through is not None else None
+        if upto is not None and after < upto:
+            return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, upto)
         # Another gateway was faster: valid. Only messages after the position will be sent.
         conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, True)))
         st.pending.append(Pending(conn, after, buffering=False))
         return None
     frames = st.ring.since(after) if st.ring is not None else None
     if frames is not None:
-        _join(st, conn, recovered=True, frames=frames)
+        if start_replay is None:
+            _join(st, conn, recovered=True, frames=frames)
+            return None
+        if conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, st.last_seq, True))):
+            replay = RingReplay(st, conn, after, lambda: None)
+            if not replay.pump():
+                start_replay(replay)
         return None
     return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, newest)
 
@@ -82,34 +150,72 @@ def unsubscribe(hub: Hub, conn: Conn, subject: str) -> None:
     hub.release(st)
 
 
+#: live frames a paced engine replay may hold back for one connection; past it the rest is queued at
+#: once, so a reader this far behind overflows and is closed as a slow consumer (4000)
+MAX_HELD_LIVE_FRAMES = 100_000
+_PACE_S = 0.001
+
+
+async def _paced_send(conn: Conn, frame: bytes, pending: Pending) -> bool:
+    """Queue `frame` once the connection's output is under half its limit; False when the
+    subscription ended meanwhile (unsubscribed, resubscribed, closed, overflowed)."""
+    budget = conn.max_pending // 2
+    while conn.pending_bytes and conn.pending_bytes + len(frame) > budget:
+        if not pending.active or conn.closed:
+            return False
+        if pending.buffer is not None and len(pending.buffer) > MAX_HELD_LIVE_FRAMES:
+            break
+        await asyncio.sleep(_PACE_S)
+    if not pending.active or conn.closed:
+        return False
+    return conn.send(frame)
+
+
 async def _replay_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
                               epoch: str, after: int, upto: int) -> None:
+    """Read (after, upto] from the engine, then send it paced by the connection's output queue (a
+    deep recovery is far larger than --max-pending-bytes), then the live frames buffered meanwhile.
+    The Pending stays registered until the connection joins the channel, so nothing delivered during
+    the read or the pacing is lost; the final join happens with no await after the buffer's end."""
     pending = Pending(conn, after, buffering=True)
     st.pending.append(pending)
     try:
-        records = await engine.replay(subject, epoch, after, upto)
-    except Exception:  # noqa: BLE001 - a failed read is a failed recovery, not a dead connection
-        records = None
+        try:
+            records = await engine.replay(subject, epoch, after, upto)
+        except Exception:  # noqa: BLE001 - a failed read is a failed recovery, not a dead connection
+            records = None
+        if not pending.active or conn.closed:
+            return  # unsubscribed, resubscribed or gone meanwhile
+        if records is None or epoch != st.epoch:
+            pending.active = False
+            _fresh(st, conn)
+            return
+        newest = max(st.last_seq, records[-1].seq if records else 0)   # the hub may hold less than Kafka
+        if not conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, True))):
+            return
+        last = after
+        for rec in records:
+            if rec.seq > last:
+                if not await _paced_send(conn, encode_text(protocol.msg(rec)), pending):
+                    return
+                last = rec.seq
+        buffer = pending.buffer
+        assert buffer is not None
+        i = 0
+        while i < len(buffer):   # it grows while we wait for the connection to drain
+            seq, frame = buffer[i]
+            i += 1
+            if seq > last:
+                if not await _paced_send(conn, frame, pending):
+                    return
+                last = seq
+        if epoch != st.epoch:   # the epoch changed while pacing: what was buffered is another epoch's
+            pending.active = False
+            _fresh(st, conn)
+            return
+        # No await since the buffer's last entry was taken: no live frame can slip in between.
+        st.channel.add(conn)
     finally:
+        pending.active = False
         if pending in st.pending:
             st.pending.remove(pending)
-    if not pending.active or conn.closed:
-        return  # unsubscribed, resubscribed or gone meanwhile
-    pending.active = False
-    if records is None or epoch != st.epoch:
-        _fresh(st, conn)
-        return
-    if not conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, st.last_seq, True))):
-        return
-    last = after
-    for rec in records:
-        if rec.seq > last:
-            conn.send(encode_text(protocol.msg(rec)))
-            last = rec.seq
-    for seq, frame in pending.buffer or ():
-        if seq > last:
-            conn.send(frame)
-            last = seq
-    # Live messages that arrived after the replay's upper bound but are already in the ring and not
-    # in the buffer cannot exist: the buffer took every frame delivered since the replay began.
-    st.channel.add(conn)

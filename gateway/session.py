@@ -37,7 +37,8 @@ HEARTBEAT_FRAME = encode_text(protocol.HEARTBEAT)
 
 class Session(WSListener):
     __slots__ = ("gw", "transport", "conn", "id", "principal", "connected", "subjects", "created",
-                 "_fragments", "_fragments_size", "_backlog", "_busy", "_inflight", "_closing", "last_ping")
+                 "_fragments", "_fragments_size", "_backlog", "_busy", "_inflight", "_closing", "last_ping",
+                 "_replays", "_pump_scheduled")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -55,6 +56,8 @@ class Session(WSListener):
         self._busy = False
         self._inflight = 0
         self._closing = False
+        self._replays: dict[str, recovery.RingReplay] | None = None
+        self._pump_scheduled = False
 
     # ---- picows callbacks ----------------------------------------------------------------------------
 
@@ -85,6 +88,8 @@ class Session(WSListener):
     def resume_writing(self) -> None:
         if self.conn is not None:
             self.conn.resume_writing()
+            if self._replays:
+                self._schedule_pump()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         conn = self.conn
@@ -192,7 +197,9 @@ class Session(WSListener):
                 self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), subject=subject.text))
                 continue
             self.subjects.add(subject.text)
-            waiting = recovery.subscribe(gw.hub, gw.engine, self.conn, subject, entry.position)  # type: ignore[arg-type]
+            self._cancel_replay(subject.text)
+            waiting = recovery.subscribe(gw.hub, gw.engine, self.conn, subject, entry.position,  # type: ignore[arg-type]
+                                         self._start_replay)
             if waiting is not None:
                 rest = protocol.Subscribe(req.entries[i + 1:])
                 self._busy = True
@@ -216,6 +223,7 @@ class Session(WSListener):
                 continue
             if entry.text in self.subjects:
                 self.subjects.discard(entry.text)
+                self._cancel_replay(entry.text)
                 recovery.unsubscribe(self.gw.hub, self.conn, entry.text)  # type: ignore[arg-type]
             self.send(protocol.unsubscribed(entry.text))
 
@@ -270,6 +278,41 @@ class Session(WSListener):
                 self.send(protocol.ack(req.id, subject.text, epoch, seq))
         finally:
             self._inflight -= 1
+
+    # ---- paced replays (recovery larger than what the connection may queue at once) -------------------
+
+    def _start_replay(self, replay: recovery.RingReplay) -> None:
+        if self._replays is None:
+            self._replays = {}
+        self._replays[replay.st.subject] = replay
+        replay.on_stall = self._replay_stalled
+        self._schedule_pump()
+
+    def _replay_stalled(self) -> None:
+        self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer: fell behind the recovery window")
+
+    def _cancel_replay(self, subject: str) -> None:
+        if self._replays:
+            replay = self._replays.pop(subject, None)
+            if replay is not None:
+                replay.done = True
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            # call_soon runs after the writer's flush scheduled by the frames just queued
+            self.gw.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        conn = self.conn
+        if self._closing or not self._replays or conn is None or conn.paused:
+            return  # a paused connection pumps again from resume_writing
+        for subject, replay in list(self._replays.items()):
+            if replay.pump():
+                self._replays.pop(subject, None)
+        if self._replays and not conn.paused:
+            self._schedule_pump()
 
     # ---- output ----------------------------------------------------------------------------------------
 

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT_MS = 15_000   # consumer/metadata requests; fetches themselves wait fetch_wait_ms
 _POLL_MS = 100                 # getmany wait: also how soon a new assignment is applied
+_MAX_BATCH = 2000              # records handed to the sink per loop turn: a catch-up of 100k records
+                               # must not hold the loop (clients, heartbeats, /healthz) for a second
 _SUBJECT_CACHE_MAX = 100_000
 _UNKNOWN_TOPIC_OR_PARTITION = 3
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError)
@@ -468,11 +470,16 @@ class KafkaEngine(Engine):
                 if not consumer.assignment():   # getmany() would wait for an assignment
                     await asyncio.sleep(_POLL_MS / 1000)
                     continue
-                batches = await consumer.getmany(timeout_ms=_POLL_MS)
+                batches = await consumer.getmany(timeout_ms=_POLL_MS, max_records=_MAX_BATCH)
+                n = 0
                 for tp, records in batches.items():
                     self._deliver(tp, records)
+                    n += len(records)
                 if self._waiting:
                     await self._check_caught_up(consumer)
+                if n >= _MAX_BATCH:
+                    # getmany() does not yield while fetched records are buffered: let the loop run.
+                    await asyncio.sleep(0)
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -561,6 +568,18 @@ class KafkaEngine(Engine):
             log.info("Kafka engine caught up on %d partitions", len(self._parts))
 
     # ----------------------------------------------------------------------------- recovery
+
+    def read_through(self, subject: Subject) -> int | None:
+        """The seq up to which the subject's partition has been handed to the sink (None: not yet).
+
+        Recovery uses it to tell a position really ahead of this gateway from one whose messages
+        this gateway read before the hub held the subject (older than the warmup window).
+        """
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None:
+            return None
+        p = self._parts.get(TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions)))
+        return None if p is None else p.next
 
     async def replay(self, subject: Subject, epoch: str, after_seq: int, upto_seq: int) -> list[Record] | None:
         if subject.topic not in self._served or self._stopped:

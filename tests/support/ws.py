@@ -79,9 +79,14 @@ async def no_frame(ws: ClientConnection, within: float = 0.3, skip: tuple[str, .
         assert obj["op"] in skip, f"unexpected frame {obj}"
 
 
-def raw_upgrade(port: int, path: str = "/ws") -> socket.socket:
-    """A raw TCP socket that did the HTTP upgrade by hand (for frames no library would send)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+def raw_upgrade(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
+    """A raw TCP socket that did the HTTP upgrade by hand (for frames no library would send).
+    `rcvbuf` is set before connecting, so the TCP window really is that small."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", port))
     sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                   "Sec-WebSocket-Version: 13\r\n\r\n").encode())

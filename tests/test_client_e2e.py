@@ -1,0 +1,153 @@
+"""Our Python client against the real gateway over real sockets: recovery after a dropped connection,
+URL cycling, and a slow consumer closed with 4000 that recovers everything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+
+import pytest
+from conftest import SCALE, ws_url
+from support.ws import client_frame, connected, raw_upgrade, recv, recv_until, send
+
+from gateway.client import Client
+
+pytestmark = pytest.mark.both_loops
+
+
+async def test_publish_subscribe_with_acks(gateway_factory):
+    gw = await gateway_factory()
+    async with Client([ws_url(gw)]) as c:
+        sub = await c.subscribe("/c/1")
+        ack = await c.publish("/c/1", "hello")
+        assert ack is not None and ack.seq == 1
+        msg = await sub.get(timeout=5 * SCALE)
+        assert (msg.content, msg.seq, msg.prev, msg.snapshot) == ("hello", 1, 0, False)
+        ack = await c.publish("/c/1", b"\xff\x00")
+        msg = await sub.get(timeout=5 * SCALE)
+        assert msg.data == b"\xff\x00" and msg.content is None and msg.seq == ack.seq == 2
+        assert await c.ping() >= 0
+
+
+def _kick(gw, predicate=lambda s: True) -> int:
+    """Drop client connections server-side, abruptly (like a network failure)."""
+    n = 0
+    for session in list(gw.sessions):
+        if predicate(session):
+            session.transport.disconnect(graceful=False)
+            n += 1
+    return n
+
+
+async def test_recovery_after_dropped_connections_no_loss_no_dup_in_order(gateway_factory):
+    gw = await gateway_factory(history=10000)
+    subjects = [f"/rec/s{i}" for i in range(5)]
+    got: dict[str, list[int]] = {s: [] for s in subjects}
+    async with Client([ws_url(gw)], backoff_initial=0.01, backoff_max=0.05) as c:
+        for s in subjects:
+            await c.subscribe(s, lambda m, s=s: got[s].append(int(m.content)))
+        pub = await connected(ws_url(gw))
+        my_session = next(iter(x for x in gw.sessions if x.subjects))
+        total = 600
+        for i in range(total):
+            s = subjects[i % len(subjects)]
+            await send(pub, {"op": "publish", "subject": s, "content": str(i)})
+            if i in (150, 300, 450):
+                assert _kick(gw, lambda x: x.subjects) == 1  # the subscriber's connection only
+            if i % 50 == 0:
+                await asyncio.sleep(0.01)
+        await send(pub, {"op": "ping", "id": "done"})
+        await recv_until(pub, "pong")
+        async with asyncio.timeout(10 * SCALE):
+            while sum(len(v) for v in got.values()) < total:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        for k, s in enumerate(subjects):
+            assert got[s] == list(range(k, total, len(subjects))), s  # every message once, in order
+        assert c.stats["reconnects"] >= 3
+        assert my_session not in gw.sessions
+
+
+async def test_client_cycles_urls_and_resubscribes_with_positions(gateway_factory):
+    gw = await gateway_factory(heartbeat_ms=200)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()  # nothing listens there
+    async with Client([f"ws://127.0.0.1:{dead_port}/ws", ws_url(gw)], backoff_initial=0.01) as c:
+        assert c.url == ws_url(gw)
+        sub = await c.subscribe("/cy/1")
+        await c.publish("/cy/1", "a")
+        assert (await sub.get(timeout=5 * SCALE)).content == "a"
+        assert c.positions["/cy/1"][1] == 1
+
+
+def _read_all(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    buf = bytearray()
+    try:
+        while chunk := sock.recv(1 << 20):
+            buf += chunk
+    except (TimeoutError, socket.timeout, ConnectionResetError):
+        pass
+    return bytes(buf)
+
+
+def _frames(buf: bytes) -> list[tuple[int, bytes]]:
+    out, i = [], 0
+    while i + 2 <= len(buf):
+        op, n = buf[i] & 0x0F, buf[i + 1] & 0x7F
+        i += 2
+        if n == 126:
+            n, i = int.from_bytes(buf[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(buf[i:i + 8], "big"), i + 8
+        if i + n > len(buf):
+            break
+        out.append((op, buf[i:i + n]))
+        i += n
+    return out
+
+
+async def test_stalled_reader_closed_4000_others_unaffected_then_recovers(gateway_factory):
+    gw = await gateway_factory(max_pending_bytes=256 * 1024, history=5000, history_bytes=64 << 20)
+    # the stalled reader: a raw socket with a tiny receive buffer that stops reading after subscribing
+    stalled = await asyncio.to_thread(raw_upgrade, gw.port, "/ws", 4096)
+    stalled.sendall(client_frame(0x1, b'{"op":"connect"}'))
+    stalled.sendall(client_frame(0x1, b'{"op":"subscribe","subjects":[{"subject":"/slow/1"}]}'))
+    healthy = await connected(ws_url(gw), max_queue=None)  # reads as fast as the gateway writes
+    await send(healthy, {"op": "subscribe", "subjects": [{"subject": "/slow/1"}]})
+    first = await recv(healthy)
+    epoch = first["epoch"]
+    pub = await connected(ws_url(gw))
+    payload = "x" * 20000
+    total = 400  # 8 MB: far over the 256 KiB limit plus what loopback TCP buffers hold
+
+    async def read_healthy() -> list[int]:
+        return [(await recv_until(healthy, "msg", timeout=10 * SCALE))["seq"] for _ in range(total)]
+
+    reader = asyncio.create_task(read_healthy())
+    for i in range(1, total + 1):
+        await send(pub, {"op": "publish", "subject": "/slow/1", "content": f"{i}:{payload}"})
+        await asyncio.sleep(0.001)  # a paced publisher: the healthy reader keeps up, the stalled one cannot
+    assert await reader == list(range(1, total + 1))  # the healthy subscriber gets all, in order
+    # the stalled one: whole frames in order, then a 4000 close
+    frames = _frames(await asyncio.to_thread(_read_all, stalled, 3 * SCALE))
+    stalled.close()
+    texts = [json.loads(p) for op, p in frames if op == 0x1]
+    closes = [p for op, p in frames if op == 0x8]
+    assert closes and struct.unpack("!H", closes[0][:2])[0] == 4000
+    msgs = [m for m in texts if m["op"] == "msg"]
+    got = [m["seq"] for m in msgs]
+    assert got == list(range(1, len(got) + 1)) and len(got) < total
+    assert gw.writer.overflows >= 1
+    # it reconnects with its last position and recovers the rest, exactly once, in order
+    again = await connected(ws_url(gw))
+    last = got[-1] if got else 0
+    await send(again, {"op": "subscribe", "subjects": [{"subject": "/slow/1", "epoch": epoch, "seq": last}]})
+    s = await recv(again)
+    assert s["recovered"] is True and s["seq"] == total
+    rest = [(await recv_until(again, "msg"))["seq"] for _ in range(total - last)]
+    assert rest == list(range(last + 1, total + 1))
