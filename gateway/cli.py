@@ -21,6 +21,26 @@ from .config import Config, ConfigError
 log = logging.getLogger("gateway")
 
 
+class _RepeatFilter(logging.Filter):
+    """Let one line of each kind through per interval: aiokafka logs a failed connection attempt about
+    every 100 ms during a Kafka outage; the engine logs the outage itself."""
+
+    def __init__(self, interval: float = 30.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("aiokafka"):
+            return True
+        key = (record.name, str(record.msg))
+        last = self._last.get(key)
+        if last is not None and record.created - last < self.interval:
+            return False
+        self._last[key] = record.created
+        return True
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -64,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # picows logs every misbehaving client at ERROR; those are the clients' faults, counted in /metrics.
     logging.getLogger("picows").setLevel(logging.CRITICAL if config.log_level != "debug" else logging.DEBUG)
     logging.getLogger("gateway.ws").setLevel(logging.CRITICAL if config.log_level != "debug" else logging.DEBUG)
+    for handler in logging.getLogger().handlers:  # on the handler: logger filters miss child loggers
+        handler.addFilter(_RepeatFilter())
     if config.workers > 1 and not args.reuse_port:
         return _run_workers(config, argv)
     return _run(config, reuse_port=args.reuse_port)
