@@ -171,14 +171,22 @@ async def _paced_send(conn: Conn, frame: bytes, pending: Pending) -> bool:
     return conn.send(frame)
 
 
-async def _replay_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
-                              epoch: str, after: int, upto: int) -> None:
+def _replay_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
+                        epoch: str, after: int, upto: int) -> Coroutine[Any, Any, None]:
     """Read (after, upto] from the engine, then send it paced by the connection's output queue (a
     deep recovery is far larger than --max-pending-bytes), then the live frames buffered meanwhile.
-    The Pending stays registered until the connection joins the channel, so nothing delivered during
-    the read or the pacing is lost; the final join happens with no await after the buffer's end."""
+
+    The Pending is registered here, synchronously, in the same loop step that read `upto`: the
+    coroutine only starts a step later, and a record delivered in between would otherwise be lost.
+    It stays registered until the connection joins the channel, so nothing delivered during the read
+    or the pacing is lost; the final join happens with no await after the buffer's end."""
     pending = Pending(conn, after, buffering=True)
     st.pending.append(pending)
+    return _run_replay(engine, st, conn, subject, epoch, after, upto, pending)
+
+
+async def _run_replay(engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
+                      epoch: str, after: int, upto: int, pending: Pending) -> None:
     try:
         try:
             records = await engine.replay(subject, epoch, after, upto)

@@ -65,3 +65,10 @@ async def gateway_factory() -> AsyncIterator[Any]:
 
 def ws_url(gw: Any) -> str:
     return f"ws://127.0.0.1:{gw.port}/ws"
+
+
+# One Kafka-protocol broker per session (Tansu started on a free port, or KAFKA_BOOTSTRAP): only the
+# tests that ask for it start it. Each test gives its topics names of its own.
+from support.kafka_broker import kafka_broker_fixture  # noqa: E402
+
+kafka_broker = pytest.fixture(scope="session")(kafka_broker_fixture)

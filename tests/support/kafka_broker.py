@@ -134,11 +134,26 @@ class KafkaBroker:
     def direct_producer(self, **kwargs: Any) -> AIOKafkaProducer:
         """An unstarted producer that reaches the broker's own listener even when the broker
         advertises a proxy: every broker id the metadata names is pinned to 127.0.0.1:listen_port."""
-        if self.listen_port is None:
-            raise RuntimeError("direct_producer needs a broker started here")
         kwargs.setdefault("acks", "all")
-        producer = AIOKafkaProducer(bootstrap_servers=f"127.0.0.1:{self.listen_port}", **kwargs)
-        cluster = producer.client.cluster
+        producer = AIOKafkaProducer(bootstrap_servers=self._direct_bootstrap("direct_producer"), **kwargs)
+        self._pin(producer.client.cluster)
+        return producer
+
+    def direct_consumer(self, **kwargs: Any) -> AIOKafkaConsumer:
+        """An unstarted consumer (like consumer()) pinned to the broker's own listener, around a proxy."""
+        kwargs.setdefault("group_id", None)
+        kwargs.setdefault("enable_auto_commit", False)
+        kwargs.setdefault("fetch_max_wait_ms", 5)
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._direct_bootstrap("direct_consumer"), **kwargs)
+        self._pin(consumer._client.cluster)
+        return consumer
+
+    def _direct_bootstrap(self, what: str) -> str:
+        if self.listen_port is None:
+            raise RuntimeError(f"{what} needs a broker started here")
+        return f"127.0.0.1:{self.listen_port}"
+
+    def _pin(self, cluster: Any) -> None:
         real = cluster.broker_metadata
         port = self.listen_port
 
@@ -147,7 +162,6 @@ class KafkaBroker:
             return None if b is None else BrokerMetadata(b.nodeId, "127.0.0.1", port, b.rack)
 
         cluster.broker_metadata = pinned
-        return producer
 
 
 def start_tansu(port: int | None = None, *, advertised_port: int | None = None,

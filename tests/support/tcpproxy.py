@@ -57,6 +57,12 @@ class TcpProxy:
         await self.stop()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # stop() cancels handlers; a cancelled handler makes asyncio.start_server's done-callback log
+        # "Exception in callback" (Python < 3.12 calls task.exception() on it), so end normally.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serve(reader, writer)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)

