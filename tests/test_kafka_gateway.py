@@ -34,7 +34,6 @@ from gateway.engines.kafka import partition_for_key
 pytestmark = pytest.mark.kafka
 
 WAIT = 10.0 * SCALE
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -166,13 +165,13 @@ class GatewayProcess:
         self.node_id = node_id
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         fd, self.log_path = tempfile.mkstemp(prefix=f"gw-{node_id}-", suffix=".log")
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--kafka", broker.bootstrap,
                  "--topics", ",".join(topics), "--port", str(self.port), "--node-id", node_id,
                  "--kafka-idempotence", idem(broker), "--log-level", "warning", *extra],
-                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                # not the checkout: the installed package (with its compiled fanout) must run
+                cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     async def healthy(self, timeout: float = 3 * WAIT) -> None:
         loop = asyncio.get_running_loop()
