@@ -1,0 +1,166 @@
+"""Small helpers shared by the multi-process benchmarks in this directory (not a test module).
+
+The orchestrator talks to each child it spawned in JSON lines over the child's stdin/stdout;
+every wait is bounded, and children are only ever stopped by their own pid.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import select
+import subprocess
+import sys
+import time
+
+HOST = "127.0.0.1"
+
+
+def reply(obj) -> None:
+    """Child side: one JSON line to the orchestrator."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class StdinLines:
+    """Child side: async JSON-line reader on stdin (for children running an event loop)."""
+
+    def __init__(self) -> None:
+        self.reader: asyncio.StreamReader | None = None
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader(limit=1 << 20)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self.reader), sys.stdin)
+
+    async def next(self) -> dict:
+        line = await self.reader.readline()
+        return json.loads(line) if line else {"op": "quit"}
+
+
+class Child:
+    """Orchestrator side: a child process speaking JSON lines."""
+
+    def __init__(self, argv: list[str], env: dict | None = None, name: str | None = None,
+                 stderr=None, cwd: str | None = None) -> None:
+        self.name = name or " ".join(argv[-2:])
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                                     env=env, cwd=cwd)
+        self.pid = self.proc.pid
+        self._buf = b""
+
+    def send(self, obj) -> None:
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def readline(self, timeout: float) -> bytes:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name} (pid {self.pid}) did not answer in {timeout} s")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} (pid {self.pid}) exited with {self.proc.wait()}")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def recv(self, timeout: float = 120.0):
+        return json.loads(self.readline(timeout))
+
+    def call(self, obj, timeout: float = 120.0):
+        self.send(obj)
+        return self.recv(timeout)
+
+    def stop(self, quit_msg: dict | None = None, term: bool = False) -> None:
+        """Ask it to quit (or SIGTERM it), then kill it by its pid if it is still there after 5 s."""
+        if self.proc.poll() is None:
+            try:
+                if term:
+                    self.proc.terminate()
+                else:
+                    self.send(quit_msg or {"op": "quit"})
+                self.proc.wait(5)
+            except Exception:  # noqa: BLE001
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    return {"nproc": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
+
+
+def busy_fraction(interval: float = 1.0) -> float:
+    """Share of all CPUs' time spent busy (anything but idle/iowait) over `interval` seconds."""
+
+    def sample():
+        with open("/proc/stat", encoding="utf-8") as fh:
+            vals = [int(x) for x in fh.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]
+
+    total0, idle0 = sample()
+    time.sleep(interval)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_quiet(limit: float = 0.15, max_wait: float = 60.0) -> float:
+    """Wait (at most max_wait s) until other processes use < limit of the CPUs; returns the last reading.
+
+    The benchmarks are only meaningful on an otherwise idle machine; a busy one is reported, not hidden.
+    """
+    deadline = time.monotonic() + max_wait
+    busy = busy_fraction()
+    while busy >= limit and time.monotonic() < deadline:
+        busy = busy_fraction()
+    return busy
+
+
+_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine since boot (all CPUs)."""
+    with open("/proc/stat", encoding="utf-8") as fh:
+        vals = [int(x) for x in fh.readline().split()[1:]]
+    return (sum(vals) - vals[3] - vals[4]) / _TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a live process (0.0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TCK
+
+
+def rss_bytes(pid: int) -> dict:
+    """VmRSS and its anonymous part, in bytes, from /proc/<pid>/status."""
+    out = {}
+    with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "VmData"):
+                out[key] = int(rest.split()[0]) * 1024
+    return out
