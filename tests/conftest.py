@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -61,6 +62,14 @@ async def gateway_factory() -> AsyncIterator[Any]:
     yield make
     for gw in started:
         await gw.stop()
+
+
+@pytest.fixture
+def topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """topic("a") -> a topic name unique to this test run."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
+    run = uuid.uuid4().hex[:6]
+    return lambda suffix="": f"{base}-{suffix}-{run}"
 
 
 def ws_url(gw: Any) -> str:

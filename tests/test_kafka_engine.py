@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,6 +22,8 @@ from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
 from support.tcpproxy import TcpProxy
 
+from support.waits import wait_until  # noqa: E402
+
 pytestmark = pytest.mark.kafka
 
 SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
@@ -30,21 +31,8 @@ WAIT = 10.0 * SCALE
 
 
 
-async def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
-@pytest.fixture
-def topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """topic("a") -> a topic name unique to this test run."""
-    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
-    run = uuid.uuid4().hex[:6]
-    return lambda suffix="": f"{base}-{suffix}-{run}"
 
 
 Make = Callable[..., Awaitable[tuple[KafkaEngine, list[Record]]]]

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -31,6 +30,8 @@ from websockets.exceptions import ConnectionClosed
 from gateway.client import Client, Message
 from gateway.engines.kafka import partition_for_key
 
+from support.waits import wait_until  # noqa: E402
+
 pytestmark = pytest.mark.kafka
 
 WAIT = 10.0 * SCALE
@@ -38,21 +39,8 @@ WAIT = 10.0 * SCALE
 
 # ------------------------------------------------------------------------------------------ helpers
 
-async def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
-@pytest.fixture
-def topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """topic("a") -> a topic name unique to this test run."""
-    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
-    run = uuid.uuid4().hex[:6]
-    return lambda suffix="": f"{base}-{suffix}-{run}"
 
 
 def idem(broker: KafkaBroker) -> str:
