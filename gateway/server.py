@@ -26,6 +26,7 @@ from .engines.base import Engine
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Stats, make_renderer
 from .session import Session
+from .subjects import parse_subject
 
 log = logging.getLogger("gateway")
 
@@ -91,8 +92,6 @@ class Gateway:
                        b"/client.js": ("text/javascript; charset=utf-8", _static("client.js"))}
 
     def _epoch_of(self, subject: str) -> str:
-        from .subjects import parse_subject
-
         return self.engine.epoch(parse_subject(subject))
 
     # ---- lifecycle -------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ received and acknowledged as the engine confirms them.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections import deque
@@ -74,9 +73,7 @@ class Session(WSListener):
         if self.conn is not None:
             self.conn.close()
         for subject in self.subjects:
-            st = self.gw.hub.get(subject)
-            if st is not None:
-                recovery.unsubscribe(self.gw.hub, self.conn, subject)  # type: ignore[arg-type]
+            recovery.unsubscribe(self.gw.hub, self.conn, subject)  # type: ignore[arg-type]
         self.subjects.clear()
         self._backlog = None
         self.gw.session_closed(self)
