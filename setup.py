@@ -25,7 +25,7 @@ if TRACE:
     directives.update(linetrace=True, binding=True)
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 
-MODULES = ["_frame", "_ring", "_writer"]
+MODULES = ["_frame", "_ring", "_writer", "_ws"]
 extensions = [
     Extension(
         f"fanout.{name}",

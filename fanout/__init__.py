@@ -24,6 +24,7 @@ if TYPE_CHECKING or _os.environ.get("FANOUT_NO_EXTENSIONS") != "1":
     )
     from ._ring import Ring
     from ._writer import Channel, Conn, Writer
+    from ._ws import WSConn
 
     COMPILED = True
 else:
@@ -38,6 +39,7 @@ else:
         Conn,
         Ring,
         Writer,
+        WSConn,
         encode_close,
         encode_frame,
         encode_text,
@@ -56,6 +58,7 @@ __all__ = [
     "Channel",
     "Conn",
     "Ring",
+    "WSConn",
     "Writer",
     "encode_close",
     "encode_frame",

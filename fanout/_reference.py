@@ -17,7 +17,7 @@ from typing import Any
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
     "encode_frame", "encode_text", "encode_close",
-    "Ring", "Writer", "Conn", "Channel",
+    "Ring", "Writer", "Conn", "Channel", "WSConn",
 ]
 
 OP_CONT = 0x0
@@ -514,3 +514,191 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel conns={len(self._conns)}>"
+
+
+def _valid_peer_code(code: int) -> bool:
+    if code < 1000 or code > 4999:
+        return False
+    if code < 3000:
+        return code <= 1014 and code not in (1004, 1005, 1006)
+    return True
+
+
+class WSConn(Conn):
+    """Twin of fanout._ws.WSConn (rules in _ws.pxd)."""
+
+    HTTP, OPEN, DONE = 0, 1, 2
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> WSConn:
+        self = super().__new__(cls)
+        self._state = WSConn.HTTP
+        self._rbuf: bytearray | None = None
+        self._frags: list[bytes] | None = None
+        self._frag_size = 0
+        self._frag_op = 0
+        self._max_message = 0
+        # what Conn.__init__ sets, for a conn not yet opened
+        self._queue = []
+        self._chans = {}
+        self._widx = -1
+        self._fd = -1
+        self._qbytes = 0
+        self._dirty = False
+        self._closed = True
+        self._paused = False
+        self._tbuf = 0
+        self._transport = None
+        self.session = None
+        self.last_send = self.last_recv = 0.0
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def ws_open(self, writer: Writer, transport: asyncio.Transport, max_pending: int, max_message: int,
+                on_overflow: Callable[[Conn], object], rest: bytes = b"") -> None:
+        limit = _as_int(max_message, _SSIZE, "max_message")
+        if limit < 0:
+            raise ValueError("max_message must be >= 0")
+        if self._state != WSConn.HTTP:
+            raise RuntimeError("ws_open() called twice")
+        Conn.__init__(self, writer, transport, max_pending, on_overflow)
+        self._max_message = limit
+        self._state = WSConn.OPEN
+        if rest:
+            self.data_received(rest)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == WSConn.OPEN:
+            self.last_recv = self._writer._loop.time()
+            buf = bytes(data) if self._rbuf is None else bytes(self._rbuf) + bytes(data)
+            used = self._parse(buf)
+            self._rbuf = bytearray(buf[used:]) if self._state == WSConn.OPEN and used < len(buf) else None
+        elif self._state == WSConn.HTTP:
+            self.http_received(data)
+
+    def eof_received(self) -> None:
+        return None
+
+    def _parse(self, p: bytes) -> int:
+        pos, n = 0, len(p)
+        while self._state == WSConn.OPEN and n - pos >= 2:
+            b0, b1 = p[pos], p[pos + 1]
+            fin, opcode, len7 = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
+            if b0 & 0x70:
+                self._fail(1002, "reserved bits set without an extension")
+                break
+            if not (opcode <= 2 or 8 <= opcode <= 10):
+                self._fail(1002, f"unknown opcode {opcode:#x}")
+                break
+            if not b1 & 0x80:
+                self._fail(1002, "client frames must be masked")
+                break
+            if opcode >= 8 and (not fin or len7 > 125):
+                self._fail(1002, "control frames must be whole and at most 125 bytes")
+                break
+            if len7 < 126:
+                hlen, size = 6, len7
+            elif len7 == 126:
+                hlen = 8
+                if n - pos < hlen - 4:  # the length is known before the mask key
+                    break
+                size = int.from_bytes(p[pos + 2:pos + 4], "big")
+            else:
+                hlen = 14
+                if n - pos < hlen - 4:  # the length is known before the mask key
+                    break
+                size = int.from_bytes(p[pos + 2:pos + 10], "big")
+                if size >> 63:
+                    self._fail(1002, "frame length has its most significant bit set")
+                    break
+            if opcode < 8 and size + (self._frag_size if opcode == 0 else 0) > self._max_message:
+                self._fail(1009, "message larger than the limit")
+                break
+            if n - pos - hlen < size:
+                break
+            key = p[pos + hlen - 4:pos + hlen]
+            body = p[pos + hlen:pos + hlen + size]
+            payload = bytes(b ^ key[i & 3] for i, b in enumerate(body))
+            pos += hlen + size
+            if opcode >= 8:
+                self._control(opcode, payload)
+            else:
+                self._frame(opcode, fin, payload)
+        return pos
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode == OP_CONT:
+            if self._frags is None:
+                return self._fail(1002, "continuation frame without a message to continue")
+            self._frags.append(payload)
+            self._frag_size += len(payload)
+            if fin:
+                whole = b"".join(self._frags)
+                self._frags = None
+                self._frag_size = 0
+                self.ws_message(self._frag_op, whole)
+            return None
+        if self._frags is not None:
+            return self._fail(1002, "new message inside a fragmented one")
+        if fin:
+            self.ws_message(opcode, payload)
+        else:
+            self._frags = [payload]
+            self._frag_size = len(payload)
+            self._frag_op = opcode
+        return None
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            if not self._closed:
+                self._enqueue(encode_frame(OP_PONG, payload))
+            return None
+        if opcode == OP_PONG:
+            return None
+        if not payload:
+            code = 1005
+        elif len(payload) == 1:
+            return self._fail(1002, "close frame with a 1-byte payload")
+        else:
+            code = int.from_bytes(payload[:2], "big")
+            if not _valid_peer_code(code):
+                return self._fail(1002, f"invalid close code {code}")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            return self._fail(1007, "close reason is not valid UTF-8")
+        self._state = WSConn.DONE
+        self._frags = None
+        self.ws_close(code, reason)
+        return None
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._state = WSConn.DONE
+        self._frags = None
+        self.ws_fail(code, reason)
+
+    def ws_stop_input(self) -> None:
+        self._state = WSConn.DONE
+        self._frags = None
+        self._rbuf = None
+
+    @property
+    def ws_state(self) -> int:
+        return self._state
+
+    @property
+    def max_message(self) -> int:
+        return self._max_message
+
+    def http_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def ws_message(self, opcode: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def ws_close(self, code: int, reason: str) -> None:
+        raise NotImplementedError
+
+    def ws_fail(self, code: int, reason: str) -> None:
+        raise NotImplementedError

@@ -81,9 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # picows logs every misbehaving client at ERROR; those are the clients' faults, counted in /metrics.
-    logging.getLogger("picows").setLevel(logging.CRITICAL if config.log_level != "debug" else logging.DEBUG)
-    logging.getLogger("gateway.ws").setLevel(logging.CRITICAL if config.log_level != "debug" else logging.DEBUG)
     for handler in logging.getLogger().handlers:  # on the handler: logger filters miss child loggers
         handler.addFilter(_RepeatFilter())
     if config.workers > 1 and not args.reuse_port:

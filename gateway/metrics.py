@@ -23,20 +23,24 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Stats:
     """Counters of the gateway's own events."""
 
-    __slots__ = ("connections_total", "publishes", "errors", "closes", "http_requests")
+    __slots__ = ("connections_total", "publishes", "errors", "closes", "http_requests", "http_rejected")
 
     def __init__(self) -> None:
         self.connections_total = 0
         self.publishes = 0
         self.errors: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()
-        self.http_requests: Counter[str] = Counter()
+        self.http_requests: Counter[str] = Counter()   # plain HTTP requests by route ("other" for the rest)
+        self.http_rejected: Counter[int] = Counter()   # requests refused (bad upgrade, bad HTTP) by status
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
 
     def count_close(self, code: int) -> None:
         self.closes[code] += 1
+
+    def count_http_error(self, status: int) -> None:
+        self.http_rejected[status] += 1
 
 
 class GatewayCollector(Collector):
@@ -56,7 +60,7 @@ class GatewayCollector(Collector):
         yield gauge("connections", "Open WebSocket connections", len(gw.sessions))
         yield counter("connections", "WebSocket connections accepted", s.connections_total)
         yield gauge("subscriptions", "Active subscriptions over all connections",
-                    sum(len(x.subjects) for x in gw.sessions))
+                    sum(x.subscription_count for x in gw.sessions))
         yield gauge("subjects", "Subjects the hub holds state for", len(gw.hub))
         yield counter("messages_in", "Publishes accepted from clients", s.publishes)
         yield counter("messages", "Sequenced messages taken from the engine", hub.records)
@@ -75,6 +79,15 @@ class GatewayCollector(Collector):
         for close_code, n in sorted(s.closes.items()):
             closes.add_metric([str(close_code)], n)
         yield closes
+        http_requests = CounterMetricFamily("gateway_http_requests", "Plain HTTP requests, by route", labels=["route"])
+        for route, n in sorted(s.http_requests.items()):
+            http_requests.add_metric([route], n)
+        yield http_requests
+        rejected = CounterMetricFamily("gateway_http_rejected", "HTTP requests refused (bad request, bad upgrade), "
+                                       "by status", labels=["status"])
+        for status, n in sorted(s.http_rejected.items()):
+            rejected.add_metric([str(status)], n)
+        yield rejected
         yield gauge("ready", "1 once the engine is ready (healthz 200)", 1.0 if gw.engine.ready else 0.0)
         engine = GaugeMetricFamily("gateway_engine", "Engine counters", labels=["engine", "name"])
         for name, value in sorted(gw.engine.stats().items()):

@@ -1,8 +1,9 @@
 """The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, /, /client.js),
 the liveness sweep (heartbeats, pings, dead peers, connect timeout), and the lifecycle.
 
-HTTP parsing and the WebSocket handshake and inbound frames are picows' (see docs/DESIGN.md for the
-measurement behind that choice); every outbound frame goes through fanout.
+Each connection is one Session (gateway/session.py) on the loop's own transports: httptools parses the
+HTTP request (gateway/http.py), fanout.WSConn the client frames, and every outbound frame goes through
+fanout's writer.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 import orjson
-from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener, ws_create_server
-
 from fanout import Conn, Writer
 
-from . import protocol
+from . import http, protocol
 from .auth import Authenticator
 from .config import Config
 from .engines.base import Engine
@@ -30,10 +29,6 @@ from .subjects import parse_subject
 
 log = logging.getLogger("gateway")
 
-#: picows needs room for the HTTP upgrade request; the buffer grows for larger frames and shrinks
-#: back is not done by picows, so start small: most connections only ever receive small frames.
-READ_BUFFER_INIT = 256
-_WS_LOG = logging.LoggerAdapter(logging.getLogger("gateway.ws"), {})
 
 
 def make_engine(config: Config) -> Engine:
@@ -104,19 +99,13 @@ class Gateway:
         if self.config.tls_cert:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        self._server = await ws_create_server(
-            self._route,
+        self._server = await self.loop.create_server(
+            self._new_session,
             self.config.host,
             self.config.port,
             ssl=ctx,
+            ssl_handshake_timeout=self.config.connect_timeout_ms / 1000 if ctx else None,
             reuse_port=reuse_port or None,
-            websocket_handshake_timeout=self.config.connect_timeout_ms / 1000,
-            enable_auto_ping=False,   # the sweep pings: one timer for all connections, not one each
-            enable_auto_pong=True,
-            max_frame_size=self.config.max_message_bytes,
-            read_buffer_init_size=READ_BUFFER_INIT,
-            use_aiofastnet=False,     # the loop's (uvloop's) own transports: fanout writes to their fds
-            logger_name=_WS_LOG,     # one adapter for all: no logging.Logger per connection
             backlog=4096,
         )
         self._sweeper = self.loop.create_task(self._sweep_forever())
@@ -142,14 +131,14 @@ class Gateway:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for session in list(self.sessions):
+        for session in list(self.sessions | self._unconnected):
             session.close(protocol.CLOSE_GOING_AWAY, "gateway shutting down")
         if self.writer is not None:
             self.writer.flush()
         deadline = self.loop.time() + 2.0
-        while self.sessions and self.loop.time() < deadline:
+        while (self.sessions or self._unconnected) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for session in list(self.sessions):
+        for session in list(self.sessions | self._unconnected):
             session._abort()
         for task in list(self._tasks):
             task.cancel()
@@ -176,10 +165,13 @@ class Gateway:
 
     # ---- connections -----------------------------------------------------------------------------------
 
+    def connection_made(self, session: Session) -> None:
+        self._unconnected.add(session)  # until its connect: the sweep enforces connect_timeout_ms
+
     def session_opened(self, session: Session) -> None:
+        """The WebSocket upgrade is done."""
         self.stats.connections_total += 1
         self.sessions.add(session)
-        self._unconnected.add(session)
 
     def session_connected(self, session: Session) -> None:
         self._unconnected.discard(session)
@@ -188,10 +180,12 @@ class Gateway:
         self.sessions.discard(session)
         self._unconnected.discard(session)
 
+    def _new_session(self) -> asyncio.Protocol:
+        return Session(self)  # type: ignore[return-value]  # an asyncio protocol by duck typing (Cython base)
+
     def on_overflow(self, conn: Conn) -> None:
-        session = conn.session
-        if isinstance(session, Session):
-            session.overflowed()
+        if isinstance(conn, Session):
+            conn.overflowed()
 
     async def _sweep_forever(self) -> None:
         hb = self.config.heartbeat_ms / 1000
@@ -208,15 +202,13 @@ class Gateway:
         close 1011 after 3x without anything from the peer; close 1008 without connect in time."""
         hb = self.config.heartbeat_ms / 1000
         quiet_out, quiet_in = self.writer.idle(now, hb, hb)
-        for conn in quiet_out:
-            session = conn.session
+        for session in quiet_out:
             if isinstance(session, Session):
                 session.heartbeat()
-        for conn in quiet_in:
-            session = conn.session
+        for session in quiet_in:
             if not isinstance(session, Session):
                 continue
-            if now - conn.last_recv >= 3 * hb:
+            if now - session.last_recv >= 3 * hb:
                 session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
             elif now - session.last_ping >= hb:
                 session.ping(now)
@@ -228,30 +220,28 @@ class Gateway:
 
     # ---- HTTP ------------------------------------------------------------------------------------------
 
-    def _route(self, request: WSUpgradeRequest) -> Any:
-        path = request.path.split(b"?", 1)[0]
+    _ROUTES = frozenset((b"/healthz", b"/metrics", b"/", b"/client.js"))
+
+    def route(self, req: http.Request) -> tuple[bytes, bool]:
+        """(response, upgrade): the 101 answer for /ws, else a complete plain response (then closed).
+        Raises http.HttpError for a refused request."""
+        path = req.path
         if path == b"/ws":
             if self._stopping:
-                return self._http(503, b"shutting down\n")
-            return Session(self)
-        self.stats.http_requests[path.decode("latin-1")[:64]] += 1
+                raise http.HttpError(503, "shutting down")
+            return http.check_upgrade(req), True
+        self.stats.http_requests[path.decode("latin-1") if path in self._ROUTES else "other"] += 1
+        if req.method not in (b"GET", b"HEAD"):
+            raise http.HttpError(405, "method not allowed", (("Allow", "GET, HEAD"),))
+        head = req.method == b"HEAD"
         if path == b"/healthz":
             ready = self.engine.ready and not self._stopping
             body = orjson.dumps({"status": "ok" if ready else "starting", "node": self.node_id,
                                  "engine": self.config.engine, "connections": len(self.sessions)})
-            return self._http(200 if ready else 503, body, "application/json")
+            return http.response(200 if ready else 503, body, "application/json", head_only=head), False
         if path == b"/metrics":
-            return self._http(200, self._render_metrics(), CONTENT_TYPE)
+            return http.response(200, self._render_metrics(), CONTENT_TYPE, head_only=head), False
         page = self._pages.get(path)
         if page is not None:
-            return self._http(200, page[1], page[0])
-        return self._http(404, b"not found\n")
-
-    @staticmethod
-    def _http(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> Any:
-        headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
-        if status == 200:
-            response = WSUpgradeResponse.create_ok_response(body, headers)
-        else:
-            response = WSUpgradeResponse.create_error_response(status, body, headers)
-        return WSUpgradeResponseWithListener(response, None)
+            return http.response(200, page[1], page[0], head_only=head), False
+        return http.response(404, b"not found\n", head_only=head), False

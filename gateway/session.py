@@ -1,26 +1,27 @@
-"""One client connection: the protocol state machine on top of picows, and its subscriptions.
+"""One client connection: the HTTP upgrade, then the protocol state machine, and its subscriptions.
 
-    picows frame -> Session.on_ws_frame -> protocol.decode -> handle_* -> hub / engine / recovery
-    every frame to the client -> fanout Conn (queued, one write per tick, bounded)
+    bytes -> fanout.WSConn (frames parsed, pings answered) -> Session.ws_message -> protocol.decode
+          -> handle_* -> hub / engine / recovery
+    every frame to the client -> the same object's fanout Conn queue (one write per tick, bounded)
 
-Frames are reassembled here (picows hands over raw, possibly fragmented, frames). Requests of one
-connection are handled in order; only a subscribe whose recovery must read the engine (Kafka) awaits,
-and requests that arrive meanwhile wait behind it. Publishes are handed to the engine in the order
-received and acknowledged as the engine confirms them.
+A Session *is* the connection's asyncio protocol and its fanout Conn (a subclass of fanout.WSConn),
+so an idle connection costs one object (see fanout/_ws.pxd). Requests of one connection are handled in
+order; only a subscribe whose recovery must read the engine (Kafka) awaits, and requests that arrive
+meanwhile wait behind it. Publishes are handed to the engine in the order received and acknowledged
+as the engine confirms them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from fanout import OP_BINARY, OP_PING, Conn, WSConn, encode_close, encode_frame, encode_text
 
-from fanout import OP_PING, Conn, encode_close, encode_frame, encode_text
-
-from . import protocol, recovery
+from . import http, protocol, recovery
 from .auth import AuthError, Principal
 from .engines.base import EngineUnavailable, UnknownTopic
 from .protocol import ProtocolError
@@ -34,23 +35,22 @@ PING_FRAME = encode_frame(OP_PING, b"")
 HEARTBEAT_FRAME = encode_text(protocol.HEARTBEAT)
 
 
-class Session(WSListener):
-    __slots__ = ("gw", "transport", "conn", "id", "principal", "connected", "subjects", "created",
-                 "_fragments", "_fragments_size", "_backlog", "_busy", "_inflight", "_closing", "last_ping",
-                 "_replays", "_pump_scheduled")
+class Session(WSConn):
+    # Few fields, and None until needed: this object is most of what an idle connection costs.
+    __slots__ = ("gw", "transport", "principal", "connected", "_subjects", "created", "last_ping",
+                 "_http", "_backlog", "_busy", "_inflight", "_closing", "_replays", "_pump_scheduled")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        self.transport: WSTransport | None = None
-        self.conn: Conn | None = None
-        self.id = ""
+        # from connection_made (Conn's own `transport` is only set at the upgrade, by ws_open)
+        self.transport: asyncio.Transport | None = None  # type: ignore[assignment]
         self.principal: Principal | None = None
         self.connected = False
-        self.subjects: set[str] = set()
+        # None, one subject (str), or a set from the second subscription on
+        self._subjects: str | set[str] | None = None
         self.created = 0.0
         self.last_ping = 0.0
-        self._fragments: list[bytes] | None = None
-        self._fragments_size = 0
+        self._http: http.Request | None = None
         self._backlog: deque[Any] | None = None
         self._busy = False
         self._inflight = 0
@@ -58,70 +58,112 @@ class Session(WSListener):
         self._replays: dict[str, recovery.RingReplay] | None = None
         self._pump_scheduled = False
 
-    # ---- picows callbacks ----------------------------------------------------------------------------
+    # ---- asyncio protocol --------------------------------------------------------------------------
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        gw = self.gw
-        self.conn = Conn(gw.writer, transport.underlying_transport, gw.config.max_pending_bytes, gw.on_overflow)
-        self.conn.session = self
-        self.created = gw.loop.time()
-        gw.session_opened(self)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.created = self.gw.loop.time()
+        self._http = http.Request()
+        self.gw.connection_made(self)
 
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
+    def connection_lost(self, exc: BaseException | None) -> None:
         self._closing = True
-        if self.conn is not None:
-            self.conn.close()
+        self._http = None
+        self.ws_stop_input()
+        Conn.close(self)
         for subject in self.subjects:
-            recovery.unsubscribe(self.gw.hub, self.conn, subject)  # type: ignore[arg-type]
-        self.subjects.clear()
+            recovery.unsubscribe(self.gw.hub, self, subject)
+        self._subjects = None
         self._backlog = None
         self.gw.session_closed(self)
 
-    def pause_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.pause_writing()
-
     def resume_writing(self) -> None:
-        if self.conn is not None:
-            self.conn.resume_writing()
-            if self._replays:
-                self._schedule_pump()
+        WSConn.resume_writing(self)
+        if self._replays:
+            self._schedule_pump()
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        conn = self.conn
-        if conn is None or self._closing:
+    # ---- the HTTP request that opens the connection -------------------------------------------------
+
+    def http_received(self, data: bytes) -> None:
+        req = self._http
+        if req is None or self._closing:
             return
-        conn.last_recv = self.gw.loop.time()
-        kind = frame.msg_type
-        if kind is WSMsgType.TEXT:
-            if self._fragments is not None:
-                return self.close(protocol.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
-            if frame.fin:
-                return self._on_text(frame.get_payload_as_bytes())
-            self._fragments = [frame.get_payload_as_bytes()]
-            self._fragments_size = frame.payload_size
-        elif kind is WSMsgType.CONTINUATION:
-            if self._fragments is None:
-                return self.close(protocol.CLOSE_PROTOCOL_ERROR, "continuation without a message")
-            self._fragments_size += frame.payload_size
-            if self._fragments_size > self.gw.config.max_message_bytes:
-                return self.close(protocol.CLOSE_TOO_BIG, "message larger than the limit")
-            self._fragments.append(frame.get_payload_as_bytes())
-            if frame.fin:
-                data = b"".join(self._fragments)
-                self._fragments = None
-                self._on_text(data)
-        elif kind is WSMsgType.BINARY:
+        try:
+            if not req.feed(data):
+                return
+            self._http = None
+            answer, upgrade = self.gw.route(req)
+        except http.HttpError as exc:
+            self._http = None
+            self.gw.stats.count_http_error(exc.status)
+            return self._http_close(exc.response())
+        if not upgrade:
+            return self._http_close(answer)
+        gw = self.gw
+        tr = self.transport
+        assert tr is not None
+        tr.write(answer)  # 101: from here on, frames
+        gw.session_opened(self)
+        self.ws_open(gw.writer, tr, gw.config.max_pending_bytes, gw.config.max_message_bytes, gw.on_overflow,
+                     req.rest)
+
+    def _http_close(self, answer: bytes) -> None:
+        self._closing = True
+        tr = self.transport
+        if tr is not None:
+            tr.write(answer)
+            tr.close()
+
+    # ---- frames (parsed by fanout.WSConn) --------------------------------------------------------------
+
+    def ws_message(self, opcode: int, payload: bytes) -> None:
+        if self._closing:
+            return
+        if opcode == OP_BINARY:
             if not self.connected:
                 return self._not_connected("the first frame must be a connect text frame, not binary")
-            self.send_error(ProtocolError(protocol.BAD_REQUEST, "protocol messages are text frames, not binary"))
-            if not frame.fin:  # swallow the rest of a fragmented binary message
-                self._fragments = []
-        elif kind is WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            self.close(protocol.CLOSE_NORMAL if code in (WSCloseCode.NO_INFO, None) else int(code.value))
-        # PING is answered by picows (auto pong); PONG only refreshes last_recv above.
+            return self.send_error(ProtocolError(protocol.BAD_REQUEST, "protocol messages are text frames, not binary"))
+        self._on_text(payload)
+
+    def ws_close(self, code: int, reason: str) -> None:
+        self.close(protocol.CLOSE_NORMAL if code == 1005 else code)
+
+    def ws_fail(self, code: int, reason: str) -> None:
+        self.close(code, reason)
+
+    @property
+    def subjects(self) -> tuple[str, ...] | set[str]:
+        s = self._subjects
+        if s is None:
+            return ()
+        return (s,) if isinstance(s, str) else set(s)
+
+    def _add_subject(self, subject: str) -> None:
+        s = self._subjects
+        if s is None:
+            self._subjects = subject
+        elif isinstance(s, str):
+            if s != subject:
+                self._subjects = {s, subject}
+        else:
+            s.add(subject)
+
+    def _has_subject(self, subject: str) -> bool:
+        s = self._subjects
+        return s == subject if isinstance(s, str) else (s is not None and subject in s)
+
+    def _discard_subject(self, subject: str) -> None:
+        s = self._subjects
+        if isinstance(s, str):
+            if s == subject:
+                self._subjects = None
+        elif s is not None:
+            s.discard(subject)
+
+    @property
+    def subscription_count(self) -> int:
+        s = self._subjects
+        return 0 if s is None else 1 if isinstance(s, str) else len(s)
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -153,9 +195,9 @@ class Session(WSListener):
             self.send_error(ProtocolError(protocol.UNAUTHORIZED, str(exc)))
             return self.close(protocol.CLOSE_POLICY, "unauthorized")
         self.connected = True
-        self.id = secrets.token_hex(8)
         gw.session_connected(self)
-        self.send(protocol.connected(self.id, gw.node_id, gw.config.heartbeat_ms))
+        # the session id is only reported (not kept: an idle connection's bytes count)
+        self.reply(protocol.connected(secrets.token_hex(8), gw.node_id, gw.config.heartbeat_ms))
 
     def _not_connected(self, message: str) -> None:
         self.send_error(ProtocolError(protocol.NOT_CONNECTED, message))
@@ -173,7 +215,7 @@ class Session(WSListener):
         elif isinstance(req, protocol.Unsubscribe):
             self._unsubscribe(req)
         elif isinstance(req, protocol.Ping):
-            self.send(protocol.pong(req.id))
+            self.reply(protocol.pong(req.id))
         else:  # Connect
             self.send_error(ProtocolError(protocol.BAD_REQUEST, "already connected"))
 
@@ -193,9 +235,9 @@ class Session(WSListener):
             except UnknownTopic as exc:
                 self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), subject=subject.text))
                 continue
-            self.subjects.add(subject.text)
+            self._add_subject(gw.hub.state(subject.text).subject)  # the hub's copy of the string: shared
             self._cancel_replay(subject.text)
-            waiting = recovery.subscribe(gw.hub, gw.engine, self.conn, subject, entry.position,  # type: ignore[arg-type]
+            waiting = recovery.subscribe(gw.hub, gw.engine, self, subject, entry.position,
                                          self._start_replay)
             if waiting is not None:
                 rest = protocol.Subscribe(req.entries[i + 1:])
@@ -218,11 +260,11 @@ class Session(WSListener):
             if isinstance(entry, ProtocolError):
                 self.send_error(entry)
                 continue
-            if entry.text in self.subjects:
-                self.subjects.discard(entry.text)
+            if self._has_subject(entry.text):
+                self._discard_subject(entry.text)
                 self._cancel_replay(entry.text)
-                recovery.unsubscribe(self.gw.hub, self.conn, entry.text)  # type: ignore[arg-type]
-            self.send(protocol.unsubscribed(entry.text))
+                recovery.unsubscribe(self.gw.hub, self, entry.text)
+            self.reply(protocol.unsubscribed(entry.text))
 
     def _publish(self, req: protocol.Publish) -> None:
         gw = self.gw
@@ -247,7 +289,7 @@ class Session(WSListener):
                 return self.send_error(ProtocolError(protocol.UNAVAILABLE, str(exc), id=req.id,
                                                      subject=subject.text))
             if req.has_id:
-                self.send(protocol.ack(req.id, subject.text, epoch, seq))
+                self.reply(protocol.ack(req.id, subject.text, epoch, seq))
             return
         if self._inflight >= gw.config.max_inflight_publishes:
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "too many publishes awaiting the engine",
@@ -272,7 +314,7 @@ class Session(WSListener):
                                           subject=subject.text))
         else:
             if req.has_id:
-                self.send(protocol.ack(req.id, subject.text, epoch, seq))
+                self.reply(protocol.ack(req.id, subject.text, epoch, seq))
         finally:
             self._inflight -= 1
 
@@ -302,44 +344,49 @@ class Session(WSListener):
 
     def _pump(self) -> None:
         self._pump_scheduled = False
-        conn = self.conn
-        if self._closing or not self._replays or conn is None or conn.paused:
+        if self._closing or not self._replays or self.paused:
             return  # a paused connection pumps again from resume_writing
         for subject, replay in list(self._replays.items()):
             if replay.pump():
                 self._replays.pop(subject, None)
-        if self._replays and not conn.paused:
+        if self._replays and not self.paused:
             self._schedule_pump()
 
     # ---- output ----------------------------------------------------------------------------------------
 
-    def send(self, payload: bytes) -> None:
-        if self.conn is not None and not self._closing:
-            self.conn.send(encode_text(payload))
+    def reply(self, payload: bytes) -> None:
+        """Queue one protocol message (JSON bytes) as a text frame."""
+        if not self._closing:
+            self.send(encode_text(payload))
 
     def send_error(self, exc: ProtocolError) -> None:
         self.gw.stats.count_error(exc.code)
-        self.send(exc.payload())
+        self.reply(exc.payload())
 
     def heartbeat(self) -> None:
-        if self.connected and self.conn is not None:
-            self.conn.send(HEARTBEAT_FRAME)
+        if self.connected:
+            self.send(HEARTBEAT_FRAME)
 
     def ping(self, now: float) -> None:
-        if self.conn is not None:
-            self.last_ping = now
-            self.conn.send(PING_FRAME)
+        self.last_ping = now
+        self.send(PING_FRAME)
 
-    def close(self, code: int, reason: str = "") -> None:
+    def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:  # type: ignore[override]
         """Close with `code` after what is queued for the client (order kept); idempotent."""
-        if self._closing or self.conn is None or self.transport is None:
+        if self._closing or self.transport is None:
             return
         self._closing = True
+        tr = self.transport
+        if self.ws_state == 0:
+            self._http = None  # still in HTTP: no WebSocket to close
+            self.ws_stop_input()
+            tr.close()
+            return
+        self.ws_stop_input()
         self.gw.stats.count_close(code)
         self.gw.writer.flush()  # our queue out first (whatever a paused socket cannot take is dropped)
-        self.conn.close()
+        Conn.close(self)
         # The transport's buffer always ends on a frame boundary, so a close frame can follow it.
-        tr = self.transport.underlying_transport
         tr.write(encode_close(code, reason.encode()[:120]))
         tr.close()
         self.gw.loop.call_later(self.gw.close_grace, self._abort)
@@ -349,13 +396,14 @@ class Session(WSListener):
         if self._closing or self.transport is None:
             return
         self._closing = True
+        self.ws_stop_input()
         self.gw.stats.count_close(protocol.CLOSE_SLOW_CONSUMER)
-        tr = self.transport.underlying_transport
+        tr = self.transport
         # Safe: fanout leaves at most the tail of one frame in the transport (never a whole queue).
         tr.write(encode_close(protocol.CLOSE_SLOW_CONSUMER, b"slow consumer"))
         tr.close()
         self.gw.loop.call_later(self.gw.close_grace, self._abort)
 
     def _abort(self) -> None:
-        if self.transport is not None and not self.transport.is_disconnected:
-            self.transport.disconnect(graceful=False)
+        if self.transport is not None:
+            self.transport.abort()  # a no-op once the connection is gone

@@ -36,7 +36,7 @@ def _kick(gw, predicate=lambda s: True) -> int:
     n = 0
     for session in list(gw.sessions):
         if predicate(session):
-            session.transport.disconnect(graceful=False)
+            session.transport.abort()
             n += 1
     return n
 

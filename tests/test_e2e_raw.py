@@ -1,10 +1,12 @@
-"""Frames no well-behaved library sends, over a raw socket: bad UTF-8, unmasked frames, a peer that
-never answers pings."""
+"""Frames no well-behaved library sends, over a raw socket: bad UTF-8, unmasked frames, reserved bits,
+oversized headers, pings inside fragmented messages, a peer that never answers pings."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import struct
 
 import pytest
@@ -62,4 +64,74 @@ async def test_client_close_is_answered(gateway_factory):
     sock.sendall(client_frame(0x8, struct.pack("!H", 1000) + b"bye"))
     frames = await asyncio.to_thread(read_frames, sock, 5)
     assert _close_code(frames) == 1000
+    sock.close()
+
+
+async def test_reserved_bits_close_1002_and_other_clients_are_unaffected(gateway_factory):
+    gw = await gateway_factory()
+    good = await asyncio.to_thread(raw_upgrade, gw.port)
+    _connect(good)
+    bad = await asyncio.to_thread(raw_upgrade, gw.port)
+    _connect(bad)
+    bad.sendall(bytes([0xC1, 0x80]) + b"\0\0\0\0")  # RSV1 without a negotiated extension
+    frames = await asyncio.to_thread(read_frames, bad, 5)
+    assert _close_code(frames) == 1002
+    good.sendall(client_frame(0x1, json.dumps({"op": "ping", "id": 1}).encode()))
+    good.settimeout(5)
+    data = b""
+    while b'"pong"' not in data:
+        chunk = await asyncio.to_thread(good.recv, 4096)
+        assert chunk, "the well-behaved client was dropped"
+        data += chunk
+    bad.close()
+    good.close()
+
+
+async def test_oversized_frame_is_refused_from_its_header_1009(gateway_factory):
+    gw = await gateway_factory(max_message_bytes=1024)
+    sock = await asyncio.to_thread(raw_upgrade, gw.port)
+    _connect(sock)
+    # announce 1 GB and send nothing more: the gateway must not wait for (or buffer) the payload
+    sock.sendall(bytes([0x81, 0x80 | 127]) + (10**9).to_bytes(8, "big") + os.urandom(4))
+    frames = await asyncio.to_thread(read_frames, sock, 5)
+    assert _close_code(frames) == 1009
+    sock.close()
+
+
+async def test_fragments_with_a_ping_between_them_and_binary_refused(gateway_factory):
+    gw = await gateway_factory()
+    sock = await asyncio.to_thread(raw_upgrade, gw.port)
+    _connect(sock)
+    text = json.dumps({"op": "ping", "id": "frag"}).encode()
+    sock.sendall(client_frame(0x1, text[:4], fin=False) + client_frame(0x9, b"hello")
+                 + client_frame(0x0, text[4:9], fin=False) + client_frame(0x0, text[9:]))
+    sock.sendall(client_frame(0x2, b"\x00\x01"))
+    sock.sendall(client_frame(0x8, struct.pack("!H", 4001)))
+    frames = await asyncio.to_thread(read_frames, sock, 5)
+    texts = [json.loads(p) for op, p in frames if op == 0x1]
+    assert texts[0]["op"] == "connected"
+    assert (0xA, b"hello") in frames
+    assert texts[1] == {"op": "pong", "id": "frag"}
+    assert (texts[2]["op"], texts[2]["code"]) == ("error", "bad_request")
+    assert _close_code(frames) == 4001  # the peer's close code is echoed
+    sock.close()
+
+
+async def test_first_frames_in_the_same_packet_as_the_upgrade(gateway_factory):
+    gw = await gateway_factory()
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                 + client_frame(0x1, json.dumps({"op": "connect"}).encode())
+                 + client_frame(0x1, json.dumps({"op": "ping", "id": 2}).encode())
+                 + client_frame(0x8, struct.pack("!H", 1000)))
+    data = b""
+    while True:
+        chunk = await asyncio.to_thread(sock.recv, 65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101") and b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+    assert b'"connected"' in rest and b'{"op":"pong","id":2}' in rest
     sock.close()

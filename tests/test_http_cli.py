@@ -144,3 +144,62 @@ async def test_signal_closes_clients_1001_and_exits_0(sig):
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def _raw_http(port: int, request: bytes, timeout: float = 5 * SCALE) -> bytes:
+    """Send `request` as is, read until the server closes."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    return data
+
+
+_UPGRADE = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n\r\n")
+
+
+@pytest.mark.parametrize("request_bytes,status,must_contain", [
+    pytest.param(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="8").encode(), 426,
+                 b"Sec-WebSocket-Version: 13", id="version-8"),
+    pytest.param(_UPGRADE.format(key="short", version="13").encode(), 400, b"Sec-WebSocket-Key", id="bad-key"),
+    pytest.param(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", 426, b"Upgrade: websocket", id="plain-get-on-ws"),
+    pytest.param(b"\x16\x03\x01 not http at all\r\n\r\n", 400, b"bad request", id="garbage"),
+    pytest.param(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, b"too large", id="huge-head"),
+    pytest.param(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, b"Allow: GET, HEAD",
+                 id="post"),
+])
+async def test_bad_http_gets_a_clear_status_and_the_gateway_stays_up(gateway_factory, request_bytes, status,
+                                                                    must_contain):
+    gw = await gateway_factory()
+    answer = await asyncio.to_thread(_raw_http, gw.port, request_bytes)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert must_contain in answer
+    ws = await connected(ws_url(gw))  # and everyone else is still served
+    await send(ws, {"op": "ping", "id": 1})
+    assert await recv(ws) == {"op": "pong", "id": 1}
+    _, _, metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{gw.port}/metrics")
+    if status != 405:
+        assert f'gateway_http_rejected_total{{status="{status}"}} 1.0' in metrics.decode()
+
+
+async def test_head_request_and_unknown_path(gateway_factory):
+    gw = await gateway_factory()
+    answer = await asyncio.to_thread(_raw_http, gw.port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: " in head and body == b""
+    answer = await asyncio.to_thread(_raw_http, gw.port, b"GET /x?y HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 ")
+
+
+async def test_unfinished_request_head_is_dropped_after_the_connect_timeout(gateway_factory):
+    gw = await gateway_factory(connect_timeout_ms=300)
+    answer = await asyncio.to_thread(_raw_http, gw.port, b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # never ends
+    assert answer == b""  # closed without a response
+    assert not gw._unconnected

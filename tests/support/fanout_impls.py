@@ -9,7 +9,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 
 NO_EXTENSIONS = os.environ.get("FANOUT_NO_EXTENSIONS") == "1"
-COMPILED_MODULES = ("fanout._frame", "fanout._ring", "fanout._writer")
+COMPILED_MODULES = ("fanout._frame", "fanout._ring", "fanout._writer", "fanout._ws")
 
 #: ``@pytest.fixture(params=IMPL_PARAMS)``; the compiled one is skipped under FANOUT_NO_EXTENSIONS=1
 IMPL_PARAMS = [

@@ -1,0 +1,248 @@
+"""Server side of one WebSocket connection: client frames in, Conn's queue out.
+
+The input rules and why the protocol object is the Conn are explained once, in _ws.pxd.
+"""
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.number cimport PyNumber_Index
+from libc.stdint cimport uint64_t
+from libc.string cimport memcpy
+
+from fanout._frame cimport OP_BINARY_C, OP_CLOSE_C, OP_CONT_C, OP_PING_C, OP_PONG_C, OP_TEXT_C, build_frame
+
+__all__ = ["WSConn"]
+
+#: close codes a peer may send (RFC 6455 7.4.1 and the IANA registry up to 1014; 3000-4999 for applications)
+cdef inline bint _valid_peer_code(int code) noexcept nogil:
+    if code < 1000 or code > 4999:
+        return False
+    if code < 3000:
+        return code <= 1014 and not (code == 1004 or code == 1005 or code == 1006)
+    return True
+
+
+cdef bytes _unmask(const unsigned char* src, Py_ssize_t n, const unsigned char* key):
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef unsigned char* dst = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef unsigned char k8[8]
+    cdef uint64_t m, w
+    cdef Py_ssize_t i = 0
+    # The mask repeats every 4 bytes, so 8 bytes at a time XOR with key+key
+    # whatever the byte order (memcpy keeps it unaligned-safe).
+    memcpy(k8, key, 4)
+    memcpy(k8 + 4, key, 4)
+    memcpy(&m, k8, 8)
+    while i + 8 <= n:
+        memcpy(&w, src + i, 8)
+        w ^= m
+        memcpy(dst + i, &w, 8)
+        i += 8
+    while i < n:
+        dst[i] = src[i] ^ key[i & 3]
+        i += 1
+    return out
+
+
+cdef class WSConn(Conn):
+    """An asyncio protocol for one server-side WebSocket (subclass it; see the hooks below).
+
+    Hooks the subclass implements: ``http_received(data)`` before ``ws_open()``;
+    ``ws_message(opcode, payload)`` for each whole text/binary message;
+    ``ws_close(code, reason)`` for the peer's close frame (1005 when it has no code);
+    ``ws_fail(code, reason)`` once on a protocol violation.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self._state = WS_HTTP
+        self._rbuf = None
+        self._frags = None
+
+    def ws_open(self, Writer writer not None, transport, max_pending, max_message, on_overflow, rest=b""):
+        """The upgrade is done: register the output queue, then parse ``rest`` (bytes after the request)."""
+        cdef Py_ssize_t limit = PyNumber_Index(max_message)
+        if limit < 0:
+            raise ValueError("max_message must be >= 0")
+        if self._state != WS_HTTP:
+            raise RuntimeError("ws_open() called twice")
+        self._init(writer, transport, PyNumber_Index(max_pending), on_overflow)
+        self._max_message = limit
+        self._state = WS_OPEN
+        if rest:
+            self.data_received(rest)
+
+    def data_received(self, data):
+        cdef const unsigned char* p
+        cdef Py_ssize_t n, used
+        cdef object buf
+        if self._state == WS_OPEN:
+            self.last_recv = self._writer._loop.time()
+            if not PyBytes_CheckExact(data):
+                data = bytes(data)
+            buf = self._rbuf
+            if buf is None:
+                p = <const unsigned char*>PyBytes_AS_STRING(data)
+                n = PyBytes_GET_SIZE(data)
+                used = self._parse(p, n)
+                if used < n and self._state == WS_OPEN:
+                    self._rbuf = bytearray(data[used:])
+            else:
+                buf += data
+                p = <const unsigned char*>PyByteArray_AS_STRING(buf)
+                n = PyByteArray_GET_SIZE(buf)
+                # `buf` is not resized while _parse runs (only here), so `p` stays valid.
+                used = self._parse(p, n)
+                if self._state != WS_OPEN or used == n:
+                    self._rbuf = None
+                elif used:
+                    del buf[:used]
+        elif self._state == WS_HTTP:
+            self.http_received(data)
+
+    def eof_received(self):
+        return None  # the transport closes; connection_lost follows
+
+    cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n) except -1:
+        """Handle every whole frame in p[0:n]; returns the bytes used."""
+        cdef Py_ssize_t pos = 0
+        cdef Py_ssize_t hlen, i
+        cdef unsigned long long size
+        cdef unsigned char b0, b1
+        cdef int opcode, len7
+        cdef bint fin
+        cdef bytes payload
+        while self._state == WS_OPEN and n - pos >= 2:
+            b0 = p[pos]
+            b1 = p[pos + 1]
+            fin = (b0 & 0x80) != 0
+            opcode = b0 & 0x0F
+            len7 = b1 & 0x7F
+            if b0 & 0x70:
+                self._fail(1002, "reserved bits set without an extension")
+                break
+            if not (opcode <= 2 or 8 <= opcode <= 10):
+                self._fail(1002, f"unknown opcode {opcode:#x}")
+                break
+            if not (b1 & 0x80):
+                self._fail(1002, "client frames must be masked")
+                break
+            if opcode >= 8 and (not fin or len7 > 125):
+                self._fail(1002, "control frames must be whole and at most 125 bytes")
+                break
+            if len7 < 126:
+                hlen = 6
+                size = <unsigned long long>len7
+            elif len7 == 126:
+                hlen = 8
+                if n - pos < hlen - 4:  # the length is known before the mask key
+                    break
+                size = (<unsigned long long>p[pos + 2] << 8) | p[pos + 3]
+            else:
+                hlen = 14
+                if n - pos < hlen - 4:  # the length is known before the mask key
+                    break
+                size = 0
+                for i in range(8):
+                    size = (size << 8) | p[pos + 2 + i]
+                if size >> 63:
+                    self._fail(1002, "frame length has its most significant bit set")
+                    break
+            # Refused from the header: an oversized payload is never buffered.
+            if opcode < 8 and size + <unsigned long long>(self._frag_size if opcode == 0 else 0) > \
+                    <unsigned long long>self._max_message:
+                self._fail(1009, "message larger than the limit")
+                break
+            if n - pos < hlen or <unsigned long long>(n - pos - hlen) < size:
+                break
+            payload = _unmask(p + pos + hlen, <Py_ssize_t>size, p + pos + hlen - 4)
+            pos += hlen + <Py_ssize_t>size
+            if opcode >= 8:
+                self._control(opcode, payload)
+            else:
+                self._frame(opcode, fin, payload)
+        return pos
+
+    cdef int _frame(self, int opcode, bint fin, bytes payload) except -1:
+        cdef list frags = self._frags
+        cdef bytes whole
+        if opcode == OP_CONT_C:
+            if frags is None:
+                return self._fail(1002, "continuation frame without a message to continue")
+            frags.append(payload)
+            self._frag_size += PyBytes_GET_SIZE(payload)
+            if fin:
+                whole = b"".join(frags)
+                self._frags = None
+                self._frag_size = 0
+                self.ws_message(self._frag_op, whole)
+            return 0
+        if frags is not None:
+            return self._fail(1002, "new message inside a fragmented one")
+        if fin:
+            self.ws_message(opcode, payload)
+        else:
+            self._frags = [payload]
+            self._frag_size = PyBytes_GET_SIZE(payload)
+            self._frag_op = opcode
+        return 0
+
+    cdef int _control(self, int opcode, bytes payload) except -1:
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(payload)
+        cdef int code
+        if opcode == OP_PING_C:
+            if not self._closed:
+                self._enqueue(build_frame(OP_PONG_C, <const char*>p, size))
+            return 0
+        if opcode == OP_PONG_C:
+            return 0
+        # close
+        if size == 0:
+            code = 1005
+        elif size == 1:
+            return self._fail(1002, "close frame with a 1-byte payload")
+        else:
+            code = (p[0] << 8) | p[1]
+            if not _valid_peer_code(code):
+                return self._fail(1002, f"invalid close code {code}")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            return self._fail(1007, "close reason is not valid UTF-8")
+        self._state = WS_DONE
+        self._frags = None
+        self.ws_close(code, reason)
+        return 0
+
+    cdef int _fail(self, int code, str reason) except -1:
+        self._state = WS_DONE
+        self._frags = None
+        self.ws_fail(code, reason)
+        return 0
+
+    def ws_stop_input(self):
+        """Ignore all further input (we are closing)."""
+        self._state = WS_DONE
+        self._frags = None
+        self._rbuf = None
+
+    @property
+    def ws_state(self):
+        """0 before the upgrade, 1 while frames are read, 2 once input is ignored."""
+        return self._state
+
+    @property
+    def max_message(self):
+        return self._max_message
+
+    # Hooks (the subclass overrides them)
+    def http_received(self, data):
+        raise NotImplementedError
+
+    def ws_message(self, opcode, payload):
+        raise NotImplementedError
+
+    def ws_close(self, code, reason):
+        raise NotImplementedError
+
+    def ws_fail(self, code, reason):
+        raise NotImplementedError
