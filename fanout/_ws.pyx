@@ -6,6 +6,9 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport uint64_t
+
+cdef extern from "Python.h":
+    const Py_ssize_t PY_SSIZE_T_MAX
 from libc.string cimport memcpy
 
 from fanout._frame cimport OP_BINARY_C, OP_CLOSE_C, OP_CONT_C, OP_PING_C, OP_PONG_C, OP_TEXT_C, build_frame
@@ -19,6 +22,30 @@ cdef inline bint _valid_peer_code(int code) noexcept nogil:
     if code < 3000:
         return code <= 1014 and not (code == 1004 or code == 1005 or code == 1006)
     return True
+
+
+cdef Py_ssize_t _frame_need(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Bytes the frame starting at p needs in all, as far as p[0:n] tells (at least n + 1 when unknown)."""
+    cdef int len7
+    cdef Py_ssize_t hlen
+    cdef unsigned long long size = 0
+    cdef int i
+    if n < 2:
+        return 2
+    len7 = p[1] & 0x7F
+    hlen = 6 if len7 < 126 else 8 if len7 == 126 else 14
+    if n < hlen - 4:
+        return hlen - 4
+    if len7 < 126:
+        size = <unsigned long long>len7
+    elif len7 == 126:
+        size = (<unsigned long long>p[2] << 8) | p[3]
+    else:
+        for i in range(8):
+            size = (size << 8) | p[2 + i]
+    if size > <unsigned long long>(PY_SSIZE_T_MAX - hlen):
+        return n + 1  # absurd (the parser refuses it): just enough to let it see the header
+    return hlen + <Py_ssize_t>size
 
 
 cdef bytes _unmask(const unsigned char* src, Py_ssize_t n, const unsigned char* key):
@@ -72,29 +99,39 @@ cdef class WSConn(Conn):
 
     def data_received(self, data):
         cdef const unsigned char* p
-        cdef Py_ssize_t n, used
+        cdef Py_ssize_t n, used, off, need, take
         cdef object buf
         if self._state == WS_OPEN:
             self.last_recv = self._writer._loop.time()
             if not PyBytes_CheckExact(data):
                 data = bytes(data)
+            p = <const unsigned char*>PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+            off = 0
             buf = self._rbuf
-            if buf is None:
-                p = <const unsigned char*>PyBytes_AS_STRING(data)
-                n = PyBytes_GET_SIZE(data)
-                used = self._parse(p, n)
-                if used < n and self._state == WS_OPEN:
-                    self._rbuf = bytearray(data[used:])
-            else:
-                buf += data
-                p = <const unsigned char*>PyByteArray_AS_STRING(buf)
-                n = PyByteArray_GET_SIZE(buf)
-                # `buf` is not resized while _parse runs (only here), so `p` stays valid.
-                used = self._parse(p, n)
-                if self._state != WS_OPEN or used == n:
-                    self._rbuf = None
+            # An incomplete frame is waiting: move into it only the bytes that complete it (its header
+            # first, then its payload), so the rest of `data` is parsed in place, not copied again.
+            while buf is not None and self._state == WS_OPEN:
+                need = _frame_need(<const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
+                take = need - PyByteArray_GET_SIZE(buf)
+                if take > n - off:
+                    take = n - off
+                if take > 0:
+                    buf += data[off:off + take]
+                    off += take
+                # `buf` is not resized while _parse runs (only here), so the pointer stays valid.
+                used = self._parse(<const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
+                if self._state != WS_OPEN or used == PyByteArray_GET_SIZE(buf):
+                    buf = self._rbuf = None
                 elif used:
                     del buf[:used]
+                elif off == n:
+                    return  # still incomplete: wait for more
+            if self._state != WS_OPEN or off == n:
+                return
+            used = self._parse(p + off, n - off)
+            if off + used < n and self._state == WS_OPEN:
+                self._rbuf = bytearray(data[off + used:])
         elif self._state == WS_HTTP:
             self.http_received(data)
 

@@ -106,6 +106,16 @@ async def test_length_forms_and_unmasking(impl):
     assert conn.events == [("msg", 2, p) for p in payloads]
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 65536])
+async def test_large_and_small_frames_across_reads(impl, chunk):
+    conn, _, _ = make(impl, asyncio.get_running_loop())
+    payloads = [os.urandom(70000), *(bytes([i]) * i for i in range(1, 12)), os.urandom(300)]
+    wire = b"".join(client_frame(0x2, p) for p in payloads)
+    for i in range(0, len(wire), chunk):
+        conn.data_received(wire[i:i + chunk])
+    assert conn.events == [("msg", 2, p) for p in payloads]
+
+
 async def test_bytes_before_ws_open_go_to_http_and_rest_is_parsed(impl):
     loop = asyncio.get_running_loop()
     conn, tr, writer = make(impl, loop, opened=False)
