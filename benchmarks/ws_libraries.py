@@ -11,6 +11,9 @@ Variants (all on uvloop, one server subprocess each, 127.0.0.1 only):
   picows-uv-min         uvloop transports, rb256 + LoggerAdapter
   websockets-sansio     websockets.server.ServerProtocol driven by a minimal asyncio.Protocol
   wsproto               wsproto.WSConnection(SERVER) driven by a minimal asyncio.Protocol
+  fanout-ws             the gateway's own layer: a protocol subclassing fanout.WSConn (Cython frame parser on the
+                        fan-out Conn) with the opening request parsed by httptools (gateway.http.Request,
+                        check_upgrade), wired exactly as gateway.session.Session does; uvloop's transports
 
 Measurements (each repeated REPEATS times, median reported):
   (a) handshakes/s: N upgrade handshakes (connect, send upgrade, read 101, close) from one client
@@ -18,6 +21,9 @@ Measurements (each repeated REPEATS times, median reported):
   (b) inbound frames/s: K connections each blasting pre-encoded masked ~60-byte JSON text frames;
       the server parses and counts them; rate = frames / (server time of last frame - first frame).
   (c) RSS per idle connection: (RSS with M upgraded idle connections - RSS with 0) / M, fresh server.
+
+fanout-ws needs the compiled fanout extensions (python setup.py build_ext --inplace); the repository root is put
+on sys.path, so no PYTHONPATH is needed.
 
 Afterwards it runs functional checks of picows (interleaved raw writes, close codes, fragmentation,
 plain HTTP on the upgrade path) and stores everything in benchmarks/results/ws_libraries.json.
@@ -47,13 +53,16 @@ import time
 
 HOST = "127.0.0.1"
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)        # fanout + gateway for the fanout-ws variant (children run this file too)
 RESULTS_DIR = os.path.join(HERE, "results")
 RESULTS_JSON = os.path.join(RESULTS_DIR, "ws_libraries.json")
 
 VARIANTS = [
     "picows-afn", "picows-afn-rb256", "picows-afn-min",
     "picows-uv", "picows-uv-rb256", "picows-uv-min",
-    "websockets-sansio", "wsproto",
+    "websockets-sansio", "wsproto", "fanout-ws",
 ]
 
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -289,6 +298,91 @@ def make_wsproto_server():
     return start
 
 
+def make_fanout_server():
+    """The gateway's layer: Session's upgrade path (gateway/session.py) minus the gateway's protocol."""
+    import fanout
+    from fanout import Conn, Writer, WSConn, encode_close
+    from gateway import http
+
+    if not fanout.COMPILED:
+        raise SystemExit("fanout-ws: fanout is not compiled (FANOUT_NO_EXTENSIONS=1?)")
+    MAX = 1 << 20                   # the gateway's defaults for max_pending_bytes and max_message_bytes
+    W = []                          # the Writer, made in start() (it needs the running loop)
+
+    def on_overflow(conn):
+        conn.transport.abort()
+
+    class Proto(WSConn):
+        __slots__ = ("tr", "_http", "is_open")
+
+        def __init__(self):
+            self.tr = None
+            self._http = None
+            self.is_open = False
+
+        def connection_made(self, tr):
+            self.tr = tr
+            self._http = http.Request()
+
+        def http_received(self, data):
+            req = self._http
+            if req is None:
+                return
+            try:
+                if not req.feed(data):
+                    return
+                self._http = None
+                if req.path != b"/ws":
+                    raise http.HttpError(404, "not found")
+                answer = http.check_upgrade(req)
+            except http.HttpError as exc:
+                self._http = None
+                self.tr.write(exc.response())
+                self.tr.close()
+                return
+            tr = self.tr
+            tr.write(answer)        # 101: from here on, frames
+            self.is_open = True
+            S.open += 1
+            S.handshakes += 1
+            self.ws_open(W[0], tr, MAX, MAX, on_overflow, req.rest)
+
+        def ws_message(self, opcode, payload):
+            s = S
+            if s.frames == 0:
+                s.t_start = _perf()
+            s.frames += 1
+            if s.frames == s.target:
+                s.t_end = _perf()
+
+        def _close(self, code, reason=b""):
+            self.ws_stop_input()
+            W[0].flush()            # what is queued goes first, as in Session.close
+            Conn.close(self)
+            self.tr.write(encode_close(code, reason))
+            self.tr.close()
+
+        def ws_close(self, code, reason):
+            self._close(1000 if code == 1005 else code)
+
+        def ws_fail(self, code, reason):
+            self._close(code, reason.encode()[:120])
+
+        def connection_lost(self, exc):
+            self._http = None
+            self.ws_stop_input()
+            Conn.close(self)
+            if self.is_open:
+                self.is_open = False
+                S.open -= 1
+
+    async def start():
+        loop = asyncio.get_running_loop()
+        W.append(Writer(loop))
+        return await loop.create_server(Proto, HOST, 0, backlog=1024)
+    return start
+
+
 def run_server(variant: str):
     install_uvloop()
     if variant.startswith("picows"):
@@ -297,6 +391,8 @@ def run_server(variant: str):
         start = make_websockets_server()
     elif variant == "wsproto":
         start = make_wsproto_server()
+    elif variant == "fanout-ws":
+        start = make_fanout_server()
     else:
         raise SystemExit(f"unknown variant {variant}")
 
@@ -1002,7 +1098,12 @@ def main():
     if checks:
         print("\npicows checks:\n" + json.dumps(checks, indent=1))
 
-    import picows, websockets, wsproto, uvloop, aiofastnet
+    import picows, websockets, wsproto, uvloop, aiofastnet, httptools
+    try:
+        import fanout
+        fanout_compiled = fanout.COMPILED
+    except ImportError:
+        fanout_compiled = None
     os.makedirs(RESULTS_DIR, exist_ok=True)
     with open(RESULTS_JSON, "w") as fp:
         json.dump({
@@ -1013,7 +1114,8 @@ def main():
                        "versions": {"picows": picows.__version__, "websockets": websockets.__version__,
                                     "wsproto": getattr(wsproto, "__version__", "1.3.2"),
                                     "uvloop": uvloop.__version__,
-                                    "aiofastnet": getattr(aiofastnet, "__version__", "?")}},
+                                    "aiofastnet": getattr(aiofastnet, "__version__", "?"),
+                                    "httptools": httptools.__version__, "fanout_compiled": fanout_compiled}},
             "median": summary, "runs": runs, "table_markdown": table, "picows_checks": checks,
             "elapsed_s": elapsed,
         }, fp, indent=1)
