@@ -490,3 +490,97 @@ def test_argument_checks(impl: SimpleNamespace, loop_factory: LoopFactory) -> No
             assert conn.max_pending == BIG and conn.transport is gw.transport and conn.writer is writer
 
     run(loop_factory, main)
+
+
+class FakeTransport:
+    """No socket (fd -1): enough of a transport for a Conn that never writes."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def owned(impl: SimpleNamespace, conn: Any) -> list[Any]:
+    """The objects a conn refers to directly."""
+    import gc
+
+    return gc.get_referents(conn) if impl.name == "compiled" else list(vars(conn).values())
+
+
+def containers(impl: SimpleNamespace, conn: Any) -> list[type]:
+    return sorted((type(o) for o in owned(impl, conn) if type(o) in (list, dict, bytes)), key=lambda t: t.__name__)
+
+
+def test_idle_conn_owns_no_containers(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            gw, reader = await net.open(conn_factory(impl, writer))
+            conn = gw.conn
+            x, y, z = impl.Channel(), impl.Channel(), impl.Channel()
+            assert containers(impl, conn) == []
+            assert x.add(conn)
+            assert containers(impl, conn) == []  # one channel: held in fields
+            assert conn.send(impl.encode_text(b"a"))
+            assert containers(impl, conn) == [bytes]  # one frame: the frame itself
+            assert conn.send(impl.encode_text(b"b"))
+            assert containers(impl, conn) == [list]
+            await asyncio.sleep(0)
+            assert containers(impl, conn) == []  # flushed: the queue is gone
+            assert x.publish(impl.encode_text(b"c")) == 1
+            await asyncio.sleep(0)
+            assert containers(impl, conn) == []
+            assert y.add(conn) and z.add(conn)
+            assert containers(impl, conn) == [dict]
+            assert x.remove(conn) and z.remove(conn)
+            assert containers(impl, conn) == []  # back to one channel: no dict
+            assert conn in y and conn not in x and conn not in z
+            assert y.publish(impl.encode_text(b"d")) == 1 and x.publish(impl.encode_text(b"e")) == 0
+            await reader.wait_bytes(4 * 3)
+            assert payloads(reader.data) == [b"a", b"b", b"c", b"d"]
+            conn.close()
+            assert containers(impl, conn) == [] and len(y) == 0
+
+    run(loop_factory, main)
+
+
+def test_bytes_per_idle_conn(impl: SimpleNamespace) -> None:
+    """An idle conn in one channel costs its own object plus one slot in the channel and the writer."""
+    import gc
+    import tracemalloc
+
+    if impl.name != "compiled":
+        pytest.skip("the pure-Python twin has a __dict__ per conn")
+    loop = asyncio.new_event_loop()
+    try:
+        writer = impl.Writer(loop)
+        channel = impl.Channel()
+        transports = [FakeTransport() for _ in range(4000)]
+        on_overflow = lambda conn: None  # noqa: E731
+        conns = [None] * len(transports)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i, tr in enumerate(transports):
+                conns[i] = conn = impl.Conn(writer, tr, 1 << 20, on_overflow)
+                channel.add(conn)
+            gc.collect()
+            per_conn = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+        finally:
+            tracemalloc.stop()
+        # 160 bytes of Conn (GC header included) + 8 + 8 list slots, + list over-allocation
+        assert per_conn <= 200, per_conn
+    finally:
+        loop.close()
