@@ -372,11 +372,7 @@ class Conn:
     def _flush(self, now: float) -> None:
         if self._queue is None:
             return
-        tr = self._transport
-        if tr.is_closing():
-            self._drop()
-            return
-        if self._fd < 0 or tr.get_write_buffer_size() > 0:
+        if self._fd < 0:
             self._flush_joined(now)
         elif isinstance(self._queue, list):
             self._flush_direct(now)
@@ -495,6 +491,9 @@ class Conn:
             self._writer._mark_dirty(self)
 
     def close(self) -> None:
+        self._drop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         self._drop()
 
     @property

@@ -33,6 +33,31 @@
 # removed from its channels and the writer, and on_overflow(conn) is called
 # from loop.call_soon, never re-entrantly inside publish().
 #
+# Closing, and why flush needs no transport call per conn: flush writes to
+# the fd only while the conn is open and not paused, and asks the transport
+# nothing on that path (no is_closing(), no get_write_buffer_size()):
+#   * "not paused" already means "the transport's buffer is empty": with
+#     high=0/low=0 every transport pauses the protocol (synchronously, inside
+#     write()) as soon as anything stays in its buffer, and resumes it only
+#     once the buffer is empty; the protocol forwards both (above), and
+#     _init() reads the size once for a transport that already buffers (its
+#     pause came before the conn existed).
+#   * The fd cannot have been closed (and so reused by another connection):
+#     uvloop and asyncio close a connection's fd only in the transport's
+#     _call_connection_lost callback, in a `finally` right after
+#     protocol.connection_lost() returned or raised (uvloop
+#     handles/basetransport.pyx, asyncio selector_events.py); close(), abort()
+#     and fatal errors only schedule that callback, and the conn's reference to
+#     the transport rules out the close on garbage collection. So the protocol's
+#     connection_lost() must call conn.close() first, before anything that can
+#     raise, which the gateway's does; a protocol that is itself a Conn subclass
+#     inherits Conn.connection_lost (an override calls self.close() first).
+#     Until then the fd is still this connection's, also after
+#     transport.close(): frames queued before connection_lost still reach the
+#     right client.
+#   * So whoever writes a close frame into the transport closes the conn first
+#     (as the gateway does), or queued frames could follow the close frame.
+#
 # Idle conns own no Python objects besides themselves: _queue is None until
 # a frame is queued, the frame itself while it is the only one (written with
 # one send(2)), a list only from the second frame on. The channels a conn is

@@ -274,19 +274,15 @@ cdef class Conn:
         return <Py_ssize_t>found
 
     cdef int _flush(self, double now) except -1:
-        if self._queue is None:
+        # Only for an open, unpaused conn, and without asking the transport
+        # anything: "unpaused" means its buffer is empty, "open" that its fd is
+        # still this connection's (see "Closing" in _writer.pxd).
+        q = self._queue
+        if q is None:
             return 0
-        tr = self._transport
-        if tr.is_closing():
-            # After close the fd may already belong to another connection.
-            self._drop()
-            return 0
-        if self._fd < 0 or tr.get_write_buffer_size() > 0:
-            # No fd, or the transport holds data we were not told about (a
-            # protocol that does not forward pause_writing): order forbids a
-            # direct write, so everything goes behind it.
+        if self._fd < 0:
             return self._flush_joined(now)
-        if PyList_CheckExact(self._queue):
+        if PyList_CheckExact(q):
             return self._flush_direct(now)
         return self._flush_one(now)
 
@@ -447,6 +443,14 @@ cdef class Conn:
 
     def close(self):
         """Drop the queue and leave every channel and the writer; idempotent."""
+        self._drop()
+
+    def connection_lost(self, exc):
+        """Forward from the protocol, FIRST thing: the transport closes the fd right after.
+
+        Same as close(). A protocol that subclasses Conn gets it as its own
+        connection_lost; an override calls this (or close()) before anything else.
+        """
         self._drop()
 
     @property

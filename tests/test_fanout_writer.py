@@ -584,3 +584,132 @@ def test_bytes_per_idle_conn(impl: SimpleNamespace) -> None:
         assert per_conn <= 200, per_conn
     finally:
         loop.close()
+
+
+class CountingTransport:
+    """A real transport behind a proxy that counts every method called on it."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._transport, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
+def test_flush_asks_the_transport_nothing(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    """The common path (a socket with room) costs no Python-level call on the transport."""
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        proxies: list[CountingTransport] = []
+
+        def make(transport: asyncio.Transport) -> Any:
+            proxies.append(CountingTransport(transport))
+            return impl.Conn(writer, proxies[-1], BIG, lambda conn: None)
+
+        async with Net(kind, small=False) as net:
+            pairs = [await net.open(make) for _ in range(3)]
+            channel = impl.Channel()
+            for gw, _ in pairs:
+                assert channel.add(gw.conn) and gw.conn.fd >= 0
+            for proxy in proxies:
+                proxy.calls.clear()
+            sent: list[bytes] = []
+            for tick in range(6):
+                for j in range(1 if tick % 2 else 3):  # one frame (send) and several (sendmsg)
+                    body = payload("t", len(sent), 100)
+                    sent.append(body)
+                    assert channel.publish(impl.encode_text(body)) == 3
+                await asyncio.sleep(0)
+            assert writer.syscalls == 3 * 6 and writer.frames_out == 3 * len(sent)
+            assert [proxy.calls for proxy in proxies] == [{}, {}, {}]
+            for _, reader in pairs:
+                await reader.wait_bytes(sum(len(impl.encode_text(p)) for p in sent))
+                assert payloads(reader.data) == sent
+
+    run(loop_factory, main)
+
+
+def test_no_write_after_connection_lost_even_to_a_reused_fd(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    """The transport closes the fd right after connection_lost, which closes the conn first."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        channel = impl.Channel()
+        a, b = socket.socketpair()
+        transport, gw = await loop.create_unix_connection(
+            lambda: GatewayProtocol(conn_factory(impl, writer), None), sock=a
+        )
+        conn = gw.conn
+        fd = conn.fd
+        assert fd >= 0 and channel.add(conn)
+        first = impl.encode_text(b"first")
+        assert channel.publish(first) == 1
+        await asyncio.sleep(0)
+        transport.abort()  # connection_lost is scheduled; until it runs the fd is still ours
+        assert channel.publish(impl.encode_text(b"after abort")) == 1  # its flush comes after connection_lost
+        await asyncio.wait_for(gw.lost, WAIT)
+        assert conn.closed and len(channel) == 0 and len(writer) == 0
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed by the transport right after connection_lost
+        c, d = socket.socketpair()  # another connection now owns the number (lowest free, else dup2)
+        dup = c.fileno() != fd
+        if dup:
+            os.dup2(c.fileno(), fd)
+        try:
+            assert conn.send(impl.encode_text(b"late")) is False
+            assert channel.publish(impl.encode_text(b"late")) == 0
+            writer.flush()
+            await asyncio.sleep(0)
+            d.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                d.recv(100)
+            b.settimeout(WAIT)
+            got = b""
+            while chunk := b.recv(100):
+                got += chunk
+            assert got == first
+            assert writer.syscalls == 1 and writer.write_errors == 0
+        finally:
+            if dup:
+                os.close(fd)
+            for s in (b, c, d):
+                s.close()
+
+    run(loop_factory, main)
+
+
+def test_frames_queued_before_connection_lost_reach_the_same_client(
+    impl: SimpleNamespace, loop_factory: LoopFactory
+) -> None:
+    """transport.close() by someone else: the fd stays this connection's until connection_lost."""
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            gw, reader = await net.open(conn_factory(impl, writer))
+            assert gw.transport is not None
+            channel = impl.Channel()
+            channel.add(gw.conn)
+            frames = [impl.encode_text(b"one"), impl.encode_text(b"two")]
+            assert channel.publish(frames[0]) == 1  # schedules the flush
+            gw.transport.close()  # schedules connection_lost, after the flush
+            assert channel.publish(frames[1]) == 1
+            await asyncio.wait_for(asyncio.shield(gw.lost), WAIT)
+            assert gw.conn.closed and len(channel) == 0
+            await reader.wait_done()
+            assert reader.data == b"".join(frames)
+            assert writer.write_errors == 0
+
+    run(loop_factory, main)
