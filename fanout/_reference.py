@@ -10,6 +10,7 @@ import operator
 import os
 import stat
 import struct
+import types
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -187,6 +188,7 @@ class Writer:
         self._dirty: list[Conn] = []
         self._scheduled = False
         self._iov_max = _IOV_MAX
+        self._on_overflow: Callable[[Conn], object] | None = None
         self._frames_out = 0
         self._bytes_out = 0
         self._syscalls = 0
@@ -255,6 +257,16 @@ class Writer:
                 f"syscalls={self._syscalls} overflows={self._overflows}>")
 
 
+def _shared_callback(writer: Writer, cb: Callable[[Conn], object]) -> Callable[[Conn], object]:
+    if type(cb) is not types.MethodType:
+        return cb
+    last = writer._on_overflow
+    if isinstance(last, types.MethodType) and last.__func__ is cb.__func__ and last.__self__ is cb.__self__:
+        return last
+    writer._on_overflow = cb
+    return cb
+
+
 class Conn:
     def __init__(self, writer: Writer, transport: asyncio.Transport, max_pending: int,
                  on_overflow: Callable[[Conn], object]) -> None:
@@ -277,7 +289,7 @@ class Conn:
         self._writer = writer
         self._transport = transport
         self._max_pending = max_pending
-        self._on_overflow = on_overflow
+        self._on_overflow = _shared_callback(writer, on_overflow)
         self.session: object = None
         now = writer._loop.time()
         self.last_send: float = now

@@ -71,6 +71,7 @@ from posix.uio cimport iovec
 cdef class Writer:
     cdef object _loop
     cdef object _flush_cb         # bound self.flush, made once: call_soon needs no new object
+    cdef object _on_overflow      # the last bound method a Conn got as on_overflow (shared, see Conn._init)
     cdef list _conns              # live conns; each knows its index (_widx) for O(1) removal
     cdef list _dirty              # conns with data to write this iteration
     cdef bint _scheduled

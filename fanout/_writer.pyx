@@ -6,6 +6,7 @@ once, in _writer.pxd.
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.number cimport PyNumber_Index
 from cpython.ref cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -129,6 +130,22 @@ cdef class Writer:
                 f"syscalls={self.syscalls} overflows={self.overflows}>")
 
 
+cdef object _shared_callback(Writer writer, object cb):
+    """``cb``, or an equal bound method an earlier Conn already holds.
+
+    ``Conn(..., gw.on_overflow)`` makes a new bound method object per conn
+    (64 bytes); equal ones (same function, same object) are interchangeable.
+    """
+    cdef object last = writer._on_overflow
+    if not PyMethod_Check(cb):
+        return cb
+    if (last is not None and PyMethod_GET_FUNCTION(cb) == PyMethod_GET_FUNCTION(last)
+            and PyMethod_GET_SELF(cb) == PyMethod_GET_SELF(last)):
+        return last
+    writer._on_overflow = cb
+    return cb
+
+
 cdef class Conn:
     """One client connection's outbound queue."""
 
@@ -151,7 +168,7 @@ cdef class Conn:
         self._writer = writer
         self._transport = transport
         self._max_pending = max_pending
-        self._on_overflow = on_overflow
+        self._on_overflow = _shared_callback(writer, on_overflow)
         self.session = None
         now = writer._loop.time()
         self.last_send = now

@@ -713,3 +713,33 @@ def test_frames_queued_before_connection_lost_reach_the_same_client(
             assert writer.write_errors == 0
 
     run(loop_factory, main)
+
+
+def test_equal_bound_methods_as_on_overflow_are_shared(impl: SimpleNamespace) -> None:
+    """``Conn(..., gw.on_overflow)`` makes a new bound method per call; conns keep one of them."""
+    import types
+
+    class Gateway:
+        def __init__(self) -> None:
+            self.overflowed: list[Any] = []
+
+        def on_overflow(self, conn: Any) -> None:
+            self.overflowed.append(conn)
+
+    loop = asyncio.new_event_loop()
+    try:
+        writer = impl.Writer(loop)
+        gw, other = Gateway(), Gateway()
+        conns = [impl.Conn(writer, FakeTransport(), 100, gw.on_overflow) for _ in range(3)]
+        conns.append(impl.Conn(writer, FakeTransport(), 100, other.on_overflow))
+        conns.append(impl.Conn(writer, FakeTransport(), 100, gw.on_overflow))
+        held = [[o for o in owned(impl, c) if isinstance(o, types.MethodType)] for c in conns]
+        assert all(len(h) == 1 for h in held)
+        assert held[0][0] is held[1][0] is held[2][0]
+        assert held[3][0].__self__ is other and held[4][0].__self__ is gw
+        for conn in (conns[1], conns[3]):
+            assert conn.send(impl.encode_text(b"x" * 200)) is False  # over max_pending
+        loop.run_until_complete(asyncio.sleep(0))
+        assert gw.overflowed == [conns[1]] and other.overflowed == [conns[3]]
+    finally:
+        loop.close()
