@@ -35,7 +35,7 @@ cdef extern from *:
         size_t msg_iovlen
     ctypedef long ssize_t
     ssize_t sendmsg(int fd, const msghdr* msg, int flags) nogil
-    ssize_t send(int fd, const void* buf, size_t n, int flags) nogil
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags) nogil
     const int EWOULDBLOCK
     const int MSG_NOSIGNAL
     const int MSG_DONTWAIT
@@ -415,7 +415,7 @@ cdef class Conn:
         cdef int eintr = 0
         self._queue = None  # taken: a frame queued while we hand over goes behind it
         while True:
-            n = send(self._fd, PyBytes_AS_STRING(frame), <size_t>flen, MSG_DONTWAIT | MSG_NOSIGNAL)
+            n = c_send(self._fd, PyBytes_AS_STRING(frame), <size_t>flen, MSG_DONTWAIT | MSG_NOSIGNAL)
             w.syscalls += 1
             if n >= 0:
                 break
