@@ -10,6 +10,7 @@ import operator
 import os
 import stat
 import struct
+import types
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -187,6 +188,7 @@ class Writer:
         self._dirty: list[Conn] = []
         self._scheduled = False
         self._iov_max = _IOV_MAX
+        self._on_overflow: Callable[[Conn], object] | None = None
         self._frames_out = 0
         self._bytes_out = 0
         self._syscalls = 0
@@ -255,11 +257,25 @@ class Writer:
                 f"syscalls={self._syscalls} overflows={self._overflows}>")
 
 
+def _shared_callback(writer: Writer, cb: Callable[[Conn], object]) -> Callable[[Conn], object]:
+    if type(cb) is not types.MethodType:
+        return cb
+    last = writer._on_overflow
+    if isinstance(last, types.MethodType) and last.__func__ is cb.__func__ and last.__self__ is cb.__self__:
+        return last
+    writer._on_overflow = cb
+    return cb
+
+
 class Conn:
     def __init__(self, writer: Writer, transport: asyncio.Transport, max_pending: int,
                  on_overflow: Callable[[Conn], object]) -> None:
-        self._queue: list[bytes] = []
-        self._chans: dict[Channel, int] = {}
+        # None | the only frame | a list of 2+ frames (oldest first)
+        self._queue: bytes | list[bytes] | None = None
+        # the only channel and this conn's index in it; a dict from two channels on
+        self._ch: Channel | None = None
+        self._chidx = -1
+        self._chans: dict[Channel, int] | None = None
         self._widx = -1
         self._fd = -1
         self._qbytes = 0
@@ -273,7 +289,7 @@ class Conn:
         self._writer = writer
         self._transport = transport
         self._max_pending = max_pending
-        self._on_overflow = on_overflow
+        self._on_overflow = _shared_callback(writer, on_overflow)
         self.session: object = None
         now = writer._loop.time()
         self.last_send: float = now
@@ -301,7 +317,13 @@ class Conn:
             return False
         if not frame:
             return True
-        self._queue.append(frame)
+        q = self._queue
+        if q is None:
+            self._queue = frame
+        elif isinstance(q, list):
+            q.append(frame)
+        else:
+            self._queue = [q, frame]
         self._qbytes += len(frame)
         if self._qbytes + self._tbuf > self._max_pending:
             self._tbuf = self._transport_size()
@@ -319,32 +341,67 @@ class Conn:
         if self._closed:
             return
         self._closed = True
-        self._queue = []
+        self._queue = None
         self._qbytes = 0
-        chans, self._chans = self._chans, {}
-        for ch, idx in chans.items():
-            ch._remove_at(idx)
+        ch, chans = self._ch, self._chans
+        self._ch = self._chans = None
+        if ch is not None:
+            ch._remove_at(self._chidx)
+        elif chans is not None:
+            for c, idx in chans.items():
+                c._remove_at(idx)
+        self._chidx = -1
         self._writer._unregister(self)
 
-    def _flush(self, now: float) -> None:
-        if not self._queue:
-            return
-        tr = self._transport
-        if tr.is_closing():
-            self._drop()
-            return
-        if self._fd < 0 or tr.get_write_buffer_size() > 0:
-            self._flush_joined(now)
+    def _member(self, ch: Channel) -> bool:
+        return self._ch is ch or (self._chans is not None and ch in self._chans)
+
+    def _join(self, ch: Channel, idx: int) -> None:
+        if self._chans is not None:
+            self._chans[ch] = idx
+        elif self._ch is None:
+            self._ch, self._chidx = ch, idx
         else:
+            self._chans = {self._ch: self._chidx, ch: idx}
+            self._ch, self._chidx = None, -1
+
+    def _leave(self, ch: Channel) -> int:
+        if self._ch is ch:
+            idx = self._chidx
+            self._ch, self._chidx = None, -1
+            return idx
+        chans = self._chans
+        if chans is None:
+            return -1
+        found = chans.pop(ch, None)
+        if found is None:
+            return -1
+        if len(chans) == 1:
+            self._ch, self._chidx = chans.popitem()
+            self._chans = None
+        return found
+
+    def _flush(self, now: float) -> None:
+        if self._queue is None:
+            return
+        if self._fd < 0:
+            self._flush_joined(now)
+        elif isinstance(self._queue, list):
             self._flush_direct(now)
+        else:
+            self._flush_one(now)
 
     def _flush_joined(self, now: float) -> None:
         q = self._queue
-        data = q[0] if len(q) == 1 else b"".join(q)
-        self._queue = []
+        assert q is not None
+        if isinstance(q, list):
+            data, frames = b"".join(q), len(q)
+        else:
+            data, frames = q, 1
+        self._queue = None
         self._qbytes = 0
         w = self._writer
-        w._frames_out += len(q)
+        w._frames_out += frames
         w._bytes_out += len(data)
         w._syscalls += 1
         self.last_send = now
@@ -360,6 +417,7 @@ class Conn:
     def _flush_direct(self, now: float) -> None:
         w = self._writer
         q = self._queue
+        assert isinstance(q, list)
         head = 0
         while head < len(q):
             batch = q[head:head + w._iov_max]
@@ -402,9 +460,32 @@ class Conn:
         if self._closed:
             return
         if head >= len(q):
-            self._queue = []
+            self._queue = None
         else:
             del q[:head]
+
+    def _flush_one(self, now: float) -> None:
+        w = self._writer
+        frame = self._queue
+        assert isinstance(frame, bytes)
+        self._queue = None
+        w._syscalls += 1
+        try:
+            n = os.write(self._fd, frame)  # PEP 475 already retries EINTR
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            w._write_errors += 1
+            self._drop()
+            return
+        self._qbytes -= len(frame)
+        w._frames_out += 1
+        w._bytes_out += len(frame)
+        self.last_send = now
+        if n == len(frame):
+            return
+        w._syscalls += 1
+        self._handover(frame[n:] if n else frame)
 
     def send(self, frame: bytes) -> bool:
         if not isinstance(frame, bytes):
@@ -418,10 +499,13 @@ class Conn:
     def resume_writing(self) -> None:
         self._paused = False
         self._tbuf = 0
-        if not self._closed and not self._dirty and self._queue:
+        if not self._closed and not self._dirty and self._queue is not None:
             self._writer._mark_dirty(self)
 
     def close(self) -> None:
+        self._drop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
         self._drop()
 
     @property
@@ -458,7 +542,11 @@ class Conn:
 
     def __repr__(self) -> str:
         return (f"<Conn fd={self._fd} closed={self._closed} paused={self._paused} "
-                f"queued={len(self._queue)}/{self._qbytes}B>")
+                f"queued={self._queued_frames()}/{self._qbytes}B>")
+
+    def _queued_frames(self) -> int:
+        q = self._queue
+        return 0 if q is None else len(q) if isinstance(q, list) else 1
 
 
 class Channel:
@@ -469,22 +557,26 @@ class Channel:
         last = self._conns.pop()
         if idx < len(self._conns):
             self._conns[idx] = last
-            last._chans[self] = idx
+            if last._ch is self:
+                last._chidx = idx
+            else:
+                assert last._chans is not None
+                last._chans[self] = idx
 
     def add(self, conn: Conn) -> bool:
         if not isinstance(conn, Conn):
             raise TypeError("conn must be a Conn")
-        if conn._closed or self in conn._chans:
+        if conn._closed or conn._member(self):
             return False
-        conn._chans[self] = len(self._conns)
+        conn._join(self, len(self._conns))
         self._conns.append(conn)
         return True
 
     def remove(self, conn: Conn) -> bool:
         if not isinstance(conn, Conn):
             raise TypeError("conn must be a Conn")
-        idx = conn._chans.pop(self, None)
-        if idx is None:
+        idx = conn._leave(self)
+        if idx < 0:
             return False
         self._remove_at(idx)
         return True
@@ -510,7 +602,7 @@ class Channel:
         return len(self._conns)
 
     def __contains__(self, conn: object) -> bool:
-        return isinstance(conn, Conn) and self in conn._chans
+        return isinstance(conn, Conn) and conn._member(self)
 
     def __repr__(self) -> str:
         return f"<Channel conns={len(self._conns)}>"

@@ -1,13 +1,13 @@
 # The write pipeline: one encoded frame -> many sockets.
 #
 # Channel.publish() appends the *same* bytes object to the queue of every
-# subscriber (Conn._queue, a list of whole frames): no copy, no syscall, no
+# subscriber (Conn._queue: whole frames): no copy, no syscall, no
 # Python-level call per subscriber. The first Conn that becomes dirty in an
 # event-loop iteration schedules ONE loop.call_soon(Writer.flush); every
 # later publish of that iteration only appends. flush() then writes each dirty
 # conn's whole queue with sendmsg(2) over an iovec array (IOV_MAX entries per
 # call, MSG_DONTWAIT | MSG_NOSIGNAL), so a conn owed N frames costs one
-# syscall, not N.
+# syscall, not N; a conn owed one frame gets one send(2).
 #
 # Why the byte order on the wire can never break: we write to the fd
 # ourselves only while the transport's own buffer is empty and the protocol is
@@ -32,6 +32,38 @@
 # exceeds max_pending, the conn "overflows": queue dropped at once, closed,
 # removed from its channels and the writer, and on_overflow(conn) is called
 # from loop.call_soon, never re-entrantly inside publish().
+#
+# Closing, and why flush needs no transport call per conn: flush writes to
+# the fd only while the conn is open and not paused, and asks the transport
+# nothing on that path (no is_closing(), no get_write_buffer_size()):
+#   * "not paused" already means "the transport's buffer is empty": with
+#     high=0/low=0 every transport pauses the protocol (synchronously, inside
+#     write()) as soon as anything stays in its buffer, and resumes it only
+#     once the buffer is empty; the protocol forwards both (above), and
+#     _init() reads the size once for a transport that already buffers (its
+#     pause came before the conn existed).
+#   * The fd cannot have been closed (and so reused by another connection):
+#     uvloop and asyncio close a connection's fd only in the transport's
+#     _call_connection_lost callback, in a `finally` right after
+#     protocol.connection_lost() returned or raised (uvloop
+#     handles/basetransport.pyx, asyncio selector_events.py); close(), abort()
+#     and fatal errors only schedule that callback, and the conn's reference to
+#     the transport rules out the close on garbage collection. So the protocol's
+#     connection_lost() must call conn.close() first, before anything that can
+#     raise, which the gateway's does; a protocol that is itself a Conn subclass
+#     inherits Conn.connection_lost (an override calls self.close() first).
+#     Until then the fd is still this connection's, also after
+#     transport.close(): frames queued before connection_lost still reach the
+#     right client.
+#   * So whoever writes a close frame into the transport closes the conn first
+#     (as the gateway does), or queued frames could follow the close frame.
+#
+# Idle conns own no Python objects besides themselves: _queue is None until
+# a frame is queued, the frame itself while it is the only one (written with
+# one send(2)), a list only from the second frame on. The channels a conn is
+# in (each with the conn's index in that channel's list, for O(1)
+# swap-remove) are one (_ch, _chidx) pair held in fields while there are at
+# most one, a dict {Channel: index} only while there are two or more.
 
 from posix.uio cimport iovec
 
@@ -39,6 +71,7 @@ from posix.uio cimport iovec
 cdef class Writer:
     cdef object _loop
     cdef object _flush_cb         # bound self.flush, made once: call_soon needs no new object
+    cdef object _on_overflow      # the last bound method a Conn got as on_overflow (shared, see Conn._init)
     cdef list _conns              # live conns; each knows its index (_widx) for O(1) removal
     cdef list _dirty              # conns with data to write this iteration
     cdef bint _scheduled
@@ -56,34 +89,42 @@ cdef class Writer:
 
 
 cdef class Conn:
+    # (Ordered by size: no padding. 144 bytes + 16 of GC header: one 160-byte block.)
     cdef Writer _writer
     cdef object _transport
     cdef object _on_overflow
-    cdef int _fd
+    cdef object _queue            # None | bytes (the only frame) | list (2+ frames, shared, oldest first)
+    cdef Channel _ch              # the only channel while in <= 1, else None
+    cdef dict _chans              # Channel -> index, only while in >= 2 channels, else None
+    cdef public object session
+    cdef public double last_send
+    cdef public double last_recv
     cdef Py_ssize_t _max_pending
-    cdef list _queue              # whole encoded frames, shared with other conns, oldest first
     cdef Py_ssize_t _qbytes
     # Last known transport buffer size. Re-read on pause and whenever the cap
     # looks crossed, so the hot path needs no Python call per frame.
     cdef Py_ssize_t _tbuf
+    cdef int _fd
+    cdef int _widx                # index in the writer's list (conns per process < 2**31)
+    cdef int _chidx               # index in _ch's list
     cdef bint _paused
     cdef bint _dirty
     cdef bint _closed
-    cdef Py_ssize_t _widx
-    cdef dict _chans              # Channel -> this conn's index in it (swap-remove)
-    cdef public double last_send
-    cdef public double last_recv
-    cdef public object session
 
     cdef int _init(self, Writer writer, transport, Py_ssize_t max_pending, on_overflow) except -1
     cdef int _enqueue(self, bytes frame) except -1
     cdef int _flush(self, double now) except -1
     cdef int _flush_joined(self, double now) except -1
     cdef int _flush_direct(self, double now) except -1
+    cdef int _flush_one(self, double now) except -1
     cdef int _handover(self, bytes data) except -1
     cdef Py_ssize_t _transport_size(self)
     cdef int _overflow(self) except -1
     cdef void _drop(self)
+    cdef bint _member(self, Channel ch)
+    cdef int _join(self, Channel ch, Py_ssize_t idx) except -1
+    cdef Py_ssize_t _leave(self, Channel ch) except -2
+    cdef Py_ssize_t _queued_frames(self)
 
 
 cdef class Channel:

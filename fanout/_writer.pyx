@@ -4,8 +4,9 @@ The pipeline and the reasons the per-connection byte order holds are explained
 once, in _writer.pxd.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.number cimport PyNumber_Index
 from cpython.ref cimport PyObject
 from libc.errno cimport EAGAIN, EINTR, errno
@@ -34,6 +35,7 @@ cdef extern from *:
         size_t msg_iovlen
     ctypedef long ssize_t
     ssize_t sendmsg(int fd, const msghdr* msg, int flags) nogil
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags) nogil
     const int EWOULDBLOCK
     const int MSG_NOSIGNAL
     const int MSG_DONTWAIT
@@ -128,13 +130,29 @@ cdef class Writer:
                 f"syscalls={self.syscalls} overflows={self.overflows}>")
 
 
+cdef object _shared_callback(Writer writer, object cb):
+    """``cb``, or an equal bound method an earlier Conn already holds.
+
+    ``Conn(..., gw.on_overflow)`` makes a new bound method object per conn
+    (64 bytes); equal ones (same function, same object) are interchangeable.
+    """
+    cdef object last = writer._on_overflow
+    if not PyMethod_Check(cb):
+        return cb
+    if (last is not None and PyMethod_GET_FUNCTION(cb) == PyMethod_GET_FUNCTION(last)
+            and PyMethod_GET_SELF(cb) == PyMethod_GET_SELF(last)):
+        return last
+    writer._on_overflow = cb
+    return cb
+
+
 cdef class Conn:
     """One client connection's outbound queue."""
 
     def __cinit__(self, *args, **kwargs):
-        self._queue = []
-        self._chans = {}
+        # _queue, _ch, _chans: None (nothing queued, in no channel)
         self._widx = -1
+        self._chidx = -1
         self._fd = -1
         self._closed = True  # until __init__ has registered us
 
@@ -150,7 +168,7 @@ cdef class Conn:
         self._writer = writer
         self._transport = transport
         self._max_pending = max_pending
-        self._on_overflow = on_overflow
+        self._on_overflow = _shared_callback(writer, on_overflow)
         self.session = None
         now = writer._loop.time()
         self.last_send = now
@@ -188,7 +206,13 @@ cdef class Conn:
             return 0
         if n == 0:
             return 1
-        self._queue.append(frame)
+        q = self._queue
+        if q is None:
+            self._queue = frame
+        elif PyList_CheckExact(q):
+            (<list>q).append(frame)
+        else:
+            self._queue = [q, frame]
         self._qbytes += n
         if self._qbytes + self._tbuf > self._max_pending:
             self._tbuf = self._transport_size()
@@ -207,41 +231,84 @@ cdef class Conn:
         return 0
 
     cdef void _drop(self):
-        cdef dict chans
-        cdef Channel ch
+        cdef dict chans = self._chans
+        cdef Channel ch = self._ch
         if self._closed:
             return
         self._closed = True
-        # A new list, not clear(): a flush further up the stack may still hold the old one.
-        self._queue = []
+        # Not clear(): a flush further up the stack may still hold the old list.
+        self._queue = None
         self._qbytes = 0
-        chans = self._chans
-        self._chans = {}
-        for ch, idx in chans.items():
-            ch._remove_at(idx)
+        self._ch = None
+        self._chans = None
+        if ch is not None:
+            ch._remove_at(self._chidx)
+        elif chans is not None:
+            for ch, idx in chans.items():
+                ch._remove_at(idx)
+        self._chidx = -1
         self._writer._unregister(self)
 
+    # Channel membership: one (_ch, _chidx) pair, or the dict _chans from two channels on.
+
+    cdef bint _member(self, Channel ch):
+        if self._ch is ch:
+            return True
+        return self._chans is not None and ch in self._chans
+
+    cdef int _join(self, Channel ch, Py_ssize_t idx) except -1:
+        """Enter ``ch`` (not a member yet) at index ``idx`` of its list."""
+        if self._chans is not None:
+            self._chans[ch] = idx
+        elif self._ch is None:
+            self._ch = ch
+            self._chidx = <int>idx
+        else:
+            self._chans = {self._ch: self._chidx, ch: idx}
+            self._ch = None
+            self._chidx = -1
+        return 0
+
+    cdef Py_ssize_t _leave(self, Channel ch) except -2:
+        """Forget ``ch``; its index for this conn, or -1 when not a member."""
+        cdef Py_ssize_t idx
+        cdef dict chans = self._chans
+        if self._ch is ch:
+            idx = self._chidx
+            self._ch = None
+            self._chidx = -1
+            return idx
+        if chans is None:
+            return -1
+        found = chans.pop(ch, None)
+        if found is None:
+            return -1
+        if len(chans) == 1:
+            last_ch, last_idx = chans.popitem()
+            self._chans = None
+            self._ch = <Channel>last_ch
+            self._chidx = <int>last_idx
+        return <Py_ssize_t>found
+
     cdef int _flush(self, double now) except -1:
-        if PyList_GET_SIZE(self._queue) == 0:
+        # Only for an open, unpaused conn, and without asking the transport
+        # anything: "unpaused" means its buffer is empty, "open" that its fd is
+        # still this connection's (see "Closing" in _writer.pxd).
+        q = self._queue
+        if q is None:
             return 0
-        tr = self._transport
-        if tr.is_closing():
-            # After close the fd may already belong to another connection.
-            self._drop()
-            return 0
-        if self._fd < 0 or tr.get_write_buffer_size() > 0:
-            # No fd, or the transport holds data we were not told about (a
-            # protocol that does not forward pause_writing): order forbids a
-            # direct write, so everything goes behind it.
+        if self._fd < 0:
             return self._flush_joined(now)
-        return self._flush_direct(now)
+        if PyList_CheckExact(q):
+            return self._flush_direct(now)
+        return self._flush_one(now)
 
     cdef int _flush_joined(self, double now) except -1:
-        cdef list q = self._queue
-        cdef Py_ssize_t n = PyList_GET_SIZE(q)
+        cdef object q = self._queue
+        cdef Py_ssize_t n = PyList_GET_SIZE(q) if PyList_CheckExact(q) else 1
         cdef Writer w = self._writer
-        cdef bytes data = <bytes>q[0] if n == 1 else b"".join(q)
-        self._queue = []
+        cdef bytes data = b"".join(q) if PyList_CheckExact(q) else <bytes>q
+        self._queue = None
         self._qbytes = 0
         w.frames_out += n
         w.bytes_out += PyBytes_GET_SIZE(data)
@@ -333,9 +400,46 @@ cdef class Conn:
         if self._closed:
             return 0
         if head >= PyList_GET_SIZE(q):
-            self._queue = []
+            self._queue = None
         else:
             del q[:head]
+        return 0
+
+    cdef int _flush_one(self, double now) except -1:
+        # The common case of a fan-out: one frame owed, one send(2), no list.
+        cdef Writer w = self._writer
+        cdef bytes frame = <bytes>self._queue
+        cdef Py_ssize_t flen = PyBytes_GET_SIZE(frame)
+        cdef ssize_t n
+        cdef int err
+        cdef int eintr = 0
+        self._queue = None  # taken: a frame queued while we hand over goes behind it
+        while True:
+            n = c_send(self._fd, PyBytes_AS_STRING(frame), <size_t>flen, MSG_DONTWAIT | MSG_NOSIGNAL)
+            w.syscalls += 1
+            if n >= 0:
+                break
+            err = errno
+            if err == EINTR and eintr < 3:
+                eintr += 1
+                continue
+            if err != EAGAIN and err != EWOULDBLOCK and err != EINTR:
+                w.write_errors += 1
+                self._drop()
+                return 0
+            n = 0
+            break
+        self._qbytes -= flen
+        w.frames_out += 1
+        if n == flen:
+            w.bytes_out += <unsigned long long>n
+            self.last_send = now
+            return 0
+        # The kernel is full: the unsent rest becomes the transport's (it pauses us).
+        w.bytes_out += <unsigned long long>flen
+        w.syscalls += 1
+        self.last_send = now
+        self._handover(frame if n == 0 else PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame) + n, flen - n))
         return 0
 
     def send(self, bytes frame not None):
@@ -351,11 +455,19 @@ cdef class Conn:
         """Forward from the protocol: the transport drained, write our queue again."""
         self._paused = False
         self._tbuf = 0
-        if not self._closed and not self._dirty and PyList_GET_SIZE(self._queue):
+        if not self._closed and not self._dirty and self._queue is not None:
             self._writer._mark_dirty(self)
 
     def close(self):
         """Drop the queue and leave every channel and the writer; idempotent."""
+        self._drop()
+
+    def connection_lost(self, exc):
+        """Forward from the protocol, FIRST thing: the transport closes the fd right after.
+
+        Same as close(). A protocol that subclasses Conn gets it as its own
+        connection_lost; an override calls this (or close()) before anything else.
+        """
         self._drop()
 
     @property
@@ -395,7 +507,12 @@ cdef class Conn:
 
     def __repr__(self):
         return (f"<Conn fd={self._fd} closed={self._closed} paused={self._paused} "
-                f"queued={PyList_GET_SIZE(self._queue)}/{self._qbytes}B>")
+                f"queued={self._queued_frames()}/{self._qbytes}B>")
+
+    cdef Py_ssize_t _queued_frames(self):
+        if self._queue is None:
+            return 0
+        return PyList_GET_SIZE(self._queue) if PyList_CheckExact(self._queue) else 1
 
 
 cdef class Channel:
@@ -408,20 +525,23 @@ cdef class Channel:
         cdef Conn last = self._conns.pop()
         if idx < PyList_GET_SIZE(self._conns):
             self._conns[idx] = last
-            last._chans[self] = idx
+            if last._ch is self:
+                last._chidx = <int>idx
+            else:
+                last._chans[self] = idx
 
     def add(self, Conn conn not None):
         """Subscribe ``conn``; False when already here or closed."""
-        if conn._closed or self in conn._chans:
+        if conn._closed or conn._member(self):
             return False
-        conn._chans[self] = PyList_GET_SIZE(self._conns)
+        conn._join(self, PyList_GET_SIZE(self._conns))
         self._conns.append(conn)
         return True
 
     def remove(self, Conn conn not None):
         """Unsubscribe ``conn``; False when it was not here."""
-        idx = conn._chans.pop(self, None)
-        if idx is None:
+        cdef Py_ssize_t idx = conn._leave(self)
+        if idx < 0:
             return False
         self._remove_at(idx)
         return True
@@ -450,7 +570,7 @@ cdef class Channel:
         return PyList_GET_SIZE(self._conns)
 
     def __contains__(self, conn):
-        return isinstance(conn, Conn) and self in (<Conn>conn)._chans
+        return isinstance(conn, Conn) and (<Conn>conn)._member(self)
 
     def __repr__(self):
         return f"<Channel conns={len(self._conns)}>"

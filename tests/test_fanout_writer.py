@@ -490,3 +490,256 @@ def test_argument_checks(impl: SimpleNamespace, loop_factory: LoopFactory) -> No
             assert conn.max_pending == BIG and conn.transport is gw.transport and conn.writer is writer
 
     run(loop_factory, main)
+
+
+class FakeTransport:
+    """No socket (fd -1): enough of a transport for a Conn that never writes."""
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+def owned(impl: SimpleNamespace, conn: Any) -> list[Any]:
+    """The objects a conn refers to directly."""
+    import gc
+
+    return gc.get_referents(conn) if impl.name == "compiled" else list(vars(conn).values())
+
+
+def containers(impl: SimpleNamespace, conn: Any) -> list[type]:
+    return sorted((type(o) for o in owned(impl, conn) if type(o) in (list, dict, bytes)), key=lambda t: t.__name__)
+
+
+def test_idle_conn_owns_no_containers(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            gw, reader = await net.open(conn_factory(impl, writer))
+            conn = gw.conn
+            x, y, z = impl.Channel(), impl.Channel(), impl.Channel()
+            assert containers(impl, conn) == []
+            assert x.add(conn)
+            assert containers(impl, conn) == []  # one channel: held in fields
+            assert conn.send(impl.encode_text(b"a"))
+            assert containers(impl, conn) == [bytes]  # one frame: the frame itself
+            assert conn.send(impl.encode_text(b"b"))
+            assert containers(impl, conn) == [list]
+            await asyncio.sleep(0)
+            assert containers(impl, conn) == []  # flushed: the queue is gone
+            assert x.publish(impl.encode_text(b"c")) == 1
+            await asyncio.sleep(0)
+            assert containers(impl, conn) == []
+            assert y.add(conn) and z.add(conn)
+            assert containers(impl, conn) == [dict]
+            assert x.remove(conn) and z.remove(conn)
+            assert containers(impl, conn) == []  # back to one channel: no dict
+            assert conn in y and conn not in x and conn not in z
+            assert y.publish(impl.encode_text(b"d")) == 1 and x.publish(impl.encode_text(b"e")) == 0
+            await reader.wait_bytes(4 * 3)
+            assert payloads(reader.data) == [b"a", b"b", b"c", b"d"]
+            conn.close()
+            assert containers(impl, conn) == [] and len(y) == 0
+
+    run(loop_factory, main)
+
+
+def test_bytes_per_idle_conn(impl: SimpleNamespace) -> None:
+    """An idle conn in one channel costs its own object plus one slot in the channel and the writer."""
+    import gc
+    import tracemalloc
+
+    if impl.name != "compiled":
+        pytest.skip("the pure-Python twin has a __dict__ per conn")
+    loop = asyncio.new_event_loop()
+    try:
+        writer = impl.Writer(loop)
+        channel = impl.Channel()
+        transports = [FakeTransport() for _ in range(4000)]
+        on_overflow = lambda conn: None  # noqa: E731
+        conns = [None] * len(transports)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i, tr in enumerate(transports):
+                conns[i] = conn = impl.Conn(writer, tr, 1 << 20, on_overflow)
+                channel.add(conn)
+            gc.collect()
+            per_conn = (tracemalloc.get_traced_memory()[0] - before) / len(conns)
+        finally:
+            tracemalloc.stop()
+        # 160 bytes of Conn (GC header included) + 8 + 8 list slots, + list over-allocation
+        assert per_conn <= 200, per_conn
+    finally:
+        loop.close()
+
+
+class CountingTransport:
+    """A real transport behind a proxy that counts every method called on it."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.calls: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._transport, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("kind", ["socketpair", "tcp"])
+def test_flush_asks_the_transport_nothing(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    """The common path (a socket with room) costs no Python-level call on the transport."""
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        proxies: list[CountingTransport] = []
+
+        def make(transport: asyncio.Transport) -> Any:
+            proxies.append(CountingTransport(transport))
+            return impl.Conn(writer, proxies[-1], BIG, lambda conn: None)
+
+        async with Net(kind, small=False) as net:
+            pairs = [await net.open(make) for _ in range(3)]
+            channel = impl.Channel()
+            for gw, _ in pairs:
+                assert channel.add(gw.conn) and gw.conn.fd >= 0
+            for proxy in proxies:
+                proxy.calls.clear()
+            sent: list[bytes] = []
+            for tick in range(6):
+                for j in range(1 if tick % 2 else 3):  # one frame (send) and several (sendmsg)
+                    body = payload("t", len(sent), 100)
+                    sent.append(body)
+                    assert channel.publish(impl.encode_text(body)) == 3
+                await asyncio.sleep(0)
+            assert writer.syscalls == 3 * 6 and writer.frames_out == 3 * len(sent)
+            assert [proxy.calls for proxy in proxies] == [{}, {}, {}]
+            for _, reader in pairs:
+                await reader.wait_bytes(sum(len(impl.encode_text(p)) for p in sent))
+                assert payloads(reader.data) == sent
+
+    run(loop_factory, main)
+
+
+def test_no_write_after_connection_lost_even_to_a_reused_fd(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    """The transport closes the fd right after connection_lost, which closes the conn first."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        channel = impl.Channel()
+        a, b = socket.socketpair()
+        transport, gw = await loop.create_unix_connection(
+            lambda: GatewayProtocol(conn_factory(impl, writer), None), sock=a
+        )
+        conn = gw.conn
+        fd = conn.fd
+        assert fd >= 0 and channel.add(conn)
+        first = impl.encode_text(b"first")
+        assert channel.publish(first) == 1
+        await asyncio.sleep(0)
+        transport.abort()  # connection_lost is scheduled; until it runs the fd is still ours
+        assert channel.publish(impl.encode_text(b"after abort")) == 1  # its flush comes after connection_lost
+        await asyncio.wait_for(gw.lost, WAIT)
+        assert conn.closed and len(channel) == 0 and len(writer) == 0
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed by the transport right after connection_lost
+        c, d = socket.socketpair()  # another connection now owns the number (lowest free, else dup2)
+        dup = c.fileno() != fd
+        if dup:
+            os.dup2(c.fileno(), fd)
+        try:
+            assert conn.send(impl.encode_text(b"late")) is False
+            assert channel.publish(impl.encode_text(b"late")) == 0
+            writer.flush()
+            await asyncio.sleep(0)
+            d.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                d.recv(100)
+            b.settimeout(WAIT)
+            got = b""
+            while chunk := b.recv(100):
+                got += chunk
+            assert got == first
+            assert writer.syscalls == 1 and writer.write_errors == 0
+        finally:
+            if dup:
+                os.close(fd)
+            for s in (b, c, d):
+                s.close()
+
+    run(loop_factory, main)
+
+
+def test_frames_queued_before_connection_lost_reach_the_same_client(
+    impl: SimpleNamespace, loop_factory: LoopFactory
+) -> None:
+    """transport.close() by someone else: the fd stays this connection's until connection_lost."""
+
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop())
+        async with Net("socketpair", small=False) as net:
+            gw, reader = await net.open(conn_factory(impl, writer))
+            assert gw.transport is not None
+            channel = impl.Channel()
+            channel.add(gw.conn)
+            frames = [impl.encode_text(b"one"), impl.encode_text(b"two")]
+            assert channel.publish(frames[0]) == 1  # schedules the flush
+            gw.transport.close()  # schedules connection_lost, after the flush
+            assert channel.publish(frames[1]) == 1
+            await asyncio.wait_for(asyncio.shield(gw.lost), WAIT)
+            assert gw.conn.closed and len(channel) == 0
+            await reader.wait_done()
+            assert reader.data == b"".join(frames)
+            assert writer.write_errors == 0
+
+    run(loop_factory, main)
+
+
+def test_equal_bound_methods_as_on_overflow_are_shared(impl: SimpleNamespace) -> None:
+    """``Conn(..., gw.on_overflow)`` makes a new bound method per call; conns keep one of them."""
+    import types
+
+    class Gateway:
+        def __init__(self) -> None:
+            self.overflowed: list[Any] = []
+
+        def on_overflow(self, conn: Any) -> None:
+            self.overflowed.append(conn)
+
+    loop = asyncio.new_event_loop()
+    try:
+        writer = impl.Writer(loop)
+        gw, other = Gateway(), Gateway()
+        conns = [impl.Conn(writer, FakeTransport(), 100, gw.on_overflow) for _ in range(3)]
+        conns.append(impl.Conn(writer, FakeTransport(), 100, other.on_overflow))
+        conns.append(impl.Conn(writer, FakeTransport(), 100, gw.on_overflow))
+        held = [[o for o in owned(impl, c) if isinstance(o, types.MethodType)] for c in conns]
+        assert all(len(h) == 1 for h in held)
+        assert held[0][0] is held[1][0] is held[2][0]
+        assert held[3][0].__self__ is other and held[4][0].__self__ is gw
+        for conn in (conns[1], conns[3]):
+            assert conn.send(impl.encode_text(b"x" * 200)) is False  # over max_pending
+        loop.run_until_complete(asyncio.sleep(0))
+        assert gw.overflowed == [conns[1]] and other.overflowed == [conns[3]]
+    finally:
+        loop.close()
