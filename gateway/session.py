@@ -67,10 +67,12 @@ class Session(WSConn):
         self.gw.connection_made(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        # First: the fd is closed right after this returns and may be reused at once; fanout must
+        # never write to it again (see fanout/_writer.pxd).
+        Conn.close(self)
         self._closing = True
         self._http = None
         self.ws_stop_input()
-        Conn.close(self)
         for subject in self.subjects:
             recovery.unsubscribe(self.gw.hub, self, subject)
         self._subjects = None
