@@ -128,8 +128,10 @@ def _run_workers(config: Config, argv: Sequence[str] | None) -> int:
     """N processes on one port (SO_REUSEPORT); each reads every partition and serves its own clients."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=([*argv, "--reuse-port"],), daemon=False)
-             for _ in range(config.workers)]
+    # each worker its own node id (the `server` of `connected`, the `node` of /healthz)
+    procs = [ctx.Process(target=_worker, args=([*argv, "--reuse-port", "--node-id", f"{config.node_id}-w{i}"],),
+                         daemon=False)
+             for i in range(1, config.workers + 1)]
     for p in procs:
         p.start()
     print(f"gateway: {config.workers} workers on port {config.port} (pids "

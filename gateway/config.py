@@ -151,6 +151,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')}: no such file: {path}")
     if config.workers > 1 and not config.kafka:
         raise ConfigError("--workers > 1 needs --kafka: the standalone engine keeps its state in one process")
+    if config.workers > 1 and config.port == 0:
+        raise ConfigError("--workers > 1 needs a fixed --port: with port 0 every worker would pick its own")
     if config.kafka and not config.topics:
         raise ConfigError("--kafka needs --topics (the topics this gateway serves)")
     if config.max_message_bytes > 64 * MiB:

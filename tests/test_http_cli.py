@@ -90,6 +90,7 @@ def test_help_documents_every_flag(capsys):
     ["serve", "--heartbeat-ms", "0"],
     ["serve", "--topics", "bad topic!", "--kafka", "127.0.0.1:1"],
     ["serve", "--workers", "2"],
+    ["serve", "--workers", "2", "--kafka", "127.0.0.1:1", "--topics", "t", "--port", "0"],
     ["serve", "--jwt-public-key", "/does/not/exist.pem"],
     ["serve", "--tls-cert", "x.pem"],
     ["bogus"],

@@ -23,7 +23,7 @@ from aiokafka.structs import TopicPartition
 from conftest import SCALE, ws_url
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
 from support.tcpproxy import TcpProxy
-from support.ws import connected, no_frame, recv, recv_until, send
+from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -596,3 +596,61 @@ async def _ack_or_error(ws: ClientConnection) -> dict[str, Any]:
         f = await recv(ws, WAIT)
         if f["op"] in ("ack", "error"):
             return f
+
+
+async def test_workers_share_one_port_and_stop_together(kafka_broker: KafkaBroker,
+                                                         gateway_processes: list[GatewayProcess],
+                                                         topic: Callable[[str], str]) -> None:
+    """`--workers 2`: two processes behind one port (SO_REUSEPORT), each reading every partition, so a
+    publish through one worker reaches the clients of the other; SIGTERM stops both with 1001."""
+    t = topic()
+    await kafka_broker.create_topic(t, 2)
+    gw = GatewayProcess(kafka_broker, [t], "wk", "--workers", "2")
+    gateway_processes.append(gw)
+    nodes: set[str] = set()
+
+    async def healthz_node() -> str:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gw.port), WAIT)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            body = (await asyncio.wait_for(reader.read(), WAIT)).partition(b"\r\n\r\n")[2]
+            status = json.loads(body)
+            return str(status["node"]) if status["status"] == "ok" else ""
+        finally:
+            writer.close()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3 * WAIT
+    while nodes != {"wk-w1", "wk-w2"}:  # both workers listen and are caught up
+        assert loop.time() < deadline and gw.proc.poll() is None, f"workers seen: {nodes}; {gw.log()}"
+        try:
+            nodes.add(await healthz_node())
+        except (OSError, ValueError, asyncio.TimeoutError):
+            await asyncio.sleep(0.05)
+        nodes.discard("")
+
+    clients: list[tuple[str, ClientConnection]] = []
+    subject = f"/{t}/score"
+    for _ in range(24):
+        ws = await open_ws(gw.url)
+        await send(ws, {"op": "connect"})
+        hello = await recv(ws)
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": subject}]})
+        assert (await recv_until(ws, "subscribed"))["subject"] == subject
+        clients.append((hello["server"], ws))
+    by_worker = {server for server, _ in clients}
+    assert by_worker == {"wk-w1", "wk-w2"}, "the kernel spreads 24 connections over both workers"
+    # publish through a client of worker 1: everyone, on both workers, gets it
+    publisher = next(ws for server, ws in clients if server == "wk-w1")
+    await send(publisher, {"op": "publish", "subject": subject, "content": "1-0", "id": 1})
+    seqs = set()
+    for _, ws in clients:
+        m = await recv_until(ws, "msg", skip=("hb", "ack"))
+        assert m["content"] == "1-0"
+        seqs.add((m["epoch"], m["seq"]))
+    assert len(seqs) == 1, "both workers number the record alike (from Kafka)"
+
+    gw.proc.send_signal(signal.SIGTERM)
+    for _, ws in clients:
+        assert await close_code(ws) == 1001
+    assert gw.proc.wait(3 * WAIT) == 0
