@@ -10,11 +10,15 @@ Not collected by the normal test run (pyproject's testpaths is `tests`). The rat
   without fanout), for 60 B, 1000 B and 70 000 B payloads (the three header forms);
 - ring append: steady state (the ring is full, every append evicts), 100 appends per call;
 - ring since(): recovery lookups 1, 10, 100 and 999 messages back in a full 1000-entry ring,
-  and a position older than the window (answer None).
+  and a position older than the window (answer None);
+- inbound frames: WSConn.data_received of one read holding 100 masked 64-byte text frames (and of one
+  64 KiB frame), each message handed to a no-op hook, vs the pure-Python twin of the same parser.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import struct
 
 import pytest
@@ -102,3 +106,53 @@ def test_ring_since(benchmark, record, impl, back):
     benchmark.group = f"ring since ({back} back)" if back != "miss" else "ring since (too old: None)"
     benchmark(ring.since, pos)
     record(benchmark, benchmark.group, impl)
+
+
+class _NullTransport:
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        pass
+
+    def get_write_buffer_size(self):
+        return 0
+
+
+def _masked(payload: bytes) -> bytes:
+    key = os.urandom(4)
+    n = len(payload)
+    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+WSCONNS = {"ours": fanout.WSConn, "pure-python": _reference.WSConn}
+WRITERS = {"ours": fanout.Writer, "pure-python": _reference.Writer}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", ["100 x 64 B", "1 x 64 KiB"])
+def test_inbound_frames(benchmark, record, impl, shape):
+    count, size = (100, 64) if shape == "100 x 64 B" else (1, 65000)
+    read = b"".join(_masked(b"x" * size) for _ in range(count))
+
+    class Counting(WSCONNS[impl]):
+        n = 0
+
+        def __init__(self) -> None:  # the gateway's Session also takes its own arguments
+            pass
+
+        def ws_message(self, opcode, payload):
+            Counting.n += 1
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = Counting()
+        conn.ws_open(WRITERS[impl](loop), _NullTransport(), 1 << 20, 1 << 20, None)
+        conn.data_received(read)
+        assert Counting.n == count
+        benchmark.group = f"inbound frames ({shape}, one read)"
+        benchmark(conn.data_received, read)
+        record(benchmark, benchmark.group, impl)
+    finally:
+        loop.close()
