@@ -99,25 +99,29 @@ export class GatewayClient {
     let ws;
     try { ws = new WebSocket(url); } catch (e) { this._retry(); return; }
     this._ws = ws;
+    this._arm(ws);  // an opening handshake that never completes is a dead connection too
     ws.onopen = () => {
       const hello = { op: "connect", client: this.name };
       if (this.token) hello.token = this.token;
       ws.send(JSON.stringify(hello));
-      this._arm();
+      this._arm(ws);
     };
-    ws.onmessage = (ev) => { this._arm(); this._onFrame(ev.data); };
-    ws.onclose = (ev) => {
-      if (this._ws !== ws) return;
-      this._ws = null;
-      this._connected = false;
-      clearTimeout(this._watchdog);
-      for (const [id, p] of this.pendingAcks) p.reject(new GatewayError("unavailable", "connection lost", { id }));
-      this.pendingAcks.clear();
-      this.resyncing.clear();
-      this.onStatus("disconnected", `${ev.code}`);
-      if (ev.code === 1008) { this._closed = true; this.onError(new GatewayError("unauthorized", ev.reason || "policy")); return; }
-      this._retry();
-    };
+    ws.onmessage = (ev) => { this._arm(ws); this._onFrame(ev.data); };
+    ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
+  }
+
+  _lost(ws, code, reason) {  // the connection `ws` is over: settle what was pending, reconnect
+    if (this._ws !== ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = null;  // nothing more from it counts
+    this._ws = null;
+    this._connected = false;
+    clearTimeout(this._watchdog);
+    for (const [id, p] of this.pendingAcks) p.reject(new GatewayError("unavailable", "connection lost", { id }));
+    this.pendingAcks.clear();
+    this.resyncing.clear();
+    this.onStatus("disconnected", reason ? `${code} ${reason}` : `${code}`);
+    if (code === 1008) { this._closed = true; this.onError(new GatewayError("unauthorized", reason || "policy")); return; }
+    this._retry();
   }
 
   _retry() {
@@ -129,10 +133,14 @@ export class GatewayClient {
     setTimeout(() => this._open(), Math.random() * cap);  // full jitter
   }
 
-  _arm() {  // 2 x heartbeat_ms of silence = dead connection
+  _arm(ws) {  // 2 x heartbeat_ms of silence = dead connection
     clearTimeout(this._watchdog);
-    this._watchdog = setTimeout(() => { if (this._ws) this._ws.close(4001, "heartbeat timeout"); },
-                                2 * this._heartbeatMs);
+    this._watchdog = setTimeout(() => {
+      // Start a close, but do not wait for its handshake: on a dead network it never completes and
+      // the browser would fire `close` only after its own timeout, a minute or more later.
+      try { ws.close(4001, "heartbeat timeout"); } catch (e) { /* already closing */ }
+      this._lost(ws, 4001, "heartbeat timeout");
+    }, 2 * this._heartbeatMs);
   }
 
   _onFrame(text) {
@@ -143,7 +151,7 @@ export class GatewayClient {
         this._connected = true;
         this._attempt = 0;
         this._heartbeatMs = m.heartbeat_ms || this._heartbeatMs;
-        this._arm();
+        this._arm(this._ws);
         this.onStatus("connected", m.server);
         const subjects = [...this.handlers.keys()].map((s) => this._entry(s));
         if (subjects.length) this._send({ op: "subscribe", subjects });
