@@ -17,7 +17,7 @@ import pytest
 from conftest import SCALE, ws_url
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
 from support.client_fakegw import FakeGateway
-from support.tcp_proxy import TcpProxy
+from support.tcpproxy import TcpProxy
 from support.waits import wait_until
 
 from gateway.client import Client

@@ -319,7 +319,7 @@ async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
     t = topic()
     proxy_port = free_port()
     broker = start_tansu(advertised_port=proxy_port)
-    proxy = TcpProxy("127.0.0.1", broker.listen_port, port=proxy_port)
+    proxy = TcpProxy(broker.listen_port, port=proxy_port)
     engine = KafkaEngine(broker.bootstrap, [t], idempotence=False, publish_timeout=1.0, metadata_refresh_s=0.2)
     got: list[Record] = []
     engine.bind(got.append)

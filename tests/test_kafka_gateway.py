@@ -517,7 +517,7 @@ async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) 
     t = topic()
     proxy_port = free_port()
     broker = start_tansu(advertised_port=proxy_port)
-    proxy = TcpProxy("127.0.0.1", broker.listen_port, port=proxy_port)
+    proxy = TcpProxy(broker.listen_port, port=proxy_port)
     direct = broker.direct_producer()
     collectors: list[Collector] = []
     gw = None

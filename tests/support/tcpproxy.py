@@ -1,109 +1,153 @@
-"""A small asyncio TCP proxy for outage tests: 127.0.0.1:port -> target, with cut() and restore().
+"""A TCP relay on 127.0.0.1 in front of a server (a gateway, a Kafka broker): the network between a
+client and it, with the failures a test needs to cause on purpose.
 
-cut() drops every live connection (RST) and makes new ones close as soon as they are accepted,
-so clients see the peer as unreachable; restore() lets connections through again.
+- `refuse()`: new connections are reset as soon as they are accepted (the server is unreachable),
+  until `forward()`; `refused` counts them. Connections already relayed are not touched.
+- `cut()`: `refuse()`, and every relayed connection is reset too; `restore()` is `forward()`.
+- `swallow()`: new connections are accepted and then ignored (nothing relayed, never closed), until
+  `forward()`; `swallowed` counts them.
+- `freeze()`: the connections relayed so far stop carrying bytes either way but stay open (a silent
+  network: no FIN, no RST, nothing). New connections are relayed as usual (or as told above).
+A connection closed or reset by one side is closed or reset on the other side too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import TracebackType
+
+
+class _Link:
+    def __init__(self, down: asyncio.StreamWriter, up: asyncio.StreamWriter) -> None:
+        self.writers = (down, up)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.ended = 0  # directions that reached a clean end of stream
+
+    def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    def abort(self) -> None:
+        self.stop()
+        for w in self.writers:
+            w.transport.abort()
 
 
 class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", port: int = 0) -> None:
         self.target = (target_host, target_port)
-        self.host = host
-        self.port = port
-        self._server: asyncio.Server | None = None
-        self._cut = False
-        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self.accepted = 0
+        self._listen_port = port
         self.refused = 0
-
-    async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
+        self.relayed = 0
+        self.swallowed = 0
+        self._mode = "forward"
+        self._held: list[asyncio.StreamWriter] = []
+        self._links: set[_Link] = set()
+        self._frozen: list[_Link] = []
+        self._server: asyncio.Server | None = None
 
     @property
-    def is_cut(self) -> bool:
-        return self._cut
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
 
-    def cut(self) -> None:
-        self._cut = True
-        for client, upstream in list(self._conns):
-            client.transport.abort()
-            upstream.transport.abort()
-
-    def restore(self) -> None:
-        self._cut = False
-
-    async def stop(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self._listen_port)
+        return self
 
     async def __aenter__(self) -> TcpProxy:
         return await self.start()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
         await self.stop()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # stop() cancels handlers; a cancelled handler makes asyncio.start_server's done-callback log
-        # "Exception in callback" (Python < 3.12 calls task.exception() on it), so end normally.
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._serve(reader, writer)
+    async def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for link in list(self._links) + self._frozen:
+            link.abort()
+        for w in self._held:
+            w.transport.abort()
+        tasks = [t for link in list(self._links) + self._frozen for t in link.tasks]
+        if tasks:
+            await asyncio.wait(tasks)
+        await self._server.wait_closed()
+        self._server = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        upstream: asyncio.StreamWriter | None = None
-        try:
-            if self._cut:
-                self.refused += 1
-                return
-            try:
-                up_reader, upstream = await asyncio.open_connection(*self.target)
-            except OSError:
-                self.refused += 1
-                return
-            if self._cut:   # cut while connecting
-                self.refused += 1
-                return
-            self.accepted += 1
-            conn = (writer, upstream)
-            self._conns.add(conn)
-            try:
-                await asyncio.gather(self._pump(reader, upstream, writer),
-                                     self._pump(up_reader, writer, upstream))
-            finally:
-                self._conns.discard(conn)
-        finally:
+    def refuse(self) -> None:
+        self._mode = "refuse"
+
+    def swallow(self) -> None:
+        self._mode = "swallow"
+
+    def forward(self) -> None:
+        self._mode = "forward"
+
+    def cut(self) -> None:
+        """Unreachable from now on: reset every relayed connection and refuse new ones."""
+        self.refuse()
+        for link in list(self._links) + self._frozen:
+            link.abort()
+        self._links.clear()
+        self._frozen.clear()
+
+    restore = forward
+
+    def freeze(self) -> int:
+        """Stop every connection relayed so far, leaving its sockets open; returns how many."""
+        links = list(self._links)
+        for link in links:
+            self._links.discard(link)
+            link.stop()
+            self._frozen.append(link)
+        return len(links)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._mode == "refuse":
+            self.refused += 1
             writer.transport.abort()
-            if upstream is not None:
-                upstream.transport.abort()
-            self._handlers.discard(task)
+            return
+        if self._mode == "swallow":
+            self.swallowed += 1
+            self._held.append(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        if self._mode != "forward":  # cut or refused while connecting upstream
+            self.refused += 1
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
+        self.relayed += 1
+        link = _Link(writer, up_writer)
+        self._links.add(link)
+        loop = asyncio.get_running_loop()
+        link.tasks = [loop.create_task(self._pipe(reader, up_writer, link)),
+                      loop.create_task(self._pipe(up_reader, writer, link))]
 
-    @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, other: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: _Link) -> None:
         try:
             while data := await src.read(65536):
                 dst.write(data)
                 await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            # One side is gone: drop the whole connection (Kafka clients never half-close).
-            with contextlib.suppress(Exception):
-                dst.transport.abort()
-            with contextlib.suppress(Exception):
-                other.transport.abort()
+        except asyncio.CancelledError:
+            return  # frozen or shut down: leave the sockets as they are
+        except OSError:  # reset by one side: reset the other side too
+            self._links.discard(link)
+            link.abort()
+            return
+        # a clean end of stream from one side: pass it on; once both sides ended, close both
+        link.ended += 1
+        with contextlib.suppress(OSError):
+            if link.ended < 2 and dst.can_write_eof():
+                dst.write_eof()
+                return
+        self._links.discard(link)
+        for w in link.writers:
+            w.close()
