@@ -1,54 +1,95 @@
 #!/usr/bin/env python3
-"""RSS per idle, connected, subscribed WebSocket connection: the real gateway vs a websockets server.
+"""The gateway against a plain `websockets.broadcast` server, measured from outside in one run:
+memory per idle subscribed connection and server CPU time per delivered message.
 
-    cd /work/main && python setup.py build_ext --inplace -q
-    python benchmarks/memory_per_conn.py           # ~1-2 minutes on 2 cores (bounded: 8 minutes)
+    python setup.py build_ext --inplace -q
+    python benchmarks/gateway_vs_websockets.py          # ~3-4 minutes on 2 cores (bounded: 8 minutes)
+    python benchmarks/gateway_vs_websockets.py --quick  # one server of each kind, N=5000, ~30 s
 
-Servers (each started fresh for every repetition, standalone, on 127.0.0.1):
+Servers (each started fresh for every repetition, standalone, on 127.0.0.1, and treated as black
+boxes: only the command line, the listening socket, GET /healthz and ../shared/PROTOCOL.md are used):
 
-  gateway      `python -m gateway serve --port 0` exactly as operated (default flags: heartbeat 15 s,
-               1 MiB limits, picows + fanout)
-  websockets   a plain websockets (asyncio API, uvloop, default settings) broadcast server speaking
-               the same subset of the protocol: answers connect with connected, subscribe with
-               subscribed, and keeps one set of connections per subject
+  gateway      `python -m gateway serve --port 0` exactly as operated (default flags; GATEWAY_*
+               variables are removed from its environment so that the standalone engine runs)
+  websockets   a plain websockets server (asyncio API, uvloop, default settings) speaking the same
+               subset of the protocol: connect -> connected, subscribe -> subscribed, unsubscribe ->
+               unsubscribed, publish -> `msg` {subject, content, epoch, seq, prev, ts} to every
+               subscriber with one `websockets.broadcast()` call (seq 1, 2, 3 ... per subject), then an
+               `ack` when the publish carries an id
+
+The server is pinned to CPU 0; the client processes and this orchestrator to CPU 1.
 
 Clients: separate processes (<= 5000 connections each: the open-files limit is 20k per process),
-raw asyncio sockets doing the HTTP upgrade, then a masked `connect` frame, then a masked
-`subscribe` to one of 100 subjects; they answer pings with pongs and otherwise stay idle.
+raw asyncio sockets written from the protocol: HTTP upgrade, masked `connect`, masked `subscribe` to
+one of 100 "room" subjects; they answer pings with pongs. The port is found from the server's
+listening socket in /proc, not from its output.
 
-For N = 0, 5000, 15000 connections (grown in that order in the same server) the server's VmRSS is
-read from /proc once it has settled; reported: (RSS_N - RSS_0) / N, the marginal
-(RSS_15000 - RSS_5000) / 10000, and an extrapolation to 1M connections. Repeated --repeats times
-(median). Output: benchmarks/results/memory_per_conn.json.
+For N = 0, 5000, 15000 connections (grown in that order in the same server):
+
+1. Memory. With every connection idle and subscribed to its room only, the server's VmRSS is read
+   once it has settled. Reported: (RSS_N - RSS_0) / N, the marginal (RSS_15000 - RSS_5000) / 10000
+   and an extrapolation to 1M connections. This is the same state as the former memory_per_conn.py
+   measured, so its numbers stay comparable.
+2. CPU per delivery. Every connection then also subscribes to a fresh subject `/bench/all/n<N>a<i>`
+   (a fresh one per phase, so no snapshot is involved). A publisher connection, also a raw client of
+   the protocol, publishes --messages messages (default 30) to it, each with an `id`. The pace is
+   closed-loop: message k+1 is published only after the `ack` of k has arrived and every client
+   process has counted k messages on each of its connections. Clients check every `msg`: the epoch
+   is the one of `subscribed`, seq = previous + 1 and prev = previous seq; gaps, repeats, reordering,
+   epoch changes and prev mismatches are counted as errors. Reported: the server's CPU
+   (utime + stime from /proc/<pid>/stat) from just before the first publish until every client has
+   every message, divided by N x messages deliveries, in µs; also the same minus the server's idle
+   CPU rate (measured for 1.5 s just before), deliveries/s over that wall time (closed loop, so it
+   includes the clients' own work), the clients' CPU per delivery, and the share of the machine
+   that other processes used meanwhile. Afterwards every connection unsubscribes from the subject
+   again, so that the next memory reading sees idle connections with one subscription only.
+   Before a phase the script waits (<= 10 s) for an idle machine; a phase during which other
+   processes used more than 10 % of the machine is run again (at most 3 attempts in all, with a
+   fresh subject), and the least disturbed attempt is kept.
+
+Each server kind is run --repeats times (fresh servers, kinds alternating); tables show medians,
+and the websockets/gateway ratios are given as ratio of medians | median of per-repetition ratios.
+Output: benchmarks/results/gateway_vs_websockets.json.
 Internal roles: --role clients|ws-server.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import http.client
 import json
 import os
-import re
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-from _procs import HOST, Child, StdinLines, machine, reply, rss_bytes
+from _procs import (HOST, Child, StdinLines, machine, machine_busy_seconds, proc_cpu_seconds, reply,
+                    rss_bytes, wait_quiet)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS_JSON = os.path.join(HERE, "results", "memory_per_conn.json")
+RESULTS_JSON = os.path.join(HERE, "results", "gateway_vs_websockets.json")
 CLIENTS_MAX = 5000        # connections per client process
-SUBJECTS = 100
+SUBJECTS = 100            # room subjects the idle connections are spread over
 RUN_BUDGET = 8 * 60
 TARGET_BYTES = 2048       # the gateway's target per idle subscribed connection
 ONE_MILLION = 1_000_000
 FDS_PER_PROCESS = 19_000  # what one process can serve under the 20k open-files limit
+SERVER_CPU, OTHER_CPU = 0, 1
+IDLE_WINDOW = 1.5         # seconds of idle server CPU measured before each delivery phase
+MSG_TIMEOUT = 60.0        # per published message: ack + every client has it
+DISTURBED = 0.10          # a delivery phase during which other processes used more of the machine is re-run
+MAX_ATTEMPTS = 3          # ... at most this many times in all; the least disturbed attempt is kept
+ERROR_KEYS = ("seq_gap", "seq_missed", "seq_backwards", "prev_mismatch", "epoch_change",
+              "snapshot_mismatch", "msg_unsubscribed", "error_frames")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Client processes
+# Raw WebSocket client side (from ../shared/PROTOCOL.md and RFC 6455 only)
 
 def mask_frame(opcode: int, payload: bytes) -> bytes:
     """A masked client frame (RFC 6455 5.3)."""
@@ -66,30 +107,95 @@ def mask_frame(opcode: int, payload: bytes) -> bytes:
     return head + key + payload
 
 
-class IdleClient(asyncio.Protocol):
-    """upgrade -> connect -> subscribe, then idle; answers pings."""
+def upgrade_request(port: int) -> bytes:
+    return (f"GET /ws HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n").encode()
+
+
+def parse_frames(buf: bytes):
+    """-> ([(opcode, payload)], rest) for the complete unmasked server frames at the start of buf."""
+    out, pos, size = [], 0, len(buf)
+    while size - pos >= 2:
+        b0, b1 = buf[pos], buf[pos + 1]
+        n, head = b1 & 0x7F, 2
+        if n == 126:
+            if size - pos < 4:
+                break
+            n, head = int.from_bytes(buf[pos + 2:pos + 4], "big"), 4
+        elif n == 127:
+            if size - pos < 10:
+                break
+            n, head = int.from_bytes(buf[pos + 2:pos + 10], "big"), 10
+        if size - pos < head + n:
+            break
+        out.append((b0 & 0x0F, buf[pos + head:pos + head + n]))
+        pos += head + n
+    return out, buf[pos:]
+
+
+class Tally:
+    """Counters of one client process, with awaitable thresholds."""
+
+    def __init__(self) -> None:
+        self.c: collections.Counter = collections.Counter()
+        self.waiters: list = []
+        self.first_error: str | None = None
+
+    def add(self, key: str, k: int = 1) -> None:
+        self.c[key] += k
+        if self.waiters:
+            for w in list(self.waiters):
+                if self.c[w[0]] >= w[1] and not w[2].done():
+                    w[2].set_result(None)
+                    self.waiters.remove(w)
+
+    def error(self, key: str, why: str, k: int = 1) -> None:
+        if self.first_error is None:
+            self.first_error = why[:300]
+        self.add(key, k)
+
+    async def wait(self, key: str, target: int, timeout: float) -> bool:
+        if self.c[key] >= target:
+            return True
+        w = (key, target, asyncio.get_running_loop().create_future())
+        self.waiters.append(w)
+        try:
+            await asyncio.wait_for(w[2], timeout)
+            return True
+        except asyncio.TimeoutError:
+            if w in self.waiters:
+                self.waiters.remove(w)
+            return False
+
+
+class BenchClient(asyncio.Protocol):
+    """upgrade -> connect -> subscribe to its room; then idle (answers pings) and, on command,
+    subscribes to / unsubscribes from the delivery subject and checks every `msg` it gets."""
 
     HS, CONNECTING, SUBSCRIBING, READY, DONE = range(5)
 
-    def __init__(self, port: int, subject: str, ready: asyncio.Future, stats: dict) -> None:
+    def __init__(self, port: int, subject: str, ready: asyncio.Future, tally: Tally) -> None:
         self.port = port
         self.subject = subject
         self.ready = ready
-        self.stats = stats
+        self.tally = tally
         self.state = self.HS
         self.buf = b""
         self.tr: asyncio.Transport | None = None
+        self.pos: dict = {}  # subject -> [epoch, last seq], from `subscribed` on
 
     def connection_made(self, tr) -> None:
         self.tr = tr
-        tr.write(f"GET /ws HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nUpgrade: websocket\r\n"
-                 f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        tr.write(upgrade_request(self.port))
 
     def _fail(self, why: str) -> None:
         self.state = self.DONE
         if not self.ready.done():
             self.ready.set_result(why)
+
+    def send(self, obj) -> None:
+        self.tr.write(mask_frame(0x1, json.dumps(obj).encode()))
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -101,48 +207,80 @@ class IdleClient(asyncio.Protocol):
                 return self._fail(f"upgrade refused: {self.buf[:40]!r}")
             self.buf = self.buf[end + 4:]
             self.state = self.CONNECTING
-            self.tr.write(mask_frame(0x1, b'{"op":"connect","client":"memory_per_conn/1"}'))
-        while len(self.buf) >= 2:
-            b0, b1 = self.buf[0], self.buf[1]
-            n, head = b1 & 0x7F, 2
-            if n == 126:
-                if len(self.buf) < 4:
-                    return
-                n, head = int.from_bytes(self.buf[2:4], "big"), 4
-            elif n == 127:
-                if len(self.buf) < 10:
-                    return
-                n, head = int.from_bytes(self.buf[2:10], "big"), 10
-            if len(self.buf) < head + n:
-                return
-            payload = self.buf[head:head + n]
-            self.buf = self.buf[head + n:]
-            self._frame(b0 & 0x0F, payload)
+            self.tr.write(mask_frame(0x1, b'{"op":"connect","client":"gateway_vs_websockets/1"}'))
+        frames, self.buf = parse_frames(self.buf)
+        for opcode, payload in frames:
+            self._frame(opcode, payload)
 
     def _frame(self, opcode: int, payload: bytes) -> None:
+        t = self.tally
         if opcode == 0x9:
-            self.stats["pings"] += 1
+            t.add("pings")
             self.tr.write(mask_frame(0xA, payload))
-        elif opcode == 0x8:
-            self.stats["closed_by_server"] += 1
-            self._fail("closed by the server")
-        elif opcode == 0x1:
-            op = json.loads(payload).get("op")
-            if self.state == self.CONNECTING and op == "connected":
-                self.state = self.SUBSCRIBING
-                self.tr.write(mask_frame(0x1, json.dumps(
-                    {"op": "subscribe", "subjects": [{"subject": self.subject}]}).encode()))
-            elif self.state == self.SUBSCRIBING and op == "subscribed":
-                self.state = self.READY
-                if not self.ready.done():
-                    self.ready.set_result(None)
-            elif op == "error":
+            return
+        if opcode == 0x8:
+            t.add("closed_by_server")
+            return self._fail(f"closed by the server: {payload[:60]!r}")
+        if opcode != 0x1:
+            t.add("other_frames")
+            return
+        m = json.loads(payload)
+        op = m.get("op")
+        if op == "msg":
+            return self._msg(m, len(payload))
+        if self.state == self.CONNECTING and op == "connected":
+            self.state = self.SUBSCRIBING
+            self.send({"op": "subscribe", "subjects": [{"subject": self.subject}]})
+        elif self.state == self.SUBSCRIBING and op == "subscribed":
+            self.pos[m["subject"]] = [m["epoch"], m["seq"]]
+            self.state = self.READY
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif op == "subscribed":
+            self.pos[m["subject"]] = [m["epoch"], m["seq"]]
+            t.add("subscribed")
+        elif op == "unsubscribed":
+            self.pos.pop(m["subject"], None)
+            t.add("unsubscribed")
+        elif op == "hb":
+            t.add("hb")
+        elif op == "error":
+            t.error("error_frames", f"error frame: {payload[:200]!r}")
+            if self.state != self.READY:
                 self._fail(f"error: {payload[:120]!r}")
-            else:
-                self.stats["other_frames"] += 1
+        else:
+            t.add("other_frames")
+
+    def _msg(self, m: dict, size: int) -> None:
+        t = self.tally
+        subject = m["subject"]
+        p = self.pos.get(subject)
+        if p is None:
+            return t.error("msg_unsubscribed", f"msg of a subject not subscribed: {m}")
+        seq = m["seq"]
+        if m.get("snapshot"):
+            if seq != p[1] or m["epoch"] != p[0]:
+                t.error("snapshot_mismatch", f"snapshot {m['epoch']}/{seq} after subscribed {p}")
+            t.add("snapshots")
+            return
+        if m["epoch"] != p[0]:
+            t.error("epoch_change", f"{subject}: epoch {m['epoch']} after {p[0]}")
+            p[0], p[1] = m["epoch"], seq
+        else:
+            last = p[1]
+            if seq <= last:
+                return t.error("seq_backwards", f"{subject}: seq {seq} after {last}")
+            if seq != last + 1:
+                t.error("seq_gap", f"{subject}: seq {seq} after {last}")
+                t.add("seq_missed", seq - last - 1)
+            elif "prev" in m and m["prev"] != last:
+                t.error("prev_mismatch", f"{subject}: seq {seq} prev {m['prev']} after {last}")
+            p[1] = seq
+        t.add("msg_bytes", size)
+        t.add("msgs")
 
     def connection_lost(self, exc) -> None:
-        self.stats["lost"] += 1
+        self.tally.add("lost")
         self._fail(f"connection lost: {exc!r}")
 
 
@@ -150,8 +288,9 @@ async def clients_main() -> None:
     loop = asyncio.get_running_loop()
     ctl = StdinLines()
     await ctl.open()
-    stats = {"pings": 0, "lost": 0, "closed_by_server": 0, "other_frames": 0}
-    held: list = []
+    tally = Tally()
+    held: list[BenchClient] = []
+    phase = {"msgs0": 0, "conns": 0}
     reply({"pid": os.getpid()})
     sem = asyncio.Semaphore(200)
 
@@ -159,28 +298,112 @@ async def clients_main() -> None:
         async with sem:
             ready = loop.create_future()
             subject = f"/bench/room/{idx % SUBJECTS}"
-            tr, proto = await loop.create_connection(lambda: IdleClient(port, subject, ready, stats), HOST, port)
+            _, proto = await loop.create_connection(lambda: BenchClient(port, subject, ready, tally), HOST, port)
             held.append(proto)
-            why = await asyncio.wait_for(ready, timeout)
-            return why
+            return await asyncio.wait_for(ready, timeout)
+
+    def ready_conns() -> list[BenchClient]:
+        return [p for p in held if p.state == BenchClient.READY]
+
+    def status() -> dict:
+        return {"ready": len(ready_conns()), **tally.c, "first_error": tally.first_error}
 
     while True:
         cmd = await ctl.next()
-        if cmd["op"] == "quit":
+        op = cmd["op"]
+        if op == "quit":
             break
-        if cmd["op"] == "open":
+        if op == "open":
             t0 = time.monotonic()
             results = await asyncio.gather(
                 *(one(cmd["port"], cmd["first"] + i, cmd["timeout"]) for i in range(cmd["n"])),
                 return_exceptions=True)
             errors = [repr(r) if isinstance(r, BaseException) else r for r in results if r is not None]
-            reply({"ready": sum(1 for p in held if p.state == IdleClient.READY), "errors": len(errors),
+            reply({"ready": len(ready_conns()), "errors": len(errors),
                    "first_error": errors[0] if errors else None, "seconds": time.monotonic() - t0})
-        elif cmd["op"] == "status":
-            reply({"ready": sum(1 for p in held if p.state == IdleClient.READY), **stats})
+        elif op in ("subscribe", "unsubscribe"):
+            t0 = time.monotonic()
+            conns = ready_conns()
+            key = op + "d"
+            target = tally.c[key] + len(conns)
+            for p in conns:
+                p.send({"op": "subscribe", "subjects": [{"subject": cmd["subject"]}]} if op == "subscribe"
+                       else {"op": "unsubscribe", "subjects": [cmd["subject"]]})
+            ok = await tally.wait(key, target, cmd["timeout"])
+            if op == "subscribe":
+                phase.update(msgs0=tally.c["msgs"], conns=len(conns))
+            reply({"ok": ok, "conns": len(conns), key: tally.c[key] - (target - len(conns)),
+                   "seconds": time.monotonic() - t0})
+        elif op == "wait":  # until each phase connection has counted cmd["k"] messages
+            ok = await tally.wait("msgs", phase["msgs0"] + cmd["k"] * phase["conns"], cmd["timeout"])
+            reply({"ok": ok, "msgs": tally.c["msgs"] - phase["msgs0"], "expected": cmd["k"] * phase["conns"]})
+        elif op == "status":
+            reply(status())
     for p in held:
         if p.tr is not None:
             p.tr.abort()
+
+
+class BlockingWS:
+    """The publisher: a blocking raw-socket client of the protocol, used by the orchestrator."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.sendall(upgrade_request(port))
+        deadline = time.monotonic() + timeout
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self._read(deadline)
+        if not buf.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(f"publisher: upgrade refused: {buf[:60]!r}")
+        self.buf = buf.split(b"\r\n\r\n", 1)[1]
+        self.frames: collections.deque = collections.deque()
+
+    def _read(self, deadline: float) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("publisher: no answer in time")
+        self.sock.settimeout(left)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("publisher: connection closed by the server")
+        return chunk
+
+    def send(self, obj) -> None:
+        self.sock.sendall(mask_frame(0x1, json.dumps(obj).encode()))
+
+    def recv(self, timeout: float) -> dict:
+        """The next protocol message (pings are answered on the way)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while self.frames:
+                opcode, payload = self.frames.popleft()
+                if opcode == 0x9:
+                    self.sock.sendall(mask_frame(0xA, payload))
+                elif opcode == 0x8:
+                    raise RuntimeError(f"publisher: closed by the server: {payload[:60]!r}")
+                elif opcode == 0x1:
+                    return json.loads(payload)
+            self.buf += self._read(deadline)
+            frames, self.buf = parse_frames(self.buf)
+            self.frames.extend(frames)
+
+    def expect(self, op: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.recv(max(0.001, deadline - time.monotonic()))
+            if m.get("op") == op:
+                return m
+            if m.get("op") == "error":
+                raise RuntimeError(f"publisher: {m}")
+
+    def close(self) -> None:
+        try:
+            self.sock.sendall(mask_frame(0x8, (1000).to_bytes(2, "big")))
+        except OSError:
+            pass
+        self.sock.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,26 +412,66 @@ async def clients_main() -> None:
 async def ws_server_main() -> None:
     import secrets  # noqa: PLC0415
 
-    from websockets.asyncio.server import serve  # noqa: PLC0415
+    from websockets.asyncio.server import broadcast, serve  # noqa: PLC0415
 
+    epoch = secrets.token_hex(4)
     subs: dict[str, set] = {}
+    seqs: dict[str, int] = {}
+    latest: dict[str, dict] = {}  # subject -> its latest msg (the snapshot)
+
+    def dumps(obj) -> str:
+        return json.dumps(obj, separators=(",", ":"))
 
     async def handler(ws) -> None:
         mine: list[str] = []
+        connected = False
         try:
             async for message in ws:
-                req = json.loads(message)
-                op = req.get("op")
-                if op == "connect":
-                    await ws.send(json.dumps({"op": "connected", "session": secrets.token_hex(8),
-                                              "server": "websockets", "heartbeat_ms": 20000, "version": 1}))
+                try:
+                    req = json.loads(message)
+                    op = req.get("op")
+                except (ValueError, AttributeError):
+                    await ws.send(dumps({"op": "error", "code": "bad_request", "message": "bad JSON"}))
+                    continue
+                if not connected:
+                    if op != "connect":
+                        await ws.send(dumps({"op": "error", "code": "not_connected", "message": "connect first"}))
+                        await ws.close(1008)
+                        return
+                    connected = True
+                    await ws.send(dumps({"op": "connected", "session": secrets.token_hex(8),
+                                         "server": "websockets", "heartbeat_ms": 20000, "version": 1}))
                 elif op == "subscribe":
                     for entry in req.get("subjects", []):
                         subject = entry["subject"]
                         subs.setdefault(subject, set()).add(ws)
-                        mine.append(subject)
-                        await ws.send(json.dumps({"op": "subscribed", "subject": subject, "epoch": "e",
-                                                  "seq": 0, "recovered": False}))
+                        if subject not in mine:
+                            mine.append(subject)
+                        await ws.send(dumps({"op": "subscribed", "subject": subject, "epoch": epoch,
+                                             "seq": seqs.get(subject, 0), "recovered": False}))
+                        if subject in latest:
+                            await ws.send(dumps({**latest[subject], "snapshot": True}))
+                elif op == "unsubscribe":
+                    for subject in req.get("subjects", []):
+                        subs.get(subject, set()).discard(ws)
+                        if subject in mine:
+                            mine.remove(subject)
+                        await ws.send(dumps({"op": "unsubscribed", "subject": subject}))
+                elif op == "publish":
+                    subject = req["subject"]
+                    seq = seqs.get(subject, 0) + 1
+                    seqs[subject] = seq
+                    msg = {"op": "msg", "subject": subject, "content": req["content"], "epoch": epoch,
+                           "seq": seq, "prev": seq - 1, "ts": int(time.time() * 1000)}
+                    latest[subject] = msg
+                    broadcast(subs.get(subject, ()), dumps(msg))
+                    if "id" in req:
+                        await ws.send(dumps({"op": "ack", "id": req["id"], "subject": subject,
+                                             "epoch": epoch, "seq": seq}))
+                elif op == "ping":
+                    await ws.send(dumps({"op": "pong", "id": req.get("id")}))
+                else:
+                    await ws.send(dumps({"op": "error", "code": "bad_request", "message": f"unknown op {op!r}"}))
         finally:
             for subject in mine:
                 subs[subject].discard(ws)
@@ -222,17 +485,95 @@ async def ws_server_main() -> None:
 # ---------------------------------------------------------------------------------------------------
 # Orchestrator
 
-def start_server(kind: str, env: dict, logfile) -> tuple[Child, int]:
-    if kind == "gateway":
-        argv = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
-    else:
-        argv = [sys.executable, os.path.abspath(__file__), "--role", "ws-server"]
-    srv = Child(argv, env=env, name=kind, stderr=logfile, cwd=ROOT)
-    line = srv.readline(60).decode()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-    if not m:
-        raise RuntimeError(f"{kind}: unexpected first line {line!r}")
-    return srv, int(m.group(1))
+def pin(pid: int, cpu: int | None) -> None:
+    """Pin every thread of pid to one CPU (no-op when cpu is None)."""
+    if cpu is None:
+        return
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, {cpu})
+        except OSError:
+            pass
+
+
+def listening_port(pid: int, timeout: float) -> int:
+    """The TCP port pid listens on, from /proc (its socket fds matched with /proc/<pid>/net/tcp)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        inodes = set()
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+            for table in ("tcp", "tcp6"):
+                with open(f"/proc/{pid}/net/{table}", encoding="ascii") as fh:
+                    next(fh)
+                    for line in fh:
+                        f = line.split()
+                        if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                            return int(f[1].rsplit(":", 1)[1], 16)
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"pid {pid} listens on no TCP port after {timeout} s")
+
+
+def healthz_ok(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection(HOST, port, timeout=2)
+            c.request("GET", "/healthz")
+            last = c.getresponse().status
+            c.close()
+            if last == 200:
+                return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"GET /healthz on port {port}: {last!r} after {timeout} s")
+
+
+class Server:
+    def __init__(self, kind: str, env: dict, log, cpu: int | None) -> None:
+        if kind == "gateway":
+            argv = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
+            env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
+        else:
+            argv = [sys.executable, os.path.abspath(__file__), "--role", "ws-server"]
+        self.log = log
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=ROOT)
+        self.pid = self.proc.pid
+        try:
+            self.port = listening_port(self.pid, 60)
+            if kind == "gateway":
+                healthz_ok(self.port, 60)
+        except Exception:
+            self.stop()
+            raise
+        pin(self.pid, cpu)
+
+    def log_tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-800:].decode(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(6)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def settled_rss(pid: int) -> dict:
@@ -251,30 +592,100 @@ def settled_rss(pid: int) -> dict:
     return {k: statistics.median(r[k] for r in readings) for k in readings[0]}
 
 
-def measure(kind: str, ns: list[int], env: dict, deadline: float) -> dict:
-    """One fresh server, grown through ns; -> {N: rss dict}."""
+def deliver(srv: Server, clients: list[Child], n: int, messages: int, deadline: float, subject: str) -> dict:
+    """The CPU-per-delivery phase at n connections (see the module docstring)."""
+    for c in clients:
+        c.send({"op": "subscribe", "subject": subject, "timeout": 120})
+    subs = [c.recv(150) for c in clients]
+    conns = sum(s["conns"] for s in subs)
+    if conns != n or not all(s["ok"] for s in subs):
+        raise RuntimeError(f"only {sum(s['subscribed'] for s in subs)} of {n} connections subscribed to {subject}")
+    pub = BlockingWS(srv.port)
+    try:
+        pub.send({"op": "connect", "client": "gateway_vs_websockets-publisher/1"})
+        pub.expect("connected", 30)
+        time.sleep(0.3)
+        cpu_a, t_a = proc_cpu_seconds(srv.pid), time.monotonic()
+        time.sleep(IDLE_WINDOW)
+        idle_rate = (proc_cpu_seconds(srv.pid) - cpu_a) / (time.monotonic() - t_a)
+
+        pids = [srv.pid, *(c.pid for c in clients)]
+        cpu0 = {p: proc_cpu_seconds(p) for p in pids}
+        own0, busy0, t0 = sum(os.times()[:2]), machine_busy_seconds(), time.monotonic()
+        acks, epoch = [], None
+        for k in range(1, messages + 1):
+            if time.monotonic() > deadline:
+                raise TimeoutError("run budget exceeded during a delivery phase")
+            ts = time.monotonic()
+            pub.send({"op": "publish", "subject": subject, "content": f"score {k}-0, minute {k}", "id": k})
+            ack = pub.expect("ack", MSG_TIMEOUT)
+            acks.append(time.monotonic() - ts)
+            if ack.get("id") != k or ack.get("seq") != k or (epoch is not None and ack.get("epoch") != epoch):
+                raise RuntimeError(f"unexpected ack for publish {k}: {ack}")
+            epoch = ack["epoch"]
+            for c in clients:
+                c.send({"op": "wait", "k": k, "timeout": MSG_TIMEOUT})
+            waits = [c.recv(MSG_TIMEOUT + 30) for c in clients]
+            if not all(w["ok"] for w in waits):
+                status = [c.call({"op": "status"}) for c in clients]
+                raise RuntimeError(f"message {k} of {messages} did not reach every connection in {MSG_TIMEOUT} s: "
+                                   f"{sum(w['msgs'] for w in waits)} of {sum(w['expected'] for w in waits)} "
+                                   f"counted; clients: {status}")
+        t1 = time.monotonic()
+        cpu1 = {p: proc_cpu_seconds(p) for p in pids}
+        own1, busy1 = sum(os.times()[:2]), machine_busy_seconds()
+    finally:
+        pub.close()
+    wall = t1 - t0
+    deliveries = n * messages
+    server_cpu = cpu1[srv.pid] - cpu0[srv.pid]
+    clients_cpu = sum(cpu1[p] - cpu0[p] for p in pids[1:])
+    foreign = (busy1 - busy0) - server_cpu - clients_cpu - (own1 - own0)
+    for c in clients:
+        c.send({"op": "unsubscribe", "subject": subject, "timeout": 120})
+    unsubs = [c.recv(150) for c in clients]
+    if not all(u["ok"] for u in unsubs):
+        raise RuntimeError(f"unsubscribe from {subject}: {unsubs}")
+    return {
+        "n": n, "subject": subject, "messages": messages, "deliveries": deliveries, "seconds": wall,
+        "server_cpu_seconds": server_cpu,
+        "cpu_us_per_delivery": server_cpu / deliveries * 1e6,
+        "idle_cpu_per_second": idle_rate,
+        "cpu_us_per_delivery_minus_idle": (server_cpu - idle_rate * wall) / deliveries * 1e6,
+        "deliveries_per_s": deliveries / wall,
+        "clients_cpu_us_per_delivery": clients_cpu / deliveries * 1e6,
+        "foreign_cpu_share": max(0.0, foreign) / (wall * (os.cpu_count() or 1)),
+        "ack_ms_median": statistics.median(acks) * 1e3,
+        "subscribe_seconds": max(s["seconds"] for s in subs),
+    }
+
+
+def measure(kind: str, ns: list[int], messages: int, env: dict, deadline: float, pinned: bool, bar) -> dict:
+    """One fresh server, grown through ns: RSS at every N, then a delivery phase at that N."""
     with tempfile.TemporaryFile() as log:
-        srv, port = start_server(kind, env, log)
+        srv = Server(kind, env, log, SERVER_CPU if pinned else None)
         clients: list[Child] = []
         try:
             time.sleep(1.0)
-            out = {"0": settled_rss(srv.pid)}
+            out: dict = {"0": settled_rss(srv.pid), "deliveries": {}}
             held = 0
             n_procs = -(-max(ns) // CLIENTS_MAX)
             for _ in range(n_procs):
                 c = Child([sys.executable, os.path.abspath(__file__), "--role", "clients"], env=env, name="clients")
                 c.recv(60)
+                pin(c.pid, OTHER_CPU if pinned else None)
                 clients.append(c)
             per_proc = [0] * n_procs
             for n in ns:
                 if time.monotonic() > deadline:
                     raise TimeoutError("run budget exceeded")
+                bar.set_postfix_str(f"{kind}: opening {n} connections")
                 # fill the client processes in order, <= CLIENTS_MAX each
                 want, asked = n - held, []
                 for i, c in enumerate(clients):
                     take = min(want, CLIENTS_MAX - per_proc[i])
                     if take > 0:
-                        c.send({"op": "open", "port": port, "first": held, "n": take, "timeout": 120})
+                        c.send({"op": "open", "port": srv.port, "first": held, "n": take, "timeout": 120})
                         asked.append(c)
                         per_proc[i] += take
                         held += take
@@ -283,48 +694,89 @@ def measure(kind: str, ns: list[int], env: dict, deadline: float) -> dict:
                 ready = sum(c.call({"op": "status"})["ready"] for c in clients)
                 if ready != n or any(a["errors"] for a in answers):
                     bad = next((a["first_error"] for a in answers if a["errors"]), None)
-                    log.seek(0)
                     raise RuntimeError(f"{kind}: {ready} of {n} connections subscribed ({bad}); "
-                                       f"server log tail: {log.read()[-800:]!r}")
+                                       f"server log tail: {srv.log_tail()!r}")
+                bar.set_postfix_str(f"{kind}: RSS at {n} connections")
                 out[str(n)] = settled_rss(srv.pid)
                 out[str(n)]["connect_seconds"] = max(a["seconds"] for a in answers)
+                bar.set_postfix_str(f"{kind}: {messages} messages to {n} connections")
+                active = [c for c, k in zip(clients, per_proc) if k]
+                attempts = []
+                for attempt in range(MAX_ATTEMPTS):
+                    quiet = wait_quiet(limit=0.15, max_wait=max(1.0, min(10.0, deadline - time.monotonic() - 60)))
+                    r = deliver(srv, active, n, messages, deadline, f"/bench/all/n{n}a{attempt}")
+                    r["machine_busy_before"] = quiet
+                    attempts.append(r)
+                    if r["foreign_cpu_share"] <= DISTURBED or deadline - time.monotonic() < 90:
+                        break
+                best = min(attempts, key=lambda a: a["foreign_cpu_share"])
+                best["attempts_foreign_cpu_share"] = [a["foreign_cpu_share"] for a in attempts]
+                best["rss_after"] = rss_bytes(srv.pid)["VmRSS"]
+                out["deliveries"][str(n)] = best
+                bar.update()
             status = [c.call({"op": "status"}) for c in clients]
-            out["client_status"] = {k: sum(s[k] for s in status) for k in status[0]}
-            if out["client_status"]["lost"] or out["client_status"]["closed_by_server"]:
-                raise RuntimeError(f"{kind}: connections were lost while idle: {out['client_status']}")
+            total = collections.Counter()
+            for s in status:
+                total.update({k: v for k, v in s.items() if isinstance(v, int)})
+            out["client_status"] = dict(total)
+            out["client_first_error"] = next((s["first_error"] for s in status if s.get("first_error")), None)
+            if total["lost"] or total["closed_by_server"]:
+                raise RuntimeError(f"{kind}: connections were lost: {out['client_status']}; "
+                                   f"server log tail: {srv.log_tail()!r}")
             return out
         finally:
             for c in clients:
                 c.stop()
-            srv.stop(term=True)
+            srv.stop()
+
+
+def ratio_pair(w: list[float], g: list[float]) -> dict:
+    return {"of_medians": statistics.median(w) / statistics.median(g),
+            "median_of_paired": statistics.median(a / b for a, b in zip(w, g))}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--role", choices=["clients", "ws-server"])
-    ap.add_argument("--ns", default="5000,15000", help="connection counts after N=0 (default 5000,15000)")
-    ap.add_argument("--repeats", type=int, default=3, help="fresh servers per kind (median; default 3)")
+    ap.add_argument("--ns", default=None, help="connection counts after N=0 (default 5000,15000; --quick: 5000)")
+    ap.add_argument("--repeats", type=int, default=None, help="fresh servers per kind (median; default 3, --quick 1)")
+    ap.add_argument("--messages", type=int, default=None,
+                    help="messages published per delivery phase (default 30, --quick 10)")
+    ap.add_argument("--quick", action="store_true", help="one server per kind, N=5000, 10 messages")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the clients to CPUs")
     args = ap.parse_args()
     if args.role:
         import uvloop  # noqa: PLC0415
 
         uvloop.run(clients_main() if args.role == "clients" else ws_server_main())
         return 0
+    ns_arg = args.ns or ("5000" if args.quick else "5000,15000")
+    repeats = args.repeats or (1 if args.quick else 3)
+    messages = args.messages or (10 if args.quick else 30)
+    if not 1 <= messages <= 1000:
+        ap.error("--messages must be in 1..1000")
 
     from tqdm import tqdm  # noqa: PLC0415
 
     started = time.monotonic()
     deadline = started + RUN_BUDGET
-    ns = sorted(int(x) for x in args.ns.split(","))
+    ns = sorted(int(x) for x in ns_arg.split(","))
+    pinned = not args.no_pin and (os.cpu_count() or 1) >= 2
+    if pinned:
+        os.sched_setaffinity(0, {OTHER_CPU})
     kinds = ["gateway", "websockets"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    mach = machine()
+    busy0, wall0, own0 = machine_busy_seconds(), time.monotonic(), sum(os.times()[:4])
     runs: dict = {k: [] for k in kinds}
-    with tqdm(total=len(kinds) * args.repeats, desc="memory_per_conn", unit="server") as bar:
-        for rep in range(args.repeats):
-            for kind in kinds:
-                bar.set_postfix_str(f"{kind} #{rep + 1}: 0 -> {' -> '.join(map(str, ns))} connections")
-                runs[kind].append(measure(kind, ns, env, deadline))
-                bar.update()
+    with tqdm(total=len(kinds) * repeats * len(ns), desc="gateway_vs_websockets", unit="step",
+              dynamic_ncols=True) as bar:
+        for rep in range(repeats):
+            for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
+                runs[kind].append(measure(kind, ns, messages, env, deadline, pinned, bar))
+    # os.times()[2:4] holds the CPU of every child started (and reaped) since: servers and clients
+    foreign = (machine_busy_seconds() - busy0) - (sum(os.times()[:4]) - own0)
+    mach["foreign_cpu_share"] = round(max(0.0, foreign) / ((time.monotonic() - wall0) * (os.cpu_count() or 1)), 3)
 
     summary: dict = {}
     for kind in kinds:
@@ -335,8 +787,9 @@ def main() -> int:
             s[f"per_conn_{n}"] = statistics.median((r[str(n)]["VmRSS"] - r["0"]["VmRSS"]) / n for r in rows)
             s[f"anon_per_conn_{n}"] = statistics.median((r[str(n)]["RssAnon"] - r["0"]["RssAnon"]) / n for r in rows)
         lo, hi = ns[0], ns[-1]
-        s["marginal_per_conn"] = statistics.median(
-            (r[str(hi)]["VmRSS"] - r[str(lo)]["VmRSS"]) / (hi - lo) for r in rows)
+        if hi > lo:
+            s["marginal_per_conn"] = statistics.median(
+                (r[str(hi)]["VmRSS"] - r[str(lo)]["VmRSS"]) / (hi - lo) for r in rows)
         per = s[f"per_conn_{hi}"]
         procs = -(-ONE_MILLION // FDS_PER_PROCESS)
         s["extrapolated_1M"] = {
@@ -345,34 +798,99 @@ def main() -> int:
             "processes_at_19k_conns": procs,
             "sharded_bytes": procs * s["rss0_bytes"] + per * ONE_MILLION,
         }
+        s["deliveries"] = {}
+        for n in ns:
+            ph = [r["deliveries"][str(n)] for r in rows]
+            s["deliveries"][str(n)] = {
+                key: statistics.median(p[key] for p in ph)
+                for key in ("cpu_us_per_delivery", "cpu_us_per_delivery_minus_idle", "deliveries_per_s",
+                            "clients_cpu_us_per_delivery", "idle_cpu_per_second", "foreign_cpu_share",
+                            "ack_ms_median", "seconds")}
+        st = collections.Counter()
+        for r in rows:
+            st.update(r["client_status"])
+        s["client_errors"] = {k: st[k] for k in ERROR_KEYS}
+        s["lost_connections"] = st["lost"] + st["closed_by_server"]
+        s["msg_payload_bytes_mean"] = st["msg_bytes"] / max(1, st["msgs"])
+        s["first_error"] = next((r["client_first_error"] for r in rows if r["client_first_error"]), None)
         summary[kind] = s
     g, w = summary["gateway"], summary["websockets"]
     hi = ns[-1]
+    comparison: dict = {"memory_per_conn": {str(n): ratio_pair([(r[str(n)]["VmRSS"] - r["0"]["VmRSS"]) / n
+                                                                for r in runs["websockets"]],
+                                                               [(r[str(n)]["VmRSS"] - r["0"]["VmRSS"]) / n
+                                                                for r in runs["gateway"]]) for n in ns},
+                        "cpu_per_delivery": {}, "cpu_per_delivery_minus_idle": {}, "deliveries_per_s": {}}
+    for n in ns:
+        for name, key in (("cpu_per_delivery", "cpu_us_per_delivery"),
+                          ("cpu_per_delivery_minus_idle", "cpu_us_per_delivery_minus_idle"),
+                          ("deliveries_per_s", "deliveries_per_s")):
+            comparison[name][str(n)] = ratio_pair([r["deliveries"][str(n)][key] for r in runs["websockets"]],
+                                                  [r["deliveries"][str(n)][key] for r in runs["gateway"]])
+    import websockets  # noqa: PLC0415
+
     doc = {
-        "config": {"ns": [0, *ns], "repeats": args.repeats, "subjects": SUBJECTS, "clients_per_process": CLIENTS_MAX,
-                   **machine(), "seconds": round(time.monotonic() - started, 1)},
+        "config": {"ns": [0, *ns], "repeats": repeats, "messages_per_phase": messages, "subjects": SUBJECTS,
+                   "clients_per_process": CLIENTS_MAX, "pinned": pinned, "server_cpu": SERVER_CPU if pinned else None,
+                   "idle_window_s": IDLE_WINDOW, **mach, "websockets_version": websockets.__version__,
+                   "seconds": round(time.monotonic() - started, 1)},
+        "definitions": {
+            "per_conn_N": "(VmRSS at N idle connections subscribed to one room subject - VmRSS at 0) / N",
+            "cpu_us_per_delivery": "server utime+stime from the first publish until every client counted every "
+                                   "message, / (N x messages)",
+            "cpu_us_per_delivery_minus_idle": "the same minus the server's idle CPU rate x the phase's wall time",
+            "deliveries_per_s": "N x messages / wall time of the closed-loop phase (includes the clients' work)",
+            "ratios": "websockets / gateway; of_medians and median of the per-repetition (paired) ratios",
+        },
         "summary": summary,
+        "comparison_websockets_over_gateway": comparison,
         "target": {"per_conn_bytes_max": TARGET_BYTES, "gateway_per_conn": g[f"per_conn_{hi}"],
-                   "met": g[f"per_conn_{hi}"] <= TARGET_BYTES,
-                   "websockets_over_gateway": w[f"per_conn_{hi}"] / g[f"per_conn_{hi}"]},
+                   "met": g[f"per_conn_{hi}"] <= TARGET_BYTES},
         "runs": runs,
     }
     os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
     with open(RESULTS_JSON, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
+    print_tables(doc, kinds, ns)
+    print(f"written: {os.path.relpath(RESULTS_JSON)} ({doc['config']['seconds']} s)")
+    return 0
 
-    print(f"\n{'server':<12}{'RSS_0':>10}" + "".join(f"{'RSS_' + str(n):>12}{'/conn':>9}" for n in ns)
-          + f"{'marginal':>10}{'1M conns':>11}")
+
+def print_tables(doc: dict, kinds: list[str], ns: list[int]) -> None:
+    summary, comp = doc["summary"], doc["comparison_websockets_over_gateway"]
+    hi = ns[-1]
+    print(f"\nMemory per idle subscribed connection (median of {doc['config']['repeats']})")
+    print(f"{'server':<12}{'RSS_0':>10}" + "".join(f"{'RSS_' + str(n):>12}{'/conn':>9}" for n in ns)
+          + (f"{'marginal':>10}" if len(ns) > 1 else "") + f"{'1M conns':>11}")
     for kind in kinds:
         s = summary[kind]
         cells = "".join(f"{s[f'rss_{n}_bytes'] / 2**20:>10.1f}MB{s[f'per_conn_{n}']:>8,.0f}B" for n in ns)
-        print(f"{kind:<12}{s['rss0_bytes'] / 2**20:>8.1f}MB{cells}{s['marginal_per_conn']:>9,.0f}B"
+        marg = f"{s['marginal_per_conn']:>9,.0f}B" if len(ns) > 1 else ""
+        print(f"{kind:<12}{s['rss0_bytes'] / 2**20:>8.1f}MB{cells}{marg}"
               f"{s['extrapolated_1M']['one_process_bytes'] / 2**30:>9.2f}GiB")
-    print(f"\ngateway per idle subscribed connection: {g[f'per_conn_{hi}']:,.0f} B "
-          f"(target <= {TARGET_BYTES} B: {'met' if doc['target']['met'] else 'NOT met'}); "
-          f"websockets uses {doc['target']['websockets_over_gateway']:.1f}x as much")
-    print(f"written: {os.path.relpath(RESULTS_JSON)} ({doc['config']['seconds']} s)")
-    return 0
+    m = comp["memory_per_conn"][str(hi)]
+    print(f"websockets / gateway at N={hi}: {m['of_medians']:.2f} | {m['median_of_paired']:.2f}; gateway target "
+          f"<= {TARGET_BYTES} B: {'met' if doc['target']['met'] else 'NOT met'}")
+
+    print(f"\nServer CPU per delivery ({doc['config']['messages_per_phase']} messages to all N connections, "
+          f"closed loop; median of {doc['config']['repeats']})")
+    print(f"{'N':>7}{'server':>12}{'µs/delivery':>13}{'-idle':>8}{'deliveries/s':>14}{'clients µs':>12}"
+          f"{'foreign':>9}")
+    for n in ns:
+        for kind in kinds:
+            d = summary[kind]["deliveries"][str(n)]
+            print(f"{n:>7}{kind:>12}{d['cpu_us_per_delivery']:>13.2f}{d['cpu_us_per_delivery_minus_idle']:>8.2f}"
+                  f"{d['deliveries_per_s']:>14,.0f}{d['clients_cpu_us_per_delivery']:>12.2f}"
+                  f"{d['foreign_cpu_share']:>9.0%}")
+        c, ci, r = (comp[k][str(n)] for k in ("cpu_per_delivery", "cpu_per_delivery_minus_idle", "deliveries_per_s"))
+        print(f"{n:>7}{'ws/gateway':>12}{c['of_medians']:>8.2f}|{c['median_of_paired']:.2f}"
+              f"{ci['of_medians']:>8.2f}{r['of_medians']:>14.2f}")
+    for kind in kinds:
+        s = summary[kind]
+        errs = {k: v for k, v in s["client_errors"].items() if v}
+        print(f"{kind}: msg payload {s['msg_payload_bytes_mean']:.0f} B; lost connections {s['lost_connections']}; "
+              f"client-side errors: {errs or 'none'}" + (f" (first: {s['first_error']})" if s["first_error"] else ""))
+    print(f"CPU used by other processes during the run: {doc['config']['foreign_cpu_share']:.0%} of the machine")
 
 
 if __name__ == "__main__":
