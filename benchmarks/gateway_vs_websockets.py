@@ -6,8 +6,9 @@ memory per idle subscribed connection and server CPU time per delivered message.
     python benchmarks/gateway_vs_websockets.py          # ~3-4 minutes on 2 cores (bounded: 8 minutes)
     python benchmarks/gateway_vs_websockets.py --quick  # one server of each kind, N=5000, ~30 s
 
-Servers (each started fresh for every repetition, standalone, on 127.0.0.1, and treated as black
-boxes: only the command line, the listening socket, GET /healthz and ../shared/PROTOCOL.md are used):
+Servers (both kinds started fresh for every repetition and run side by side, standalone, on
+127.0.0.1, and treated as black boxes: only the command line, the listening socket, GET /healthz
+and ../shared/PROTOCOL.md are used):
 
   gateway      `python -m gateway serve --port 0` exactly as operated (default flags; GATEWAY_*
                variables are removed from its environment so that the standalone engine runs)
@@ -17,22 +18,25 @@ boxes: only the command line, the listening socket, GET /healthz and ../shared/P
                subscriber with one `websockets.broadcast()` call (seq 1, 2, 3 ... per subject), then an
                `ack` when the publish carries an id
 
-The server is pinned to CPU 0; the client processes and this orchestrator to CPU 1.
+The server being measured is pinned to CPU 0; the other server, the client processes and this
+orchestrator to CPU 1.
 
 Clients: separate processes (<= 5000 connections each: the open-files limit is 20k per process),
 raw asyncio sockets written from the protocol: HTTP upgrade, masked `connect`, masked `subscribe` to
 one of 100 "room" subjects; they answer pings with pongs. The port is found from the server's
 listening socket in /proc, not from its output.
 
-For N = 0, 5000, 15000 connections (grown in that order in the same server):
+For N = 0, 5000, 15000 connections per server (grown in that order in the same servers):
 
 1. Memory. With every connection idle and subscribed to its room only, the server's VmRSS is read
    once it has settled. Reported: (RSS_N - RSS_0) / N, the marginal (RSS_15000 - RSS_5000) / 10000
    and an extrapolation to 1M connections. This is the same state as the former memory_per_conn.py
    measured, so its numbers stay comparable.
-2. CPU per delivery. Every connection then also subscribes to a fresh subject `/bench/all/n<N>a<i>`
-   (a fresh one per phase, so no snapshot is involved). A publisher connection, also a raw client of
-   the protocol, publishes --messages messages (default 30) to it, each with an `id`. The pace is
+2. CPU per delivery. Then --rounds delivery phases per server (default 2), alternating between the
+   two servers (A B, B A, ...) so that each pair of neighbouring phases meets the same machine. In a
+   phase every connection of that server also subscribes to a fresh subject `/bench/all/n<N>r<i>a<j>`
+   (fresh, so no snapshot is involved). A publisher connection, also a raw client of
+   the protocol, publishes --messages messages (default 20) to it, each with an `id`. The pace is
    closed-loop: message k+1 is published only after the `ack` of k has arrived and every client
    process has counted k messages on each of its connections. Clients check every `msg`: the epoch
    is the one of `subscribed`, seq = previous + 1 and prev = previous seq; gaps, repeats, reordering,
@@ -40,15 +44,19 @@ For N = 0, 5000, 15000 connections (grown in that order in the same server):
    (utime + stime from /proc/<pid>/stat) from just before the first publish until every client has
    every message, divided by N x messages deliveries, in µs; also the same minus the server's idle
    CPU rate (measured for 1.5 s just before), deliveries/s over that wall time (closed loop, so it
-   includes the clients' own work), the clients' CPU per delivery, and the share of the machine
-   that other processes used meanwhile. Afterwards every connection unsubscribes from the subject
-   again, so that the next memory reading sees idle connections with one subscription only.
-   Before a phase the script waits (<= 10 s) for an idle machine; a phase during which other
-   processes used more than 10 % of the machine is run again (at most 3 attempts in all, with a
-   fresh subject), and the least disturbed attempt is kept.
+   includes the clients' own work), N / the median publish->ack time (the server's own fan-out
+   rate: PROTOCOL.md has the standalone gateway ack once the message is "stored and fanned out",
+   and the websockets server acks after broadcast() returns), the clients' CPU per delivery, and
+   the share of the machine that other processes used meanwhile. Afterwards every connection
+   unsubscribes from the subject again, so that the next memory reading sees idle connections
+   with one subscription only.
+   Before a phase the script waits (<= 5 s) for an idle machine; a phase during which other
+   processes used more than 10 % of the machine is run once more (with a fresh subject) if the rest
+   of the run still fits in the time budget, and the less disturbed attempt is kept.
 
-Each server kind is run --repeats times (fresh servers, kinds alternating); tables show medians,
-and the websockets/gateway ratios are given as ratio of medians | median of per-repetition ratios.
+All of it is repeated --repeats times (default 3) with fresh servers, the order of the kinds
+alternating; tables show medians over all phases, and the websockets/gateway ratios are given as
+ratio of medians | median of the ratios of neighbouring phases.
 Output: benchmarks/results/gateway_vs_websockets.json.
 Internal roles: --role clients|ws-server.
 """
@@ -83,7 +91,7 @@ SERVER_CPU, OTHER_CPU = 0, 1
 IDLE_WINDOW = 1.5         # seconds of idle server CPU measured before each delivery phase
 MSG_TIMEOUT = 60.0        # per published message: ack + every client has it
 DISTURBED = 0.10          # a delivery phase during which other processes used more of the machine is re-run
-MAX_ATTEMPTS = 3          # ... at most this many times in all; the least disturbed attempt is kept
+MAX_ATTEMPTS = 2          # ... at most this many times in all (when the budget allows); the less disturbed is kept
 ERROR_KEYS = ("seq_gap", "seq_missed", "seq_backwards", "prev_mismatch", "epoch_change",
               "snapshot_mismatch", "msg_unsubscribed", "error_frames")
 
@@ -656,78 +664,122 @@ def deliver(srv: Server, clients: list[Child], n: int, messages: int, deadline: 
         "clients_cpu_us_per_delivery": clients_cpu / deliveries * 1e6,
         "foreign_cpu_share": max(0.0, foreign) / (wall * (os.cpu_count() or 1)),
         "ack_ms_median": statistics.median(acks) * 1e3,
+        "fanout_per_s_by_ack": n / statistics.median(acks),
         "subscribe_seconds": max(s["seconds"] for s in subs),
     }
 
 
-def measure(kind: str, ns: list[int], messages: int, env: dict, deadline: float, pinned: bool, bar) -> dict:
-    """One fresh server, grown through ns: RSS at every N, then a delivery phase at that N."""
-    with tempfile.TemporaryFile() as log:
-        srv = Server(kind, env, log, SERVER_CPU if pinned else None)
-        clients: list[Child] = []
-        try:
-            time.sleep(1.0)
-            out: dict = {"0": settled_rss(srv.pid), "deliveries": {}}
-            held = 0
-            n_procs = -(-max(ns) // CLIENTS_MAX)
-            for _ in range(n_procs):
-                c = Child([sys.executable, os.path.abspath(__file__), "--role", "clients"], env=env, name="clients")
-                c.recv(60)
-                pin(c.pid, OTHER_CPU if pinned else None)
-                clients.append(c)
-            per_proc = [0] * n_procs
-            for n in ns:
+class Side:
+    """One server under test with its own client processes."""
+
+    def __init__(self, kind: str, env: dict, n_procs: int, pinned: bool) -> None:
+        self.kind = kind
+        self.pinned = pinned
+        self.log = tempfile.TemporaryFile()
+        self.srv = Server(kind, env, self.log, SERVER_CPU if pinned else None)
+        self.clients: list[Child] = []
+        self.per_proc = [0] * n_procs
+        self.held = 0
+        self.out: dict = {"deliveries": {}}
+        for _ in range(n_procs):
+            c = Child([sys.executable, os.path.abspath(__file__), "--role", "clients"], env=env, name="clients")
+            c.recv(60)
+            pin(c.pid, OTHER_CPU if pinned else None)
+            self.clients.append(c)
+
+    def grow(self, n: int) -> None:
+        """Open connections up to n in all, filling the client processes in order (<= CLIENTS_MAX each)."""
+        want, asked = n - self.held, []
+        for i, c in enumerate(self.clients):
+            take = min(want, CLIENTS_MAX - self.per_proc[i])
+            if take > 0:
+                c.send({"op": "open", "port": self.srv.port, "first": self.held, "n": take, "timeout": 120})
+                asked.append(c)
+                self.per_proc[i] += take
+                self.held += take
+                want -= take
+        answers = [c.recv(180) for c in asked]
+        ready = sum(c.call({"op": "status"})["ready"] for c in self.clients)
+        if ready != n or any(a["errors"] for a in answers):
+            bad = next((a["first_error"] for a in answers if a["errors"]), None)
+            raise RuntimeError(f"{self.kind}: {ready} of {n} connections subscribed ({bad}); "
+                               f"server log tail: {self.srv.log_tail()!r}")
+        self.out[str(n)] = settled_rss(self.srv.pid)
+        self.out[str(n)]["connect_seconds"] = max(a["seconds"] for a in answers)
+
+    def active(self) -> list[Child]:
+        return [c for c, k in zip(self.clients, self.per_proc) if k]
+
+    def finish(self) -> dict:
+        status = [c.call({"op": "status"}) for c in self.clients]
+        total = collections.Counter()
+        for s in status:
+            total.update({k: v for k, v in s.items() if isinstance(v, int)})
+        self.out["client_status"] = dict(total)
+        self.out["client_first_error"] = next((s["first_error"] for s in status if s.get("first_error")), None)
+        if total["lost"] or total["closed_by_server"]:
+            raise RuntimeError(f"{self.kind}: connections were lost: {self.out['client_status']}; "
+                               f"server log tail: {self.srv.log_tail()!r}")
+        return self.out
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.stop()
+        self.srv.stop()
+        self.log.close()
+
+
+def measure(kinds: list[str], ns: list[int], messages: int, rounds: int, env: dict, deadline: float,
+            pinned: bool, bar, steps_left) -> dict:
+    """Fresh servers of both kinds, side by side, grown through ns: at every N, the RSS of each, then
+    `rounds` delivery phases per server, alternating (A B, B A, ...), with the idle server moved off
+    the measured server's CPU. A disturbed phase is re-run only if the rest of the run would still
+    fit in the budget (steps_left() -> steps still to do, mean seconds per step so far)."""
+    sides: dict[str, Side] = {}
+    try:
+        n_procs = -(-max(ns) // CLIENTS_MAX)
+        for kind in kinds:
+            bar.set_postfix_str(f"starting {kind}")
+            sides[kind] = Side(kind, env, n_procs, pinned)
+        time.sleep(1.0)
+        for side in sides.values():
+            side.out["0"] = settled_rss(side.srv.pid)
+        for n in ns:
+            for kind, side in sides.items():
                 if time.monotonic() > deadline:
                     raise TimeoutError("run budget exceeded")
-                bar.set_postfix_str(f"{kind}: opening {n} connections")
-                # fill the client processes in order, <= CLIENTS_MAX each
-                want, asked = n - held, []
-                for i, c in enumerate(clients):
-                    take = min(want, CLIENTS_MAX - per_proc[i])
-                    if take > 0:
-                        c.send({"op": "open", "port": srv.port, "first": held, "n": take, "timeout": 120})
-                        asked.append(c)
-                        per_proc[i] += take
-                        held += take
-                        want -= take
-                answers = [c.recv(180) for c in asked]
-                ready = sum(c.call({"op": "status"})["ready"] for c in clients)
-                if ready != n or any(a["errors"] for a in answers):
-                    bad = next((a["first_error"] for a in answers if a["errors"]), None)
-                    raise RuntimeError(f"{kind}: {ready} of {n} connections subscribed ({bad}); "
-                                       f"server log tail: {srv.log_tail()!r}")
-                bar.set_postfix_str(f"{kind}: RSS at {n} connections")
-                out[str(n)] = settled_rss(srv.pid)
-                out[str(n)]["connect_seconds"] = max(a["seconds"] for a in answers)
-                bar.set_postfix_str(f"{kind}: {messages} messages to {n} connections")
-                active = [c for c, k in zip(clients, per_proc) if k]
-                attempts = []
-                for attempt in range(MAX_ATTEMPTS):
-                    quiet = wait_quiet(limit=0.15, max_wait=max(1.0, min(10.0, deadline - time.monotonic() - 60)))
-                    r = deliver(srv, active, n, messages, deadline, f"/bench/all/n{n}a{attempt}")
-                    r["machine_busy_before"] = quiet
-                    attempts.append(r)
-                    if r["foreign_cpu_share"] <= DISTURBED or deadline - time.monotonic() < 90:
-                        break
-                best = min(attempts, key=lambda a: a["foreign_cpu_share"])
-                best["attempts_foreign_cpu_share"] = [a["foreign_cpu_share"] for a in attempts]
-                best["rss_after"] = rss_bytes(srv.pid)["VmRSS"]
-                out["deliveries"][str(n)] = best
+                bar.set_postfix_str(f"{kind}: {n} connections, RSS")
+                side.grow(n)
+                side.out["deliveries"][str(n)] = []
                 bar.update()
-            status = [c.call({"op": "status"}) for c in clients]
-            total = collections.Counter()
-            for s in status:
-                total.update({k: v for k, v in s.items() if isinstance(v, int)})
-            out["client_status"] = dict(total)
-            out["client_first_error"] = next((s["first_error"] for s in status if s.get("first_error")), None)
-            if total["lost"] or total["closed_by_server"]:
-                raise RuntimeError(f"{kind}: connections were lost: {out['client_status']}; "
-                                   f"server log tail: {srv.log_tail()!r}")
-            return out
-        finally:
-            for c in clients:
-                c.stop()
-            srv.stop()
+            for rnd in range(rounds):
+                for kind in (kinds if rnd % 2 == 0 else kinds[::-1]):
+                    side = sides[kind]
+                    if pinned:  # the measured server alone on its CPU; the other one waits with the clients
+                        for other in sides.values():
+                            pin(other.srv.pid, SERVER_CPU if other is side else OTHER_CPU)
+                    bar.set_postfix_str(f"{kind}: {messages} messages to {n} connections, round {rnd + 1}")
+                    attempts = []
+                    for attempt in range(MAX_ATTEMPTS):
+                        t_attempt = time.monotonic()
+                        quiet = wait_quiet(limit=0.15, max_wait=max(1.0, min(5.0, deadline - time.monotonic() - 60)))
+                        r = deliver(side.srv, side.active(), n, messages, deadline, f"/bench/all/n{n}r{rnd}a{attempt}")
+                        r["machine_busy_before"] = quiet
+                        attempts.append(r)
+                        left, per_step = steps_left()
+                        spare = deadline - time.monotonic() - left * per_step - 30
+                        if r["foreign_cpu_share"] <= DISTURBED or spare < 1.5 * (time.monotonic() - t_attempt):
+                            break
+                        bar.set_postfix_str(f"{kind}: {messages} messages to {n} connections, again (disturbed)")
+                    best = min(attempts, key=lambda a: a["foreign_cpu_share"])
+                    best["attempts_foreign_cpu_share"] = [a["foreign_cpu_share"] for a in attempts]
+                    best["rss_after"] = rss_bytes(side.srv.pid)["VmRSS"]
+                    side.out["deliveries"][str(n)].append(best)
+                    bar.update()
+        return {kind: side.finish() for kind, side in sides.items()}
+    finally:
+        for side in sides.values():
+            side.stop()
 
 
 def ratio_pair(w: list[float], g: list[float]) -> dict:
@@ -741,8 +793,9 @@ def main() -> int:
     ap.add_argument("--ns", default=None, help="connection counts after N=0 (default 5000,15000; --quick: 5000)")
     ap.add_argument("--repeats", type=int, default=None, help="fresh servers per kind (median; default 3, --quick 1)")
     ap.add_argument("--messages", type=int, default=None,
-                    help="messages published per delivery phase (default 30, --quick 10)")
-    ap.add_argument("--quick", action="store_true", help="one server per kind, N=5000, 10 messages")
+                    help="messages published per delivery phase (default 20, --quick 10)")
+    ap.add_argument("--rounds", type=int, default=2, help="delivery phases per server and N (default 2, --quick 1)")
+    ap.add_argument("--quick", action="store_true", help="one server per kind, N=5000, 10 messages, 1 round")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the clients to CPUs")
     args = ap.parse_args()
     if args.role:
@@ -752,7 +805,8 @@ def main() -> int:
         return 0
     ns_arg = args.ns or ("5000" if args.quick else "5000,15000")
     repeats = args.repeats or (1 if args.quick else 3)
-    messages = args.messages or (10 if args.quick else 30)
+    messages = args.messages or (10 if args.quick else 20)
+    rounds = 1 if args.quick and "--rounds" not in sys.argv else args.rounds
     if not 1 <= messages <= 1000:
         ap.error("--messages must be in 1..1000")
 
@@ -769,11 +823,17 @@ def main() -> int:
     mach = machine()
     busy0, wall0, own0 = machine_busy_seconds(), time.monotonic(), sum(os.times()[:4])
     runs: dict = {k: [] for k in kinds}
-    with tqdm(total=len(kinds) * repeats * len(ns), desc="gateway_vs_websockets", unit="step",
-              dynamic_ncols=True) as bar:
+    total_steps = repeats * len(ns) * len(kinds) * (1 + rounds)
+
+    def steps_left() -> tuple[int, float]:
+        done = bar.n + 1  # the step under way is nearly done when this is asked
+        return total_steps - done, (time.monotonic() - started) / done
+
+    with tqdm(total=total_steps, desc="gateway_vs_websockets", unit="step", dynamic_ncols=True) as bar:
         for rep in range(repeats):
-            for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
-                runs[kind].append(measure(kind, ns, messages, env, deadline, pinned, bar))
+            order = kinds if rep % 2 == 0 else kinds[::-1]
+            for kind, out in measure(order, ns, messages, rounds, env, deadline, pinned, bar, steps_left).items():
+                runs[kind].append(out)
     # os.times()[2:4] holds the CPU of every child started (and reaped) since: servers and clients
     foreign = (machine_busy_seconds() - busy0) - (sum(os.times()[:4]) - own0)
     mach["foreign_cpu_share"] = round(max(0.0, foreign) / ((time.monotonic() - wall0) * (os.cpu_count() or 1)), 3)
@@ -800,12 +860,12 @@ def main() -> int:
         }
         s["deliveries"] = {}
         for n in ns:
-            ph = [r["deliveries"][str(n)] for r in rows]
+            ph = [p for r in rows for p in r["deliveries"][str(n)]]
             s["deliveries"][str(n)] = {
                 key: statistics.median(p[key] for p in ph)
                 for key in ("cpu_us_per_delivery", "cpu_us_per_delivery_minus_idle", "deliveries_per_s",
                             "clients_cpu_us_per_delivery", "idle_cpu_per_second", "foreign_cpu_share",
-                            "ack_ms_median", "seconds")}
+                            "ack_ms_median", "fanout_per_s_by_ack", "seconds")}
         st = collections.Counter()
         for r in rows:
             st.update(r["client_status"])
@@ -814,23 +874,28 @@ def main() -> int:
         s["msg_payload_bytes_mean"] = st["msg_bytes"] / max(1, st["msgs"])
         s["first_error"] = next((r["client_first_error"] for r in rows if r["client_first_error"]), None)
         summary[kind] = s
-    g, w = summary["gateway"], summary["websockets"]
+    g = summary["gateway"]
     hi = ns[-1]
     comparison: dict = {"memory_per_conn": {str(n): ratio_pair([(r[str(n)]["VmRSS"] - r["0"]["VmRSS"]) / n
                                                                 for r in runs["websockets"]],
                                                                [(r[str(n)]["VmRSS"] - r["0"]["VmRSS"]) / n
                                                                 for r in runs["gateway"]]) for n in ns},
-                        "cpu_per_delivery": {}, "cpu_per_delivery_minus_idle": {}, "deliveries_per_s": {}}
+                        "cpu_per_delivery": {}, "cpu_per_delivery_minus_idle": {}, "deliveries_per_s": {},
+                        "fanout_per_s_by_ack": {}}
     for n in ns:
         for name, key in (("cpu_per_delivery", "cpu_us_per_delivery"),
                           ("cpu_per_delivery_minus_idle", "cpu_us_per_delivery_minus_idle"),
-                          ("deliveries_per_s", "deliveries_per_s")):
-            comparison[name][str(n)] = ratio_pair([r["deliveries"][str(n)][key] for r in runs["websockets"]],
-                                                  [r["deliveries"][str(n)][key] for r in runs["gateway"]])
+                          ("deliveries_per_s", "deliveries_per_s"),
+                          ("fanout_per_s_by_ack", "fanout_per_s_by_ack")):
+            # phases in (repetition, round) order on both sides, so zip() pairs neighbouring phases
+            comparison[name][str(n)] = ratio_pair(
+                [p[key] for r in runs["websockets"] for p in r["deliveries"][str(n)]],
+                [p[key] for r in runs["gateway"] for p in r["deliveries"][str(n)]])
     import websockets  # noqa: PLC0415
 
     doc = {
-        "config": {"ns": [0, *ns], "repeats": repeats, "messages_per_phase": messages, "subjects": SUBJECTS,
+        "config": {"ns": [0, *ns], "repeats": repeats, "rounds": rounds, "messages_per_phase": messages,
+                   "subjects": SUBJECTS,
                    "clients_per_process": CLIENTS_MAX, "pinned": pinned, "server_cpu": SERVER_CPU if pinned else None,
                    "idle_window_s": IDLE_WINDOW, **mach, "websockets_version": websockets.__version__,
                    "seconds": round(time.monotonic() - started, 1)},
@@ -840,6 +905,7 @@ def main() -> int:
                                    "message, / (N x messages)",
             "cpu_us_per_delivery_minus_idle": "the same minus the server's idle CPU rate x the phase's wall time",
             "deliveries_per_s": "N x messages / wall time of the closed-loop phase (includes the clients' work)",
+            "fanout_per_s_by_ack": "N / median time from publish to its ack (acks follow the fan-out)",
             "ratios": "websockets / gateway; of_medians and median of the per-repetition (paired) ratios",
         },
         "summary": summary,
@@ -873,18 +939,20 @@ def print_tables(doc: dict, kinds: list[str], ns: list[int]) -> None:
           f"<= {TARGET_BYTES} B: {'met' if doc['target']['met'] else 'NOT met'}")
 
     print(f"\nServer CPU per delivery ({doc['config']['messages_per_phase']} messages to all N connections, "
-          f"closed loop; median of {doc['config']['repeats']})")
-    print(f"{'N':>7}{'server':>12}{'µs/delivery':>13}{'-idle':>8}{'deliveries/s':>14}{'clients µs':>12}"
-          f"{'foreign':>9}")
+          f"closed loop; median of {doc['config']['repeats']} x {doc['config']['rounds']} phases)")
+    print(f"{'N':>7}{'server':>12}{'µs/delivery':>13}{'-idle':>8}{'deliveries/s':>14}{'N/ack-time':>12}"
+          f"{'clients µs':>12}{'foreign':>9}")
     for n in ns:
         for kind in kinds:
             d = summary[kind]["deliveries"][str(n)]
             print(f"{n:>7}{kind:>12}{d['cpu_us_per_delivery']:>13.2f}{d['cpu_us_per_delivery_minus_idle']:>8.2f}"
-                  f"{d['deliveries_per_s']:>14,.0f}{d['clients_cpu_us_per_delivery']:>12.2f}"
+                  f"{d['deliveries_per_s']:>14,.0f}{d['fanout_per_s_by_ack']:>12,.0f}"
+                  f"{d['clients_cpu_us_per_delivery']:>12.2f}"
                   f"{d['foreign_cpu_share']:>9.0%}")
-        c, ci, r = (comp[k][str(n)] for k in ("cpu_per_delivery", "cpu_per_delivery_minus_idle", "deliveries_per_s"))
+        c, ci, r, a = (comp[k][str(n)] for k in ("cpu_per_delivery", "cpu_per_delivery_minus_idle",
+                                                 "deliveries_per_s", "fanout_per_s_by_ack"))
         print(f"{n:>7}{'ws/gateway':>12}{c['of_medians']:>8.2f}|{c['median_of_paired']:.2f}"
-              f"{ci['of_medians']:>8.2f}{r['of_medians']:>14.2f}")
+              f"{ci['of_medians']:>8.2f}{r['of_medians']:>14.2f}{a['of_medians']:>12.2f}")
     for kind in kinds:
         s = summary[kind]
         errs = {k: v for k, v in s["client_errors"].items() if v}
