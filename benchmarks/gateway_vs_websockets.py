@@ -32,8 +32,9 @@ For N = 0, 5000, 15000 connections per server (grown in that order in the same s
    once it has settled. Reported: (RSS_N - RSS_0) / N, the marginal (RSS_15000 - RSS_5000) / 10000
    and an extrapolation to 1M connections. This is the same state as the former memory_per_conn.py
    measured, so its numbers stay comparable.
-2. CPU per delivery. Then --rounds delivery phases per server (default 2), alternating between the
-   two servers (A B, B A, ...) so that each pair of neighbouring phases meets the same machine. In a
+2. CPU per delivery. Then --rounds delivery phases per server (default 1), alternating between the
+   two servers (A B, then B A in the next round or repetition) so that each pair of neighbouring
+   phases meets the same machine. In a
    phase every connection of that server also subscribes to a fresh subject `/bench/all/n<N>r<i>a<j>`
    (fresh, so no snapshot is involved). A publisher connection, also a raw client of
    the protocol, publishes --messages messages (default 20) to it, each with an `id`. The pace is
@@ -43,14 +44,14 @@ For N = 0, 5000, 15000 connections per server (grown in that order in the same s
    epoch changes and prev mismatches are counted as errors. Reported: the server's CPU
    (utime + stime from /proc/<pid>/stat) from just before the first publish until every client has
    every message, divided by N x messages deliveries, in µs; also the same minus the server's idle
-   CPU rate (measured for 1.5 s just before), deliveries/s over that wall time (closed loop, so it
+   CPU rate (measured for 1 s just before), deliveries/s over that wall time (closed loop, so it
    includes the clients' own work), N / the median publish->ack time (the server's own fan-out
    rate: PROTOCOL.md has the standalone gateway ack once the message is "stored and fanned out",
    and the websockets server acks after broadcast() returns), the clients' CPU per delivery, and
    the share of the machine that other processes used meanwhile. Afterwards every connection
    unsubscribes from the subject again, so that the next memory reading sees idle connections
    with one subscription only.
-   Before a phase the script waits (<= 5 s) for an idle machine; a phase during which other
+   Before a phase the script waits (<= 2 s) for an idle machine; a phase during which other
    processes used more than 10 % of the machine is run once more (with a fresh subject) if the rest
    of the run still fits in the time budget, and the less disturbed attempt is kept.
 
@@ -88,7 +89,7 @@ TARGET_BYTES = 2048       # the gateway's target per idle subscribed connection
 ONE_MILLION = 1_000_000
 FDS_PER_PROCESS = 19_000  # what one process can serve under the 20k open-files limit
 SERVER_CPU, OTHER_CPU = 0, 1
-IDLE_WINDOW = 1.5         # seconds of idle server CPU measured before each delivery phase
+IDLE_WINDOW = 1.0         # seconds of idle server CPU measured before each delivery phase
 MSG_TIMEOUT = 60.0        # per published message: ack + every client has it
 DISTURBED = 0.10          # a delivery phase during which other processes used more of the machine is re-run
 MAX_ATTEMPTS = 2          # ... at most this many times in all (when the budget allows); the less disturbed is kept
@@ -762,7 +763,7 @@ def measure(kinds: list[str], ns: list[int], messages: int, rounds: int, env: di
                     attempts = []
                     for attempt in range(MAX_ATTEMPTS):
                         t_attempt = time.monotonic()
-                        quiet = wait_quiet(limit=0.15, max_wait=max(1.0, min(5.0, deadline - time.monotonic() - 60)))
+                        quiet = wait_quiet(limit=0.15, max_wait=2.0)
                         r = deliver(side.srv, side.active(), n, messages, deadline, f"/bench/all/n{n}r{rnd}a{attempt}")
                         r["machine_busy_before"] = quiet
                         attempts.append(r)
@@ -794,8 +795,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="fresh servers per kind (median; default 3, --quick 1)")
     ap.add_argument("--messages", type=int, default=None,
                     help="messages published per delivery phase (default 20, --quick 10)")
-    ap.add_argument("--rounds", type=int, default=2, help="delivery phases per server and N (default 2, --quick 1)")
-    ap.add_argument("--quick", action="store_true", help="one server per kind, N=5000, 10 messages, 1 round")
+    ap.add_argument("--rounds", type=int, default=1, help="delivery phases per server and N (default 1)")
+    ap.add_argument("--quick", action="store_true", help="one server per kind, N=5000, 10 messages")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server and the clients to CPUs")
     args = ap.parse_args()
     if args.role:
@@ -806,7 +807,7 @@ def main() -> int:
     ns_arg = args.ns or ("5000" if args.quick else "5000,15000")
     repeats = args.repeats or (1 if args.quick else 3)
     messages = args.messages or (10 if args.quick else 20)
-    rounds = 1 if args.quick and "--rounds" not in sys.argv else args.rounds
+    rounds = args.rounds
     if not 1 <= messages <= 1000:
         ap.error("--messages must be in 1..1000")
 
@@ -829,11 +830,21 @@ def main() -> int:
         done = bar.n + 1  # the step under way is nearly done when this is asked
         return total_steps - done, (time.monotonic() - started) / done
 
+    incomplete = None
     with tqdm(total=total_steps, desc="gateway_vs_websockets", unit="step", dynamic_ncols=True) as bar:
         for rep in range(repeats):
             order = kinds if rep % 2 == 0 else kinds[::-1]
-            for kind, out in measure(order, ns, messages, rounds, env, deadline, pinned, bar, steps_left).items():
+            try:
+                outs = measure(order, ns, messages, rounds, env, deadline, pinned, bar, steps_left)
+            except TimeoutError as exc:  # the budget: keep the repetitions that are complete, if any
+                if not rep:
+                    raise
+                incomplete = f"repetition {rep + 1} of {repeats} abandoned: {exc}"
+                break
+            for kind, out in outs.items():
                 runs[kind].append(out)
+    if incomplete:
+        print(f"\nWARNING: {incomplete}; the results cover {len(runs['gateway'])} repetitions")
     # os.times()[2:4] holds the CPU of every child started (and reaped) since: servers and clients
     foreign = (machine_busy_seconds() - busy0) - (sum(os.times()[:4]) - own0)
     mach["foreign_cpu_share"] = round(max(0.0, foreign) / ((time.monotonic() - wall0) * (os.cpu_count() or 1)), 3)
@@ -894,7 +905,8 @@ def main() -> int:
     import websockets  # noqa: PLC0415
 
     doc = {
-        "config": {"ns": [0, *ns], "repeats": repeats, "rounds": rounds, "messages_per_phase": messages,
+        "config": {"ns": [0, *ns], "repeats": repeats, "repeats_done": len(runs["gateway"]),
+                   "incomplete": incomplete, "rounds": rounds, "messages_per_phase": messages,
                    "subjects": SUBJECTS,
                    "clients_per_process": CLIENTS_MAX, "pinned": pinned, "server_cpu": SERVER_CPU if pinned else None,
                    "idle_window_s": IDLE_WINDOW, **mach, "websockets_version": websockets.__version__,
@@ -925,7 +937,7 @@ def main() -> int:
 def print_tables(doc: dict, kinds: list[str], ns: list[int]) -> None:
     summary, comp = doc["summary"], doc["comparison_websockets_over_gateway"]
     hi = ns[-1]
-    print(f"\nMemory per idle subscribed connection (median of {doc['config']['repeats']})")
+    print(f"\nMemory per idle subscribed connection (median of {doc['config']['repeats_done']})")
     print(f"{'server':<12}{'RSS_0':>10}" + "".join(f"{'RSS_' + str(n):>12}{'/conn':>9}" for n in ns)
           + (f"{'marginal':>10}" if len(ns) > 1 else "") + f"{'1M conns':>11}")
     for kind in kinds:
@@ -939,7 +951,7 @@ def print_tables(doc: dict, kinds: list[str], ns: list[int]) -> None:
           f"<= {TARGET_BYTES} B: {'met' if doc['target']['met'] else 'NOT met'}")
 
     print(f"\nServer CPU per delivery ({doc['config']['messages_per_phase']} messages to all N connections, "
-          f"closed loop; median of {doc['config']['repeats']} x {doc['config']['rounds']} phases)")
+          f"closed loop; median of {doc['config']['repeats_done']} x {doc['config']['rounds']} phases)")
     print(f"{'N':>7}{'server':>12}{'µs/delivery':>13}{'-idle':>8}{'deliveries/s':>14}{'N/ack-time':>12}"
           f"{'clients µs':>12}{'foreign':>9}")
     for n in ns:
