@@ -3,7 +3,7 @@
 memory per idle subscribed connection and server CPU time per delivered message.
 
     python setup.py build_ext --inplace -q
-    python benchmarks/gateway_vs_websockets.py          # ~3-4 minutes on 2 cores (bounded: 8 minutes)
+    python benchmarks/gateway_vs_websockets.py          # 3-5 minutes on 2 cores (bounded: 8 minutes)
     python benchmarks/gateway_vs_websockets.py --quick  # one server of each kind, N=5000, ~30 s
 
 Servers (both kinds started fresh for every repetition and run side by side, standalone, on
