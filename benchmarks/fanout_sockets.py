@@ -472,6 +472,40 @@ def child(role: str, env: dict) -> Child:
     return Child([sys.executable, os.path.abspath(__file__), "--role", role], env=env, name=role)
 
 
+def start_children(tmp: str, max_n: int, children: list) -> tuple[dict, dict, dict]:
+    """Start both senders and enough drains for max_n sockets per sender; -> (senders, ports, drains).
+
+    Every child is appended to `children` as soon as it exists: the caller stops them (by pid) also
+    when this fails half-way. Shared with test_fanout_sockets_bench.py.
+    """
+    env = dict(os.environ, SENDREF_DIR=tmp,
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    senders = {}
+    for key in ("raw", "ws"):
+        senders[key] = child(f"sender-{key}", env)
+        children.append(senders[key])
+    ports = {k: c.recv(60)["port"] for k, c in senders.items()}
+    n_drains = -(-max_n // DRAIN_MAX)
+    drains: dict = {k: [] for k in senders}
+    for key in senders:
+        for _ in range(n_drains):
+            drains[key].append(child("drain", env))
+            children.append(drains[key][-1])
+    return senders, ports, drains
+
+
+def connect(n: int, senders: dict, drains: dict, ports: dict) -> None:
+    """Grow both senders to n connected sockets (from the drains' side), and check they hold n."""
+    for key, group in drains.items():
+        for d, share in zip(group, split(n, len(group))):
+            d.send({"op": "connect", "port": ports[key], "n": share, "ws": key == "ws"})
+        for d in group:
+            d.recv()
+        got = senders[key].call({"op": "grow", "n": n})["n"]
+        if got != n:
+            raise RuntimeError(f"{key} sender holds {got} connections, expected {n}")
+
+
 def split(n: int, parts: int) -> list[int]:
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
@@ -514,6 +548,17 @@ def disturbed(r: dict) -> bool:
     sender's core), or the drains finished long after the sender (they were held up on theirs)."""
     return (r["send_s"] - r["cpu_s"] > 0.1 * r["send_s"] + 2e-4
             or r["e2e_s"] - r["send_s"] > 0.25 * r["send_s"] + 1e-3)
+
+
+def measure(variant: str, n: int, senders: dict, drains: dict, retries: dict) -> dict:
+    """run_round(), run again (at most MAX_RETRIES times, counted in retries[variant]) while disturbed."""
+    for _attempt in range(MAX_RETRIES + 1):
+        r = run_round(variant, n, senders, drains)
+        if not disturbed(r):
+            break
+        retries[variant] = retries.get(variant, 0) + 1
+    r["disturbed"] = disturbed(r)
+    return r
 
 
 def summarize(results: dict, ns: list[int]) -> dict:
@@ -625,27 +670,12 @@ def main() -> int:
         mach["cpu_busy_before"] = round(wait_quiet(), 3)
         busy0, wall0, own0 = machine_busy_seconds(), time.monotonic(), sum(os.times()[:4])
         bar.update()
-        env = dict(os.environ, SENDREF_DIR=tmp,
-                   PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        senders = {"raw": child("sender-raw", env), "ws": child("sender-ws", env)}
-        children += senders.values()
-        ports = {k: c.recv(60)["port"] for k, c in senders.items()}
-        n_drains = -(-max(ns) // DRAIN_MAX)
-        drains = {k: [child("drain", env) for _ in range(n_drains)] for k in senders}
-        for group in drains.values():
-            children += group
+        senders, ports, drains = start_children(tmp, max(ns), children)
         results: dict = {v: {str(n): [] for n in ns} for v in variants}
         retries: dict = {}
         for n in ns:
             bar.set_postfix_str(f"connecting {n} + {n} sockets")
-            for key, group in drains.items():
-                for d, share in zip(group, split(n, len(group))):
-                    d.send({"op": "connect", "port": ports[key], "n": share, "ws": key == "ws"})
-                for d in group:
-                    d.recv()
-                got = senders[key].call({"op": "grow", "n": n})["n"]
-                if got != n:
-                    raise RuntimeError(f"{key} sender holds {got} connections, expected {n}")
+            connect(n, senders, drains, ports)
             bar.update()
             for rep in range(args.repeats + 1):  # rep 0 is the warm-up
                 order = variants[rep % len(variants):] + variants[:rep % len(variants)]
@@ -653,12 +683,7 @@ def main() -> int:
                     if time.monotonic() - started > RUN_BUDGET:
                         raise TimeoutError(f"run budget of {RUN_BUDGET} s exceeded")
                     bar.set_postfix_str(f"N={n} {v} {'warm-up' if rep == 0 else f'round {rep}'}")
-                    for attempt in range(MAX_RETRIES + 1):
-                        r = run_round(v, n, senders, drains)
-                        if not disturbed(r):
-                            break
-                        retries[v] = retries.get(v, 0) + 1
-                    r["disturbed"] = disturbed(r)
+                    r = measure(v, n, senders, drains, retries)
                     if rep:
                         results[v][str(n)].append(r)
                     bar.update()
