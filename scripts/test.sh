@@ -23,4 +23,7 @@ python3 -m venv .venv
 # a regular (not editable) install: the tests import the installed package with its compiled .so
 .venv/bin/python -m pip install -q ".[test]"
 # pytest (not python -m pytest): the checkout must not shadow the installed package on sys.path
-GATEWAY_TEST_INSTALLED=1 exec .venv/bin/pytest "$@"
+GATEWAY_TEST_INSTALLED=1 .venv/bin/pytest "$@"
+# Then the whole suite again on fanout's pure-Python twins (fanout/_reference.py), the readable
+# specification the compiled modules are held to: the gateway must behave the same on both.
+FANOUT_NO_EXTENSIONS=1 GATEWAY_TEST_INSTALLED=1 exec .venv/bin/pytest "$@"
