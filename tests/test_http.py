@@ -1,0 +1,91 @@
+"""gateway.http, sans-I/O: the request that opens a connection, fed in any pieces; upgrade checks."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import http
+
+UPGRADE = (b"GET /ws?x=1 HTTP/1.1\r\nHost: a\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def feed_all(data: bytes, cuts: list[int]) -> http.Request:
+    req = http.Request()
+    pos = 0
+    done = False
+    for cut in sorted(set(cuts)) + [len(data)]:
+        if pos < cut <= len(data):
+            assert not done, "complete before the last piece"
+            done = req.feed(data[pos:cut])
+            pos = cut
+    assert done
+    return req
+
+
+@given(cuts=st.lists(st.integers(1, len(UPGRADE) + 20), max_size=15))
+def test_upgrade_in_any_pieces_with_frames_behind_it(cuts):
+    frames = b"\x81\x85abcd" + bytes(b ^ k for b, k in zip(b"hello", b"abcdabcd"))
+    req = feed_all(UPGRADE + frames, [c for c in cuts if c < len(UPGRADE)])
+    assert req.upgrade and req.method == b"GET" and req.path == b"/ws"
+    assert req.rest == frames
+    answer = http.check_upgrade(req)
+    # RFC 6455 section 1.3's example key and accept value
+    assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
+    assert answer.endswith(b"\r\n\r\n")
+
+
+def test_accept_key_matches_the_rfc_formula():
+    key = base64.b64encode(b"0123456789abcdef")
+    want = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    assert http.accept_key(key) == want
+
+
+def _req(raw: bytes) -> http.Request:
+    req = http.Request()
+    assert req.feed(raw)
+    return req
+
+
+@pytest.mark.parametrize("raw,status", [
+    (UPGRADE.replace(b"Version: 13", b"Version: 8"), 426),
+    (UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"c2hvcnQ="), 400),   # 5 bytes, not 16
+    (UPGRADE.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"!!!"), 400),
+    (UPGRADE.replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b""), 400),
+    (UPGRADE.replace(b"GET", b"PUT"), 400),
+    (UPGRADE.replace(b"Upgrade: WebSocket", b"Upgrade: h2c"), 426),
+    (b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n", 426),
+])
+def test_bad_upgrades(raw, status):
+    with pytest.raises(http.HttpError) as info:
+        http.check_upgrade(_req(raw))
+    assert info.value.status == status
+    answer = info.value.response()
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close\r\n" in answer
+
+
+def test_garbage_and_oversized_heads():
+    with pytest.raises(http.HttpError) as info:
+        http.Request().feed(b"\x16\x03\x01\x02\x00 hello\r\n\r\n")  # a TLS ClientHello on a plain port
+    assert info.value.status == 400
+    req = http.Request()
+    assert not req.feed(b"GET /ws HTTP/1.1\r\n")
+    with pytest.raises(http.HttpError) as info:
+        for _ in range(100):
+            req.feed(b"X-Pad: " + b"a" * 500 + b"\r\n")  # never-ending headers, in pieces
+    assert info.value.status == 431
+
+
+def test_plain_request_and_responses():
+    req = _req(b"HEAD /healthz?verbose HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nx-a: 2\r\n\r\n")
+    assert (req.method, req.path, req.upgrade) == (b"HEAD", b"/healthz", False)
+    assert req.header(b"x-a") == b"1, 2"  # repeated headers are joined
+    full = http.response(200, b"{}", "application/json")
+    head = http.response(200, b"{}", "application/json", head_only=True)
+    assert full == head + b"{}" and b"Content-Length: 2\r\n" in head
