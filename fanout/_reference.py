@@ -620,12 +620,18 @@ class WSConn(Conn):
     """Twin of fanout._ws.WSConn (rules in _ws.pxd)."""
 
     HTTP, OPEN, DONE = 0, 1, 2
+    _state: int
+    _rbuf: bytearray | None
+    _frags: list[bytes] | None
+    _frag_size: int
+    _frag_op: int
+    _max_message: int
 
     def __new__(cls, *args: Any, **kwargs: Any) -> WSConn:
         self = super().__new__(cls)
         self._state = WSConn.HTTP
-        self._rbuf: bytearray | None = None
-        self._frags: list[bytes] | None = None
+        self._rbuf = None
+        self._frags = None
         self._frag_size = 0
         self._frag_op = 0
         self._max_message = 0
@@ -639,7 +645,7 @@ class WSConn(Conn):
         self._closed = True
         self._paused = False
         self._tbuf = 0
-        self._transport = None
+        self._transport = None  # type: ignore[assignment]  # set by ws_open
         self.session = None
         self.last_send = self.last_recv = 0.0
         return self

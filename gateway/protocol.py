@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Union
 
 import orjson
@@ -226,7 +227,7 @@ def _decode_ping(obj: dict[str, Any]) -> Ping:
     return Ping(id)
 
 
-_DECODERS = {
+_DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
     "connect": _decode_connect,
     "subscribe": _decode_subscribe,
     "unsubscribe": _decode_unsubscribe,
