@@ -204,3 +204,24 @@ async def test_unfinished_request_head_is_dropped_after_the_connect_timeout(gate
     answer = await asyncio.to_thread(_raw_http, gw.port, b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # never ends
     assert answer == b""  # closed without a response
     assert not gw._unconnected
+
+
+async def test_connections_that_leave_during_the_request_are_forgotten(gateway_factory):
+    import socket
+
+    from support.waits import wait_until
+
+    gw = await gateway_factory()
+    socks = []
+    for i in range(20):
+        sock = socket.create_connection(("127.0.0.1", gw.port), timeout=5 * SCALE)
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n"[: 5 + i])  # each stops somewhere in the head
+        socks.append(sock)
+    await wait_until(lambda: len(gw._unconnected) == 20, "the gateway saw the 20 connections")
+    assert len(gw.sessions) == 0  # not WebSocket sessions (yet): not counted as connections
+    for sock in socks:
+        sock.close()
+    await wait_until(lambda: not gw._unconnected, "every half-open request forgotten")
+    ws = await connected(ws_url(gw))
+    assert len(gw.sessions) == 1
+    await ws.close()
