@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.structs import TopicPartition
 
 from gateway.engines.base import EngineUnavailable, Record, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
@@ -69,33 +68,6 @@ async def produce(broker: KafkaBroker, topic: str, items: list[tuple[bytes | Non
         await producer.stop()
 
 
-async def read_all(broker: KafkaBroker, topic: str, partitions: int) -> list[Any]:
-    """Every record of the topic, per partition in offset order (a plain consumer)."""
-    consumer = broker.consumer()
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, 0)
-        out: list[Any] = []
-        for _ in range(200):
-            batches = await consumer.getmany(timeout_ms=50)
-            for records in batches.values():
-                out.extend(records)
-            if not batches:
-                done = True
-                for tp in tps:
-                    hw = consumer.highwater(tp)
-                    if hw is None or await consumer.position(tp) < hw:
-                        done = False
-                if done:
-                    break
-        return sorted(out, key=lambda r: (r.partition, r.offset))
-    finally:
-        await consumer.stop()
-
-
 def test_partitioner_is_javas_murmur2() -> None:
     # Output of Kafka's Java partitioner with 1000 partitions (as in kafka-python's tests).
     vectors = {b"": 681, b"a": 524, b"ab": 434, b"abc": 107, b"123456789": 566, b"\x00 ": 742}
@@ -130,7 +102,7 @@ async def test_publish_is_read_back_by_plain_consumer(kafka_broker: KafkaBroker,
     engine, got = await make_engine([t])
     s = parse_subject(f"/{t}/tennis/7")
     results = [await engine.publish(s, b"m%d" % i) for i in range(3)]
-    records = await read_all(kafka_broker, t, 4)
+    records = await kafka_broker.read_topic(t, 4, polls=200)
     assert [(r.topic, r.key, r.value) for r in records] == [(t, b"tennis/7", b"m%d" % i) for i in range(3)]
     assert {r.partition for r in records} == {partition_for_key(b"tennis/7", 4)}
     assert results == [(engine.epoch(s), r.offset + 1) for r in records]
@@ -162,7 +134,7 @@ async def test_keyless_subject_is_partition_0(kafka_broker: KafkaBroker, make_en
     s = parse_subject(f"/{t}")
     results = [await engine.publish(s, b"k%d" % i) for i in range(3)]
     await produce(kafka_broker, t, [(None, b"elsewhere")], partition=2)   # skipped: not partition 0
-    records = await read_all(kafka_broker, t, 3)
+    records = await kafka_broker.read_topic(t, 3, polls=200)
     assert [(r.partition, r.key) for r in records if r.value != b"elsewhere"] == [(0, None)] * 3
     assert [seq for _, seq in results] == [1, 2, 3]
     await wait_until(lambda: engine.stats()["records_skipped_keyless"] == 1, "keyless record of partition 2 counted")
@@ -353,7 +325,7 @@ async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
                         raise
                     await asyncio.sleep(0.1)
 
-        held = await read_all(broker, t, 2)   # what Kafka holds (maybe the failed publish too)
+        held = await broker.read_topic(t, 2, polls=200)   # what Kafka holds (maybe the failed publish too)
         assert {r.value for r in held} >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(6)}
         await wait_until(lambda: len(got) >= len(held), "every held record in the sink")
         await asyncio.sleep(0.3)   # and nothing more arrives

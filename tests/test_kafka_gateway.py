@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiokafka.structs import TopicPartition
 from conftest import SCALE, ws_url
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
 from support.tcpproxy import TcpProxy
@@ -65,30 +64,6 @@ async def produce(broker: KafkaBroker, topic: str, items: list[tuple[bytes | Non
         return [await f for f in futures]
     finally:
         await producer.stop()
-
-
-async def read_topic(broker: KafkaBroker, topic: str, partitions: int, *, direct: bool = False) -> list[Any]:
-    """Every record of the topic, sorted by (partition, offset), read with a plain consumer."""
-    # direct: around a proxy, to the broker's own listener
-    consumer = broker.direct_consumer() if direct else broker.consumer()
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, 0)
-        out: list[Any] = []
-        for _ in range(400):
-            batches = await consumer.getmany(timeout_ms=50)
-            for records in batches.values():
-                out.extend(records)
-            if not batches:
-                positions = [(consumer.highwater(tp), await consumer.position(tp)) for tp in tps]
-                if all(hw is not None and pos >= hw for hw, pos in positions):
-                    break
-        return sorted(out, key=lambda r: (r.partition, r.offset))
-    finally:
-        await consumer.stop()
 
 
 async def http_status(port: int, path: str = "/healthz") -> int:
@@ -234,7 +209,7 @@ async def test_kafka_record_reaches_subscriber_and_publish_reaches_kafka(
         (acks["p1"]["seq"], "1-0", None), (acks[7]["seq"], None, "/w==")]
     assert_chain([m, *msgs])
 
-    records = await read_topic(kafka_broker, t, 3)
+    records = await kafka_broker.read_topic(t, 3)
     mine = [(r.topic, r.partition, r.key, r.value, r.offset + 1) for r in records]
     assert mine == [(t, meta.partition, b"football/5", b"goal", meta.offset + 1),
                     (t, meta.partition, b"football/5", b"1-0", acks["p1"]["seq"]),
@@ -567,7 +542,7 @@ async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) 
                     break
                 assert f["code"] == "unavailable" and attempt < 49, f
                 await asyncio.sleep(0.1)
-        held = await read_topic(broker, t, 2, direct=True)
+        held = await broker.read_topic(t, 2, direct=True)
         values = {r.value for r in held}
         assert values >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(8)}
         want: dict[str, list[tuple[int, str]]] = {}

@@ -28,6 +28,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import BrokerMetadata
+from aiokafka.structs import TopicPartition
 from aiokafka.errors import TopicAlreadyExistsError
 
 READY_TIMEOUT_S = 10.0
@@ -130,6 +131,30 @@ class KafkaBroker:
         kwargs.setdefault("enable_auto_commit", False)
         kwargs.setdefault("fetch_max_wait_ms", 5)
         return AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **kwargs)
+
+    async def read_topic(self, topic: str, partitions: int, *, direct: bool = False,
+                         polls: int = 400) -> list[Any]:
+        """Every record of the topic, sorted by (partition, offset), read with a plain consumer
+        (direct: to the broker's own listener, around a proxy); at most `polls` fetches of 50 ms."""
+        consumer = self.direct_consumer() if direct else self.consumer()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            consumer.assign(tps)
+            for tp in tps:
+                consumer.seek(tp, 0)
+            out: list[Any] = []
+            for _ in range(polls):
+                batches = await consumer.getmany(timeout_ms=50)
+                for records in batches.values():
+                    out.extend(records)
+                if not batches:
+                    positions = [(consumer.highwater(tp), await consumer.position(tp)) for tp in tps]
+                    if all(hw is not None and pos >= hw for hw, pos in positions):
+                        break
+            return sorted(out, key=lambda r: (r.partition, r.offset))
+        finally:
+            await consumer.stop()
 
     def direct_producer(self, **kwargs: Any) -> AIOKafkaProducer:
         """An unstarted producer that reaches the broker's own listener even when the broker
