@@ -369,9 +369,9 @@ def make_fanout_server():
             self._close(code, reason.encode()[:120])
 
         def connection_lost(self, exc):
+            Conn.close(self)  # first, as in Session: the fd may be reused right after this returns
             self._http = None
             self.ws_stop_input()
-            Conn.close(self)
             if self.is_open:
                 self.is_open = False
                 S.open -= 1

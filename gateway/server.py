@@ -30,7 +30,6 @@ from .subjects import parse_subject
 log = logging.getLogger("gateway")
 
 
-
 def make_engine(config: Config) -> Engine:
     if config.kafka:
         from .engines.kafka import KafkaEngine
@@ -220,8 +219,6 @@ class Gateway:
 
     # ---- HTTP ------------------------------------------------------------------------------------------
 
-    _ROUTES = frozenset((b"/healthz", b"/metrics", b"/", b"/client.js"))
-
     def route(self, req: http.Request) -> tuple[bytes, bool]:
         """(response, upgrade): the 101 answer for /ws, else a complete plain response (then closed).
         Raises http.HttpError for a refused request."""
@@ -230,7 +227,8 @@ class Gateway:
             if self._stopping:
                 raise http.HttpError(503, "shutting down")
             return http.check_upgrade(req), True
-        self.stats.http_requests[path.decode("latin-1") if path in self._ROUTES else "other"] += 1
+        known = path in (b"/healthz", b"/metrics") or path in self._pages  # bounded label values
+        self.stats.http_requests[path.decode("latin-1") if known else "other"] += 1
         if req.method not in (b"GET", b"HEAD"):
             raise http.HttpError(405, "method not allowed", (("Allow", "GET, HEAD"),))
         head = req.method == b"HEAD"
