@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (compiler and chromium if missing, a venv with the package
 # built from this checkout and its test extras, which bring the Kafka-protocol test broker and
-# Playwright) and run the suite.
+# Playwright) and run the suite twice: on the compiled fanout extension, then on its pure-Python twins.
+# Both passes always run; the script prints both summaries and exits non-zero if either failed.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k recovery
+# Installing Debian packages needs root (CI and these machines run as root); as another user, install
+# build-essential, python3-dev and chromium first and the script will not call apt-get.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,10 @@ if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; s
 fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if ((${#missing[@]})); then
+    if [ "$(id -u)" != 0 ]; then
+        echo "scripts/test.sh: missing Debian packages: ${missing[*]} (install them as root, or run this as root)" >&2
+        exit 2
+    fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
@@ -22,8 +29,30 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # a regular (not editable) install: the tests import the installed package with its compiled .so
 .venv/bin/python -m pip install -q ".[test]"
-# pytest (not python -m pytest): the checkout must not shadow the installed package on sys.path
-GATEWAY_TEST_INSTALLED=1 .venv/bin/pytest "$@"
-# Then the whole suite again on fanout's pure-Python twins (fanout/_reference.py), the readable
+
+# pytest (not python -m pytest): the checkout must not shadow the installed package on sys.path.
+# Pass 2 runs the whole suite on fanout's pure-Python twins (fanout/_reference.py), the readable
 # specification the compiled modules are held to: the gateway must behave the same on both.
-FANOUT_NO_EXTENSIONS=1 GATEWAY_TEST_INSTALLED=1 exec .venv/bin/pytest "$@"
+# A failing first pass does not stop the second (set -e is off for them).
+summaries=()
+status=0
+run_pass() {
+    local name=$1; shift
+    local log rc
+    log=$(mktemp)
+    set +e
+    env "$@" GATEWAY_TEST_INSTALLED=1 .venv/bin/pytest "${PYTEST_ARGS[@]}" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    set -e
+    summaries+=("$name: $(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$log" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//') (exit $rc)")
+    rm -f "$log"
+    if [ "$rc" != 0 ]; then status=1; fi
+}
+PYTEST_ARGS=("$@")
+run_pass "compiled fanout" FANOUT_NO_EXTENSIONS=0
+run_pass "pure-Python twins" FANOUT_NO_EXTENSIONS=1
+
+echo
+echo "== scripts/test.sh: both passes =="
+for s in "${summaries[@]}"; do echo "  $s"; done
+exit "$status"
