@@ -48,7 +48,9 @@ def parse_subject(text: object) -> Subject:
         raise SubjectError("subject must be a string")
     if not text.startswith("/"):
         raise SubjectError("subject must start with '/'")
-    if len(text.encode("utf-8")) > MAX_SUBJECT_BYTES:
+    # surrogatepass: a lone surrogate (a str from JSON that escapes one) must be refused as a subject,
+    # by the segment check below, not raise UnicodeEncodeError here
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SUBJECT_BYTES:
         raise SubjectError(f"subject is longer than {MAX_SUBJECT_BYTES} bytes")
     segments = text[1:].split("/")
     if len(segments) > MAX_SEGMENTS:

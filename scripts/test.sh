@@ -50,6 +50,9 @@ run_pass() {
 }
 PYTEST_ARGS=("$@")
 run_pass "compiled fanout" FANOUT_NO_EXTENSIONS=0
+# the atheris harnesses (marker `fuzz`, tests/test_fuzz_harnesses.py) run in the first pass only: they
+# compare or exercise both fanout implementations themselves (longer runs: scripts/fuzz.sh)
+PYTEST_ARGS=(-m "not fuzz" "$@")
 run_pass "pure-Python twins" FANOUT_NO_EXTENSIONS=1
 
 echo

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Run the atheris harnesses of tests/fuzz/ for longer than CI does: scripts/fuzz.sh [SECONDS] [HARNESS...]
+#   scripts/fuzz.sh 600                 # each of fuzz_protocol, fuzz_http, fuzz_ws for 10 minutes
+#   scripts/fuzz.sh 3600 fuzz_ws        # one harness for an hour
+# Corpora grow in .fuzz/corpus/<harness>/ (kept between runs, seeded from the harness's own seeds
+# the first time); findings go to .fuzz/artifacts/<harness>-crash-* and the script exits non-zero.
+# Replay one finding: .venv/bin/python tests/fuzz/fuzz_ws.py .fuzz/artifacts/fuzz_ws-crash-...
+# Needs the venv of scripts/test.sh (or: python3 -m venv .venv && .venv/bin/pip install ".[test]").
+# FUZZ_JOBS=N runs N libFuzzer jobs per harness in parallel (default 1; the machine's cores are shared).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=${1:-600}
+shift || true
+harnesses=("$@")
+if ((${#harnesses[@]} == 0)); then harnesses=(fuzz_protocol fuzz_http fuzz_ws); fi
+jobs=${FUZZ_JOBS:-1}
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import atheris, gateway, fanout' 2>/dev/null; then
+    echo "scripts/fuzz.sh: no venv with the package and atheris; run scripts/test.sh once, or:" >&2
+    echo "  python3 -m venv .venv && .venv/bin/pip install '.[test]'" >&2
+    exit 2
+fi
+
+mkdir -p .fuzz/artifacts
+status=0
+for h in "${harnesses[@]}"; do
+    mkdir -p ".fuzz/corpus/$h"
+    extra=()
+    if [ "$h" = fuzz_protocol ]; then extra+=(-dict=tests/fuzz/protocol.dict); fi
+    if ((jobs > 1)); then extra+=(-jobs="$jobs" -workers="$jobs"); fi
+    echo "== $h for ${seconds}s (corpus .fuzz/corpus/$h)"
+    set +e
+    .venv/bin/python "tests/fuzz/$h.py" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 \
+        -print_final_stats=1 -artifact_prefix=".fuzz/artifacts/$h-" "${extra[@]}" ".fuzz/corpus/$h"
+    rc=$?
+    set -e
+    if [ "$rc" != 0 ]; then
+        echo "== $h: finding (exit $rc), see .fuzz/artifacts/$h-*" >&2
+        status=1
+    fi
+done
+exit "$status"

@@ -1,0 +1,63 @@
+"""atheris harness: the WebSocket client-frame parser, fanout.WSConn.data_received, compiled
+(fanout/_ws.pyx) and its twin (fanout/_reference.py) fed the same bytes in the same pieces.
+
+Input: one byte (low 3 bits: the max_message limit, from MAX_MESSAGES), one byte k (0..7 used), k
+big-endian u16 cut positions, then the bytes of the connection after the upgrade. Oracle:
+support.fuzz_targets.FrameParity.check: both implementations report the same messages and the same
+close or failure code and write the same pongs; no message over the limit; nothing after a close.
+"""
+
+from __future__ import annotations
+
+import os
+
+import _harness
+from support import fanout_impls
+from support.fuzz_targets import FrameParity
+
+MAX_MESSAGES = (0, 1, 125, 126, 65535, 65536, 1 << 20, 64 << 20)
+
+# the twin is instrumented by _harness (coverage feedback); the compiled one is compared with it
+PARITY = FrameParity([fanout_impls.load("compiled"), fanout_impls.load("reference")])
+
+
+def test_one_input(data: bytes) -> None:
+    if len(data) < 2:
+        return
+    cuts, wire = _harness.u16_cuts(data[2:], data[1] & 7)
+    PARITY.check(_harness.cut(wire, cuts), MAX_MESSAGES[data[0] & 7])
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True) -> bytes:
+    head = bytes([(0x80 if fin else 0) | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def seeds() -> list[bytes]:
+    connect = frame(1, b'{"op":"connect","client":"fuzz/1"}')
+    sub = frame(1, b'{"op":"subscribe","subjects":[{"subject":"/matches/football/5"}]}')
+    walls = [
+        connect + sub + frame(9, b"ping") + frame(10, b"") + frame(8, b"\x03\xe8bye"),
+        frame(1, b'{"op":"pub', fin=False) + frame(9, b"") + frame(0, b'lish"}', fin=False) + frame(0, b"", fin=True),
+        frame(2, bytes(range(256)) * 2) + frame(1, b"x" * 126) + frame(2, b"y" * 70000),
+        frame(8, b""), frame(8, b"\x03"), frame(8, b"\x03\xe8\xff"), frame(1, b"unmasked", mask=False),
+        frame(9, b"x" * 126), frame(0, b"no message to continue"), bytes([0xC1]) + frame(1, b"rsv")[1:],
+    ]
+    out = [bytes([6, 0]) + w for w in walls]
+    out += [bytes([2, 3]) + _harness.encode_cuts([1, 2, 9]) + walls[0], bytes([1, 0]) + walls[2]]
+    return out
+
+
+if __name__ == "__main__":
+    _harness.main(test_one_input, seeds)
