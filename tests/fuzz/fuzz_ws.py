@@ -1,7 +1,8 @@
 """atheris harness: the WebSocket client-frame parser, fanout.WSConn.data_received, compiled
 (fanout/_ws.pyx) and its twin (fanout/_reference.py) fed the same bytes in the same pieces.
 
-Input: one byte (low 3 bits: the max_message limit, from MAX_MESSAGES), one byte k (0..7 used), k
+Input: one byte (low 3 bits: the max_message limit, from MAX_MESSAGES; then 2 bits each for
+MAX_FRAGMENTS and MAX_PONGS, used when ws_open takes them), one byte k (0..7 used), k
 big-endian u16 cut positions, then the bytes of the connection after the upgrade. Oracle:
 support.fuzz_targets.FrameParity.check: both implementations report the same messages and the same
 close or failure code and write the same pongs; no message over the limit; nothing after a close.
@@ -16,6 +17,9 @@ from support import fanout_impls
 from support.fuzz_targets import FrameParity
 
 MAX_MESSAGES = (0, 1, 125, 126, 65535, 65536, 1 << 20, 64 << 20)
+# 1.1 caps on frames per message and on pongs owed, when ws_open takes them (0: its default)
+MAX_FRAGMENTS = (0, 1, 2, 3)
+MAX_PONGS = (0, 1, 2, 3)
 
 # the twin is instrumented by _harness (coverage feedback); the compiled one is compared with it
 PARITY = FrameParity([fanout_impls.load("compiled"), fanout_impls.load("reference")])
@@ -25,7 +29,8 @@ def test_one_input(data: bytes) -> None:
     if len(data) < 2:
         return
     cuts, wire = _harness.u16_cuts(data[2:], data[1] & 7)
-    PARITY.check(_harness.cut(wire, cuts), MAX_MESSAGES[data[0] & 7])
+    PARITY.check(_harness.cut(wire, cuts), MAX_MESSAGES[data[0] & 7],
+                 max_fragments=MAX_FRAGMENTS[data[0] >> 3 & 3], max_pongs=MAX_PONGS[data[0] >> 5 & 3])
 
 
 def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True) -> bytes:

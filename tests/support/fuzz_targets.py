@@ -308,6 +308,8 @@ class FrameParity:
         self.impls = []
         for impl in impls:
             self.impls.append((impl, impl.Writer(self.loop), self._recorder(impl)))
+        #: whether ws_open takes the 1.1 caps on fragments and queued pongs (all implementations must agree)
+        self.caps = {self._takes_caps(impl, writer, rec) for impl, writer, rec in self.impls} == {True}
 
     @staticmethod
     def _recorder(impl: Any) -> type:
@@ -329,14 +331,24 @@ class FrameParity:
 
         return Recorder
 
+    @staticmethod
+    def _takes_caps(impl: Any, writer: Any, recorder: type) -> bool:
+        conn = recorder()
+        try:
+            conn.ws_open(writer, _FakeTransport(), 1 << 30, 100, lambda c: None, max_fragments=2, max_pongs=1)
+        except TypeError:
+            return False
+        impl.Conn.close(conn)
+        return True
+
     def close(self) -> None:
         self.loop.close()
 
-    def run(self, impl: Any, writer: Any, recorder: type, pieces: list[bytes], max_message: int
-            ) -> tuple[list[tuple[Any, ...]], bytes, int]:
+    def run(self, impl: Any, writer: Any, recorder: type, pieces: list[bytes], max_message: int,
+            caps: dict[str, int] | None = None) -> tuple[list[tuple[Any, ...]], bytes, int]:
         conn = recorder()
         tr = _FakeTransport()
-        conn.ws_open(writer, tr, 1 << 30, max_message, lambda c: None)
+        conn.ws_open(writer, tr, 1 << 30, max_message, lambda c: None, **(caps or {}))
         for piece in pieces:
             conn.data_received(piece)
         writer.flush()
@@ -344,10 +356,14 @@ class FrameParity:
         impl.Conn.close(conn)  # unregisters it from the writer
         return conn.events, bytes(tr.out), state
 
-    def check(self, pieces: list[bytes], max_message: int) -> str:
+    def check(self, pieces: list[bytes], max_message: int, max_fragments: int = 0, max_pongs: int = 0) -> str:
         """Both implementations see the same messages, the same close or failure code and write the same
-        pongs; a message is never over max_message; after a close or failure nothing more is reported."""
-        results = [self.run(impl, writer, rec, pieces, max_message) for impl, writer, rec in self.impls]
+        pongs; a message is never over max_message; after a close or failure nothing more is reported.
+        max_fragments / max_pongs (0: the default) are passed when ws_open takes them."""
+        caps = {}
+        if self.caps:
+            caps = {k: v for k, v in (("max_fragments", max_fragments), ("max_pongs", max_pongs)) if v}
+        results = [self.run(impl, writer, rec, pieces, max_message, caps) for impl, writer, rec in self.impls]
         # let the writers' scheduled flushes run, so nothing piles up in the loop across inputs
         self.loop.call_soon(self.loop.stop)
         self.loop.run_forever()
