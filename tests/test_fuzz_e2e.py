@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 
 import pytest
 from support.waits import wait_until
 from support.ws import WAIT, client_frame, connected, recv, recv_until, send
 
-SEED = 20261201
+# a fixed sample by default (reproducible); FUZZ_E2E_SEED and FUZZ_E2E_ATTACKERS draw others
+SEED = int(os.environ.get("FUZZ_E2E_SEED", "20261201"))
 WATCH = "/fzwatch/good"     # attackers' random subjects never start with "fzwatch"
-MESSAGES = 150
-ATTACKERS = 120             # half raw bytes after the upgrade, half random JSON after connect
+ATTACKERS = 2 * (int(os.environ.get("FUZZ_E2E_ATTACKERS", "120")) // 2)  # half raw bytes, half JSON
+MESSAGES = max(ATTACKERS, 10)
 BATCH = 10                  # attackers at once
 
 
