@@ -5,6 +5,8 @@
 # Corpora grow in .fuzz/corpus/<harness>/ (kept between runs, seeded from the harness's own seeds
 # the first time); findings go to .fuzz/artifacts/<harness>-crash-* and the script exits non-zero.
 # Replay one finding: .venv/bin/python tests/fuzz/fuzz_ws.py .fuzz/artifacts/fuzz_ws-crash-...
+# Without a harness list it ends with a 2000-attacker sample of tests/test_fuzz_e2e.py on a fresh seed
+# (FUZZ_E2E_SEED / FUZZ_E2E_ATTACKERS to choose).
 # Needs the venv of scripts/test.sh (or: python3 -m venv .venv && .venv/bin/pip install ".[test]").
 # FUZZ_JOBS=N runs N libFuzzer jobs per harness in parallel (default 1; the machine's cores are shared).
 set -euo pipefail
@@ -16,7 +18,7 @@ harnesses=("$@")
 if ((${#harnesses[@]} == 0)); then harnesses=(fuzz_protocol fuzz_http fuzz_ws); fi
 jobs=${FUZZ_JOBS:-1}
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import atheris, gateway, fanout' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -I -c 'import atheris, gateway, fanout' 2>/dev/null; then
     echo "scripts/fuzz.sh: no venv with the package and atheris; run scripts/test.sh once, or:" >&2
     echo "  python3 -m venv .venv && .venv/bin/pip install '.[test]'" >&2
     exit 2
@@ -40,4 +42,14 @@ for h in "${harnesses[@]}"; do
         status=1
     fi
 done
+# then a larger sample of the end-to-end attack (tests/test_fuzz_e2e.py) with a fresh seed, when all ran
+if (($# == 0)); then
+    seed=${FUZZ_E2E_SEED:-$RANDOM$RANDOM}
+    echo "== end-to-end sample: FUZZ_E2E_SEED=$seed FUZZ_E2E_ATTACKERS=${FUZZ_E2E_ATTACKERS:-2000}"
+    if ! FUZZ_E2E_SEED=$seed FUZZ_E2E_ATTACKERS=${FUZZ_E2E_ATTACKERS:-2000} GATEWAY_TEST_INSTALLED=1 \
+            .venv/bin/pytest -q tests/test_fuzz_e2e.py; then
+        echo "== end-to-end sample failed; replay it with FUZZ_E2E_SEED=$seed" >&2
+        status=1
+    fi
+fi
 exit "$status"
