@@ -65,16 +65,19 @@ class Request:
         """True once the request is complete; raises HttpError for a bad or oversized one."""
         if self.done:
             return True
-        self._size += len(data)
+        # Parse no byte past the cap: the verdict then depends neither on how the client cut its bytes
+        # nor on what follows a complete request, and a huge read is not parsed whole.
+        piece = data[:MAX_HEAD_BYTES - self._size]
+        self._size += len(piece)
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(piece)
         except httptools.HttpParserUpgrade as exc:
             self.upgrade = True
             self.done = True
             self.rest = data[int(exc.args[0]):]
         except httptools.HttpParserError as exc:
             raise HttpError(400, f"bad request: {exc}") from None
-        if self._size - len(self.rest) > MAX_HEAD_BYTES:
+        if not self.done and self._size >= MAX_HEAD_BYTES:
             raise HttpError(431, "request head too large")
         if self.done:
             self.method = self._parser.get_method()

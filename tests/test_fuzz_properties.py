@@ -29,7 +29,7 @@ from support.fuzz_targets import (
 )
 from support.ws import client_frame
 
-from gateway import protocol
+from gateway import http, protocol
 from gateway.engines.base import Record
 from gateway.protocol import ProtocolError
 from gateway.subjects import Pattern, SubjectError, parse_subject
@@ -371,6 +371,38 @@ UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Up
 def cut(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+
+
+def test_a_huge_read_is_parsed_only_up_to_the_head_cap():
+    """Found while fuzzing: the head cap was checked after parsing the whole read, so one 1 MB read of
+    headers was parsed (and kept) whole before the 431. Now no byte past the cap is parsed."""
+    req = http.Request()
+    head = b"GET /ws HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(100_000))
+    with pytest.raises(http.HttpError) as info:
+        req.feed(head)
+    assert info.value.status == 431
+    assert len(req.headers) < http.MAX_HEAD_BYTES // len(b"X-1: v\r\n")
+
+
+@pytest.mark.parametrize("size", [http.MAX_HEAD_BYTES - 1, http.MAX_HEAD_BYTES, http.MAX_HEAD_BYTES + 1])
+@pytest.mark.parametrize("piece", [1, 1000, 1 << 20])
+def test_the_head_cap_is_exact_however_the_head_is_cut(size, piece):
+    start = b"GET /healthz HTTP/1.1\r\nX-Pad: "
+    data = start + b"a" * (size - len(start) - 4) + b"\r\n\r\n"
+    assert len(data) == size
+    outcome = feed_pieces([data[i:i + piece] for i in range(0, len(data), piece)])
+    assert outcome == ("done" if size <= http.MAX_HEAD_BYTES else 431)
+
+
+def feed_pieces(pieces: list[bytes]) -> object:
+    req = http.Request()
+    try:
+        for p in pieces:
+            if req.feed(p):
+                return "done"
+    except http.HttpError as exc:
+        return exc.status
+    return "incomplete"
 
 
 @settings(max_examples=300, deadline=None)
