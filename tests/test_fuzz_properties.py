@@ -394,6 +394,19 @@ def test_the_head_cap_is_exact_however_the_head_is_cut(size, piece):
     assert outcome == ("done" if size <= http.MAX_HEAD_BYTES else 431)
 
 
+@pytest.mark.parametrize("after", [b"GET /metrics HTTP/1.1\r\n\r\n", b"x" * (http.MAX_HEAD_BYTES + 1), b"\x81\x85abcd"])
+def test_bytes_after_a_complete_request_do_not_change_its_answer(after):
+    """Found by the HTTP fuzzer (split vs whole): a pipelined second request was parsed into the first
+    one's URL (issue 10 item 5; fixed on the `limits` branch), and more than 16 KiB after a complete
+    request turned it into a 431 (fixed here: no byte past the cap is parsed)."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert feed_pieces([first + after]) == feed_pieces([first, after]) == "done"
+    req = http.Request()
+    assert req.feed(first + after) and req.path == b"/healthz" and req.method == b"GET"
+    check_http([first + after])
+    check_http([first, after])
+
+
 def feed_pieces(pieces: list[bytes]) -> object:
     req = http.Request()
     try:
