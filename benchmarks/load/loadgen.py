@@ -65,8 +65,11 @@ HOST = "127.0.0.1"
 def build_client() -> str:
     """Compile loadclient.pyx (+ loadclient.h) once per source version; returns the directory to import from."""
     sources = [os.path.join(HERE, f) for f in ("loadclient.pyx", "loadclient.h")]
-    digest = hashlib.sha256(b"".join(open(f, "rb").read() for f in sources)).hexdigest()[:12]
-    out = os.path.join(BUILD_ROOT, digest)
+    digest = hashlib.sha256()
+    for f in sources:
+        with open(f, "rb") as fh:
+            digest.update(fh.read())
+    out = os.path.join(BUILD_ROOT, digest.hexdigest()[:12])
     if os.path.isdir(out) and any(f.startswith("loadclient") and f.endswith(".so") for f in os.listdir(out)):
         return out
     os.makedirs(out, exist_ok=True)
