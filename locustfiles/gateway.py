@@ -166,15 +166,16 @@ class GatewayConnection:
     def _read(self, ws: websocket.WebSocket) -> None:
         try:
             while True:
-                data = ws.recv()
+                opcode, data = ws.recv_data(control_frame=True)  # pings are answered inside
                 self.last_frame = time.monotonic()
-                if not data:
-                    raise ConnectionError("closed")
-                self._handle(json.loads(data), len(data))
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    self._handle(json.loads(data), len(data))
+                elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                    code = int.from_bytes(data[:2], "big") if len(data) >= 2 else None
+                    raise ConnectionError(f"closed by the gateway with {code} {data[2:].decode(errors='replace')}")
         except Exception as exc:  # noqa: BLE001 - every way a connection dies ends here
             if not self.stopping:
-                code = getattr(ws, "status", None)
-                self.report("disconnect", 0, error=f"{type(exc).__name__}: {exc} (close status {code})")
+                self.report("disconnect", 0, error=f"{type(exc).__name__}: {exc}")
 
     def _handle(self, frame: dict, length: int) -> None:
         op = frame.get("op")

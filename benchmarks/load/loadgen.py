@@ -313,6 +313,19 @@ def gateway_cpu(pid: int) -> float:
     return sum(proc_cpu_seconds(p) for p in tree_pids(pid))
 
 
+def runqueue_wait_seconds(pid: int) -> float:
+    """Time the process tree's threads spent runnable but waiting for a CPU (/proc/<tid>/schedstat)."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/schedstat", encoding="ascii") as fh:
+                    total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / 1e9
+
+
 def gateway_rss(pid: int) -> int:
     total = 0
     for p in tree_pids(pid):
@@ -440,7 +453,9 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         publisher.recv(60)
         for c in children:
             c.call({"op": "record"})
+        ours = [c.pid for c in children] + [publisher.pid]
         cpu1, busy1, t1 = gateway_cpu(gpid), machine_busy_seconds(), time.monotonic()
+        ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), runqueue_wait_seconds(gpid)
         publisher.send({"op": "run", "rate": args.rate, "seconds": args.duration, "subjects": args.subjects,
                         "size": args.size})
         with tqdm(total=round(args.duration), desc=f"N={n} publish {args.rate:g}/s", unit="s",
@@ -457,6 +472,8 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         t_end = time.monotonic()
         cpu_meas = gateway_cpu(gpid) - cpu1
         busy = machine_busy_seconds() - busy1
+        ours_cpu = sum(proc_cpu_seconds(p) for p in ours) - ours1
+        wait = runqueue_wait_seconds(gpid) - wait1
         stats = [f["stats"] for f in finals]
         lat = np.concatenate([np.load(f["latencies"]) for f in finals]) if finals else np.zeros(0)
         setup = np.concatenate([np.load(f["setup_times"]) for f in finals]) if finals else np.zeros(0)
@@ -477,6 +494,9 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
             "gateway_cpu_share": round(cpu_meas / wall, 3),
             "gateway_idle_cpu_share": round(idle_cpu_share, 4),
             "gateway_cpu_us_per_delivery": round(cpu_meas / max(1, deliveries) * 1e6, 3),
+            "gateway_runqueue_wait_share": round(wait / wall, 3),
+            "clients_and_publisher_cpu_share": round(ours_cpu / wall, 3),
+            "other_processes_cpu_share": round((busy - cpu_meas - ours_cpu) / wall, 3),
             "machine_busy_share": round(busy / wall / (os.cpu_count() or 1), 3)}
         result["latency_ms"] = percentiles_ms(lat)
         result["gateway_rss_end"] = gateway_rss(gpid)
@@ -541,7 +561,8 @@ def main() -> None:
               f"({d['deliveries_per_s']:g}/s), lost {d['lost_in_gaps'] + d['missing_at_end']}, "
               f"dup {d['duplicates']}, ooo {d['out_of_order']}; latency ms p50 {lat.get('p50')} "
               f"p99 {lat.get('p99')} max {lat.get('max')}; gateway {d['gateway_cpu_us_per_delivery']} us/delivery, "
-              f"CPU {d['gateway_cpu_share']:.0%}", flush=True)
+              f"CPU {d['gateway_cpu_share']:.0%} (waiting for a CPU {d['gateway_runqueue_wait_share']:.0%}; "
+              f"other processes {d['other_processes_cpu_share']:.0%} of a CPU)", flush=True)
     results["seconds"] = round(time.monotonic() - t_start, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as fh:
