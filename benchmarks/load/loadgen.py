@@ -456,6 +456,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         ours = [c.pid for c in children] + [publisher.pid]
         cpu1, busy1, t1 = gateway_cpu(gpid), machine_busy_seconds(), time.monotonic()
         ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), runqueue_wait_seconds(gpid)
+        ours_wait1 = sum(runqueue_wait_seconds(p) for p in ours)
         publisher.send({"op": "run", "rate": args.rate, "seconds": args.duration, "subjects": args.subjects,
                         "size": args.size})
         with tqdm(total=round(args.duration), desc=f"N={n} publish {args.rate:g}/s", unit="s",
@@ -474,6 +475,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         busy = machine_busy_seconds() - busy1
         ours_cpu = sum(proc_cpu_seconds(p) for p in ours) - ours1
         wait = runqueue_wait_seconds(gpid) - wait1
+        ours_wait = sum(runqueue_wait_seconds(p) for p in ours) - ours_wait1
         stats = [f["stats"] for f in finals]
         lat = np.concatenate([np.load(f["latencies"]) for f in finals]) if finals else np.zeros(0)
         setup = np.concatenate([np.load(f["setup_times"]) for f in finals]) if finals else np.zeros(0)
@@ -496,6 +498,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
             "gateway_cpu_us_per_delivery": round(cpu_meas / max(1, deliveries) * 1e6, 3),
             "gateway_runqueue_wait_share": round(wait / wall, 3),
             "clients_and_publisher_cpu_share": round(ours_cpu / wall, 3),
+            "clients_and_publisher_runqueue_wait_share": round(ours_wait / wall, 3),
             "other_processes_cpu_share": round((busy - cpu_meas - ours_cpu) / wall, 3),
             "machine_busy_share": round(busy / wall / (os.cpu_count() or 1), 3)}
         result["latency_ms"] = percentiles_ms(lat)
