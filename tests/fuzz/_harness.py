@@ -1,4 +1,4 @@
-"""Shared start-up of the atheris harnesses in this directory (README.md there says what each covers).
+"""Shared start-up of the atheris harnesses in this directory (tests/fuzz/README.md lists them).
 
 A harness is a script: `python tests/fuzz/fuzz_ws.py [libFuzzer flags] [CORPUS_DIR ...]`. It imports
 the code under test with atheris's bytecode instrumentation (coverage and comparison feedback for the
