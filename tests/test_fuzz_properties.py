@@ -32,7 +32,7 @@ from support.ws import client_frame
 from gateway import http, protocol
 from gateway.engines.base import Record
 from gateway.protocol import ProtocolError
-from gateway.subjects import Pattern, SubjectError, parse_subject
+from gateway.subjects import Pattern, SubjectError, parse_subject, subject_for_record
 
 # ---- strategies ------------------------------------------------------------------------------------------
 
@@ -316,6 +316,20 @@ def test_lone_surrogate_subject_is_invalid_subject(text):
     with pytest.raises(SubjectError):
         parse_subject(text)
     assert check_subject(text) == "refused"
+
+
+@settings(max_examples=500, deadline=None)
+@given(topic, st.one_of(st.none(), st.binary(max_size=40), st.text(SEG_CHARS + "/é ", max_size=40).map(str.encode)))
+def test_any_kafka_key_maps_to_its_subject_or_is_skipped(topic_name, key):
+    """A record of another producer: its key is a valid subject tail (the subject maps back to exactly
+    this topic and key), or the record is skipped, never mapped to some other subject."""
+    subject = subject_for_record(topic_name, key)
+    if subject is None:
+        text = "/" + topic_name + ("" if key is None else "/" + key.decode("utf-8", "replace"))
+        assert key is not None and not (key.isascii() and grammar_accepts(text) and text.count("/") >= 2)
+        return
+    assert (subject.topic, subject.key_bytes) == (topic_name, key)
+    assert grammar_accepts(subject.text) and parse_subject(subject.text) == subject
 
 
 def test_grammar_oracle_itself():
