@@ -218,6 +218,8 @@ class Gateway:
         for session in quiet_in:
             if not isinstance(session, Session):
                 continue
+            if session.ws_input_paused:
+                continue  # we are the ones not reading it (over its publish rate): not its silence
             if now - session.last_recv >= 3 * hb:
                 session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
             elif now - session.last_ping >= hb:

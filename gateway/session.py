@@ -354,6 +354,7 @@ class Session(WSConn):
 
     def _resume_input(self) -> None:
         if not self._closing:
+            self.last_recv = self.gw.loop.time()  # its silence while paused was ours (see the sweep)
             self.ws_resume_input()
 
     async def _publish_async(self, req: protocol.Publish) -> None:

@@ -455,6 +455,24 @@ async def test_publish_flood_is_rate_limited_and_paused(gateway_factory):
     await by.close()
 
 
+async def test_a_connection_paused_for_its_rate_is_not_taken_for_dead(gateway_factory):
+    """The gateway does not read a connection over its rate, so its pongs wait too: the liveness sweep
+    must not close it 1011 for a silence that is the gateway's own."""
+    gw = await gateway_factory(publish_rate=1, publish_burst=1, heartbeat_ms=100)  # 1 s pause, 0.3 s dead
+    by = await Bystander(ws_url(gw)).start()
+    ws = await connected(ws_url(gw))  # websockets answers the gateway's pings
+    for i in (1, 2, 3):
+        await send(ws, {"op": "publish", "subject": "/slow/1", "content": str(i), "id": i})
+    assert (await recv_until(ws, "ack"))["id"] == 1
+    refused = await recv_until(ws, "error")
+    assert (refused["id"], refused["code"]) == (2, "rate_limited")
+    ack = await recv_until(ws, "ack")  # read once a token is there again: the connection lived through it
+    assert (ack["id"], ack["seq"]) == (3, 2)
+    await by.check(1)
+    await ws.close()
+    await by.close()
+
+
 async def test_fragment_flood_closes_1009(gateway_factory):
     gw = await gateway_factory(max_fragments=8)
     by = await Bystander(ws_url(gw)).start()
