@@ -116,13 +116,15 @@ class Admission:
 class TokenBucket:
     """`rate` tokens per second, at most `burst` held; one per publish. Starts full."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("rate", "burst", "tokens", "stamp", "resume_at")
 
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = burst
         self.stamp = now
+        #: while its owner is paused for being over the rate: when it reads again (loop time)
+        self.resume_at = 0.0
 
     def take(self, now: float) -> bool:
         tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)

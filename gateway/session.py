@@ -204,6 +204,9 @@ class Session(WSConn):
             if self._backlog is None:
                 self._backlog = deque()
             self._backlog.append(data)
+            # Read nothing more until the subscribe is done: what follows waits in the socket (TCP slows
+            # the client down), not in this backlog, which so holds at most a frame or two.
+            self.ws_pause_input()
             return
         self._handle(data)
 
@@ -286,6 +289,9 @@ class Session(WSConn):
             self._subscribe(rest)  # may start another replay, which then drains the backlog
         while self._backlog and not self._busy and not self._closing:
             self._handle(self._backlog.popleft())
+        bucket = self._bucket
+        if not self._busy and not (bucket is not None and bucket.resume_at > self.gw.loop.time()):
+            self._resume_input()  # (unless over its publish rate: then its timer resumes it)
 
     def _unsubscribe(self, req: protocol.Unsubscribe) -> None:
         for entry in req.entries:
@@ -349,6 +355,7 @@ class Session(WSConn):
         gw.admission.refused("publish_rate")
         if not self.ws_input_paused:
             self.ws_pause_input()
+            bucket.resume_at = now + bucket.wait()
             gw.loop.call_later(bucket.wait(), self._resume_input)
         return False
 

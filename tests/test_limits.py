@@ -473,6 +473,44 @@ async def test_a_connection_paused_for_its_rate_is_not_taken_for_dead(gateway_fa
     await by.close()
 
 
+async def test_requests_behind_a_slow_subscribe_wait_in_the_socket_not_in_memory(gateway_factory):
+    """While a subscribe awaits the engine (a recovery read), later requests of that connection wait;
+    they must wait in its socket (input paused), not pile up in the gateway: at most a frame or two."""
+    from gateway.engines.standalone import StandaloneEngine
+
+    release = asyncio.Event()
+
+    class SlowReplay(StandaloneEngine):
+        async def replay(self, subject, epoch, after_seq, upto_seq):
+            await release.wait()
+            return None  # nothing durable: recovered:false, then the snapshot
+
+    gw = await gateway_factory(engine=SlowReplay(), history=2)
+    by = await Bystander(ws_url(gw)).start()
+    ws = await connected(ws_url(gw), max_queue=None)
+    for i in range(5):
+        await send(ws, {"op": "publish", "subject": "/deep/1", "content": str(i), "id": i})
+    acks = [await recv_until(ws, "ack") for _ in range(5)]
+    epoch = acks[0]["epoch"]
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/deep/1", "epoch": epoch, "seq": 1}]})
+    n = 2000
+    for i in range(n):
+        await ws.send(json.dumps({"op": "ping", "id": i}))
+    await wait_until(lambda: any("/deep/1" in s.subjects for s in gw.sessions), "the subscribe taken")
+    session = next(s for s in gw.sessions if "/deep/1" in s.subjects)
+    await wait_until(lambda: session.ws_input_paused, "the connection's input paused behind the subscribe")
+    await by.check()  # everyone else is served meanwhile
+    assert len(session._backlog) <= 2
+    release.set()
+    sub = await recv_until(ws, "subscribed")
+    assert (sub["recovered"], sub["seq"]) == (False, 5)
+    assert (await recv_until(ws, "msg"))["snapshot"] is True
+    pongs = [(await recv_until(ws, "pong"))["id"] for _ in range(n)]
+    assert pongs == list(range(n))  # every request answered, in order
+    await ws.close()
+    await by.close()
+
+
 async def test_fragment_flood_closes_1009(gateway_factory):
     gw = await gateway_factory(max_fragments=8)
     by = await Bystander(ws_url(gw)).start()
