@@ -219,7 +219,7 @@ class Gateway:
             if not isinstance(session, Session):
                 continue
             if session.ws_input_paused:
-                continue  # we are the ones not reading it (over its publish rate): not its silence
+                continue  # we are the ones not reading it (over its publish rate, or behind a slow subscribe)
             if now - session.last_recv >= 3 * hb:
                 session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
             elif now - session.last_ping >= hb:

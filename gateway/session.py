@@ -290,7 +290,8 @@ class Session(WSConn):
         while self._backlog and not self._busy and not self._closing:
             self._handle(self._backlog.popleft())
         bucket = self._bucket
-        if not self._busy and not (bucket is not None and bucket.resume_at > self.gw.loop.time()):
+        if self.ws_input_paused and not self._busy and not (bucket is not None and
+                                                            bucket.resume_at > self.gw.loop.time()):
             self._resume_input()  # (unless over its publish rate: then its timer resumes it)
 
     def _unsubscribe(self, req: protocol.Unsubscribe) -> None:
