@@ -268,6 +268,30 @@ async def test_page_says_when_the_history_is_gone(gateway_factory, page):
         await expect(one).to_have_attribute("data-seq", "6")
 
 
+async def test_page_counts_a_restarted_gateways_new_history_from_zero_and_says_so(gateway_factory, page):
+    """A standalone gateway's history dies with it: after a restart on the same port the old
+    positions answer recovered:false, and the page counts the new epoch from its first message."""
+    gw = await gateway_factory()
+    async with Client([ws_url(gw)]) as other:
+        for _ in range(3):
+            await other.publish(MATCH.format(1), "score_home")
+    await open_demo(page, gw.port)
+    one = page.locator("#match-1")
+    await expect(one.locator(".goals.home")).to_have_text("3")
+    port = gw.port
+    await gw.stop()
+    await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+    gw2 = await gateway_factory(port=port)
+    async with Client([ws_url(gw2)]) as other:
+        await other.publish(MATCH.format(1), "score_away")
+        await expect(one.locator(".goals.away")).to_have_text("1", timeout=2 * T)
+        await expect(one.locator(".goals.home")).to_have_text("0")
+        await expect(one.locator(".note")).to_have_text(re.compile(r"^new history \(epoch\)"))
+        await expect(one).to_have_attribute("data-seq", "1")
+        await other.publish(MATCH.format(1), "score_away")
+        await expect(one.locator(".goals.away")).to_have_text("2")
+
+
 async def test_tapping_a_team_publishes_a_goal_and_the_favicon_is_served(gateway_factory, page):
     gw = await gateway_factory()
     async with Client([ws_url(gw)]) as other:

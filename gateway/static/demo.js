@@ -37,6 +37,7 @@ for (let n = 1; n <= MATCHES; n++) {
     goals: [0, 0], kickoff: null, lastGoal: null,
     asked: null,              // {epoch, seq}: the position the page asked a replay from, not yet answered
     gone: false,              // the gateway no longer held the history: the score is incomplete
+    renewed: false,           // counting a new epoch after an old one
     row: null,
   });
 }
@@ -80,7 +81,7 @@ function show(m, side) {
   li.classList.toggle("incomplete", m.gone);
   $(".note", li).textContent = m.gone
     ? `history gone: updates before #${m.goneAt} are no longer held by the gateway, so this score is short`
-    : "";
+    : m.renewed ? "new history (epoch): the gateway lost the old one, counting again from its first update" : "";
   if (side !== null) {  // a brief highlight on the side that scored
     const el = $(side === 0 ? ".goals.home" : ".goals.away", li);
     el.classList.remove("flash");
@@ -109,6 +110,7 @@ function count(m, msg) {
 }
 
 function restart(m, epoch) {  // a new epoch: the history the old counts came from is gone
+  m.renewed = m.epoch !== null;  // e.g. a standalone gateway restarted: say why the score went back
   m.epoch = epoch; m.seq = 0; m.goals = [0, 0]; m.kickoff = null; m.lastGoal = null; m.gone = false;
 }
 
