@@ -291,6 +291,7 @@ function drop() {
   const old = client;
   if (conn.droppedUntil > Date.now()) return;
   conn.droppedUntil = Date.now() + DROP_S * 1000;
+  conn.state = "offline";
   $("#drop").disabled = true;
   client = null;  // statuses of `old` are ignored from here on
   old.close();  // publishes waiting for an ack fail ("connection lost")
