@@ -127,14 +127,17 @@ def engine_publisher(engine: Engine) -> Publish:
     return publish
 
 
-async def _run_url(url: str, token: str | None, **bounds: object) -> FeedStats:
+Play = Callable[[Publish], Awaitable[FeedStats]]
+
+
+async def _run_url(url: str, token: str | None, play: Play) -> FeedStats:
     from .client import Client
 
     async with Client([url], token=token, name="gateway-demo-feed/0.1") as client:
-        return await run(client.publish, **bounds)  # type: ignore[arg-type]
+        return await play(client.publish)
 
 
-async def _run_kafka(bootstrap: str, **bounds: object) -> FeedStats:
+async def _run_kafka(bootstrap: str, play: Play) -> FeedStats:
     from aiokafka import AIOKafkaProducer
 
     # acks=all like the gateway's own producer; aiokafka's default partitioner is murmur2 of the key
@@ -145,7 +148,7 @@ async def _run_kafka(bootstrap: str, **bounds: object) -> FeedStats:
             s = parse_subject(subject)
             return await producer.send_and_wait(s.topic, content.encode(), key=s.key_bytes)
 
-        return await run(publish, **bounds)  # type: ignore[arg-type]
+        return await play(publish)
     finally:
         await producer.stop()
 
@@ -176,18 +179,21 @@ def main(args: argparse.Namespace) -> int:
     if args.token and not args.url:
         print("python -m gateway demo-feed: error: --token goes with --url", file=sys.stderr)
         return 2
-    bounds = {"rng": random.Random(args.seed), "rate": args.rate, "count": args.count,
-              "duration": args.duration, "stats": FeedStats()}
+    stats = FeedStats()
+
+    def play(publish: Publish) -> Awaitable[FeedStats]:
+        return run(publish, rng=random.Random(args.seed), rate=args.rate, count=args.count,
+                   duration=args.duration, stats=stats)
 
     async def go() -> FeedStats:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):  # stop between ticks, then print the summary
+        for sig in (signal.SIGTERM, signal.SIGINT):  # stop at once, then print the summary
             loop.add_signal_handler(sig, task.cancel)
         if args.url:
-            return await _run_url(args.url, args.token, **bounds)
-        return await _run_kafka(args.kafka, **bounds)
+            return await _run_url(args.url, args.token, play)
+        return await _run_kafka(args.kafka, play)
 
     target = args.url or f"Kafka {args.kafka} topic matches"
     print(f"demo feed: publishing to {target} (1-{MAX_PER_TICK} updates every "
@@ -199,7 +205,6 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - one line for an unreachable gateway or broker
         print(f"python -m gateway demo-feed: error: {exc}", file=sys.stderr)
         return 1
-    stats: FeedStats = bounds["stats"]  # type: ignore[assignment]
     print(f"demo feed: {stats.published} updates published, {stats.failed} failed", flush=True)
     return 1 if stats.failed and not stats.published else 0
 
@@ -218,5 +223,5 @@ def start_in(engine: Engine, *, rate: float = 1.0) -> Callable[[], Awaitable[Non
     return stop
 
 
-__all__: Sequence[str] = ("EVENTS", "FeedStats", "MATCHES", "Publish", "Tick", "add_arguments",
+__all__: Sequence[str] = ("EVENTS", "FeedStats", "MATCHES", "Play", "Publish", "Tick", "add_arguments",
                           "engine_publisher", "main", "run", "schedule", "start_in")
