@@ -292,6 +292,16 @@ async def test_page_counts_a_restarted_gateways_new_history_from_zero_and_says_s
         await expect(one.locator(".goals.away")).to_have_text("2")
 
 
+async def test_page_says_when_the_gateway_refuses_it(gateway_factory, page):
+    """With auth on, the page (which has no token) is refused with 1008, and says so instead of
+    promising a reconnect that client.js will not make."""
+    gw = await gateway_factory(jwt_secret="demo-page-test-secret-0123456789abcdef")
+    await page.goto(f"http://127.0.0.1:{gw.port}/?publish=0")
+    status = page.locator("#status")
+    await expect(status).to_have_attribute("data-state", "refused")
+    await expect(status).to_have_text(re.compile(r"^refused by the gateway \(1008\b.*\): reload to try again$"))
+
+
 async def test_tapping_a_team_publishes_a_goal_and_the_favicon_is_served(gateway_factory, page):
     gw = await gateway_factory()
     async with Client([ws_url(gw)]) as other:

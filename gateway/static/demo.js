@@ -172,7 +172,9 @@ function onStatus(c, state, detail) {
       conn.recoveredUntil.clear();
       break;
     case "disconnected":
-      conn.state = "reconnecting";
+      // 1008: refused by policy (e.g. the gateway requires a token this page does not have);
+      // client.js gives up, and so should the words
+      conn.state = /^1008\b/.test(detail) ? "refused" : "reconnecting";
       conn.detail = detail;
       break;
     case "reconnecting":
@@ -201,6 +203,8 @@ function showStatus() {
     text = conn.recovered > 0 && conn.recoveredShownUntil > now
       ? `live: recovered ${conn.recovered} message${conn.recovered === 1 ? "" : "s"}`
       : "live";
+  } else if (conn.state === "refused") {
+    text = `refused by the gateway (${conn.detail}): reload to try again`;
   } else if (conn.state === "reconnecting") {
     text = conn.retryAt > now ? `reconnecting in ${Math.ceil((conn.retryAt - now) / 1000)} s` : "reconnecting...";
   } else {
