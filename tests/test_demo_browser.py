@@ -292,6 +292,34 @@ async def test_page_counts_a_restarted_gateways_new_history_from_zero_and_says_s
         await expect(one.locator(".goals.away")).to_have_text("2")
 
 
+async def test_a_reloaded_page_keeps_its_positions_and_recovers_only_what_it_missed(gateway_factory, page):
+    """The page keeps its counts and positions in sessionStorage: back on the page, it subscribes from
+    where it was (the gateway replays 4 messages, not 7) and shows the same scores as a fresh page."""
+    gw = await gateway_factory()
+    async with Client([ws_url(gw)]) as other:
+        for _ in range(3):
+            await other.publish(MATCH.format(2), "score_home")
+        await open_demo(page, gw.port)
+        await expect(page.locator("#match-2 .goals.home")).to_have_text("3")
+        await page.goto("about:blank")  # away from the page (same tab: its sessionStorage stays)
+        await wait_until(lambda: not any(MATCH.format(2) in s.subjects for s in gw.sessions), "the page to leave")
+        for content in ("score_home", "score_away", "score_away", "score_away"):
+            await other.publish(MATCH.format(2), content)
+        await page.goto(f"http://127.0.0.1:{gw.port}/?publish=0")  # a fresh load, not the back-forward cache
+        await expect(page.locator("#status")).to_have_text("live: recovered 4 messages")
+        await expect(page.locator("#match-2 .goals.home")).to_have_text("4")
+        await expect(page.locator("#match-2 .goals.away")).to_have_text("3")
+        await page.reload()  # nothing missed: nothing replayed, the same scores
+        await expect(page.locator("#status")).to_have_attribute("data-state", "live")
+        await expect(page.locator("#match-2")).to_have_attribute("data-seq", "7")
+        await expect(page.locator("#match-2 .goals.home")).to_have_text("4")
+        await expect(page.locator("#match-2 .goals.away")).to_have_text("3")
+        await other.publish(MATCH.format(2), "score_home")
+        await expect(page.locator("#match-2 .goals.home")).to_have_text("5")
+    assert await page.evaluate("window.demo.conn.recovered") == 0
+    await shows(page, await gateway_totals(ws_url(gw)))
+
+
 async def test_page_says_when_the_gateway_refuses_it(gateway_factory, page):
     """With auth on, the page (which has no token) is refused with 1008, and says so instead of
     promising a reconnect that client.js will not make."""

@@ -8,6 +8,9 @@
 // (PROTOCOL.md, 1.1). When the gateway no longer holds it (`recovered:false` again), the page says so
 // on that match instead of showing a wrong score as if it were right.
 //
+// The page keeps what it counted, and its positions, in sessionStorage: a reloaded page resubscribes
+// from where it was and recovers only what it missed, like a reconnect.
+//
 // Every open page also publishes (the toggle, on by default): like the feed, 1 to 5 updates every 2 s
 // on random matches. Add ?publish=0 to the address to start with it off.
 
@@ -45,8 +48,43 @@ for (let n = 1; n <= MATCHES; n++) {
 const publishes = { sent: 0, acked: 0, failed: 0, pending: 0 };
 const feed = { on: new URLSearchParams(location.search).get("publish") !== "0", timer: null };
 const conn = { state: "connecting", detail: "", retryAt: 0, everConnected: false, lost: false,
-               recovered: 0, recoveredUntil: new Map(), recoveredShownUntil: 0, droppedUntil: 0 };
+               recovered: 0, recoveredUntil: new Map(), recoveredShownUntil: 0, droppedUntil: 0,
+               restored: false };
 let client = null;
+
+// ---- kept across reloads (sessionStorage: this tab only) ---------------------------------------------
+
+const STORE = "gateway-demo-scores-v1";
+const KEPT = ["epoch", "seq", "goals", "kickoff", "lastGoal", "gone", "goneAt", "renewed"];
+let saveTimer = null;
+
+function save() {  // at most every 200 ms, and when the page goes away
+  if (saveTimer === null) saveTimer = setTimeout(saveNow, 200);
+}
+
+function saveNow() {
+  clearTimeout(saveTimer);
+  saveTimer = null;
+  const kept = {};
+  for (const m of matches.values()) {
+    if (m.epoch !== null) kept[m.subject] = Object.fromEntries(KEPT.map((k) => [k, m[k]]));
+  }
+  try { sessionStorage.setItem(STORE, JSON.stringify(kept)); } catch (e) { /* storage off or full */ }
+}
+
+function restore() {  // -> the positions to subscribe from
+  const positions = new Map();
+  let kept = {};
+  try { kept = JSON.parse(sessionStorage.getItem(STORE) || "{}") || {}; } catch (e) { kept = {}; }
+  for (const [subject, k] of Object.entries(kept)) {
+    const m = matches.get(subject);
+    if (!m || typeof k.epoch !== "string" || !Number.isInteger(k.seq) || !Array.isArray(k.goals)) continue;
+    for (const key of KEPT) if (k[key] !== undefined) m[key] = k[key];
+    positions.set(subject, { epoch: m.epoch, seq: m.seq });
+    show(m, null);
+  }
+  return positions;
+}
 
 // ---- the table -----------------------------------------------------------------------------------------
 
@@ -107,6 +145,7 @@ function count(m, msg) {
     showStatus();
   }
   show(m, side >= 0 ? side : null);
+  save();
 }
 
 function restart(m, epoch) {  // a new epoch: the history the old counts came from is gone
@@ -166,7 +205,7 @@ function onStatus(c, state, detail) {
     case "connected":
       conn.state = "live";
       conn.detail = detail;
-      conn.lost = conn.everConnected;
+      conn.lost = conn.everConnected || conn.restored;  // a reload recovers like a reconnect
       conn.everConnected = true;
       conn.recovered = 0;
       conn.recoveredUntil.clear();
@@ -317,7 +356,10 @@ render();
 $("#feed").addEventListener("change", (ev) => setFeed(ev.target.checked));
 $("#drop").addEventListener("click", drop);
 $("#drop").textContent = `Drop the connection for ${DROP_S} s`;
-connect(new Map());
+const kept = restore();
+conn.restored = kept.size > 0;
+addEventListener("pagehide", saveNow);
+connect(kept);
 setFeed(feed.on);
 showPublishes(null);
 setInterval(showStatus, 250);  // countdowns
