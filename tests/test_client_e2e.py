@@ -56,6 +56,9 @@ async def test_recovery_after_dropped_connections_no_loss_no_dup_in_order(gatewa
             s = subjects[i % len(subjects)]
             await send(pub, {"op": "publish", "subject": s, "content": str(i)})
             if i in (150, 300, 450):
+                # the subscriber is back (reconnected, resubscribed) before its connection is cut again
+                await wait_until(lambda: any(len(x.subjects) == len(subjects) for x in gw.sessions),
+                                 "the subscriber's connection with its subscriptions")
                 assert _kick(gw, lambda x: x.subjects) == 1  # the subscriber's connection only
             if i % 50 == 0:
                 await asyncio.sleep(0.01)
@@ -117,7 +120,8 @@ def _frames(buf: bytes) -> list[tuple[int, bytes]]:
 
 
 async def test_stalled_reader_closed_4000_others_unaffected_then_recovers(gateway_factory):
-    gw = await gateway_factory(max_pending_bytes=256 * 1024, history=5000, history_bytes=64 << 20)
+    gw = await gateway_factory(max_pending_bytes=256 * 1024, max_message_bytes=128 * 1024, history=5000,
+                               history_bytes=64 << 20)
     # the stalled reader: a raw socket with a tiny receive buffer that stops reading after subscribing
     stalled = await asyncio.to_thread(raw_upgrade, gw.port, "/ws", 4096)
     stalled.sendall(client_frame(0x1, b'{"op":"connect"}'))
