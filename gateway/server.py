@@ -81,6 +81,9 @@ class Gateway:
         if not self.auth.enabled:
             log.warning("auth is off: no --jwt-secret or --jwt-public-key, every client may subscribe and "
                         "publish to everything")
+        elif config.jwt_secret is not None and len(config.jwt_secret.encode()) < 32:
+            log.warning("--jwt-secret is %d bytes: HMAC secrets should have at least 32 (RFC 7518, 3.2)",
+                        len(config.jwt_secret.encode()))
         # sessions by the time their token runs out (exp + leeway); drained by the sweep
         self.expiries: ExpiryQueue[Session] = ExpiryQueue()
         self.stats = Stats()

@@ -254,7 +254,7 @@ async def test_audience_issuer_and_lifetime_are_enforced(gateway_factory, tok):
     await ok.close()
 
 
-async def test_auth_off_is_a_logged_warning(gateway_factory, caplog):
+async def test_auth_off_and_a_short_secret_are_logged_warnings(gateway_factory, caplog):
     with caplog.at_level(logging.WARNING, logger="gateway"):
         await gateway_factory()
     assert any("auth is off" in r.getMessage() for r in caplog.records)
@@ -262,6 +262,10 @@ async def test_auth_off_is_a_logged_warning(gateway_factory, caplog):
     with caplog.at_level(logging.WARNING, logger="gateway"):
         await gateway_factory(jwt_secret=SECRET)
     assert not any("auth is off" in r.getMessage() for r in caplog.records)
+    assert not any("32" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        await gateway_factory(jwt_secret="short")
+    assert any("--jwt-secret is 5 bytes" in r.getMessage() for r in caplog.records)
 
 
 async def test_many_refreshes_keep_the_expiry_heap_bounded(gateway_factory):
