@@ -14,7 +14,6 @@ from support.waits import wait_until
 from support.ws import client_frame, connected, raw_upgrade, recv, recv_until, send
 
 from gateway.client import Client
-from support.waits import wait_until
 
 pytestmark = pytest.mark.both_loops
 
