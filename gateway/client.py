@@ -78,7 +78,8 @@ CLOSE_POLICY: Final = 1008
 CLOSE_TOKEN_EXPIRED: Final = 4001  # 1.1: reconnect with a fresh token
 # Errors that answer one entry of a `subscribe` (PROTOCOL.md "Subscribing"); bad_request also
 # carries `subject` when an entry is malformed.
-_SUBSCRIBE_ERRORS: Final = frozenset({"forbidden", "invalid_subject", "unknown_topic", "bad_request"})
+_SUBSCRIBE_ERRORS: Final = frozenset({"forbidden", "invalid_subject", "unknown_topic", "bad_request",
+                                      "limit_exceeded"})
 # Errors after which reconnecting cannot help.
 _FATAL_ERRORS: Final = frozenset({"unauthorized", "not_connected"})
 # A gateway sends `connected` first; tolerate (and skip) a few unknown frames before it.

@@ -303,7 +303,7 @@ class Session(WSConn):
                 gw.admission.refused("max_subscriptions")
                 self.send_error(ProtocolError(
                     protocol.LIMIT_EXCEEDED, f"more than {gw.config.max_subscriptions} subscriptions on one "
-                    "connection (--max-subscriptions)", subject=subject.text))
+                    "connection (--max-subscriptions)", subject=subject.text, request="subscribe"))
                 continue
             self._add_subject(gw.hub.state(subject.text).subject)  # the hub's copy of the string: shared
             self._cancel_replay(subject.text)
@@ -345,7 +345,8 @@ class Session(WSConn):
         subject = req.subject
         if gw.config.publish_rate > 0 and not self._take_token():
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "publishing faster than the connection's "
-                                                 "rate (--publish-rate)", id=req.id, subject=subject.text))
+                                                 "rate (--publish-rate)", id=req.id, subject=subject.text,
+                                                 request="publish"))
         if len(req.content) > gw.config.max_message_bytes:
             return self.send_error(ProtocolError(protocol.TOO_LARGE, "content larger than the limit",
                                                  id=req.id, subject=subject.text, request="publish"))

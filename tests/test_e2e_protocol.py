@@ -353,3 +353,17 @@ async def test_not_connected_names_the_request(gateway_factory):
     err = await recv(ws)
     assert (err["code"], err["request"]) == ("not_connected", "subscribe")
     assert await close_code(ws) == 1008
+
+
+async def test_limit_errors_name_the_request_they_answer(gateway_factory):
+    gw = await gateway_factory(max_subscriptions=1, publish_rate=1, publish_burst=1)
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/lim/a"}, {"subject": "/lim/b"}]})
+    assert (await recv(ws))["op"] == "subscribed"
+    err = await recv(ws)
+    assert (err["code"], err["subject"], err["request"]) == ("limit_exceeded", "/lim/b", "subscribe")
+    for i in range(3):
+        await send(ws, {"op": "publish", "subject": "/lim/b", "content": "x", "id": i})
+    frames = [await recv(ws) for _ in range(3)]
+    refused = [f for f in frames if f["op"] == "error"]
+    assert refused and all((f["code"], f["request"]) == ("rate_limited", "publish") for f in refused)
