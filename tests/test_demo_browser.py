@@ -401,8 +401,9 @@ async def test_page_reconnects_when_the_network_goes_silent(gateway_factory, pag
     """No close, no reset: the page's connection just stops carrying anything, and so does its first
     attempt to reconnect. After 2 x heartbeat_ms of silence client.js must give each up and try
     again, without waiting for a closing or opening handshake that cannot complete; then it
-    recovers what it missed."""
-    gw = await gateway_factory(heartbeat_ms=200)
+    recovers what it missed. (A heartbeat long enough that the gateway never takes the Python
+    publisher of a loaded machine for dead: 3 x heartbeat_ms without its pong closes it 1011.)"""
+    gw = await gateway_factory(heartbeat_ms=1000)
     subject = MATCH.format(4)
     async with TcpProxy(gw.port) as net, Client([ws_url(gw)]) as other:
         await open_demo(page, net.port)
