@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import SCALE, ws_url
-from support.kafka_broker import KafkaBroker, free_port, start_tansu
-from support.tcpproxy import TcpProxy
+from support.kafka_broker import KafkaBroker, free_port
 from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -486,84 +485,80 @@ async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, 
     await pub.close()
 
 
-async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) -> None:
-    if os.environ.get("KAFKA_BOOTSTRAP"):
-        pytest.skip("needs a broker that advertises the proxy (Tansu started here)")
+async def test_broker_outage(kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
+    if kafka_broker.external:
+        pytest.skip("needs brokers that advertise the proxies (started here)")
     t = topic()
-    proxy_port = free_port()
-    broker = start_tansu(advertised_port=proxy_port)
-    proxy = TcpProxy(broker.listen_port, port=proxy_port)
-    direct = broker.direct_producer()
     collectors: list[Collector] = []
     gw = None
-    try:
-        await proxy.start()
-        await broker.create_topic(t, 2)
-        gw = await kafka_gateway(gateway_factory, broker, [t], heartbeat_ms=200,
-                                 kafka_publish_timeout_ms=1000)
-        subjects = [f"/{t}/k{i}" for i in range(4)]
-        for _ in range(2):
-            ws = await connected(ws_url(gw))
-            await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
-            for _ in subjects:
-                await recv_until(ws, "subscribed")
-            collectors.append(Collector(ws))
-        pub = await connected(ws_url(gw))
-        for i in range(8):
-            await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"before-{i}", "id": i})
-        # acks of different subjects (partitions) may come in any order
-        assert sorted([(await recv_until(pub, "ack"))["id"] for _ in range(8)]) == list(range(8))
-        await wait_until(lambda: all(c.count() == 8 for c in collectors), "records before the outage")
+    async with kafka_broker.behind_proxy() as net:
+        broker = net.broker   # direct access, around the proxies
+        direct = broker.direct_producer()
+        try:
+            await broker.create_topic(t, 2)
+            gw = await kafka_gateway(gateway_factory, broker, [t], bootstrap=net.bootstrap, heartbeat_ms=200,
+                                     kafka_publish_timeout_ms=1000)
+            subjects = [f"/{t}/k{i}" for i in range(4)]
+            for _ in range(2):
+                ws = await connected(ws_url(gw))
+                await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
+                for _ in subjects:
+                    await recv_until(ws, "subscribed")
+                collectors.append(Collector(ws))
+            pub = await connected(ws_url(gw))
+            for i in range(8):
+                await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"before-{i}", "id": i})
+            # acks of different subjects (partitions) may come in any order
+            assert sorted([(await recv_until(pub, "ack"))["id"] for _ in range(8)]) == list(range(8))
+            await wait_until(lambda: all(c.count() == 8 for c in collectors), "records before the outage")
 
-        proxy.cut()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await send(pub, {"op": "publish", "subject": subjects[0], "content": "during-gw", "id": "d"})
-        err = await recv_until(pub, "error", timeout=WAIT)
-        assert (err["code"], err["id"]) == ("unavailable", "d")
-        assert loop.time() - started < 5 * SCALE   # bounded: about --kafka-publish-timeout-ms
-        await direct.start()   # records written meanwhile, around the proxy
-        for i in range(8):
-            await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].split("/", 2)[2].encode())
-        hb_before = [len(c.ops("hb")) for c in collectors]
-        await asyncio.sleep(1.0)
-        # Still connected, still heartbeating, nothing delivered while the gateway cannot read.
-        assert all(c.closed is None for c in collectors)
-        assert all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before))
-        assert all(c.count() == 8 for c in collectors)
-        proxy.restore()
+            net.cut()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await send(pub, {"op": "publish", "subject": subjects[0], "content": "during-gw", "id": "d"})
+            err = await recv_until(pub, "error", timeout=WAIT)
+            assert (err["code"], err["id"]) == ("unavailable", "d")
+            assert loop.time() - started < 5 * SCALE   # bounded: about --kafka-publish-timeout-ms
+            await direct.start()   # records written meanwhile, around the proxy
+            for i in range(8):
+                await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].split("/", 2)[2].encode())
+            hb_before = [len(c.ops("hb")) for c in collectors]
+            await asyncio.sleep(1.0)
+            # Still connected, still heartbeating, nothing delivered while the gateway cannot read.
+            assert all(c.closed is None for c in collectors)
+            assert all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before))
+            assert all(c.count() == 8 for c in collectors)
+            net.restore()
 
-        for i in range(8):
-            for attempt in range(50):   # the producer reconnects on demand
-                await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"after-{i}",
-                                 "id": f"a{i}"})
-                f = await _ack_or_error(pub)
-                if f["op"] == "ack":
-                    break
-                assert f["code"] == "unavailable" and attempt < 49, f
-                await asyncio.sleep(0.1)
-        held = await broker.read_topic(t, 2, direct=True)
-        values = {r.value for r in held}
-        assert values >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(8)}
-        want: dict[str, list[tuple[int, str]]] = {}
-        for r in held:
-            want.setdefault(f"/{t}/{r.key.decode()}", []).append((r.offset + 1, r.value.decode()))
-        await wait_until(lambda: all(c.count() == len(held) for c in collectors), "every held record")
-        await asyncio.sleep(0.2)
-        for c in collectors:
-            assert c.closed is None
-            assert {s: [(m["seq"], m["content"]) for m in msgs] for s, msgs in c.msgs.items()} == want
-            for msgs in c.msgs.values():
-                assert_chain(msgs, 0)
-        await pub.close()
-    finally:
-        for c in collectors:
-            await c.stop()
-        if gw is not None:
-            await gw.stop()   # before the broker goes
-        await direct.stop()
-        await proxy.stop()
-        broker.stop()
+            for i in range(8):
+                for attempt in range(50):   # the producer reconnects on demand
+                    await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"after-{i}",
+                                     "id": f"a{i}"})
+                    f = await _ack_or_error(pub)
+                    if f["op"] == "ack":
+                        break
+                    assert f["code"] == "unavailable" and attempt < 49, f
+                    await asyncio.sleep(0.1)
+            held = await broker.read_topic(t, 2, direct=True)
+            values = {r.value for r in held}
+            assert values >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(8)}
+            want: dict[str, list[tuple[int, str]]] = {}
+            for r in held:
+                want.setdefault(f"/{t}/{r.key.decode()}", []).append((r.offset + 1, r.value.decode()))
+            await wait_until(lambda: all(c.count() == len(held) for c in collectors), "every held record")
+            await asyncio.sleep(0.2)
+            for c in collectors:
+                assert c.closed is None
+                assert {s: [(m["seq"], m["content"]) for m in msgs] for s, msgs in c.msgs.items()} == want
+                for msgs in c.msgs.values():
+                    assert_chain(msgs, 0)
+            await pub.close()
+        finally:
+            for c in collectors:
+                await c.stop()
+            if gw is not None:
+                await gw.stop()   # before the proxies go
+            await direct.stop()
 
 
 async def _ack_or_error(ws: ClientConnection) -> dict[str, Any]:
