@@ -60,10 +60,14 @@ async def test_recovery_after_dropped_connections_no_loss_no_dup_in_order(gatewa
                 await asyncio.sleep(0.01)
         await send(pub, {"op": "ping", "id": "done"})
         await recv_until(pub, "pong")
+        # a sentinel (-1) last in each subject: once every subject has it, nothing more is on its way
+        for s in subjects:
+            await send(pub, {"op": "publish", "subject": s, "content": "-1"})
         async with asyncio.timeout(10 * SCALE):
-            while sum(len(v) for v in got.values()) < total:
+            while not all(v and v[-1] == -1 for v in got.values()):
                 await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
+        for s in subjects:
+            assert got[s].pop() == -1
         for k, s in enumerate(subjects):
             assert got[s] == list(range(k, total, len(subjects))), s  # every message once, in order
         assert c.stats["reconnects"] >= 3
