@@ -360,7 +360,7 @@ class KafkaEngine(Engine):
                 # reorder them. Cancelling send() (timeout) withdraws the record.
                 async with self._send_lock:
                     delivery = await producer.send(
-                        subject.topic, content, key=key, partition=0 if key is None else None)
+                        subject.topic, content, key=key, partition=await self._publish_partition(producer, subject))
                 meta = await delivery
                 tp = TopicPartition(meta.topic, meta.partition)
                 if tp not in self._parts:   # the topic (or partition) is new: learn its epoch first
@@ -370,6 +370,25 @@ class KafkaEngine(Engine):
             raise EngineUnavailable(f"Kafka did not take the publish to {subject.text}: {exc!r}") from exc
         self._n["publishes"] += 1
         return self._epoch_of(meta.topic, meta.partition), meta.offset + 1
+
+    async def _publish_partition(self, producer: AIOKafkaProducer, subject: Subject) -> int | None:
+        """The partition a publish goes to: the one partition_of() names (so the ack's epoch is the one
+        subscribers were told), once the producer knows it. Partitions added to a topic reach our
+        metadata first (the refresh loop); the producer's own copy may be minutes old, and its
+        partitioner would still map keys over the old count, so it is refreshed on demand here."""
+        if subject.key_bytes is None:
+            return 0
+        if subject.topic not in self._topic_meta:
+            return None   # not created yet (auto-creation): the producer finds out
+        partition = self.partition_of(subject)
+        known = producer.client.cluster.partitions_for_topic(subject.topic)
+        if known is None:
+            return None   # the producer's first publish to the topic: send() fetches it fresh
+        if partition not in known:
+            await producer.client.force_metadata_update()
+            if partition not in (producer.client.cluster.partitions_for_topic(subject.topic) or ()):
+                return None   # not propagated yet: the producer's partitioner decides, the ack says where
+        return partition
 
     # ----------------------------------------------------------------------------- metadata
 
