@@ -187,8 +187,9 @@ class Publisher:
 
 
 async def load(pub: Publisher, outside: Any, topic: str, subjects: list[str], stop: asyncio.Event,
-               max_n: int, outside_sent: list[bytes]) -> None:
-    """Publish through the gateway and, every third step, straight to Kafka; bounded in count."""
+               max_n: int, outside_sent: list[bytes], pause: float = 0.02) -> None:
+    """Publish through the gateway and, every third step, straight to Kafka, 10 per `pause`;
+    bounded in count."""
     i = 0
     while not stop.is_set() and i < max_n:
         s = subjects[i % len(subjects)]
@@ -199,7 +200,7 @@ async def load(pub: Publisher, outside: Any, topic: str, subjects: list[str], st
             await outside.send(topic, value, key=s.split("/", 2)[2].encode())   # not awaited: pipelined
         i += 1
         if i % 10 == 0:
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(pause)
 
 
 async def check_delivery(broker: KafkaBroker, topic: str, partitions: int, subjects: list[str],
@@ -338,7 +339,7 @@ async def test_rolling_restart_under_load(cluster: Cluster, gateway_factory: Any
     outside_sent: list[bytes] = []
     stop = asyncio.Event()
     try:
-        loader = asyncio.create_task(load(pub, outside, t, subjects, stop, 20_000, outside_sent))
+        loader = asyncio.create_task(load(pub, outside, t, subjects, stop, 12_000, outside_sent, 0.05))
         await wait_until(lambda: len(pub.acks) >= 100, "publishes acked before the restarts")
         started = time.monotonic()
         for node in cluster.c.nodes:   # one at a time: SIGTERM (controlled shutdown), start, in sync
