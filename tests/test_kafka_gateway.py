@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.client import Client, Message
 from gateway.engines.kafka import partition_for_key
+from gateway.subjects import parse_subject
 
 from support.waits import wait_until  # noqa: E402
 
@@ -426,23 +427,90 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
     assert [(m["seq"], m["content"]) for m in got] == expect(b"c", after)
     assert_chain(got, after)
 
-    # A position ahead of what this gateway has read (another gateway was faster): only what follows.
+    # A position beyond the partition's end in Kafka (protocol 1.1: asked of Kafka, since it is ahead
+    # of what this gateway has read): recovered:false and the snapshot, then every live message, so
+    # a bogus position never silences the subscription. (A position ahead of this gateway but held
+    # by Kafka: test_position_ahead_of_this_gateway_is_asked_of_kafka.)
     end = max(max(v) for v in seqs.values())
     ws2 = await connected(ws_url(gw))
     await send(ws2, {"op": "subscribe", "subjects": [{"subject": sa, "epoch": epoch, "seq": end + 2}]})
     sub = await recv_until(ws2, "subscribed")
-    assert (sub["recovered"], sub["seq"]) == (True, seqs[b"a"][-1])
+    assert (sub["recovered"], sub["seq"]) == (False, seqs[b"a"][-1])
+    snap = await recv_until(ws2, "msg")
+    assert (snap["seq"], snap.get("snapshot")) == (seqs[b"a"][-1], True)
     more = await produce(kafka_broker, t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3"), (b"a", b"x4")])
     assert [m.offset + 1 for m in more] == [end + 1, end + 2, end + 3, end + 4]
-    # the first frame after `subscribed` is x3 (nothing of the position or before it), then x4 follows
-    m = await recv_until(ws2, "msg")
-    assert (m["seq"], m["content"]) == (end + 3, "x3")
-    m = await recv_until(ws2, "msg")
-    assert (m["seq"], m["content"]) == (end + 4, "x4")
+    got2 = [await recv_until(ws2, "msg") for _ in range(4)]
+    assert [(m["seq"], m["content"]) for m in got2] == [(end + i, f"x{i}") for i in range(1, 5)]
+    assert_chain([snap, *got2])
     live = [await recv_until(ws, "msg") for _ in range(4)]   # the first connection has all four
     assert [x["seq"] for x in live] == [end + 1, end + 2, end + 3, end + 4]
     await ws.close()
     await ws2.close()
+
+
+async def test_position_ahead_of_this_gateway_is_asked_of_kafka(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                                                topic: Callable[[str], str]) -> None:
+    """Protocol 1.1: a position ahead of what this gateway has read is valid when Kafka holds it
+    (another gateway was faster: recovered:true, then only what follows), recovered:false when it is
+    beyond the partition's end offset. The gateway is held behind by freezing its connections."""
+    if kafka_broker.external:
+        pytest.skip("needs brokers that advertise the proxies (started here)")
+    t = topic()
+    s = f"/{t}/a"
+    async with kafka_broker.behind_proxy() as net:
+        broker = net.broker
+        direct = broker.direct_producer()
+        sockets: list[ClientConnection] = []
+        gw = None
+        try:
+            await broker.create_topic(t, 1)
+            gw = await kafka_gateway(gateway_factory, broker, [t], bootstrap=net.bootstrap)
+            ws = await connected(ws_url(gw))
+            sockets.append(ws)
+            await send(ws, {"op": "subscribe", "subjects": [{"subject": s}]})
+            epoch = (await recv_until(ws, "subscribed"))["epoch"]
+            await direct.start()
+            first = await direct.send_and_wait(t, b"r1", key=b"a")
+            assert (await recv_until(ws, "msg"))["seq"] == first.offset + 1 == 1
+
+            # The gateway's connections to Kafka stall (no FIN, no RST); new ones still pass.
+            assert sum(p.freeze() for p in net.proxies) > 0
+            later = [await direct.send_and_wait(t, b"r%d" % i, key=b"a") for i in (2, 3, 4)]
+            assert [m.offset + 1 for m in later] == [2, 3, 4]   # Kafka holds seq 4; the gateway read 1
+            assert gw.engine.read_through(parse_subject(s)) == 1
+
+            async def subscribe_at(seq: int) -> tuple[ClientConnection, dict[str, Any]]:
+                w = await connected(ws_url(gw))
+                sockets.append(w)
+                await send(w, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": seq}]})
+                return w, await recv_until(w, "subscribed")
+
+            ahead, sub = await subscribe_at(3)      # held by Kafka, not yet read here
+            assert (sub["recovered"], sub["seq"]) == (True, 1)
+            bogus, sub = await subscribe_at(99)     # beyond Kafka's end
+            assert (sub["recovered"], sub["seq"]) == (False, 1)
+            snap = await recv_until(bogus, "msg")
+            assert (snap["seq"], snap.get("snapshot")) == (1, True)
+
+            net.cut()       # resets the frozen connections: the gateway reconnects and reads on
+            net.restore()
+            m = await recv_until(ahead, "msg")      # nothing of the position or before it
+            assert (m["seq"], m["content"]) == (4, "r4")
+            assert [(m["seq"], m["content"]) for m in [await recv_until(bogus, "msg") for _ in range(3)]] == [
+                (2, "r2"), (3, "r3"), (4, "r4")]
+            assert [m["seq"] for m in [await recv_until(ws, "msg") for _ in range(3)]] == [2, 3, 4]
+            # a sentinel published last: the next frame on each is it (no duplicate came between)
+            sentinel = await direct.send_and_wait(t, b"sentinel", key=b"a")
+            for w in (ws, ahead, bogus):
+                m = await recv_until(w, "msg")
+                assert (m["seq"], m["content"], m["prev"]) == (sentinel.offset + 1, "sentinel", 4)
+        finally:
+            for w in sockets:
+                await w.close()
+            if gw is not None:
+                await gw.stop()   # before the proxies go
+            await direct.stop()
 
 
 async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, gateway_factory: Any,

@@ -623,6 +623,36 @@ class KafkaEngine(Engine):
             log.warning("replay of %s (%d, %d] from Kafka failed: %r", subject.text, after_seq, upto_seq, exc)
             return None
 
+    async def end_seq(self, subject: Subject, epoch: str) -> int | None:
+        """The partition's end offset in Kafka (the seq of its last record), asked now: the larger of
+        ListOffsets(latest) and the high watermark of our own last fetch (some brokers, Tansu among
+        them, answer ListOffsets with the base offset of the last batch). A fresh connection, as a
+        replay's, so a stalled consumer connection does not hold the answer up."""
+        if subject.topic not in self._served or self._stopped:
+            return None
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None:
+            return None
+        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
+        part = self._parts.get(tp)
+        if part is None or part.epoch != epoch:
+            return None
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, client_id=self._client_id + "-end", group_id=None,
+            enable_auto_commit=False, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        try:
+            async with self._replay_slots, asyncio.timeout(self._replay_timeout):
+                try:
+                    await consumer.start()
+                    end = int((await consumer.end_offsets([tp]))[tp])
+                finally:
+                    await consumer.stop()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("end offset of %s from Kafka failed: %r", subject.text, exc)
+            return None
+        own = self._consumer.highwater(tp) if self._consumer is not None else None
+        return max(end, own or 0)
+
     async def _read_range(
         self, tp: TopicPartition, subject: Subject, epoch: str, after_seq: int, upto_seq: int,
     ) -> list[Record] | None:
