@@ -56,6 +56,9 @@ async def test_recovery_after_dropped_connections_no_loss_no_dup_in_order(gatewa
             s = subjects[i % len(subjects)]
             await send(pub, {"op": "publish", "subject": s, "content": str(i)})
             if i in (150, 300, 450):
+                # the subscriber is back (reconnected, resubscribed) before its connection is cut again
+                await wait_until(lambda: any(len(x.subjects) == len(subjects) for x in gw.sessions),
+                                 "the subscriber's connection with its subscriptions")
                 assert _kick(gw, lambda x: x.subjects) == 1  # the subscriber's connection only
             if i % 50 == 0:
                 await asyncio.sleep(0.01)
