@@ -106,7 +106,14 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
             return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, upto)
         # Ahead of what this gateway has read: valid if Kafka holds it (another gateway was faster),
         # recovered:false if it is beyond the partition's end (a bogus position must not silence the
-        # subscription until that seq comes). Kafka is asked; live frames are buffered meanwhile.
+        # subscription until that seq comes). Within the end our last fetch reported: valid at once
+        # (the usual case, e.g. clients failing over from a faster gateway); otherwise Kafka is
+        # asked, and live frames are buffered meanwhile.
+        known = engine.known_end_seq(subject)
+        if known is not None and after <= known:
+            conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, True)))
+            st.pending.append(Pending(conn, after, buffering=False))
+            return None
         pending = Pending(conn, after, buffering=True)
         st.pending.append(pending)
         return _check_ahead(engine, st, conn, subject, epoch, after, pending)

@@ -623,6 +623,16 @@ class KafkaEngine(Engine):
             log.warning("replay of %s (%d, %d] from Kafka failed: %r", subject.text, after_seq, upto_seq, exc)
             return None
 
+    def known_end_seq(self, subject: Subject) -> int | None:
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None or self._consumer is None:
+            return None
+        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
+        if tp not in self._parts or tp not in self._consumer.assignment():
+            return None
+        hw = self._consumer.highwater(tp)
+        return None if hw is None else int(hw)
+
     async def end_seq(self, subject: Subject, epoch: str) -> int | None:
         """The partition's end offset in Kafka (the seq of its last record), asked now: the larger of
         ListOffsets(latest) and the high watermark of our own last fetch (some brokers, Tansu among
