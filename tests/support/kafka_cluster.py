@@ -360,10 +360,14 @@ def _listening(port: int) -> bool:
 
 
 def _kafka_cluster_id() -> str:
-    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters)."""
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters), not
+    starting with "-" (the storage tool would take it for an option; Kafka's own Uuid avoids it too)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def main(argv: list[str] | None = None) -> int:
