@@ -142,6 +142,13 @@ class Ring:
     def last(self) -> tuple[int, int, int, bytes] | None:
         return self._entries[-1] if self._entries else None
 
+    def trim(self, keep: int) -> None:
+        keep = _as_int(keep, _SSIZE, "keep")
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        while len(self._entries) > keep:
+            self._evict_oldest()
+
     def __len__(self) -> int:
         return len(self._entries)
 
