@@ -42,6 +42,47 @@ ENTRY_OVERHEAD = 66 if COMPILED else 141
 _SNAPSHOT_TAIL = b',"snapshot":true}'
 
 
+class ForgottenFilter:
+    """Which subjects were forgotten lately: two rotating Bloom filters of 2^24 bits (2 MiB) each.
+
+    The Kafka engine reads a snapshot from Kafka for a fresh subscriber only when its subject may have
+    been forgotten, not for every quiet subject. False positives (about 3 % when a filter is full) cost
+    one needless read; a subject forgotten more than `CAPACITY`..2×`CAPACITY` forgets ago is no longer
+    remembered, by then (least recently written first) at least that many records came after its last
+    one, beyond any sane --max-recovery-records."""
+
+    BITS = 1 << 24
+    CAPACITY = 1_000_000
+
+    __slots__ = ("_current", "_previous", "_count")
+
+    def __init__(self) -> None:
+        self._current = bytearray(self.BITS // 8)
+        self._previous: bytearray | None = None
+        self._count = 0
+
+    @classmethod
+    def _bits(cls, subject: str) -> tuple[int, int, int]:
+        h = hash(subject) & 0xFFFF_FFFF_FFFF_FFFF
+        mask = cls.BITS - 1
+        return h & mask, (h >> 24) & mask, ((h >> 40) ^ (h * 0x9E3779B97F4A7C15 >> 20)) & mask
+
+    def add(self, subject: str) -> None:
+        if self._count >= self.CAPACITY:
+            self._previous, self._current, self._count = self._current, bytearray(self.BITS // 8), 0
+        bits = self._current
+        for b in self._bits(subject):
+            bits[b >> 3] |= 1 << (b & 7)
+        self._count += 1
+
+    def __contains__(self, subject: str) -> bool:
+        positions = self._bits(subject)
+        for bits in (self._current, self._previous):
+            if bits is not None and all(bits[b >> 3] & (1 << (b & 7)) for b in positions):
+                return True
+        return False
+
+
 def _payload(frame: bytes) -> bytes:
     """The payload of an unmasked server frame (header of 2, 4 or 10 bytes)."""
     n = frame[1] & 0x7F
@@ -157,6 +198,7 @@ class Hub:
         #: so a forgotten subject that comes back never gets an epoch it had before
         self.generation = 0
         self._quiet_until = 0     # after a sweep that could not reach the target: no sweep below this
+        self.forgotten = ForgottenFilter()
         self.stats = HubStats()
 
     def __len__(self) -> int:
@@ -252,6 +294,8 @@ class Hub:
                 continue
             del states[subject]
             self.bytes -= SUBJECT_OVERHEAD + len(subject) + _ring_cost(st.ring)
+            if st.ring is not None:
+                self.forgotten.add(subject)
             forgotten += 1
         if forgotten:
             self.generation += 1

@@ -127,7 +127,7 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
 def _fresh_or_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn,
                           subject: Subject) -> Coroutine[Any, Any, None] | None:
     """recovered:false with the snapshot; read from the engine when the hub may have forgotten it."""
-    if st.ring is None and hub.stats.forgotten and engine.accepts_positions_ahead:
+    if st.ring is None and engine.accepts_positions_ahead and st.subject in hub.forgotten:
         pending = Pending(conn, 0, buffering=True)   # registered now: see _replay_from_engine
         st.add_pending(pending)
         return _run_snapshot(hub, engine, st, conn, subject, st.epoch, pending)

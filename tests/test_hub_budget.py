@@ -320,3 +320,59 @@ def test_kafka_engine_keeps_a_bounded_prev_memory(monkeypatch: pytest.MonkeyPatc
     assert got[-1].subject == "/t/k1" and got[-1].prev is None
     engine._deliver(tp, [R(n + 2, b"k1")])
     assert got[-1].prev == n + 2                            # remembered again
+
+
+def test_forgotten_filter_remembers_lately_forgotten_subjects(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.hub import ForgottenFilter
+
+    monkeypatch.setattr(ForgottenFilter, "CAPACITY", 1000)
+    f = ForgottenFilter()
+    for i in range(1500):
+        f.add(f"/f/{i}")
+    assert all(f"/f/{i}" in f for i in range(1500))        # no false negatives over both filters
+    false_positives = sum(f"/g/{i}" in f for i in range(10_000))
+    assert false_positives < 100
+    for i in range(1500, 3100):                             # two rotations later: the first ones are gone
+        f.add(f"/f/{i}")
+    assert sum(f"/f/{i}" in f for i in range(1000)) < 100
+    assert all(f"/f/{i}" in f for i in range(2000, 3100))
+
+
+class _FakeKafka(_NoEngine):
+    """Positions ahead are valid and `latest` reads 'Kafka': a canned record per subject."""
+
+    accepts_positions_ahead = True
+
+    def __init__(self, records: dict[str, Record]) -> None:
+        super().__init__()
+        self.records = records
+        self.reads: list[str] = []
+
+    async def latest(self, subject: Any) -> Record | None:
+        self.reads.append(subject.text)
+        await asyncio.sleep(0)
+        return self.records.get(subject.text)
+
+
+async def test_kafka_fresh_subscriber_to_a_forgotten_subject_gets_its_snapshot(peers: Any) -> None:
+    hub = Hub(lambda s: EPOCH, history=100, history_bytes=1 << 20, total_bytes=20_000)
+    old = record("/k/old", 7, b"the last one")
+    engine = _FakeKafka({"/k/old": old})
+    hub.deliver(old)
+    fill(hub, [f"/k/spray-{i}" for i in range(200)])
+    assert hub.get("/k/old") is None
+    peer = await peers()
+    waiting = recovery.subscribe(hub, engine, peer.conn, parse_subject("/k/old"), None)
+    assert waiting is not None
+    hub.deliver(record("/k/old", 8, b"live meanwhile"))   # arrives during the read: after the snapshot
+    await waiting
+    await wait_until(lambda: len(peer.messages()) == 3, "subscribed, snapshot, live")
+    sub, snap, live = peer.received
+    assert (sub["op"], sub["recovered"], sub["seq"]) == ("subscribed", False, 8)
+    assert (snap["seq"], snap["content"], snap["snapshot"]) == (7, "the last one", True)
+    assert (live["seq"], live["content"], "snapshot" in live) == (8, "live meanwhile", False)
+    st = hub.get("/k/old")
+    assert st is not None and st.pending is None and st.channel   # joined: live from here on
+    # a quiet subject that was never forgotten costs no read from Kafka
+    assert recovery.subscribe(hub, engine, peer.conn, parse_subject("/k/never"), None) is None
+    assert engine.reads == ["/k/old"]
