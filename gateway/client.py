@@ -900,17 +900,21 @@ class Client:
     def _arm_watchdog(self, loop: asyncio.AbstractEventLoop, ws: ClientConnection, dead_after: float) -> None:
         period = max(dead_after / 8.0, 0.001)
 
-        def check() -> None:
-            silent = loop.time() - self._last_rx
-            if silent <= dead_after:
-                self._watchdog = loop.call_later(period, check)
+        def check(due: float) -> None:
+            now = loop.time()
+            silent = now - self._last_rx
+            # A check that runs late means this process stalled (a busy machine, a suspended app):
+            # frames that arrived meanwhile are still unread, and timers run before the loop reads
+            # sockets. Look again one period later, after they are read, before calling it dead.
+            if silent <= dead_after or now - due > period:
+                self._watchdog = loop.call_later(period, check, now + period)
                 return
             self._watchdog = None
             log.warning("nothing from %s for %.3f s (2 x heartbeat): connection dead", self.url, silent)
             self._event("heartbeat_timeout", {"url": self.url, "silent_s": silent})
             self._discard(ws)  # recv() then raises ConnectionClosed and _run reconnects
 
-        self._watchdog = loop.call_later(period, check)
+        self._watchdog = loop.call_later(period, check, loop.time() + period)
 
     # ----------------------------------------------------------------- incoming frames
 

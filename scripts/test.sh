@@ -44,7 +44,10 @@ run_pass() {
     env "$@" GATEWAY_TEST_INSTALLED=1 .venv/bin/pytest "${PYTEST_ARGS[@]}" 2>&1 | tee "$log"
     rc=${PIPESTATUS[0]}
     set -e
-    summaries+=("$name: $(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$log" | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//') (exit $rc)")
+    local summary
+    summary=$(grep -E '([0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran).* in [0-9.]+s' "$log" \
+              | tail -1 | tr -d '=' | sed 's/^ *//;s/ *$//' || true)
+    summaries+=("$name: ${summary:-no summary line} (exit $rc)")
     rm -f "$log"
     if [ "$rc" != 0 ]; then status=1; fi
 }

@@ -6,6 +6,7 @@ Waits are bounded by one timeout unit T (scaled by TEST_TIMEOUT_SCALE); no timin
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import logging
 import random
@@ -485,6 +486,22 @@ async def test_hb_frames_keep_the_connection_alive() -> None:
         conn.start_keepalive(0.01)
         await asyncio.sleep(0.5)  # longer than 2 x heartbeat, with hb flowing
         await conn.stop_keepalive()
+        task = asyncio.create_task(client.ping(timeout=T))
+        frame = await conn.expect("ping")  # same connection still alive
+        await conn.send({"op": "pong", "id": frame["id"]})
+        await task
+        assert "heartbeat_timeout" not in events.names() and gw.accepted == 1
+
+
+async def test_a_stalled_process_is_not_a_dead_connection() -> None:
+    """The client's own loop blocked for longer than 2 x heartbeat while the gateway's frames sat in
+    its socket: once it runs again it reads them, and keeps the connection."""
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, on_event=events) as client:
+        conn, _ = await connect(client, gw, heartbeat_ms=100)
+        await conn.send({"op": "hb"})
+        time.sleep(0.5)  # noqa: ASYNC251 - the stall under test: the whole loop stops (2.5 x 2 x heartbeat)
+        await conn.send({"op": "hb"})
         task = asyncio.create_task(client.ping(timeout=T))
         frame = await conn.expect("ping")  # same connection still alive
         await conn.send({"op": "pong", "id": frame["id"]})

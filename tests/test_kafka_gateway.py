@@ -22,7 +22,7 @@ import pytest
 from conftest import SCALE, ws_url
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
 from support.tcpproxy import TcpProxy
-from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
+from support.ws import close_code, connected, open_ws, recv, recv_until, send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -107,6 +107,19 @@ class Collector:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
         await self.ws.close()
+
+
+async def flush_with_sentinels(pub: ClientConnection, subjects: list[str], collectors: list[Collector]) -> None:
+    """Prove that nothing more arrives: publish one sentinel per subject through `pub`, wait until it
+    is the last message of that subject on every collector (messages of a subject arrive in order, so
+    everything before it has arrived too), then drop the sentinels from the collectors."""
+    for s in subjects:
+        await send(pub, {"op": "publish", "subject": s, "content": f"sentinel {s}", "id": f"sentinel {s}"})
+    await wait_until(lambda: all(c.msgs.get(s) and c.msgs[s][-1]["content"] == f"sentinel {s}"
+                                 for c in collectors for s in subjects), "the sentinels")
+    for c in collectors:
+        for s in subjects:
+            c.msgs[s].pop()
 
 
 def assert_chain(msgs: list[dict[str, Any]], after: int | None = None) -> None:
@@ -275,7 +288,7 @@ async def test_two_gateways_agree(kafka_broker: KafkaBroker, gateway_factory: An
     pub_b = await connected(ws_url(gw_b))
     await send(pub_b, {"op": "publish", "subject": subjects[0], "content": "b", "id": "b"})
     await wait_until(lambda: all(c.count() == 10 for c in collectors), "10 messages on both gateways")
-    await asyncio.sleep(0.1)
+    await flush_with_sentinels(pub, subjects, collectors)
     a, b = collectors
     assert a.msgs == b.msgs   # same epoch, seq, prev, ts and content, in the same order per subject
     epochs = {s: {m["epoch"] for m in msgs} for s, msgs in a.msgs.items()}
@@ -327,12 +340,18 @@ async def test_failover_after_sigkill(kafka_broker: KafkaBroker, gateway_factory
             if i % 20 == 19:
                 await asyncio.sleep(0.01)
             if i == 400:
-                assert sum(len(v) for v in got.values()) > 0
+                # A is really serving this client before it dies
+                await wait_until(lambda: sum(len(v) for v in got.values()) > 0, "messages through gateway A")
                 gw_a.kill()   # SIGKILL mid-stream: no close frame, no goodbye
         await asyncio.wait_for(reader, WAIT)
         assert not errors and len(acks) == 1000
         await wait_until(lambda: sum(len(v) for v in got.values()) >= 1000, "every message after failover")
-        await asyncio.sleep(0.2)   # nothing more arrives
+        # nothing more arrives: a sentinel per subject, last of its subject once it is there
+        for s in subjects:
+            await send(pub, {"op": "publish", "subject": s, "content": "sentinel", "id": "sentinel"})
+        await wait_until(lambda: all(got[s] and got[s][-1].content == "sentinel" for s in subjects), "the sentinels")
+        for s in subjects:
+            got[s].pop()
         assert client.server == "gw-b" and client.stats["reconnects"] >= 1 and "disconnected" in events
         # B took A's positions: the epochs agree across gateways, so every subject recovered.
         assert all(client._subs[s].recovered for s in subjects)
@@ -370,15 +389,20 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
         return [(s, value[s].decode()) for s in seqs[key] if s > after]
 
     async def recover(subject: str, after: int, recovered: bool) -> list[dict[str, Any]]:
+        """Subscribe from `after`; every msg up to and with a sentinel produced once `subscribed` is in
+        (it comes after the replay or snapshot, live, and proves that nothing more of them arrives)."""
         await send(ws, {"op": "subscribe", "subjects": [{"subject": subject, "epoch": epoch, "seq": after}]})
         sub = await recv_until(ws, "subscribed")
         assert (sub["subject"], sub["epoch"], sub["recovered"]) == (subject, epoch, recovered), sub
-        out = []
-        while True:
-            try:
-                out.append(await recv_until(ws, "msg", timeout=0.3 * SCALE))
-            except asyncio.TimeoutError:
-                return out
+        key = subject.rsplit("/", 1)[1].encode()
+        (meta,) = await produce(kafka_broker, t, [(key, b"sentinel")])
+        seqs[key].append(meta.offset + 1)   # later expectations include it, like any record of the subject
+        value[meta.offset + 1] = b"sentinel"
+        out = [await recv_until(ws, "msg")]
+        while out[-1]["seq"] < meta.offset + 1:
+            out.append(await recv_until(ws, "msg"))
+        assert out[-1]["content"] == "sentinel"
+        return out
 
     replays = gw.engine.stats()["replays"]
     # 100 messages of a behind, 200 records of the partition: beyond the ring of 10, from Kafka.
@@ -393,9 +417,9 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
     assert [(m["seq"], m["content"]) for m in got] == expect(b"a", after)
     assert gw.engine.stats()["replays"] == replays + 1
     # Older than --max-recovery-records (350 records of the partition): recovered:false + snapshot.
-    after = seqs[b"b"][10]
+    after, newest = seqs[b"b"][10], seqs[b"b"][-1]
     got = await recover(sb, after, False)
-    assert [(m["seq"], m.get("snapshot")) for m in got] == [(seqs[b"b"][-1], True)]
+    assert [(m["seq"], m.get("snapshot")) for m in got] == [(newest, True), (seqs[b"b"][-1], None)]
     # A subject this gateway holds nothing of (its records are older than the warmup window):
     # the gateway has read past the position, so it replays from Kafka; nothing is skipped.
     after = seqs[b"c"][1]
@@ -404,19 +428,20 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
     assert_chain(got, after)
 
     # A position ahead of what this gateway has read (another gateway was faster): only what follows.
-    end = metas[-1].offset + 1
+    end = max(max(v) for v in seqs.values())
     ws2 = await connected(ws_url(gw))
     await send(ws2, {"op": "subscribe", "subjects": [{"subject": sa, "epoch": epoch, "seq": end + 2}]})
     sub = await recv_until(ws2, "subscribed")
     assert (sub["recovered"], sub["seq"]) == (True, seqs[b"a"][-1])
-    await no_frame(ws2, 0.2)
-    more = await produce(kafka_broker, t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3")])
-    assert [m.offset + 1 for m in more] == [end + 1, end + 2, end + 3]
+    more = await produce(kafka_broker, t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3"), (b"a", b"x4")])
+    assert [m.offset + 1 for m in more] == [end + 1, end + 2, end + 3, end + 4]
+    # the first frame after `subscribed` is x3 (nothing of the position or before it), then x4 follows
     m = await recv_until(ws2, "msg")
     assert (m["seq"], m["content"]) == (end + 3, "x3")
-    await no_frame(ws2, 0.2)
-    live = [await recv_until(ws, "msg") for _ in range(3)]   # the first connection has all three
-    assert [x["seq"] for x in live] == [end + 1, end + 2, end + 3]
+    m = await recv_until(ws2, "msg")
+    assert (m["seq"], m["content"]) == (end + 4, "x4")
+    live = [await recv_until(ws, "msg") for _ in range(4)]   # the first connection has all four
+    assert [x["seq"] for x in live] == [end + 1, end + 2, end + 3, end + 4]
     await ws.close()
     await ws2.close()
 
@@ -461,20 +486,26 @@ async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, 
     c0 = subscribers[0][1]
     await wait_until(lambda: all(c.ops("subscribed") for _, c, _ in subscribers), "subscribed", 3 * WAIT)
     during = len(acks) - subscribers[0][2]
-    await asyncio.sleep(0.1)
+    more = len(acks) + 20
+    await wait_until(lambda: len(acks) >= more or writer.done(), "live publishes after the subscriptions")
     stop.set()
     sent = await writer
     await wait_until(lambda: len(acks) == sent, "every publish acknowledged")
+    # a sentinel last: once a subscriber has it, it has everything before it (and a duplicate would show)
+    await send(pub, {"op": "publish", "subject": subject, "content": "sentinel", "id": "sentinel"})
+    await wait_until(lambda: len(acks) == sent + 1, "the sentinel acknowledged")
+    sentinel = acks.pop()
     readers.cancel()
     await asyncio.gather(readers, return_exceptions=True)
     final = acks[-1]["seq"]
     for after, c, _ in subscribers:
-        await wait_until(lambda c=c: c.msgs.get(subject) and c.msgs[subject][-1]["seq"] >= final,
-                         "every message to the last", 3 * WAIT)
-        await asyncio.sleep(0.05)
+        await wait_until(lambda c=c: c.msgs.get(subject) and c.msgs[subject][-1]["seq"] >= sentinel["seq"],
+                         "every message to the sentinel", 3 * WAIT)
         (sub,) = c.ops("subscribed")
         assert sub["recovered"] is True
         got = c.msgs[subject]
+        assert (got[-1]["seq"], got[-1]["content"]) == (sentinel["seq"], "sentinel")
+        got.pop()
         assert [m["seq"] for m in got] == list(range(after + 1, final + 1))   # no gap, no duplicate
         assert [m["content"] for m in got[: n - after]] == ["old-%d" % i for i in range(after, n)]
         assert [m["content"] for m in got[n - after:]] == [f"new-{i}" for i in range(sent)]
@@ -526,8 +557,10 @@ async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) 
         for i in range(8):
             await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].split("/", 2)[2].encode())
         hb_before = [len(c.ops("hb")) for c in collectors]
-        await asyncio.sleep(1.0)
-        # Still connected, still heartbeating, nothing delivered while the gateway cannot read.
+        # Still connected, still heartbeating (three more each), nothing delivered while the gateway
+        # cannot read.
+        await wait_until(lambda: all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before)),
+                         "heartbeats during the outage")
         assert all(c.closed is None for c in collectors)
         assert all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before))
         assert all(c.count() == 8 for c in collectors)
@@ -549,7 +582,7 @@ async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) 
         for r in held:
             want.setdefault(f"/{t}/{r.key.decode()}", []).append((r.offset + 1, r.value.decode()))
         await wait_until(lambda: all(c.count() == len(held) for c in collectors), "every held record")
-        await asyncio.sleep(0.2)
+        await flush_with_sentinels(pub, subjects, collectors)
         for c in collectors:
             assert c.closed is None
             assert {s: [(m["seq"], m["content"]) for m in msgs] for s, msgs in c.msgs.items()} == want
