@@ -190,13 +190,13 @@ def sample_until(gw: subprocess.Popen, port: int, done: Callable[[], bool], dead
              "forgotten": m.get("gateway_subjects_forgotten_total", 0.0),
              "trimmed": m.get("gateway_history_trimmed_total", 0.0),
              "messages": m.get("gateway_messages_total", 0.0)}
+        if not m:
+            s.update((k, samples[-1][k] if samples else 0.0) for k in
+                     ("history_bytes", "subjects", "forgotten", "trimmed", "messages"))
         samples.append(s)
         print(f"  t={s['t']:7.1f}s rss={s['rss'] / 2**20:8.1f} MiB held={s['history_bytes'] / 2**20:7.1f} MiB "
               f"subjects={s['subjects']:>9.0f} forgotten={s['forgotten']:>10.0f} messages={s['messages']:>10.0f}",
               flush=True)
-        if not m:
-            s.update((k, samples[-1][k] if samples else 0.0) for k in
-                     ("history_bytes", "subjects", "forgotten", "trimmed", "messages"))
         if done() or s["messages"] >= target or now > deadline:
             return samples
         time.sleep(1.0)
@@ -332,10 +332,18 @@ def main() -> None:
             print(f"{mode}: {args.subjects:,} subjects", flush=True)
             runs.append(fn(args))
             print(json.dumps(runs[-1]["summary"], indent=1), flush=True)
-    result = {"benchmark": "subject_spray", "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-              "command": " ".join([os.path.relpath(__file__, os.path.dirname(HERE)), *sys.argv[1:]]),
+    command = " ".join(["python", os.path.relpath(__file__, os.path.dirname(HERE)), *sys.argv[1:]])
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for run in runs:
+        run.update(command=command, when=when)
+    result = {"benchmark": "subject_spray", "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "runs": runs}
+    try:   # a run of one mode keeps the other mode's last run in the file
+        with open(args.out) as f:
+            kept = [r for r in json.load(f).get("runs", []) if r["mode"] not in {r["mode"] for r in runs}]
+        result["runs"] = kept + runs
+    except (OSError, ValueError, KeyError):
+        pass
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -103,9 +103,14 @@ cdef class Ring:
         while self._len > keep:
             self._evict_oldest()
 
-    def append(self, seq, prev, ts, bytes frame not None):
-        """Add the subject's next message; ``prev`` is its predecessor's seq, 0 if first, -1 if unknown."""
+    def append(self, seq, prev, ts, bytes frame not None, Py_ssize_t entry_overhead=0):
+        """Add the subject's next message; ``prev`` is its predecessor's seq, 0 if first, -1 if unknown.
+
+        Returns how much ``nbytes + len * entry_overhead`` changed (evictions included): the hub's
+        memory accounting in one call on the hot path."""
+        cdef Py_ssize_t before = self._nbytes + self._len * entry_overhead
         self._append(PyNumber_Index(seq), PyNumber_Index(prev), PyNumber_Index(ts), frame)
+        return self._nbytes + self._len * entry_overhead - before
 
     cdef int _append(self, int64_t seq, int64_t prev, int64_t ts, bytes frame) except -1:
         cdef Py_ssize_t s

@@ -197,7 +197,9 @@ class Hub:
         #: +1 after every sweep that forgot a subject; the standalone engine's epochs derive from it,
         #: so a forgotten subject that comes back never gets an epoch it had before
         self.generation = 0
-        self._quiet_until = 0     # after a sweep that could not reach the target: no sweep below this
+        # the next sweep when the held bytes go over this: the budget, or more after a sweep that could
+        # not reach its target
+        self._sweep_above = total_bytes
         self.forgotten = ForgottenFilter()
         self.stats = HubStats()
 
@@ -247,17 +249,13 @@ class Hub:
         ring = st.ring
         if ring is None:
             ring = st.ring = Ring(self._history, self._history_bytes)
-            before = 0
-        else:
-            before = ring.nbytes + len(ring) * ENTRY_OVERHEAD
-        ring.append(rec.seq, -1 if rec.prev is None else rec.prev, rec.ts, frame)
-        self.bytes += ring.nbytes + len(ring) * ENTRY_OVERHEAD - before
+        self.bytes += ring.append(rec.seq, -1 if rec.prev is None else rec.prev, rec.ts, frame, ENTRY_OVERHEAD)
         st._snapshot_frame = None
         self.stats.records += 1
         self.stats.deliveries += st.channel.publish(frame)
         if st.pending:
             self._offer(st, rec.seq, frame)
-        if self.bytes > self.total_bytes and self.bytes > self._quiet_until:
+        if self.bytes > self._sweep_above:
             self.sweep()
 
     def _offer(self, st: SubjectState, seq: int, frame: bytes) -> None:
@@ -302,7 +300,8 @@ class Hub:
             self.stats.forgotten += forgotten
         if self.bytes > target:
             self._trim(target)
-        self._quiet_until = self.bytes + self.total_bytes // 16 if self.bytes > target else 0
+        futile = self.bytes > target
+        self._sweep_above = self.bytes + self.total_bytes // 16 if futile else self.total_bytes
 
     def _trim(self, target: int) -> None:
         """Halve the history of watched subjects, least recently written first, pass after pass."""

@@ -329,3 +329,14 @@ def test_failed_allocation_while_growing_leaves_the_ring_intact(impl: SimpleName
                           text=True, errors="replace", timeout=120, cwd=tmp_path)   # not the checkout: the installed fanout
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok ")
+
+
+def test_append_returns_the_change_in_footprint(impl: SimpleNamespace) -> None:
+    ring = impl.Ring(3, max_bytes=20)
+    assert ring.append(1, 0, 0, frame(1, 6), 100) == 106
+    assert ring.append(2, 1, 0, frame(2, 6)) == 6                 # entry_overhead defaults to 0
+    assert ring.append(3, 2, 0, frame(3, 6), 100) == 106
+    assert ring.append(4, 3, 0, frame(4, 6), 100) == 0            # full: the oldest goes
+    assert ring.append(5, 4, 0, frame(5, 15), 100) == 15 - 18 - 200   # full, then over max_bytes: all three go
+    assert (len(ring), ring.nbytes) == (1, 15)
+    assert ring.append(9, 7, 0, frame(9, 4), 100) == 4 - 15       # a proven gap drops the rest
