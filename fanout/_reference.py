@@ -6,6 +6,7 @@ clarity, not speed; the reasoning behind each rule lives in the .pxd files.
 from __future__ import annotations
 
 import asyncio
+import errno
 import operator
 import os
 import stat
@@ -207,6 +208,8 @@ class Writer:
         self._syscalls = 0
         self._overflows = 0
         self._write_errors = 0
+        self.pongs_dropped = 0
+        self.fragment_limit_hits = 0
 
     frames_out = property(lambda self: self._frames_out)
     bytes_out = property(lambda self: self._bytes_out)
@@ -249,8 +252,7 @@ class Writer:
             try:
                 conn._flush(now)
             except Exception as exc:
-                self._write_errors += 1
-                conn._drop()
+                conn._write_failed()
                 self._loop.call_exception_handler({
                     "message": "fanout: unexpected error while writing",
                     "exception": exc,
@@ -268,6 +270,17 @@ class Writer:
     def __repr__(self) -> str:
         return (f"<Writer conns={len(self._conns)} frames_out={self._frames_out} "
                 f"syscalls={self._syscalls} overflows={self._overflows}>")
+
+
+#: errors after which the socket is still fine (no room or no buffer memory now): like EAGAIN
+_SOFT_ERRNOS = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS, errno.ENOMEM))
+
+
+def _abort_transport(transport: asyncio.BaseTransport) -> None:
+    try:
+        transport.abort()  # type: ignore[attr-defined]
+    except Exception:
+        pass
 
 
 def _shared_callback(writer: Writer, cb: Callable[[Conn], object]) -> Callable[[Conn], object]:
@@ -424,8 +437,17 @@ class Conn:
         try:
             self._transport.write(data)
         except Exception:
-            self._writer._write_errors += 1
-            self._drop()
+            self._write_failed()
+
+    def _write_failed(self) -> None:
+        # a hard error: drop, and abort the transport from call_soon (see _writer.pyx)
+        if self._closed:
+            return
+        transport = self._transport
+        self._writer._write_errors += 1
+        self._drop()
+        if transport is not None:
+            self._writer._loop.call_soon(_abort_transport, transport)
 
     def _flush_direct(self, now: float) -> None:
         w = self._writer
@@ -437,12 +459,11 @@ class Conn:
             w._syscalls += 1
             try:
                 n = os.writev(self._fd, batch)  # PEP 475 already retries EINTR
-            except (BlockingIOError, InterruptedError):
+            except OSError as exc:
+                if exc.errno not in _SOFT_ERRNOS:
+                    self._write_failed()
+                    return
                 off = 0
-            except OSError:
-                w._write_errors += 1
-                self._drop()
-                return
             else:
                 self.last_send = now
                 w._bytes_out += n
@@ -485,12 +506,11 @@ class Conn:
         w._syscalls += 1
         try:
             n = os.write(self._fd, frame)  # PEP 475 already retries EINTR
-        except (BlockingIOError, InterruptedError):
+        except OSError as exc:
+            if exc.errno not in _SOFT_ERRNOS:
+                self._write_failed()
+                return
             n = 0
-        except OSError:
-            w._write_errors += 1
-            self._drop()
-            return
         self._qbytes -= len(frame)
         w._frames_out += 1
         w._bytes_out += len(frame)
@@ -639,6 +659,13 @@ class WSConn(Conn):
     _frag_size: int
     _frag_op: int
     _max_message: int
+    _held: bytes | None
+    _held_off: int
+    _frag_count: int
+    _max_frags: int
+    _pongs: int
+    _max_pongs: int
+    _in_paused: bool
 
     def __new__(cls, *args: Any, **kwargs: Any) -> WSConn:
         self = super().__new__(cls)
@@ -648,6 +675,13 @@ class WSConn(Conn):
         self._frag_size = 0
         self._frag_op = 0
         self._max_message = 0
+        self._held = None
+        self._held_off = 0
+        self._frag_count = 0
+        self._max_frags = 0
+        self._pongs = 0
+        self._max_pongs = 0
+        self._in_paused = False
         # what Conn.__init__ sets, for a conn not yet opened
         self._queue = []
         self._chans = {}
@@ -667,14 +701,21 @@ class WSConn(Conn):
         pass
 
     def ws_open(self, writer: Writer, transport: asyncio.Transport, max_pending: int, max_message: int,
-                on_overflow: Callable[[Conn], object], rest: bytes = b"") -> None:
+                on_overflow: Callable[[Conn], object], rest: bytes = b"", max_fragments: int = 1024,
+                max_pongs: int = 16) -> None:
         limit = _as_int(max_message, _SSIZE, "max_message")
+        frags = _as_int(max_fragments, _SSIZE, "max_fragments")
+        pongs = _as_int(max_pongs, _SSIZE, "max_pongs")
         if limit < 0:
             raise ValueError("max_message must be >= 0")
+        if not (1 <= frags <= 65535 and 1 <= pongs <= 65535):
+            raise ValueError("max_fragments and max_pongs must be in 1..65535")
         if self._state != WSConn.HTTP:
             raise RuntimeError("ws_open() called twice")
         Conn.__init__(self, writer, transport, max_pending, on_overflow)
         self._max_message = limit
+        self._max_frags = frags
+        self._max_pongs = pongs
         self._state = WSConn.OPEN
         if rest:
             self.data_received(rest)
@@ -682,18 +723,58 @@ class WSConn(Conn):
     def data_received(self, data: bytes) -> None:
         if self._state == WSConn.OPEN:
             self.last_recv = self._writer._loop.time()
-            buf = bytes(data) if self._rbuf is None else bytes(self._rbuf) + bytes(data)
-            used = self._parse(buf)
-            self._rbuf = bytearray(buf[used:]) if self._state == WSConn.OPEN and used < len(buf) else None
+            data = bytes(data)
+            if self._in_paused:
+                self._held = data if self._held is None else self._held[self._held_off:] + data
+                self._held_off = 0
+                return
+            self._feed(data, 0)
         elif self._state == WSConn.HTTP:
             self.http_received(data)
+
+    def _feed(self, data: bytes, off: int) -> None:
+        buf = data[off:] if self._rbuf is None else bytes(self._rbuf) + data[off:]
+        self._rbuf = None
+        used = self._parse(buf)
+        if self._state != WSConn.OPEN or used == len(buf):
+            return
+        if self._in_paused:
+            self._held, self._held_off = buf, used
+        else:
+            self._rbuf = bytearray(buf[used:])
+
+    def ws_pause_input(self) -> None:
+        if self._in_paused or self._state != WSConn.OPEN:
+            return
+        self._in_paused = True
+        try:
+            self._transport.pause_reading()
+        except (AttributeError, RuntimeError):
+            pass
+
+    def ws_resume_input(self) -> None:
+        if not self._in_paused:
+            return
+        self._in_paused = False
+        held, self._held = self._held, None
+        if held is not None and self._state == WSConn.OPEN:
+            self._feed(held, self._held_off)
+        if not self._in_paused and self._state == WSConn.OPEN:
+            try:
+                self._transport.resume_reading()
+            except (AttributeError, RuntimeError):
+                pass
+
+    @property
+    def ws_input_paused(self) -> bool:
+        return self._in_paused
 
     def eof_received(self) -> None:
         return None
 
     def _parse(self, p: bytes) -> int:
         pos, n = 0, len(p)
-        while self._state == WSConn.OPEN and n - pos >= 2:
+        while self._state == WSConn.OPEN and not self._in_paused and n - pos >= 2:
             b0, b1 = p[pos], p[pos + 1]
             fin, opcode, len7 = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
             if b0 & 0x70:
@@ -742,6 +823,10 @@ class WSConn(Conn):
         if opcode == OP_CONT:
             if self._frags is None:
                 return self._fail(1002, "continuation frame without a message to continue")
+            if self._frag_count >= self._max_frags:
+                self._writer.fragment_limit_hits += 1
+                return self._fail(1009, f"message in more than {self._max_frags} frames")
+            self._frag_count += 1
             self._frags.append(payload)
             self._frag_size += len(payload)
             if fin:
@@ -757,13 +842,21 @@ class WSConn(Conn):
         else:
             self._frags = [payload]
             self._frag_size = len(payload)
+            self._frag_count = 1
             self._frag_op = opcode
         return None
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
-            if not self._closed:
-                self._enqueue(encode_frame(OP_PONG, payload))
+            if self._closed:
+                return None
+            if self._queue is None and not self._paused:
+                self._pongs = 0
+            if self._pongs >= self._max_pongs:
+                self._writer.pongs_dropped += 1
+                return None
+            self._pongs += 1
+            self._enqueue(encode_frame(OP_PONG, payload))
             return None
         if opcode == OP_PONG:
             return None
@@ -793,6 +886,7 @@ class WSConn(Conn):
         self._state = WSConn.DONE
         self._frags = None
         self._rbuf = None
+        self._held = None
 
     @property
     def ws_state(self) -> int:

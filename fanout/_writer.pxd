@@ -82,6 +82,9 @@ cdef class Writer:
     cdef readonly unsigned long long syscalls
     cdef readonly unsigned long long overflows
     cdef readonly unsigned long long write_errors
+    # Input limits of WSConn (_ws.pxd), counted here: the Writer is fanout's one object per gateway.
+    cdef public unsigned long long pongs_dropped
+    cdef public unsigned long long fragment_limit_hits
 
     cdef int _mark_dirty(self, Conn conn) except -1
     cdef void _register(self, Conn conn)
@@ -121,6 +124,7 @@ cdef class Conn:
     cdef Py_ssize_t _transport_size(self)
     cdef int _overflow(self) except -1
     cdef void _drop(self)
+    cdef int _write_failed(self) except -1
     cdef bint _member(self, Channel ch)
     cdef int _join(self, Channel ch, Py_ssize_t idx) except -1
     cdef Py_ssize_t _leave(self, Channel ch) except -2

@@ -16,6 +16,8 @@ class Writer:
     def overflows(self) -> int: ...
     @property
     def write_errors(self) -> int: ...
+    pongs_dropped: int
+    fragment_limit_hits: int
 
 class Conn:
     last_send: float

@@ -9,7 +9,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.number cimport PyNumber_Index
 from cpython.ref cimport PyObject
-from libc.errno cimport EAGAIN, EINTR, errno
+from libc.errno cimport EAGAIN, EINTR, ENOBUFS, ENOMEM, errno
 from libc.string cimport memset
 from posix.stat cimport S_ISSOCK, fstat, struct_stat
 from posix.uio cimport iovec
@@ -102,8 +102,7 @@ cdef class Writer:
                 conn._flush(now)
             except Exception as exc:
                 # Never let one broken conn stop the others' writes.
-                self.write_errors += 1
-                conn._drop()
+                conn._write_failed()
                 self._loop.call_exception_handler({
                     "message": "fanout: unexpected error while writing",
                     "exception": exc,
@@ -128,6 +127,19 @@ cdef class Writer:
     def __repr__(self):
         return (f"<Writer conns={len(self._conns)} frames_out={self.frames_out} "
                 f"syscalls={self.syscalls} overflows={self.overflows}>")
+
+
+cdef inline bint _soft_error(int err) noexcept nogil:
+    """Errors after which the socket is still fine: the kernel had no room (or no buffer memory) now.
+    The transport takes the frame and retries when the socket is writable."""
+    return err == EAGAIN or err == EWOULDBLOCK or err == EINTR or err == ENOBUFS or err == ENOMEM
+
+
+def _abort_transport(transport):
+    try:
+        transport.abort()
+    except Exception:
+        pass  # already closed
 
 
 cdef object _shared_callback(Writer writer, object cb):
@@ -321,8 +333,21 @@ cdef class Conn:
         try:
             self._transport.write(data)
         except Exception:
-            self._writer.write_errors += 1
-            self._drop()
+            self._write_failed()
+        return 0
+
+    cdef int _write_failed(self) except -1:
+        # A hard error (EPIPE, ECONNRESET, a transport that refuses data): nothing more can reach this
+        # peer. Dropping the conn alone would leave the transport open and, out of the writer's list,
+        # unseen by the liveness sweep: a connection nobody ever closes. So abort the transport too
+        # (from call_soon, never inside a flush); connection_lost follows and the owner cleans up.
+        cdef object transport = self._transport
+        if self._closed:
+            return 0
+        self._writer.write_errors += 1
+        self._drop()
+        if transport is not None:
+            self._writer._loop.call_soon(_abort_transport, transport)
         return 0
 
     cdef int _flush_direct(self, double now) except -1:
@@ -359,11 +384,9 @@ cdef class Conn:
                 if err == EINTR and eintr < 3:
                     eintr += 1
                     continue
-                if err != EAGAIN and err != EWOULDBLOCK and err != EINTR:
-                    # EPIPE, ECONNRESET...: the reading side sees it too and
-                    # connection_lost follows; nothing left worth queueing.
-                    w.write_errors += 1
-                    self._drop()
+                if not _soft_error(err):
+                    # EPIPE, ECONNRESET...: nothing left worth queueing.
+                    self._write_failed()
                     return 0
                 off = 0
             else:
@@ -423,9 +446,8 @@ cdef class Conn:
             if err == EINTR and eintr < 3:
                 eintr += 1
                 continue
-            if err != EAGAIN and err != EWOULDBLOCK and err != EINTR:
-                w.write_errors += 1
-                self._drop()
+            if not _soft_error(err):
+                self._write_failed()
                 return 0
             n = 0
             break

@@ -20,9 +20,23 @@
 #     refused from its header, before its payload is buffered        -> 1009
 #   * continuation only inside a fragmented message, a new data frame
 #     only outside one                                               -> 1002
+#   * a message in more than max_fragments frames                 -> 1009
 # Pings are answered with a pong of the same payload through the queue
 # (behind whatever is queued, so the byte order holds); pongs and every other
 # byte only refresh last_recv. After the peer's close frame, input is ignored.
+# A ping flood costs its sender: at most max_pongs pongs wait in the queue at
+# a time (counted since the queue was last empty); a ping beyond that is not
+# answered (RFC 6455 5.5.3 lets an endpoint skip pongs it still owes), and
+# counted in Writer.pongs_dropped. Each pong is a Python object of its own,
+# so max_pending (payload bytes) alone would let one connection hold millions.
+#
+# Input pause (ws_pause_input / ws_resume_input): the subclass may stop input
+# after the message it is handling (e.g. a client over its publish rate). The
+# transport stops reading, parsing stops after the current frame, and the
+# bytes already read but not parsed are held (the bytes object and an offset:
+# never copied) until ws_resume_input() parses them, in order, before
+# anything read later. So input the subclass is not ready for costs nothing
+# but the socket's own buffer, and TCP flow control slows the sender down.
 
 from fanout._writer cimport Conn, Writer
 
@@ -36,11 +50,19 @@ cdef enum:
 cdef class WSConn(Conn):
     cdef object _rbuf             # bytearray: the start of an incomplete frame; else None
     cdef list _frags              # payloads of the fragmented message so far; else None
+    cdef object _held             # input paused: bytes read but not parsed yet (from _held_off); else None
+    cdef Py_ssize_t _held_off
     cdef Py_ssize_t _frag_size
-    cdef int _frag_op
-    cdef int _state
     cdef Py_ssize_t _max_message
+    cdef unsigned short _frag_count   # frames of the fragmented message so far
+    cdef unsigned short _max_frags
+    cdef unsigned short _pongs        # pongs queued since the queue was last empty
+    cdef unsigned short _max_pongs
+    cdef unsigned char _frag_op
+    cdef unsigned char _state
+    cdef unsigned char _in_paused     # ws_pause_input() called, not resumed yet
 
+    cdef int _feed(self, bytes data, Py_ssize_t off) except -1
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n) except -1
     cdef int _frame(self, int opcode, bint fin, bytes payload) except -1
     cdef int _control(self, int opcode, bytes payload) except -1

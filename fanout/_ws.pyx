@@ -83,57 +83,114 @@ cdef class WSConn(Conn):
         self._state = WS_HTTP
         self._rbuf = None
         self._frags = None
+        self._held = None
 
-    def ws_open(self, Writer writer not None, transport, max_pending, max_message, on_overflow, rest=b""):
-        """The upgrade is done: register the output queue, then parse ``rest`` (bytes after the request)."""
+    def ws_open(self, Writer writer not None, transport, max_pending, max_message, on_overflow, rest=b"",
+                max_fragments=1024, max_pongs=16):
+        """The upgrade is done: register the output queue, then parse ``rest`` (bytes after the request).
+
+        ``max_fragments``: frames one message may span (more fails 1009); ``max_pongs``: pongs owed at
+        once (pings beyond are not answered); both 1..65535."""
         cdef Py_ssize_t limit = PyNumber_Index(max_message)
+        cdef Py_ssize_t frags = PyNumber_Index(max_fragments)
+        cdef Py_ssize_t pongs = PyNumber_Index(max_pongs)
         if limit < 0:
             raise ValueError("max_message must be >= 0")
+        if not (1 <= frags <= 65535 and 1 <= pongs <= 65535):
+            raise ValueError("max_fragments and max_pongs must be in 1..65535")
         if self._state != WS_HTTP:
             raise RuntimeError("ws_open() called twice")
         self._init(writer, transport, PyNumber_Index(max_pending), on_overflow)
         self._max_message = limit
+        self._max_frags = <unsigned short>frags
+        self._max_pongs = <unsigned short>pongs
         self._state = WS_OPEN
         if rest:
             self.data_received(rest)
 
     def data_received(self, data):
-        cdef const unsigned char* p
-        cdef Py_ssize_t n, used, off, need, take
-        cdef object buf
         if self._state == WS_OPEN:
             self.last_recv = self._writer._loop.time()
             if not PyBytes_CheckExact(data):
                 data = bytes(data)
-            p = <const unsigned char*>PyBytes_AS_STRING(data)
-            n = PyBytes_GET_SIZE(data)
-            off = 0
-            buf = self._rbuf
-            # An incomplete frame is waiting: move into it only the bytes that complete it (its header
-            # first, then its payload), so the rest of `data` is parsed in place, not copied again.
-            while buf is not None and self._state == WS_OPEN:
-                need = _frame_need(<const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
-                take = need - PyByteArray_GET_SIZE(buf)
-                if take > n - off:
-                    take = n - off
-                if take > 0:
-                    buf += data[off:off + take]
-                    off += take
-                # `buf` is not resized while _parse runs (only here), so the pointer stays valid.
-                used = self._parse(<const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
-                if self._state != WS_OPEN or used == PyByteArray_GET_SIZE(buf):
-                    buf = self._rbuf = None
-                elif used:
-                    del buf[:used]
-                elif off == n:
-                    return  # still incomplete: wait for more
-            if self._state != WS_OPEN or off == n:
+            if self._in_paused:
+                # Reading is paused, but a transport may still deliver what it had read (TLS).
+                if self._held is None:
+                    self._held = data
+                else:
+                    self._held = self._held[self._held_off:] + data
+                self._held_off = 0
                 return
-            used = self._parse(p + off, n - off)
-            if off + used < n and self._state == WS_OPEN:
-                self._rbuf = bytearray(data[off + used:])
+            self._feed(data, 0)
         elif self._state == WS_HTTP:
             self.http_received(data)
+
+    cdef int _feed(self, bytes data, Py_ssize_t off) except -1:
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef Py_ssize_t used, need, take
+        cdef object buf = self._rbuf
+        # An incomplete frame is waiting: move into it only the bytes that complete it (its header
+        # first, then its payload), so the rest of `data` is parsed in place, not copied again.
+        while buf is not None and self._state == WS_OPEN:
+            need = _frame_need(<const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
+            take = need - PyByteArray_GET_SIZE(buf)
+            if take > n - off:
+                take = n - off
+            if take > 0:
+                buf += data[off:off + take]
+                off += take
+            # `buf` is not resized while _parse runs (only here), so the pointer stays valid.
+            used = self._parse(<const unsigned char*>PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
+            if self._state != WS_OPEN or used == PyByteArray_GET_SIZE(buf):
+                buf = self._rbuf = None
+            elif used:
+                del buf[:used]
+            elif off == n:
+                return 0  # still incomplete: wait for more
+        if self._state != WS_OPEN or off == n:
+            return 0
+        if not self._in_paused:
+            used = self._parse(p + off, n - off)
+            off += used
+            if off == n or self._state != WS_OPEN:
+                return 0
+        if self._in_paused:
+            self._held = data  # parsed from _held_off on resume: no copy
+            self._held_off = off
+        else:
+            self._rbuf = bytearray(data[off:])
+        return 0
+
+    def ws_pause_input(self):
+        """Stop reading and parsing after the current message (see _ws.pxd); idempotent."""
+        if self._in_paused or self._state != WS_OPEN:
+            return
+        self._in_paused = 1
+        try:
+            self._transport.pause_reading()
+        except (AttributeError, RuntimeError):
+            pass  # closing: nothing more will be read anyway
+
+    def ws_resume_input(self):
+        """Parse what was held, then read again; idempotent."""
+        cdef object held
+        if not self._in_paused:
+            return
+        self._in_paused = 0
+        held = self._held
+        self._held = None
+        if held is not None and self._state == WS_OPEN:
+            self._feed(<bytes>held, self._held_off)
+        if not self._in_paused and self._state == WS_OPEN:  # parsing may have paused again
+            try:
+                self._transport.resume_reading()
+            except (AttributeError, RuntimeError):
+                pass
+
+    @property
+    def ws_input_paused(self):
+        return self._in_paused != 0
 
     def eof_received(self):
         return None  # the transport closes; connection_lost follows
@@ -147,7 +204,7 @@ cdef class WSConn(Conn):
         cdef int opcode, len7
         cdef bint fin
         cdef bytes payload
-        while self._state == WS_OPEN and n - pos >= 2:
+        while self._state == WS_OPEN and not self._in_paused and n - pos >= 2:
             b0 = p[pos]
             b1 = p[pos + 1]
             fin = (b0 & 0x80) != 0
@@ -204,6 +261,10 @@ cdef class WSConn(Conn):
         if opcode == OP_CONT_C:
             if frags is None:
                 return self._fail(1002, "continuation frame without a message to continue")
+            if self._frag_count >= self._max_frags:
+                self._writer.fragment_limit_hits += 1
+                return self._fail(1009, f"message in more than {self._max_frags} frames")
+            self._frag_count += 1
             frags.append(payload)
             self._frag_size += PyBytes_GET_SIZE(payload)
             if fin:
@@ -219,7 +280,8 @@ cdef class WSConn(Conn):
         else:
             self._frags = [payload]
             self._frag_size = PyBytes_GET_SIZE(payload)
-            self._frag_op = opcode
+            self._frag_count = 1
+            self._frag_op = <unsigned char>opcode
         return 0
 
     cdef int _control(self, int opcode, bytes payload) except -1:
@@ -227,8 +289,15 @@ cdef class WSConn(Conn):
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(payload)
         cdef int code
         if opcode == OP_PING_C:
-            if not self._closed:
-                self._enqueue(build_frame(OP_PONG_C, <const char*>p, size))
+            if self._closed:
+                return 0
+            if self._queue is None and not self._paused:
+                self._pongs = 0  # every pong queued before has been written
+            if self._pongs >= self._max_pongs:
+                self._writer.pongs_dropped += 1
+                return 0
+            self._pongs += 1
+            self._enqueue(build_frame(OP_PONG_C, <const char*>p, size))
             return 0
         if opcode == OP_PONG_C:
             return 0
@@ -261,6 +330,7 @@ cdef class WSConn(Conn):
         self._state = WS_DONE
         self._frags = None
         self._rbuf = None
+        self._held = None
 
     @property
     def ws_state(self):

@@ -103,8 +103,10 @@ def _run(config: Config, *, reuse_port: bool = False, announce: bool = True) -> 
 
 
 async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
+    from .limits import raise_file_limit
     from .server import Gateway
 
+    raise_file_limit()  # each connection is a file descriptor: use all the system allows this process
     gw = Gateway(config)
     loop = asyncio.get_running_loop()
     await gw.start(reuse_port=reuse_port)

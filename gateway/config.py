@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 
 
 MiB = 1024 * 1024
+#: file descriptors kept out of --max-connections' default: /healthz, /metrics, the engine's sockets, logs
+FD_RESERVE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +51,38 @@ class Config:
                 "is subscribed to (least recently written first), then trims the oldest history of the others"})
     max_message_bytes: int = field(default=1 * MiB, metadata={
         "help": "largest inbound WebSocket message; larger closes with 1009"})
-    max_pending_bytes: int = field(default=1 * MiB, metadata={
-        "help": "largest output queued for one connection; more closes it with 4000 (slow consumer)"})
+    max_pending_bytes: int = field(default=4 * MiB, metadata={
+        "help": "largest output queued for one connection; more closes it with 4000 (slow consumer); "
+                "at least 2 x --max-message-bytes"})
     max_inflight_publishes: int = field(default=1000, metadata={
         "help": "publishes of one connection awaiting the engine; more get rate_limited"})
     connect_timeout_ms: int = field(default=10000, metadata={
         "help": "close 1008 a connection that sends no connect within this time"})
+    # ---- resource limits (PROTOCOL.md 1.1 "Resource limits"; docs/SECURITY.md) ----
+    max_connections: int = field(default=0, metadata={
+        "help": "open connections per process; over it the WebSocket upgrade gets HTTP 503 + Retry-After "
+                f"(0 = the process's file limit RLIMIT_NOFILE minus a reserve of {FD_RESERVE} "
+                "for /healthz, /metrics and the engine)"})
+    max_connections_per_address: int = field(default=0, metadata={
+        "help": "open connections per client IP address; over it the upgrade gets HTTP 429 + Retry-After (0 = off)"})
+    max_subscriptions: int = field(default=1000, metadata={
+        "help": "subscriptions per connection; each subject over it gets error limit_exceeded"})
+    publish_rate: float = field(default=1000.0, metadata={
+        "help": "publishes per second per connection (token bucket); over it: error rate_limited and the "
+                "connection is not read until it is under the rate again (0 = off)"})
+    publish_burst: int = field(default=0, metadata={
+        "help": "token bucket size of --publish-rate: publishes a connection may send at once "
+                "(0 = 2 x --publish-rate)"})
+    handshake_timeout_ms: int = field(default=5000, metadata={
+        "help": "close without a response a connection whose HTTP request head is not complete within this time"})
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={
+        "help": "comma-separated Origins allowed to open a WebSocket besides the gateway's own "
+                "(an Origin matching Host); requests without Origin are accepted; '*' allows all; others get 403"})
+    max_fragments: int = field(default=1024, metadata={
+        "help": "WebSocket frames one message may be split into; more closes with 1009"})
+    max_queued_pongs: int = field(default=16, metadata={
+        "help": "pongs (answers to the client's pings) queued and not yet written; pings beyond it are "
+                "not answered (RFC 6455 5.5.3)"})
     warmup_records: int = field(default=10000, metadata={
         "help": "Kafka: records read back per partition at start (snapshots, recovery window)"})
     max_recovery_records: int = field(default=100000, metadata={
@@ -79,8 +107,15 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
-             "history_total_bytes"}
-_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms"}
+             "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
+_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "max_connections", "max_connections_per_address",
+                 "publish_rate", "publish_burst"}
+_LISTS = {"topics", "allowed_origins"}
+
+
+def _is_origin(text: str) -> bool:
+    scheme, sep, rest = text.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https") and bool(rest) and "/" not in rest
 
 
 def env_name(name: str) -> str:
@@ -91,13 +126,24 @@ def _convert(name: str, value: Any) -> Any:
     flag = "--" + name.replace("_", "-")
     kind = FIELDS[name].type
     try:
-        if name == "topics":
+        if name in _LISTS:
             items = value.split(",") if isinstance(value, str) else list(value)
-            topics = tuple(t.strip() for t in items if t.strip())
-            for t in topics:
-                if not is_topic_name(t):
+            listed = tuple(str(t).strip() for t in items if str(t).strip())
+            for t in listed:
+                if name == "topics" and not is_topic_name(t):
                     raise ValueError(f"{t!r} is not a legal Kafka topic name")
-            return topics
+                if name == "allowed_origins" and t != "*" and not _is_origin(t):
+                    raise ValueError(f"{t!r} is not an origin (scheme://host[:port], or '*')")
+            return listed
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("not a number")
+            real = float(value)
+            if real != real or real in (float("inf"), float("-inf")):
+                raise ValueError("not a finite number")
+            if name in _NON_NEGATIVE and real < 0:
+                raise ValueError("must be >= 0")
+            return real
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError("not an integer")
@@ -161,6 +207,12 @@ def validate(config: Config) -> Config:
         raise ConfigError("--kafka needs --topics (the topics this gateway serves)")
     if config.max_message_bytes > 64 * MiB:
         raise ConfigError("--max-message-bytes: at most 64 MiB")
+    if config.max_pending_bytes < 2 * config.max_message_bytes:
+        # one maximal message (plus its frame header) must never overflow a connection by itself
+        raise ConfigError(f"--max-pending-bytes ({config.max_pending_bytes}) must be at least 2 x "
+                          f"--max-message-bytes ({2 * config.max_message_bytes})")
+    if config.max_fragments > 65535 or config.max_queued_pongs > 65535:
+        raise ConfigError("--max-fragments and --max-queued-pongs: at most 65535")
     if not config.node_id:
         config = dataclasses.replace(config, node_id=f"{os.uname().nodename}-{os.getpid()}")
     return dataclasses.replace(config, log_level=config.log_level.lower())

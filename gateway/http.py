@@ -3,7 +3,9 @@ the WebSocket upgrade checks and 101 answer (RFC 6455 4.2), and small plain resp
 
 Sans-I/O: bytes in (`Request.feed`), bytes out (`upgrade_response`, `response`). A plain request is
 answered and the connection closed; there is no keep-alive (the routes are /healthz, /metrics and the
-demo page, not an API).
+demo page, not an API). Pipelined requests behind the first are not parsed: the first is answered with
+`Connection: close` and the connection closed, and the client retries the rest on a new connection
+(RFC 9112 9.3.2 and 9.6).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class HttpError(Exception):
         return response(self.status, f"{self.message}\n".encode(), headers=self.headers)
 
 
+class _Complete(Exception):
+    """Raised from on_message_complete to stop httptools at the end of the first request."""
+
+
 class Request:
     """One request head, fed in whatever pieces the client sends it."""
 
@@ -60,6 +66,10 @@ class Request:
 
     def on_message_complete(self) -> None:
         self.done = True
+        if not self._parser.should_upgrade():
+            # Stop here: httptools would go on parsing a pipelined next request into the same
+            # callbacks (its URL appended to ours). An upgrade stops by itself (HttpParserUpgrade).
+            raise _Complete
 
     def feed(self, data: bytes) -> bool:
         """True once the request is complete; raises HttpError for a bad or oversized one."""
@@ -72,6 +82,9 @@ class Request:
             self.upgrade = True
             self.done = True
             self.rest = data[int(exc.args[0]):]
+        except httptools.HttpParserCallbackError as exc:
+            if not isinstance(exc.__context__, _Complete):
+                raise HttpError(400, f"bad request: {exc}") from None
         except httptools.HttpParserError as exc:
             raise HttpError(400, f"bad request: {exc}") from None
         if self._size - len(self.rest) > MAX_HEAD_BYTES:

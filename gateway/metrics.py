@@ -95,6 +95,23 @@ class GatewayCollector(Collector):
         for status, n in sorted(s.http_rejected.items()):
             rejected.add_metric([str(status)], n)
         yield rejected
+        yield counter("write_errors", "Connections dropped on a hard write error (EPIPE, ECONNRESET, ...)",
+                      w.write_errors)
+        adm = gw.admission
+        yield gauge("open_connections", "Open TCP connections (WebSocket sessions and HTTP requests)", adm.open)
+        yield gauge("max_connections", "--max-connections in effect (default: file limit minus a reserve)",
+                    adm.max_connections)
+        yield gauge("file_limit", "The process's file descriptor limit (RLIMIT_NOFILE)", adm.fd_limit)
+        hits = CounterMetricFamily("gateway_limit_hits", "Refusals by resource limit (docs/SECURITY.md): "
+                                   "max_connections, max_connections_per_address, file_limit, origin, "
+                                   "handshake_timeout, max_subscriptions, publish_rate, max_fragments, "
+                                   "max_queued_pongs", labels=["limit"])
+        limit_hits = dict(adm.hits)
+        limit_hits["max_fragments"] = w.fragment_limit_hits
+        limit_hits["max_queued_pongs"] = w.pongs_dropped
+        for limit, n in sorted(limit_hits.items()):
+            hits.add_metric([limit], n)
+        yield hits
         yield gauge("ready", "1 once the engine is ready (healthz 200)", 1.0 if gw.engine.ready else 0.0)
         engine = GaugeMetricFamily("gateway_engine", "Engine counters", labels=["engine", "name"])
         for name, value in sorted(gw.engine.stats().items()):

@@ -23,6 +23,7 @@ from .auth import Authenticator
 from .config import Config
 from .engines.base import Engine
 from .hub import Hub
+from .limits import RETRY_AFTER_S, Admission, normalize_origins, origin_allowed
 from .metrics import CONTENT_TYPE, Stats, make_renderer
 from .session import Session
 from .subjects import parse_subject
@@ -72,6 +73,8 @@ class Gateway:
                 public_key = fh.read()
         self.auth = Authenticator(secret=secret, public_key_pem=public_key)
         self.stats = Stats()
+        self.admission = Admission(config)
+        self._origins = normalize_origins(config.allowed_origins)
         self.sessions: set[Session] = set()
         self._unconnected: set[Session] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -103,7 +106,7 @@ class Gateway:
             self.config.host,
             self.config.port,
             ssl=ctx,
-            ssl_handshake_timeout=self.config.connect_timeout_ms / 1000 if ctx else None,
+            ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000 if ctx else None,
             reuse_port=reuse_port or None,
             backlog=4096,
         )
@@ -164,8 +167,12 @@ class Gateway:
 
     # ---- connections -----------------------------------------------------------------------------------
 
-    def connection_made(self, session: Session) -> None:
-        self._unconnected.add(session)  # until its connect: the sweep enforces connect_timeout_ms
+    def connection_made(self, session: Session) -> bool:
+        """A TCP connection was accepted; False: close it at once (the process is out of descriptors)."""
+        if not self.admission.opened(session.address):
+            return False
+        self._unconnected.add(session)  # until its connect: the sweep enforces the timeouts
+        return True
 
     def session_opened(self, session: Session) -> None:
         """The WebSocket upgrade is done."""
@@ -176,8 +183,10 @@ class Gateway:
         self._unconnected.discard(session)
 
     def session_closed(self, session: Session) -> None:
+        """The connection is gone (its connection_lost), whatever state it reached."""
         self.sessions.discard(session)
         self._unconnected.discard(session)
+        self.admission.closed(session.address)
 
     def _new_session(self) -> asyncio.Protocol:
         return Session(self)  # type: ignore[return-value]  # an asyncio protocol by duck typing (Cython base)
@@ -188,7 +197,8 @@ class Gateway:
 
     async def _sweep_forever(self) -> None:
         hb = self.config.heartbeat_ms / 1000
-        interval = min(max(hb / 4, 0.01), 1.0)
+        handshake = self.config.handshake_timeout_ms / 1000
+        interval = min(max(min(hb, handshake) / 4, 0.01), 1.0)
         while True:
             await asyncio.sleep(interval)
             try:
@@ -198,7 +208,8 @@ class Gateway:
 
     def sweep(self, now: float) -> None:
         """Heartbeats after `heartbeat_ms` of output silence; a ping after as much input silence;
-        close 1011 after 3x without anything from the peer; close 1008 without connect in time."""
+        close 1011 after 3x without anything from the peer; close 1008 without connect in time; close
+        without a response a connection whose HTTP request is not complete within handshake_timeout_ms."""
         hb = self.config.heartbeat_ms / 1000
         quiet_out, quiet_in = self.writer.idle(now, hb, hb)
         for session in quiet_out:
@@ -207,26 +218,41 @@ class Gateway:
         for session in quiet_in:
             if not isinstance(session, Session):
                 continue
+            if session.ws_input_paused:
+                continue  # we are the ones not reading it (over its publish rate, or behind a slow subscribe)
             if now - session.last_recv >= 3 * hb:
                 session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
             elif now - session.last_ping >= hb:
                 session.ping(now)
         limit = self.config.connect_timeout_ms / 1000
+        handshake = self.config.handshake_timeout_ms / 1000
         for session in list(self._unconnected):
-            if now - session.created >= limit:
+            age = now - session.created
+            if session.ws_state == 0 and age >= min(handshake, limit):  # still in its HTTP request
+                self._unconnected.discard(session)
+                self.admission.refused("handshake_timeout")
+                session.close()  # before the upgrade: no response, the socket is just closed
+            elif age >= limit:
                 self._unconnected.discard(session)
                 session.close(protocol.CLOSE_POLICY, "no connect in time")
 
     # ---- HTTP ------------------------------------------------------------------------------------------
 
-    def route(self, req: http.Request) -> tuple[bytes, bool]:
+    def route(self, req: http.Request, address: str = "") -> tuple[bytes, bool]:
         """(response, upgrade): the 101 answer for /ws, else a complete plain response (then closed).
-        Raises http.HttpError for a refused request."""
+        Raises http.HttpError for a refused request. `address`: the client's IP (connection limits)."""
         path = req.path
         if path == b"/ws":
             if self._stopping:
                 raise http.HttpError(503, "shutting down")
-            return http.check_upgrade(req), True
+            answer = http.check_upgrade(req)
+            if not origin_allowed(req.headers.get(b"origin"), req.header(b"host"), self._origins):
+                self.admission.refused("origin")
+                raise http.HttpError(403, "origin not allowed (see --allowed-origins)")
+            over = self.admission.check_upgrade(address)
+            if over is not None:
+                raise http.HttpError(over[0], over[1], (("Retry-After", str(RETRY_AFTER_S)),))
+            return answer, True
         known = path in (b"/healthz", b"/metrics") or path in self._pages  # bounded label values
         self.stats.http_requests[path.decode("latin-1") if known else "other"] += 1
         if req.method not in (b"GET", b"HEAD"):

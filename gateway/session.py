@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from fanout import OP_BINARY, OP_PING, Conn, WSConn, encode_close, encode_frame,
 from . import http, protocol, recovery
 from .auth import AuthError, Principal
 from .engines.base import EngineUnavailable, UnknownTopic
+from .limits import TokenBucket
 from .protocol import ProtocolError
 
 if TYPE_CHECKING:
@@ -33,12 +35,24 @@ log = logging.getLogger("gateway.session")
 
 PING_FRAME = encode_frame(OP_PING, b"")
 HEARTBEAT_FRAME = encode_text(protocol.HEARTBEAT)
+#: a close frame's reason: at most 123 bytes of UTF-8 (RFC 6455 5.5: control payloads <= 125 bytes)
+MAX_CLOSE_REASON = 123
+
+
+def close_reason(text: str) -> bytes:
+    """`text` as a close reason: UTF-8, cut to MAX_CLOSE_REASON bytes at a character boundary (a cut
+    inside a character is invalid UTF-8: encode_close refuses it, and a peer would fail with 1007)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= MAX_CLOSE_REASON:
+        return data
+    return data[:MAX_CLOSE_REASON].decode("utf-8", "ignore").encode("utf-8")
 
 
 class Session(WSConn):
     # Few fields, and None until needed: this object is most of what an idle connection costs.
     __slots__ = ("gw", "transport", "principal", "connected", "_subjects", "created", "last_ping",
-                 "_http", "_backlog", "_busy", "_inflight", "_closing", "_replays", "_pump_scheduled")
+                 "_http", "_backlog", "_busy", "_inflight", "_closing", "_replays", "_pump_scheduled",
+                 "address", "_bucket")
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -57,14 +71,23 @@ class Session(WSConn):
         self._closing = False
         self._replays: dict[str, recovery.RingReplay] | None = None
         self._pump_scheduled = False
+        #: the client's IP address (interned: shared by its connections), for the per-address limit
+        self.address = ""
+        self._bucket: TokenBucket | None = None  # publish rate, from the first publish on
 
     # ---- asyncio protocol --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.created = self.gw.loop.time()
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.address = sys.intern(str(peer[0]))
         self._http = http.Request()
-        self.gw.connection_made(self)
+        if not self.gw.connection_made(self):
+            self._http = None
+            self._closing = True
+            transport.abort()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: BaseException | None) -> None:
         # First: the fd is closed right after this returns and may be reused at once; fanout must
@@ -94,7 +117,7 @@ class Session(WSConn):
             if not req.feed(data):
                 return
             self._http = None
-            answer, upgrade = self.gw.route(req)
+            answer, upgrade = self.gw.route(req, self.address)
         except http.HttpError as exc:
             self._http = None
             self.gw.stats.count_http_error(exc.status)
@@ -106,8 +129,9 @@ class Session(WSConn):
         assert tr is not None
         tr.write(answer)  # 101: from here on, frames
         gw.session_opened(self)
-        self.ws_open(gw.writer, tr, gw.config.max_pending_bytes, gw.config.max_message_bytes, gw.on_overflow,
-                     req.rest)
+        config = gw.config
+        self.ws_open(gw.writer, tr, config.max_pending_bytes, config.max_message_bytes, gw.on_overflow,
+                     req.rest, config.max_fragments, config.max_queued_pongs)
 
     def _http_close(self, answer: bytes) -> None:
         self._closing = True
@@ -180,6 +204,9 @@ class Session(WSConn):
             if self._backlog is None:
                 self._backlog = deque()
             self._backlog.append(data)
+            # Read nothing more until the subscribe is done: what follows waits in the socket (TCP slows
+            # the client down), not in this backlog, which so holds at most a frame or two.
+            self.ws_pause_input()
             return
         self._handle(data)
 
@@ -237,6 +264,12 @@ class Session(WSConn):
             except UnknownTopic as exc:
                 self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), subject=subject.text))
                 continue
+            if self.subscription_count >= gw.config.max_subscriptions and not self._has_subject(subject.text):
+                gw.admission.refused("max_subscriptions")
+                self.send_error(ProtocolError(
+                    protocol.LIMIT_EXCEEDED, f"more than {gw.config.max_subscriptions} subscriptions on one "
+                    "connection (--max-subscriptions)", subject=subject.text))
+                continue
             self._add_subject(gw.hub.state(subject.text).subject)  # the hub's copy of the string: shared
             self._cancel_replay(subject.text)
             waiting = recovery.subscribe(gw.hub, gw.engine, self, subject, entry.position,
@@ -256,6 +289,10 @@ class Session(WSConn):
             self._subscribe(rest)  # may start another replay, which then drains the backlog
         while self._backlog and not self._busy and not self._closing:
             self._handle(self._backlog.popleft())
+        bucket = self._bucket
+        if self.ws_input_paused and not self._busy and not (bucket is not None and
+                                                            bucket.resume_at > self.gw.loop.time()):
+            self._resume_input()  # (unless over its publish rate: then its timer resumes it)
 
     def _unsubscribe(self, req: protocol.Unsubscribe) -> None:
         for entry in req.entries:
@@ -271,6 +308,9 @@ class Session(WSConn):
     def _publish(self, req: protocol.Publish) -> None:
         gw = self.gw
         subject = req.subject
+        if gw.config.publish_rate > 0 and not self._take_token():
+            return self.send_error(ProtocolError(protocol.RATE_LIMITED, "publishing faster than the connection's "
+                                                 "rate (--publish-rate)", id=req.id, subject=subject.text))
         if len(req.content) > gw.config.max_message_bytes:
             return self.send_error(ProtocolError(protocol.TOO_LARGE, "content larger than the limit",
                                                  id=req.id, subject=subject.text))
@@ -300,6 +340,30 @@ class Session(WSConn):
         # Created now, in arrival order: the engine enqueues in call order, so one connection's
         # publishes to one subject are produced in the order sent.
         gw.spawn(self._publish_async(req))
+
+    def _take_token(self) -> bool:
+        """One publish of the connection's rate; False when over it. Then the connection is not read
+        until its next token: the rest of a flood waits in its own socket buffer (TCP slows the sender)
+        instead of costing the gateway a parse and an error frame each, and other clients' time."""
+        gw = self.gw
+        now = gw.loop.time()
+        bucket = self._bucket
+        if bucket is None:
+            rate = gw.config.publish_rate
+            bucket = self._bucket = TokenBucket(rate, gw.config.publish_burst or max(1.0, 2 * rate), now)
+        if bucket.take(now):
+            return True
+        gw.admission.refused("publish_rate")
+        if not self.ws_input_paused:
+            self.ws_pause_input()
+            bucket.resume_at = now + bucket.wait()
+            gw.loop.call_later(bucket.wait(), self._resume_input)
+        return False
+
+    def _resume_input(self) -> None:
+        if not self._closing:
+            self.last_recv = self.gw.loop.time()  # its silence while paused was ours (see the sweep)
+            self.ws_resume_input()
 
     async def _publish_async(self, req: protocol.Publish) -> None:
         subject = req.subject
@@ -389,7 +453,7 @@ class Session(WSConn):
         self.gw.writer.flush()  # our queue out first (whatever a paused socket cannot take is dropped)
         Conn.close(self)
         # The transport's buffer always ends on a frame boundary, so a close frame can follow it.
-        tr.write(encode_close(code, reason.encode()[:120]))
+        tr.write(encode_close(code, close_reason(reason)))
         tr.close()
         self.gw.loop.call_later(self.gw.close_grace, self._abort)
 

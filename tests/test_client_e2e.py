@@ -120,7 +120,8 @@ def _frames(buf: bytes) -> list[tuple[int, bytes]]:
 
 
 async def test_stalled_reader_closed_4000_others_unaffected_then_recovers(gateway_factory):
-    gw = await gateway_factory(max_pending_bytes=256 * 1024, history=5000, history_bytes=64 << 20)
+    gw = await gateway_factory(max_pending_bytes=256 * 1024, max_message_bytes=128 * 1024, history=5000,
+                               history_bytes=64 << 20)
     # the stalled reader: a raw socket with a tiny receive buffer that stops reading after subscribing
     stalled = await asyncio.to_thread(raw_upgrade, gw.port, "/ws", 4096)
     stalled.sendall(client_frame(0x1, b'{"op":"connect"}'))

@@ -411,6 +411,85 @@ def test_write_error_closes_without_raising(impl: SimpleNamespace, loop_factory:
     run(loop_factory, main)
 
 
+def test_hard_write_error_aborts_the_transport_even_if_the_peer_stays_silent(
+        impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
+    """EPIPE while the peer sends nothing (so reading never notices): the conn is dropped AND the
+    transport aborted, so connection_lost reaches the owner (else nobody would ever close it)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        a, b = socket.socketpair()
+        transport, gw = await loop.create_unix_connection(
+            lambda: GatewayProtocol(conn_factory(impl, writer), None), sock=a
+        )
+        try:
+            channel = impl.Channel()
+            channel.add(gw.conn)
+            a.shutdown(socket.SHUT_WR)  # our side's writes fail with EPIPE; b stays open and silent
+            assert channel.publish(impl.encode_text(b"into the void")) == 1
+            writer.flush()
+            assert gw.conn.closed and writer.write_errors == 1 and len(writer) == 0
+            await asyncio.wait_for(gw.lost, WAIT)
+        finally:
+            transport.close()
+            b.close()
+            await asyncio.sleep(0)
+
+    run(loop_factory, main)
+
+
+@pytest.mark.parametrize("err", ["ENOBUFS", "ENOMEM"])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_enobufs_and_enomem_are_like_eagain(monkeypatch: pytest.MonkeyPatch, err: str, frames: int) -> None:
+    """The kernel had no buffer memory for a moment: the socket is fine, the frames go to the transport
+    (which retries when writable). The reference twin only: send(2)'s errno cannot be injected into the
+    compiled module; both share the rule (_writer.pyx _soft_error)."""
+    import errno
+
+    ref = fanout_impls.load("reference")
+    module = ref.modules[0]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = ref.Writer(loop)
+        a, b = socket.socketpair()
+        transport, gw = await loop.create_unix_connection(
+            lambda: GatewayProtocol(conn_factory(ref, writer), None), sock=a
+        )
+        try:
+            def no_buffers(*args: Any) -> int:
+                raise OSError(getattr(errno, err), os.strerror(getattr(errno, err)))
+
+            monkeypatch.setattr(module.os, "write", no_buffers)
+            monkeypatch.setattr(module.os, "writev", no_buffers)
+            sent = [ref.encode_text(b"frame %d" % i) for i in range(frames)]
+            for frame in sent:
+                assert gw.conn.send(frame)
+            writer.flush()
+            monkeypatch.undo()
+            assert not gw.conn.closed and writer.write_errors == 0
+            # what the transport took (the first frame) plus what stays queued reaches the peer in order
+            got = b""
+            b.settimeout(WAIT)
+            while len(got) < sum(map(len, sent)):
+                await asyncio.sleep(0.01)
+                if not gw.conn.paused:
+                    writer.flush()
+                try:
+                    b.setblocking(False)
+                    got += b.recv(65536)
+                except BlockingIOError:
+                    pass
+            assert got == b"".join(sent)
+        finally:
+            monkeypatch.undo()
+            transport.close()
+            b.close()
+            await asyncio.sleep(0)
+
+    run(asyncio.new_event_loop, main)
+
+
 def test_transport_without_socket_gets_one_joined_write(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -42,8 +42,16 @@ class FakeTransport:
     def write(self, data):
         self.out += data
 
+    reading = True
 
-def make(impl, loop, *, max_message=1 << 20, opened=True):
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+
+def make(impl, loop, *, max_message=1 << 20, opened=True, max_fragments=1024, max_pongs=16, pause_on=None):
     class Recorder(impl.WSConn):
         def __init__(self) -> None:
             self.events = []
@@ -53,6 +61,8 @@ def make(impl, loop, *, max_message=1 << 20, opened=True):
 
         def ws_message(self, opcode, payload):
             self.events.append(("msg", opcode, payload))
+            if payload == pause_on:
+                self.ws_pause_input()
 
         def ws_close(self, code, reason):
             self.events.append(("close", code, reason))
@@ -64,7 +74,7 @@ def make(impl, loop, *, max_message=1 << 20, opened=True):
     tr = FakeTransport()
     writer = impl.Writer(loop)
     if opened:
-        conn.ws_open(writer, tr, 1 << 20, max_message, lambda c: None)
+        conn.ws_open(writer, tr, 1 << 20, max_message, lambda c: None, b"", max_fragments, max_pongs)
     return conn, tr, writer
 
 
@@ -232,3 +242,54 @@ def test_any_fragmentation_and_any_split_give_the_same_messages(impl, msgs, cuts
         assert server_frames(bytes(tr.out)) == [(0xA, p) for p in pings]
     finally:
         loop.close()
+
+
+async def test_message_in_more_fragments_than_the_limit_fails_1009(impl):
+    conn, _, writer = make(impl, asyncio.get_running_loop(), max_fragments=4)
+
+    def fragmented(n: int) -> bytes:
+        parts = [client_frame(0x1 if i == 0 else 0x0, b"ab", fin=(i == n - 1)) for i in range(n)]
+        return b"".join(parts)
+
+    conn.data_received(fragmented(4))
+    assert conn.events == [("msg", 1, b"ab" * 4)]
+    conn.data_received(fragmented(5))
+    assert conn.events[1:] == [("fail", 1009)]
+    assert writer.fragment_limit_hits == 1
+    conn.data_received(fragmented(2))  # input is ignored after the failure
+    assert len(conn.events) == 2
+
+
+async def test_ping_flood_gets_at_most_max_pongs_until_the_queue_drains(impl):
+    conn, tr, writer = make(impl, asyncio.get_running_loop(), max_pongs=3)
+    conn.data_received(b"".join(client_frame(0x9, b"%d" % i) for i in range(100)))
+    writer.flush()
+    assert server_frames(bytes(tr.out)) == [(0xA, b"0"), (0xA, b"1"), (0xA, b"2")]
+    assert writer.pongs_dropped == 97
+    tr.out.clear()
+    conn.data_received(client_frame(0x9, b"next"))  # the pongs owed were written: answered again
+    writer.flush()
+    assert server_frames(bytes(tr.out)) == [(0xA, b"next")]
+    assert conn.events == []
+
+
+@pytest.mark.parametrize("cut", [0, 1, 9, 20, 31])
+async def test_paused_input_holds_the_rest_and_resume_parses_it_in_order(impl, cut):
+    conn, tr, _ = make(impl, asyncio.get_running_loop(), pause_on=b"stop")
+    payloads = [b"a", b"stop", b"b", b"c" * 300, b"stop", b"d"]
+    wire = b"".join(client_frame(0x1, p) for p in payloads)
+    conn.data_received(wire[:cut])
+    conn.data_received(wire[cut:])
+    assert [e[2] for e in conn.events] == [b"a", b"stop"]
+    assert conn.ws_input_paused and not tr.reading
+    conn.data_received(client_frame(0x1, b"late"))  # a transport may deliver what it had read
+    assert len(conn.events) == 2
+    conn.ws_resume_input()
+    assert [e[2] for e in conn.events] == [b"a", b"stop", b"b", b"c" * 300, b"stop"]
+    assert conn.ws_input_paused and not tr.reading
+    conn.ws_resume_input()
+    assert [e[2] for e in conn.events] == [*payloads, b"late"]
+    assert not conn.ws_input_paused and tr.reading
+    conn.ws_resume_input()  # idempotent
+    conn.data_received(client_frame(0x1, b"after"))
+    assert conn.events[-1] == ("msg", 1, b"after")

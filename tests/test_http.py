@@ -89,3 +89,14 @@ def test_plain_request_and_responses():
     full = http.response(200, b"{}", "application/json")
     head = http.response(200, b"{}", "application/json", head_only=True)
     assert full == head + b"{}" and b"Content-Length: 2\r\n" in head
+
+
+@pytest.mark.parametrize("second", [b"GET /metrics HTTP/1.1\r\nHost: b\r\n\r\n", b"NOT HTTP AT ALL\r\n\r\n",
+                                    b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"])
+def test_pipelined_requests_parse_only_the_first(second):
+    """A second request in the same piece is not merged into the first (its URL appended to ours) nor
+    judged: the first is answered and the connection closed (no keep-alive)."""
+    req = http.Request()
+    assert req.feed(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n" + second)
+    assert (req.method, req.path, req.upgrade, req.header(b"host")) == (b"GET", b"/healthz", False, b"a")
+    assert req.feed(b"GET /more HTTP/1.1\r\n\r\n") and req.path == b"/healthz"

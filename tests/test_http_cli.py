@@ -93,6 +93,9 @@ def test_help_documents_every_flag(capsys):
     ["serve", "--workers", "2", "--kafka", "127.0.0.1:1", "--topics", "t", "--port", "0"],
     ["serve", "--jwt-public-key", "/does/not/exist.pem"],
     ["serve", "--tls-cert", "x.pem"],
+    ["serve", "--max-pending-bytes", "2000000"],  # < 2 x --max-message-bytes (1 MiB)
+    ["serve", "--allowed-origins", "evil.example"],
+    ["serve", "--publish-rate", "fast"],
     ["bogus"],
 ])
 def test_bad_flags_exit_2_with_one_line(argv, capsys):

@@ -122,8 +122,10 @@ def _locust_argv(port: int, csv_prefix: Path, users: int, seconds: int, *extra: 
             "--only-summary", "--loglevel", "WARNING", *extra]
 
 
-def _stats(csv_prefix: Path) -> dict[str, dict[str, str]]:
-    with open(f"{csv_prefix}_stats.csv", newline="", encoding="utf-8") as fh:
+def _stats(csv_prefix: Path, report: str) -> dict[str, dict[str, str]]:
+    path = Path(f"{csv_prefix}_stats.csv")
+    assert path.exists(), f"locust wrote no stats: {report}"
+    with open(path, newline="", encoding="utf-8") as fh:
         return {row["Name"]: row for row in csv.DictReader(fh)}
 
 
@@ -143,7 +145,7 @@ def test_headless_swarm_against_a_gateway_process_has_no_failures(tmp_path: Path
         run = subprocess.run(_locust_argv(int(m.group(1)), tmp_path / "swarm", users, seconds,
                                           "--feed-multiplier", "2"),
                              cwd=tmp_path, capture_output=True, text=True, timeout=seconds + 60 * SCALE)
-        stats = _stats(tmp_path / "swarm")
+        stats = _stats(tmp_path / "swarm", f"exit {run.returncode}: {run.stderr[-3000:]}")
         report = f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
         assert _count(stats, "Aggregated", "Failure Count") == 0, report
         assert run.returncode == 0, report
@@ -202,8 +204,8 @@ async def test_swarm_reports_gap_and_duplicate_of_a_misbehaving_gateway_as_failu
             *_locust_argv(port, tmp_path / "fake", 2, 4, "--matches", "1", "--matches-per-user", "1"),
             cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60 * SCALE)
-    stats = _stats(tmp_path / "fake")
     report = f"exit {proc.returncode}\n{out.decode()[-3000:]}\n{err.decode()[-3000:]}"
+    stats = _stats(tmp_path / "fake", report)
     assert _count(stats, "gap", "Failure Count") >= 1, report
     assert _count(stats, "duplicate", "Failure Count") >= 1, report
     assert resubscribes >= 1, report
