@@ -233,7 +233,9 @@ def gateway_cmd(port: int, budget: int | None, extra: list[str]) -> list[str]:
 
 def run_standalone(args: argparse.Namespace) -> dict:
     port = free_port()
-    gw = subprocess.Popen(gateway_cmd(port, args.budget, args.gateway_arg), cwd="/", stdin=subprocess.DEVNULL)
+    # unthrottled: the spray comes from a few connections (--publish-rate limits each one)
+    gw = subprocess.Popen(gateway_cmd(port, args.budget, ["--publish-rate", "0", *args.gateway_arg]), cwd="/",
+                          stdin=subprocess.DEVNULL)
     clients: list[subprocess.Popen] = []
     try:
         wait_healthy(port, gw, 30)

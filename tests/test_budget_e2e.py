@@ -66,7 +66,7 @@ async def publish_acked(ws: ClientConnection, subject: str, content: str, id_: i
 
 
 async def test_standalone_spray_stays_under_the_budget(gateway_factory: Any) -> None:
-    gw = await gateway_factory(history_total_bytes=BUDGET, history=50)
+    gw = await gateway_factory(history_total_bytes=BUDGET, history=50, publish_rate=0)   # a spray, unthrottled
     url = ws_url(gw)
     sub = Subscriber(await connected(url))
     await send(sub.ws, {"op": "subscribe", "subjects": [{"subject": "/live/1"}]})
