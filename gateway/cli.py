@@ -1,4 +1,5 @@
-"""`python -m gateway serve [...]`: the operating contract of PROTOCOL.md.
+"""`python -m gateway serve [...]`: the operating contract of PROTOCOL.md; `python -m gateway demo-feed`:
+the demo's traffic (gateway/demo_feed.py).
 
 main(argv) is testable: it returns the exit code; bad flags or values print one line and return 2.
 """
@@ -60,19 +61,36 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
         shown = ",".join(default) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata['help']} (default: {shown}; env {cfg.env_name(name)})"
+        if f.type == "bool":  # a switch: given = on; the environment or the file may say false
+            serve.add_argument(flag, dest=name, default=None, action="store_const", const=True, help=help_text)
+            continue
         meta = {"int": "N"}.get(f.type, name.split("_")[-1].upper())  # type: ignore[arg-type]
-        serve.add_argument(flag, dest=name, default=None, metavar=meta,
-                           help=f"{f.metadata['help']} (default: {shown}; env {cfg.env_name(name)})")
+        serve.add_argument(flag, dest=name, default=None, metavar=meta, help=help_text)
     serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     # ArgumentDefaultsHelpFormatter would print "None": the help texts say the real defaults.
     serve.formatter_class = argparse.HelpFormatter
+    feed = sub.add_parser(
+        "demo-feed", help="publish the live-scores demo's traffic",
+        description="Publish the demo's traffic: every 2 s, 1 to 5 score updates (score_home / score_away) "
+                    "on random subjects among /matches/football/1..10, through a gateway (--url) or "
+                    "straight into Kafka topic matches (--kafka). Runs until stopped, --count or --duration.")
+    from . import demo_feed
+
+    demo_feed.add_arguments(feed)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "demo-feed":
+        from . import demo_feed
+
+        logging.basicConfig(level="WARNING", stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return demo_feed.main(args)
     flags = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
     try:
         config = cfg.load(flags, file=args.config)
@@ -110,14 +128,22 @@ async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
     gw = Gateway(config)
     loop = asyncio.get_running_loop()
     await gw.start(reuse_port=reuse_port)
+    stop_feed = None
+    if config.demo:
+        from . import demo_feed
+
+        stop_feed = demo_feed.start_in(gw.engine)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if announce:
         print(f"gateway {config.node_id} serving on {gw.url} (WebSocket {gw.url.replace('http', 'ws', 1)}ws, "
-              f"engine {config.engine}) - open {gw.url} for the demo", flush=True)
+              f"engine {config.engine}{', demo feed on' if config.demo else ''}) - open {gw.url} for the demo",
+              flush=True)
     await stop.wait()
     log.info("shutting down")
+    if stop_feed is not None:
+        await stop_feed()
     await gw.stop()
     return 0
 

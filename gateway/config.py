@@ -94,6 +94,9 @@ class Config:
     kafka_publish_timeout_ms: int = field(default=5000, metadata={
         "help": "Kafka: a publish not acknowledged within this time fails with `unavailable`"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    demo: bool = field(default=False, metadata={
+        "help": "publish the demo's score updates (as `demo-feed` does) into this gateway's engine, "
+                "so the page at / moves by itself"})
 
     @property
     def engine(self) -> str:
@@ -135,6 +138,15 @@ def _convert(name: str, value: Any) -> Any:
                 if name == "allowed_origins" and t != "*" and not _is_origin(t):
                     raise ValueError(f"{t!r} is not an origin (scheme://host[:port], or '*')")
             return listed
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("must be true or false")
         if kind == "float":
             if isinstance(value, bool):
                 raise ValueError("not a number")
@@ -205,6 +217,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("--workers > 1 needs a fixed --port: with port 0 every worker would pick its own")
     if config.kafka and not config.topics:
         raise ConfigError("--kafka needs --topics (the topics this gateway serves)")
+    if config.demo and config.workers > 1:
+        raise ConfigError("--demo runs one feed per process: use `python -m gateway demo-feed --kafka ...` "
+                          "with --workers > 1")
+    if config.demo and config.kafka and "matches" not in config.topics:
+        raise ConfigError("--demo publishes to topic matches: add it to --topics")
     if config.max_message_bytes > 64 * MiB:
         raise ConfigError("--max-message-bytes: at most 64 MiB")
     if config.max_pending_bytes < 2 * config.max_message_bytes:

@@ -1,5 +1,5 @@
-"""The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, /, /client.js),
-the liveness sweep (heartbeats, pings, dead peers, connect timeout), and the lifecycle.
+"""The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, and the demo page: /,
+/demo.js, /client.js, /favicon.ico), the liveness sweep (heartbeats, pings, dead peers, connect timeout), and the lifecycle.
 
 Each connection is one Session (gateway/session.py) on the loop's own transports: httptools parses the
 HTTP request (gateway/http.py), fanout.WSConn the client frames, and every outbound frame goes through
@@ -86,7 +86,9 @@ class Gateway:
         self.writer: Writer = None  # type: ignore[assignment]
         self._render_metrics = make_renderer(self)
         self._pages = {b"/": ("text/html; charset=utf-8", _static("index.html")),
-                       b"/client.js": ("text/javascript; charset=utf-8", _static("client.js"))}
+                       b"/demo.js": ("text/javascript; charset=utf-8", _static("demo.js")),
+                       b"/client.js": ("text/javascript; charset=utf-8", _static("client.js")),
+                       b"/favicon.ico": ("image/x-icon", _static("favicon.ico"))}
 
     def _epoch_of(self, subject: str) -> str:
         return self.engine.epoch(parse_subject(subject))

@@ -130,7 +130,9 @@ export class GatewayClient {
     this.stats.reconnects += 1;
     const cap = Math.min(this.backoffMax, this.backoffInitial * 2 ** this._attempt);
     this._attempt += 1;
-    setTimeout(() => this._open(), Math.random() * cap);  // full jitter
+    const delay = Math.random() * cap;  // full jitter
+    this.onStatus("reconnecting", delay);  // detail: ms until the next attempt
+    setTimeout(() => this._open(), delay);
   }
 
   _arm(ws) {  // 2 x heartbeat_ms of silence = dead connection
@@ -158,7 +160,7 @@ export class GatewayClient {
         break;
       }
       case "msg": this._onMsg(m); break;
-      case "subscribed": this.resyncing.delete(m.subject); break;
+      case "subscribed": this.resyncing.delete(m.subject); this.onStatus("subscribed", m); break;
       case "ack": {
         const p = this.pendingAcks.get(m.id);
         if (p) { this.pendingAcks.delete(m.id); p.resolve(m); }
