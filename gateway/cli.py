@@ -13,6 +13,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
+from multiprocessing.connection import wait as wait_for_exits
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -113,9 +115,15 @@ def _run(config: Config, *, reuse_port: bool = False, announce: bool = True) -> 
         runner: Any = asyncio.run
     else:
         runner = uvloop.run
+    from .auth import KeyConfigError
+    from .engines.base import EngineUnavailable
+
     try:
         return int(runner(_serve(config, reuse_port=reuse_port, announce=announce)))
-    except OSError as exc:
+    except KeyConfigError as exc:  # the key file changed after the flags were checked
+        print(f"python -m gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, EngineUnavailable) as exc:  # port taken, Kafka unreachable: one line, no traceback
         print(f"python -m gateway: error: {exc}", file=sys.stderr)
         return 1
 
@@ -152,26 +160,81 @@ def _worker(argv: list[str]) -> None:
     sys.exit(main(argv))
 
 
+#: a worker that dies is restarted after this delay, doubled for every death soon after a start
+WORKER_RESTART_DELAY = 0.5
+WORKER_RESTART_MAX_DELAY = 30.0
+#: a worker that lived this long before dying starts again from the first delay
+WORKER_STABLE_AFTER = 60.0
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 def _run_workers(config: Config, argv: Sequence[str] | None) -> int:
-    """N processes on one port (SO_REUSEPORT); each reads every partition and serves its own clients."""
+    """N processes on one port (SO_REUSEPORT); each reads every partition and serves its own clients.
+
+    The parent supervises: a worker that dies (crash, OOM kill, kill -9) is logged and started again
+    after a backoff (WORKER_RESTART_DELAY, doubling up to WORKER_RESTART_MAX_DELAY while it keeps
+    dying young). SIGTERM/SIGINT go to every worker, and then nothing is restarted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ctx = multiprocessing.get_context("spawn")
     # each worker its own node id (the `server` of `connected`, the `node` of /healthz)
-    procs = [ctx.Process(target=_worker, args=([*argv, "--reuse-port", "--node-id", f"{config.node_id}-w{i}"],),
-                         daemon=False)
-             for i in range(1, config.workers + 1)]
-    for p in procs:
+    names = [f"{config.node_id}-w{i}" for i in range(1, config.workers + 1)]
+    procs: dict[str, Any] = {}
+    started: dict[str, float] = {}
+    quick_deaths = dict.fromkeys(names, 0)
+    restart_at: dict[str, float] = {}
+    stopping = False
+
+    def start(name: str) -> None:
+        p = ctx.Process(target=_worker, args=([*argv, "--reuse-port", "--node-id", name],), daemon=False)
         p.start()
+        procs[name] = p
+        started[name] = time.monotonic()
+
+    for name in names:
+        start(name)
     print(f"gateway: {config.workers} workers on port {config.port} (pids "
-          f"{', '.join(str(p.pid) for p in procs)})", flush=True)
+          f"{', '.join(str(procs[n].pid) for n in names)})", flush=True)
 
     def forward(signum: int, _frame: Any) -> None:
-        for p in procs:
+        nonlocal stopping
+        stopping = True
+        restart_at.clear()
+        for p in procs.values():
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for p in procs:
-        p.join()
-    return max((p.exitcode or 0) for p in procs)
+    while True:
+        running = [p for p in procs.values() if p.exitcode is None]
+        if stopping and not running:
+            break
+        now = time.monotonic()
+        timeout = max(0.0, min(restart_at.values()) - now) if restart_at else 1.0
+        if running:
+            wait_for_exits([p.sentinel for p in running], timeout)
+        else:
+            time.sleep(min(timeout, 1.0))
+        now = time.monotonic()
+        for name, p in procs.items():
+            if p.exitcode is None or stopping or name in restart_at:
+                continue
+            quick_deaths[name] = 0 if now - started[name] >= WORKER_STABLE_AFTER else quick_deaths[name] + 1
+            delay = min(WORKER_RESTART_MAX_DELAY, WORKER_RESTART_DELAY * 2 ** max(quick_deaths[name] - 1, 0))
+            log.error("worker %s (pid %s) died (%s); restarting it in %.1f s",
+                      name, p.pid, _exit_reason(p.exitcode), delay)
+            restart_at[name] = now + delay
+        for name, when in list(restart_at.items()):
+            if when <= now and not stopping:
+                del restart_at[name]
+                start(name)
+                log.warning("worker %s restarted (pid %s)", name, procs[name].pid)
+    return max((p.exitcode or 0) for p in procs.values())

@@ -16,12 +16,19 @@ What the client does for you:
   (negative feedback) until ``subscribed`` arrives and the replay fills the gap;
 * treats a connection that receives nothing for 2 x ``heartbeat_ms`` as dead, and reconnects with
   exponential backoff and full jitter, cycling through the URL list; close code 1008 (or an
-  ``unauthorized`` error) is fatal and stops it;
+  ``unauthorized`` error answering ``connect``) is fatal and stops it;
+* takes a token or a token provider (a function, sync or async, returning a fresh JWT): with a
+  provider it asks for a token at every (re)connect, sends ``refresh`` ahead of the token's ``exp``
+  (``refresh_delay``), and after close 4001 (token expired, protocol 1.1) reconnects with a fresh token
+  and recovers like after any other drop;
+* tells errors apart by their ``request`` field (1.1): a failed fire-and-forget publish never ends a
+  subscription of the same subject (1.0 gateways: by counting unanswered subscribe entries);
 * never resends a publish on its own: publishes waiting for an ack when the connection drops fail
   with ``ConnectionClosedError`` and the caller decides.
 
-The pure parts (``backoff_delay``, ``classify``, ``decode_message``, ``content_fields``) do no I/O
-and are tested on their own; ``Client`` is the asyncio adapter around them, on ``websockets``.
+The pure parts (``backoff_delay``, ``classify``, ``decode_message``, ``content_fields``,
+``token_exp``, ``refresh_delay``, ``error_kind``) do no I/O and are tested on their own; ``Client`` is
+the asyncio adapter around them, on ``websockets``.
 """
 
 from __future__ import annotations
@@ -60,14 +67,19 @@ __all__ = [
     "classify",
     "content_fields",
     "decode_message",
+    "error_kind",
+    "refresh_delay",
+    "token_exp",
 ]
 
 log = logging.getLogger("gateway.client")
 
 CLOSE_POLICY: Final = 1008
+CLOSE_TOKEN_EXPIRED: Final = 4001  # 1.1: reconnect with a fresh token
 # Errors that answer one entry of a `subscribe` (PROTOCOL.md "Subscribing"); bad_request also
 # carries `subject` when an entry is malformed.
-_SUBSCRIBE_ERRORS: Final = frozenset({"forbidden", "invalid_subject", "unknown_topic", "bad_request"})
+_SUBSCRIBE_ERRORS: Final = frozenset({"forbidden", "invalid_subject", "unknown_topic", "bad_request",
+                                      "limit_exceeded"})
 # Errors after which reconnecting cannot help.
 _FATAL_ERRORS: Final = frozenset({"unauthorized", "not_connected"})
 # A gateway sends `connected` first; tolerate (and skip) a few unknown frames before it.
@@ -111,12 +123,14 @@ class GatewayError(Exception):
         *,
         subject: str | None = None,
         id: str | int | None = None,  # noqa: A002 - the protocol's field name
+        request: str | None = None,
     ) -> None:
         super().__init__(f"{code}: {message}" if message else code)
         self.code = code
         self.message = message
         self.subject = subject
         self.id = id
+        self.request = request  # 1.1: the op of the request the error answers (None: 1.0 or none)
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> GatewayError:
@@ -124,11 +138,13 @@ class GatewayError(Exception):
         message = frame.get("message")
         subject = frame.get("subject")
         ident = frame.get("id")
+        request = frame.get("request")
         return cls(
             code if isinstance(code, str) else "unknown",
             message if isinstance(message, str) else "",
             subject=subject if isinstance(subject, str) else None,
             id=ident if isinstance(ident, (str, int)) and not isinstance(ident, bool) else None,
+            request=request if isinstance(request, str) else None,
         )
 
 
@@ -198,6 +214,44 @@ def content_fields(content: str | bytes | bytearray | memoryview) -> dict[str, s
         return {"content": raw.decode("utf-8")}
     except UnicodeDecodeError:
         return {"content_b64": base64.b64encode(raw).decode("ascii")}
+
+
+def token_exp(token: str) -> float | None:
+    """The `exp` claim of a JWT, read without verifying it (the gateway verifies): None when the
+    token is not a JWT or has no numeric `exp`."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, orjson.JSONDecodeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or exp != exp:  # NaN
+        return None
+    return float(exp)
+
+
+def refresh_delay(exp: float, now: float, lead: float) -> float:
+    """Seconds from `now` until a token expiring at `exp` should be refreshed: `lead` seconds before
+    `exp`, but never later than halfway through what is left (a short token is refreshed early
+    enough to retry once), and not negative."""
+    left = exp - now
+    return max(0.0, left - min(lead, left / 2.0))
+
+
+ErrorKind = Literal["publish", "subscribe", "refresh", "connect", "other", "unknown"]
+
+
+def error_kind(frame: Mapping[str, Any]) -> ErrorKind:
+    """What an `error` frame answers, from its `request` field (1.1). `unknown` for a gateway that
+    does not send it (1.0): then the client falls back to its own bookkeeping."""
+    request = frame.get("request")
+    if not isinstance(request, str):
+        return "unknown"
+    if request in ("publish", "subscribe", "refresh", "connect"):
+        return request  # type: ignore[return-value]
+    return "other"
 
 
 def _opt_int(value: object) -> int | None:
@@ -380,6 +434,9 @@ class _Fatal(Exception):
 # What a failed attempt can raise; anything here means "try the next URL after a backoff".
 _RETRYABLE: Final = (OSError, WebSocketException, ValueError)
 
+#: a token, or a function (sync or async) returning a fresh one
+TokenProvider = Callable[[], "str | Awaitable[str]"]
+
 
 class Client:
     """Connection to one of several gateways, with subscriptions that survive reconnects."""
@@ -388,7 +445,8 @@ class Client:
         self,
         urls: str | Sequence[str],
         *,
-        token: str | None = None,
+        token: str | TokenProvider | None = None,
+        refresh_lead: float = 30.0,
         name: str = "gateway-py/0.1",
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
@@ -407,7 +465,12 @@ class Client:
                 parse_uri(url)
             except InvalidURI as exc:
                 raise ValueError(f"not a WebSocket URL: {url!r}") from exc
-        self._token = token
+        # a provider is called at every (re)connect and before exp; a plain string is sent as is
+        self._token_provider: TokenProvider | None = token if callable(token) else None
+        self._token: str | None = None if callable(token) else token
+        self._refresh_lead = refresh_lead
+        self._refresh_timer: asyncio.TimerHandle | None = None
+        self.token_exp: float | None = None  # exp of the token the session holds, when known
         self._name = name
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -430,6 +493,8 @@ class Client:
             "gaps_detected": 0,
             "reconnects": 0,
             "resubscribes": 0,
+            "refreshes": 0,
+            "expired": 0,
         }
 
         self._url_index = 0
@@ -798,11 +863,14 @@ class Client:
             "close_timeout": self._connect_timeout,
         }
         options.update(self._ws_options)
+        token = await self._fresh_token() if self._token_provider is not None else self._token
         ws = await ws_connect(url, **options)
         try:
             hello: dict[str, Any] = {"op": "connect", "client": self._name}
-            if self._token is not None:
-                hello["token"] = self._token
+            if token is not None:
+                hello["token"] = token
+                self._token = token
+                self.token_exp = token_exp(token)
             async with asyncio.timeout(self._connect_timeout):
                 await ws.send(_dumps(hello), text=True)
                 for _ in range(_HANDSHAKE_MAX_FRAMES):
@@ -824,6 +892,67 @@ class Client:
         except BaseException:
             self._discard(ws)
             raise
+
+    async def _fresh_token(self) -> str:
+        """Ask the provider; its failure is a failed attempt (ValueError: backoff and retry)."""
+        assert self._token_provider is not None
+        try:
+            result = self._token_provider()
+            token = await result if inspect.isawaitable(result) else result
+        except Exception as exc:
+            raise ValueError(f"token provider failed: {exc!r}") from exc
+        if not isinstance(token, str) or not token:
+            raise ValueError(f"token provider returned {type(token).__name__}, not a token")
+        return token
+
+    def _schedule_refresh(self, ws: ClientConnection) -> None:
+        """Refresh ahead of exp (only with a provider: a fixed token cannot be renewed)."""
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+            self._refresh_timer = None
+        if self._token_provider is None or self.token_exp is None:
+            return
+        delay = refresh_delay(self.token_exp, time.time(), self._refresh_lead)
+        loop = asyncio.get_running_loop()
+        self._refresh_timer = loop.call_later(delay, lambda: self._spawn(self._refresh(ws)))
+
+    async def _refresh(self, ws: ClientConnection) -> None:
+        self._refresh_timer = None
+        if self._ws is not ws or not self.connected:
+            return
+        try:
+            token = await self._fresh_token()
+        except ValueError as exc:
+            log.warning("token refresh: %s", exc)
+            self._event("refresh_failed", {"error": str(exc)})
+            self._retry_refresh(ws)
+            return
+        if self._ws is not ws:
+            return
+        self._token = token
+        with contextlib.suppress(ConnectionClosed):  # the reconnect gets a fresh token anyway
+            await ws.send(_dumps({"op": "refresh", "token": token}), text=True)
+
+    def _retry_refresh(self, ws: ClientConnection) -> None:
+        """A refresh failed: try again halfway to exp (the gateway closes 4001 at exp at worst)."""
+        if self.token_exp is None or self._token_provider is None:
+            return
+        left = self.token_exp - time.time()
+        if left > 0.2:
+            self._refresh_timer = asyncio.get_running_loop().call_later(
+                left / 2.0, lambda: self._spawn(self._refresh(ws)))
+
+    def _on_refreshed(self, frame: dict[str, Any]) -> None:
+        exp = frame.get("exp")
+        self.stats["refreshes"] += 1
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            self.token_exp = float(exp)
+        elif self._token is not None:
+            self.token_exp = token_exp(self._token)
+        self._event("refreshed", {"exp": self.token_exp})
+        ws = self._ws
+        if ws is not None:
+            self._schedule_refresh(ws)
 
     @staticmethod
     def _discard(ws: ClientConnection) -> None:
@@ -857,6 +986,7 @@ class Client:
                 await self._send_subscribe(ws, subjects)
             if hb is not None and hb > 0:
                 self._arm_watchdog(loop, ws, 2.0 * hb / 1000.0)
+            self._schedule_refresh(ws)
             self._event(
                 "connected",
                 {"url": url, "session": self.session, "server": self.server, "reconnect": not first},
@@ -884,6 +1014,11 @@ class Client:
             rcvd = exc.rcvd
             code = rcvd.code if rcvd is not None else None
             reason = rcvd.reason if rcvd is not None else ""
+            if code == CLOSE_TOKEN_EXPIRED:  # 1.1: not fatal; the next attempt gets a fresh token
+                self.stats["expired"] += 1
+                log.info("token expired on %s (close 4001): reconnecting with a fresh token", url)
+                self._event("token_expired", {"url": url})
+                return code, reason
             if code == CLOSE_POLICY or unauthorized is not None:
                 error = unauthorized or GatewayError("unauthorized", reason or "closed 1008")
                 raise _Fatal(error) from exc
@@ -894,6 +1029,9 @@ class Client:
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
+            if self._refresh_timer is not None:
+                self._refresh_timer.cancel()
+                self._refresh_timer = None
             self._discard(ws)
             self._fail_requests(ConnectionClosedError("connection lost"))
 
@@ -929,6 +1067,8 @@ class Client:
             self._on_subscribed(frame)
         elif op == "error":
             return self._on_error(frame)
+        elif op == "refreshed":
+            self._on_refreshed(frame)
         elif op == "unsubscribed":
             subject = frame.get("subject")
             for fut in self._unsub_waiters.pop(subject, []) if isinstance(subject, str) else []:
@@ -1029,14 +1169,36 @@ class Client:
 
     def _on_error(self, frame: dict[str, Any]) -> GatewayError | None:
         error = GatewayError.from_frame(frame)
-        if error.id is not None:
+        kind = error_kind(frame)
+        if error.id is not None and kind in ("publish", "unknown"):
             pending = self._acks.pop(error.id, None)
             if pending is not None:
                 if not pending.done():
                     pending.set_exception(error)
                 return None
         subject = error.subject
-        if subject is not None and error.code in _SUBSCRIBE_ERRORS and self._answered(subject):
+        if kind == "publish":  # a fire-and-forget publish failed: subscriptions are not concerned
+            log.warning("publish to %s failed: %s", subject, error)
+            self._event("publish_failed", dict(frame))
+            return None
+        if kind == "refresh":
+            if subject is not None and subject in self._subs:  # the new token no longer allows it
+                self._lose_subscription(subject, error)
+                return None
+            log.warning("token refresh refused: %s", error)  # the session keeps its old token
+            self._event("refresh_failed", {"error": str(error)})
+            ws = self._ws
+            if ws is not None:
+                self._retry_refresh(ws)
+            return None
+        if kind == "subscribe":
+            is_subscribe = subject is not None
+            if is_subscribe:
+                self._answered(subject)  # type: ignore[arg-type]
+        else:  # a 1.0 gateway: an error of a subject with a subscribe entry pending (kind unknown)
+            is_subscribe = (kind == "unknown" and subject is not None and error.code in _SUBSCRIBE_ERRORS
+                            and self._answered(subject))
+        if subject is not None and is_subscribe:
             waiters = self._sub_waiters.pop(subject, [])
             if subject in self._subs:
                 worker = self._drop_subscription(subject, error)
@@ -1053,7 +1215,17 @@ class Client:
             return None
         log.warning("gateway error: %s", error)
         self._event("error", dict(frame))
+        if error.code == "unauthorized" and kind == "unknown" and self._token_provider is not None:
+            return None  # 1.1 expiry (no `request`): close 4001 follows and we reconnect
         return error if error.code in _FATAL_ERRORS else None
+
+    def _lose_subscription(self, subject: str, error: GatewayError) -> None:
+        worker = self._drop_subscription(subject, error)
+        if worker is not None:
+            self._tasks.add(worker)
+            worker.add_done_callback(self._tasks.discard)
+        log.warning("subscription to %s ended: %s", subject, error)
+        self._event("subscription_lost", {"subject": subject, "code": error.code, "message": error.message})
 
     # ----------------------------------------------------------------- plumbing
 

@@ -37,6 +37,14 @@ class Config:
         "help": "HMAC secret: require JWTs signed with HS256/384/512"})
     jwt_public_key: str | None = field(default=None, metadata={
         "help": "PEM file: require JWTs signed with RS*/PS*/ES* by its private key"})
+    jwt_audience: str | None = field(default=None, metadata={
+        "help": "require this `aud` in every token"})
+    jwt_issuer: str | None = field(default=None, metadata={
+        "help": "require this `iss` in every token"})
+    jwt_leeway_ms: int = field(default=5000, metadata={
+        "help": "clock skew allowed when checking a token's exp/nbf/iat (also delays the 4001 close)"})
+    jwt_max_lifetime_s: int = field(default=0, metadata={
+        "help": "refuse tokens whose exp is more than this many seconds ahead (0 = no limit)"})
     heartbeat_ms: int = field(default=15000, metadata={
         "help": "send {op:hb} after this much silence; ping the peer, close it after 3x with no answer"})
     node_id: str | None = field(default=None, metadata={"help": "this gateway's id in `connected` (default: host-pid)"})
@@ -112,8 +120,10 @@ _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
              "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
 _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "max_connections", "max_connections_per_address",
-                 "publish_rate", "publish_burst"}
+                 "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
 _LISTS = {"topics", "allowed_origins"}
+# Given but empty is an error for these, never "not set" (an empty GATEWAY_JWT_SECRET must not turn auth off).
+_EMPTY_IS_AN_ERROR = {"jwt_secret", "jwt_public_key"}
 
 
 def _is_origin(text: str) -> bool:
@@ -193,7 +203,7 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: s
                 raise ConfigError(f"--config: unknown setting {key!r} in {file}")
             values[name] = value
     for name in FIELDS:
-        if env.get(env_name(name)) not in (None, ""):
+        if env.get(env_name(name)) not in (None, "") or (name in _EMPTY_IS_AN_ERROR and env_name(name) in env):
             values[name] = env[env_name(name)]
     for name, value in flags.items():
         if value is not None and name in FIELDS:
@@ -203,6 +213,9 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: s
 
 
 def validate(config: Config) -> Config:
+    for name in _EMPTY_IS_AN_ERROR:
+        if getattr(config, name) is not None and not getattr(config, name).strip():
+            raise ConfigError(f"--{name.replace('_', '-')} is empty (omit it to run without auth)")
     if config.jwt_secret and config.jwt_public_key:
         raise ConfigError("--jwt-secret and --jwt-public-key exclude each other")
     if bool(config.tls_cert) != bool(config.tls_key):
@@ -211,6 +224,8 @@ def validate(config: Config) -> Config:
         path = getattr(config, name)
         if path and not os.path.isfile(path):
             raise ConfigError(f"--{name.replace('_', '-')}: no such file: {path}")
+    if config.jwt_public_key:
+        _check_public_key(config.jwt_public_key)
     if config.workers > 1 and not config.kafka:
         raise ConfigError("--workers > 1 needs --kafka: the standalone engine keeps its state in one process")
     if config.workers > 1 and config.port == 0:
@@ -233,3 +248,16 @@ def validate(config: Config) -> Config:
     if not config.node_id:
         config = dataclasses.replace(config, node_id=f"{os.uname().nodename}-{os.getpid()}")
     return dataclasses.replace(config, log_level=config.log_level.lower())
+
+
+def _check_public_key(path: str) -> None:
+    """At start, not at the first client: a bad key is one line and exit 2, not `unauthorized` for all."""
+    from .auth import KeyConfigError, load_public_key
+
+    try:
+        with open(path, "rb") as fh:
+            load_public_key(fh.read())
+    except OSError as exc:
+        raise ConfigError(f"--jwt-public-key: cannot read {path}: {exc.strerror}") from None
+    except KeyConfigError as exc:
+        raise ConfigError(f"--jwt-public-key: {path}: {exc}") from None

@@ -43,27 +43,38 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 CLOSE_SLOW_CONSUMER = 4000
+CLOSE_TOKEN_EXPIRED = 4001  # 1.1: the session's token expired without a refresh
 
-Id = Union[str, int, float]
+# 1.1: an `id` is a string of at most 256 bytes or an integer within +-2^53 (exact in every JSON
+# parser, JavaScript's included); anything else is bad_request, never echoed altered.
+MAX_ID_BYTES = 256
+MAX_ID_INT = 2**53
+
+Id = Union[str, int]
 _NO_ID = object()
 
 
 class ProtocolError(Exception):
-    """The peer sent something the protocol does not allow; becomes an `error` frame."""
+    """The peer sent something the protocol does not allow; becomes an `error` frame.
 
-    def __init__(self, code: str, message: str, *, id: Any = _NO_ID, subject: str | None = None) -> None:
+    `request` is the op of the client request it answers (1.1): decode() fills it in for errors it
+    raises; the session passes it for the errors it makes itself."""
+
+    def __init__(self, code: str, message: str, *, id: Any = _NO_ID, subject: str | None = None,
+                 request: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.id = id
         self.subject = subject
+        self.request = request
 
     @property
     def has_id(self) -> bool:
         return self.id is not _NO_ID
 
     def payload(self) -> bytes:
-        return error(self.code, self.message, id=self.id, subject=self.subject)
+        return error(self.code, self.message, id=self.id, subject=self.subject, request=self.request)
 
 
 @dataclass(slots=True)
@@ -104,11 +115,22 @@ class Ping:
     id: Any
 
 
-Request = Union[Connect, Subscribe, Unsubscribe, Publish, Ping]
+@dataclass(slots=True)
+class Refresh:
+    token: str | None
+
+
+Request = Union[Connect, Subscribe, Unsubscribe, Publish, Ping, Refresh]
+
+#: the ops a client may send; `request` of an error is one of these (an unknown op is not echoed)
+OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")
 
 
 def _is_id(value: Any) -> bool:
-    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    """1.1's id rule. orjson gives a float for an integer beyond 64 bits, so those are refused too."""
+    if isinstance(value, str):
+        return len(value) <= MAX_ID_BYTES and len(value.encode("utf-8", "surrogatepass")) <= MAX_ID_BYTES
+    return type(value) is int and -MAX_ID_INT <= value <= MAX_ID_INT
 
 
 def _is_int(value: Any) -> bool:
@@ -128,13 +150,25 @@ def parse_json(data: bytes | str) -> dict[str, Any]:
 
 
 def decode(data: bytes | str) -> Request:
-    """One client text frame -> request; raise ProtocolError (code bad_request, invalid_subject, ...)."""
+    """One client text frame -> request; raise ProtocolError (code bad_request, invalid_subject, ...),
+    with `request` set to the op when the frame had a string `op` of a known request."""
     obj = parse_json(data)
     op = obj["op"]
     decoder = _DECODERS.get(op)
     if decoder is None:
-        raise ProtocolError(BAD_REQUEST, f"unknown op {op!r}", id=obj["id"] if _is_id(obj.get("id")) else _NO_ID)
-    return decoder(obj)
+        # the unknown op is not echoed as `request` (it may be any string); the message names it
+        raise ProtocolError(BAD_REQUEST, f"unknown op {op[:64]!r}",
+                            id=obj["id"] if _is_id(obj.get("id")) else _NO_ID)
+    try:
+        req = decoder(obj)
+    except ProtocolError as exc:
+        exc.request = op
+        raise
+    if isinstance(req, (Subscribe, Unsubscribe)):
+        for entry in req.entries:
+            if isinstance(entry, ProtocolError):
+                entry.request = op
+    return req
 
 
 def _decode_connect(obj: dict[str, Any]) -> Connect:
@@ -197,10 +231,13 @@ def _decode_unsubscribe(obj: dict[str, Any]) -> Unsubscribe:
     return Unsubscribe(entries)
 
 
+_ID_RULE = "'id' must be a string of at most 256 bytes or an integer within +-2^53"
+
+
 def _decode_publish(obj: dict[str, Any]) -> Publish:
     id = obj.get("id", _NO_ID)
     if id is not _NO_ID and not _is_id(id):
-        raise ProtocolError(BAD_REQUEST, "'id' must be a string or a number")
+        raise ProtocolError(BAD_REQUEST, _ID_RULE)
     subject = _subject(obj.get("subject"), id=id)
     text, b64 = obj.get("content"), obj.get("content_b64")
     if (text is None) == (b64 is None):
@@ -224,8 +261,15 @@ def _decode_publish(obj: dict[str, Any]) -> Publish:
 def _decode_ping(obj: dict[str, Any]) -> Ping:
     id = obj.get("id")
     if id is not None and not _is_id(id):
-        raise ProtocolError(BAD_REQUEST, "'id' must be a string or a number")
+        raise ProtocolError(BAD_REQUEST, _ID_RULE)
     return Ping(id)
+
+
+def _decode_refresh(obj: dict[str, Any]) -> Refresh:
+    token = obj.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(BAD_REQUEST, "'token' must be a string")
+    return Refresh(token or None)
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
@@ -234,6 +278,7 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Request]] = {
     "unsubscribe": _decode_unsubscribe,
     "publish": _decode_publish,
     "ping": _decode_ping,
+    "refresh": _decode_refresh,
 }
 
 
@@ -264,15 +309,25 @@ def pong(id: Any) -> bytes:
     return _dumps({"op": "pong", "id": id})
 
 
+def refreshed(exp: float | None) -> bytes:
+    """1.1: the answer to a valid `refresh`; `exp` is absent when auth is off (the token is ignored)."""
+    if exp is None:
+        return b'{"op":"refreshed"}'
+    return _dumps({"op": "refreshed", "exp": int(exp) if float(exp).is_integer() else exp})
+
+
 HEARTBEAT = b'{"op":"hb"}'
 
 
-def error(code: str, message: str, *, id: Any = _NO_ID, subject: str | None = None) -> bytes:
+def error(code: str, message: str, *, id: Any = _NO_ID, subject: str | None = None,
+          request: str | None = None) -> bytes:
     obj: dict[str, Any] = {"op": "error", "code": code, "message": message}
     if id is not _NO_ID:
         obj["id"] = id
     if subject is not None:
         obj["subject"] = subject
+    if request is not None:
+        obj["request"] = request
     return _dumps(obj)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import importlib.resources
 import logging
 import ssl
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -19,7 +20,7 @@ import orjson
 from fanout import Conn, Writer
 
 from . import http, protocol
-from .auth import Authenticator
+from .auth import Authenticator, ExpiryQueue
 from .config import Config
 from .engines.base import Engine
 from .hub import Hub
@@ -50,6 +51,17 @@ def make_engine(config: Config) -> Engine:
     return StandaloneEngine()
 
 
+def make_authenticator(config: Config) -> Authenticator:
+    """Raises auth.KeyConfigError (a ValueError) for an empty secret or an unusable key file."""
+    public_key = None
+    if config.jwt_public_key is not None:
+        with open(config.jwt_public_key, "rb") as fh:
+            public_key = fh.read()
+    return Authenticator(secret=config.jwt_secret, public_key_pem=public_key, audience=config.jwt_audience,
+                         issuer=config.jwt_issuer, leeway=config.jwt_leeway_ms / 1000,
+                         max_lifetime=config.jwt_max_lifetime_s or None)
+
+
 def _static(name: str) -> bytes:
     return importlib.resources.files("gateway").joinpath("static", name).read_bytes()
 
@@ -66,12 +78,15 @@ class Gateway:
         self.engine = engine or make_engine(config)
         self.hub = Hub(self._epoch_of, config.history, config.history_bytes, config.history_total_bytes)
         self.engine.bind(self.hub.deliver, self.hub)
-        secret = config.jwt_secret
-        public_key = None
-        if config.jwt_public_key:
-            with open(config.jwt_public_key, encoding="utf-8") as fh:
-                public_key = fh.read()
-        self.auth = Authenticator(secret=secret, public_key_pem=public_key)
+        self.auth = make_authenticator(config)
+        if not self.auth.enabled:
+            log.warning("auth is off: no --jwt-secret or --jwt-public-key, every client may subscribe and "
+                        "publish to everything")
+        elif config.jwt_secret is not None and len(config.jwt_secret.encode()) < 32:
+            log.warning("--jwt-secret is %d bytes: HMAC secrets should have at least 32 (RFC 7518, 3.2)",
+                        len(config.jwt_secret.encode()))
+        # sessions by the time their token runs out (exp + leeway); drained by the sweep
+        self.expiries: ExpiryQueue[Session] = ExpiryQueue()
         self.stats = Stats()
         self.admission = Admission(config)
         self._origins = normalize_origins(config.allowed_origins)
@@ -237,6 +252,29 @@ class Gateway:
             elif age >= limit:
                 self._unconnected.discard(session)
                 session.close(protocol.CLOSE_POLICY, "no connect in time")
+        if len(self.expiries):
+            self.expire_tokens(time.time())
+
+    # ---- token expiry (PROTOCOL.md 1.1, Session 5) ----------------------------------------------------
+
+    def _expiry_deadline(self, session: Session) -> float | None:
+        p = session.principal
+        return None if p is None or p.exp is None else p.exp + self.auth.leeway
+
+    def track_expiry(self, session: Session) -> None:
+        """Called at connect and at every refresh: the latest entry of a session is the live one."""
+        deadline = self._expiry_deadline(session)
+        if deadline is None:
+            return
+        self.expiries.push(deadline, session)
+        if len(self.expiries) > 2 * len(self.sessions) + 1024:  # refreshed or closed sessions' entries
+            self.expiries.compact(lambda d, s: not s._closing and self._expiry_deadline(s) == d)
+
+    def expire_tokens(self, now: float) -> None:
+        """Close 4001 every session whose token ran out without a refresh (wall clock, like `exp`)."""
+        for deadline, session in self.expiries.due(now):
+            if not session._closing and self._expiry_deadline(session) == deadline:
+                session.token_expired()
 
     # ---- HTTP ------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from .auth import AuthError, Principal
 from .engines.base import EngineUnavailable, UnknownTopic
 from .limits import TokenBucket
 from .protocol import ProtocolError
+from .subjects import parse_subject
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -214,23 +215,54 @@ class Session(WSConn):
         try:
             req = protocol.decode(data)
         except ProtocolError as exc:
-            return self._not_connected(f"the first frame must be connect ({exc.message})")
+            return self._not_connected(f"the first frame must be connect ({exc.message})", exc.request)
         if not isinstance(req, protocol.Connect):
-            return self._not_connected("the first frame must be connect")
+            return self._not_connected("the first frame must be connect", _op_name(req))
         gw = self.gw
         try:
             self.principal = gw.auth.authenticate(req.token)
         except AuthError as exc:
-            self.send_error(ProtocolError(protocol.UNAUTHORIZED, str(exc)))
+            self.send_error(ProtocolError(protocol.UNAUTHORIZED, str(exc), request="connect"))
             return self.close(protocol.CLOSE_POLICY, "unauthorized")
         self.connected = True
         gw.session_connected(self)
+        if self.principal.exp is not None:
+            gw.track_expiry(self)
         # the session id is only reported (not kept: an idle connection's bytes count)
         self.reply(protocol.connected(secrets.token_hex(8), gw.node_id, gw.config.heartbeat_ms))
 
-    def _not_connected(self, message: str) -> None:
-        self.send_error(ProtocolError(protocol.NOT_CONNECTED, message))
+    def _not_connected(self, message: str, request: str | None = None) -> None:
+        self.send_error(ProtocolError(protocol.NOT_CONNECTED, message, request=request))
         self.close(protocol.CLOSE_POLICY, "not connected")
+
+    def _refresh(self, req: protocol.Refresh) -> None:
+        """1.1: a valid token for the same `sub` replaces the session's token and entitlements; an
+        invalid one is refused and the session keeps its old token (and its expiry)."""
+        gw = self.gw
+        if not gw.auth.enabled:
+            return self.reply(protocol.refreshed(None))  # no auth: tokens are ignored
+        try:
+            principal = gw.auth.refresh(self.principal, req.token)  # type: ignore[arg-type]
+        except AuthError as exc:
+            return self.send_error(ProtocolError(protocol.UNAUTHORIZED, str(exc), request="refresh"))
+        self.principal = principal
+        gw.track_expiry(self)
+        self.reply(protocol.refreshed(principal.exp))
+        # the new entitlements apply to what is already subscribed too
+        for subject in list(self.subjects):
+            if not principal.may_subscribe(parse_subject(subject)):
+                self._discard_subject(subject)
+                self._cancel_replay(subject)
+                recovery.unsubscribe(gw.hub, self, subject)
+                self.send_error(ProtocolError(protocol.FORBIDDEN, "the refreshed token does not allow this "
+                                              "subscription", subject=subject, request="refresh"))
+
+    def token_expired(self) -> None:
+        """The token ran out without a refresh (called by the gateway's sweep): 1.1 close 4001."""
+        if self._closing:
+            return
+        self.send_error(ProtocolError(protocol.UNAUTHORIZED, "token expired"))
+        self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -245,8 +277,10 @@ class Session(WSConn):
             self._unsubscribe(req)
         elif isinstance(req, protocol.Ping):
             self.reply(protocol.pong(req.id))
+        elif isinstance(req, protocol.Refresh):
+            self._refresh(req)
         else:  # Connect
-            self.send_error(ProtocolError(protocol.BAD_REQUEST, "already connected"))
+            self.send_error(ProtocolError(protocol.BAD_REQUEST, "already connected", request="connect"))
 
     def _subscribe(self, req: protocol.Subscribe) -> None:
         gw = self.gw
@@ -257,18 +291,19 @@ class Session(WSConn):
             subject = entry.subject
             if not self.principal.may_subscribe(subject):  # type: ignore[union-attr]
                 self.send_error(ProtocolError(protocol.FORBIDDEN, "not allowed to subscribe to this subject",
-                                              subject=subject.text))
+                                              subject=subject.text, request="subscribe"))
                 continue
             try:
                 gw.engine.check_subject(subject)
             except UnknownTopic as exc:
-                self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), subject=subject.text))
+                self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), subject=subject.text,
+                                              request="subscribe"))
                 continue
             if self.subscription_count >= gw.config.max_subscriptions and not self._has_subject(subject.text):
                 gw.admission.refused("max_subscriptions")
                 self.send_error(ProtocolError(
                     protocol.LIMIT_EXCEEDED, f"more than {gw.config.max_subscriptions} subscriptions on one "
-                    "connection (--max-subscriptions)", subject=subject.text))
+                    "connection (--max-subscriptions)", subject=subject.text, request="subscribe"))
                 continue
             self._add_subject(gw.hub.state(subject.text).subject)  # the hub's copy of the string: shared
             self._cancel_replay(subject.text)
@@ -310,18 +345,19 @@ class Session(WSConn):
         subject = req.subject
         if gw.config.publish_rate > 0 and not self._take_token():
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "publishing faster than the connection's "
-                                                 "rate (--publish-rate)", id=req.id, subject=subject.text))
+                                                 "rate (--publish-rate)", id=req.id, subject=subject.text,
+                                                 request="publish"))
         if len(req.content) > gw.config.max_message_bytes:
             return self.send_error(ProtocolError(protocol.TOO_LARGE, "content larger than the limit",
-                                                 id=req.id, subject=subject.text))
+                                                 id=req.id, subject=subject.text, request="publish"))
         if not self.principal.may_publish(subject):  # type: ignore[union-attr]
             return self.send_error(ProtocolError(protocol.FORBIDDEN, "not allowed to publish to this subject",
-                                                 id=req.id, subject=subject.text))
+                                                 id=req.id, subject=subject.text, request="publish"))
         try:
             gw.engine.check_subject(subject)
         except UnknownTopic as exc:
             return self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), id=req.id,
-                                                 subject=subject.text))
+                                                 subject=subject.text, request="publish"))
         gw.stats.publishes += 1
         sync = getattr(gw.engine, "publish_now", None)
         if sync is not None:  # the standalone engine: stored and fanned out right here
@@ -329,13 +365,13 @@ class Session(WSConn):
                 epoch, seq = sync(subject, req.content)
             except EngineUnavailable as exc:
                 return self.send_error(ProtocolError(protocol.UNAVAILABLE, str(exc), id=req.id,
-                                                     subject=subject.text))
+                                                     subject=subject.text, request="publish"))
             if req.has_id:
                 self.reply(protocol.ack(req.id, subject.text, epoch, seq))
             return
         if self._inflight >= gw.config.max_inflight_publishes:
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "too many publishes awaiting the engine",
-                                                 id=req.id, subject=subject.text))
+                                                 id=req.id, subject=subject.text, request="publish"))
         self._inflight += 1
         # Created now, in arrival order: the engine enqueues in call order, so one connection's
         # publishes to one subject are produced in the order sent.
@@ -371,13 +407,14 @@ class Session(WSConn):
             epoch, seq = await self.gw.engine.publish(subject, req.content)
         except EngineUnavailable as exc:
             self.send_error(ProtocolError(protocol.UNAVAILABLE, str(exc) or "the engine is unavailable",
-                                          id=req.id, subject=subject.text))
+                                          id=req.id, subject=subject.text, request="publish"))
         except UnknownTopic as exc:
-            self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), id=req.id, subject=subject.text))
+            self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), id=req.id, subject=subject.text,
+                                          request="publish"))
         except Exception as exc:  # noqa: BLE001 - the client gets an answer, the gateway stays up
             log.exception("publish failed")
             self.send_error(ProtocolError(protocol.UNAVAILABLE, f"publish failed: {exc}", id=req.id,
-                                          subject=subject.text))
+                                          subject=subject.text, request="publish"))
         else:
             if req.has_id:
                 self.reply(protocol.ack(req.id, subject.text, epoch, seq))
@@ -473,3 +510,8 @@ class Session(WSConn):
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()  # a no-op once the connection is gone
+
+
+def _op_name(req: protocol.Request) -> str:
+    return {protocol.Subscribe: "subscribe", protocol.Unsubscribe: "unsubscribe", protocol.Publish: "publish",
+            protocol.Ping: "ping", protocol.Refresh: "refresh", protocol.Connect: "connect"}[type(req)]

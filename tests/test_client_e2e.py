@@ -170,3 +170,85 @@ async def test_stalled_reader_closed_4000_others_unaffected_then_recovers(gatewa
     assert s["recovered"] is True and s["seq"] == total
     rest = [(await recv_until(again, "msg"))["seq"] for _ in range(total - last)]
     assert rest == list(range(last + 1, total + 1))
+
+
+# ---- 1.1: the token provider against a real gateway ---------------------------------------------------
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+
+
+def _token(sub: str = "reader", lifetime: float = 2.0) -> str:
+    import time
+
+    import jwt
+
+    return jwt.encode({"sub": sub, "exp": int(time.time() + lifetime), "sub_allow": ["/>"],
+                       "pub_allow": ["/>"]}, SECRET, algorithm="HS256")
+
+
+async def _publish_while(gw, subject: str, until, start: int = 0) -> int:  # type: ignore[no-untyped-def]
+    """Publish start+1, start+2, ... (each acknowledged) until `until(last)`; returns the last number."""
+    pub = await connected(ws_url(gw), token=_token("writer", 600))
+    n = start
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30 * SCALE
+    while not until(n):
+        assert loop.time() < deadline, "the condition never came"
+        n += 1
+        await send(pub, {"op": "publish", "subject": subject, "content": str(n), "id": n})
+        assert (await recv_until(pub, "ack", skip=("hb",)))["id"] == n
+        await asyncio.sleep(0.02)
+    await pub.close()
+    return n
+
+
+async def test_token_provider_refreshes_before_exp_and_the_session_lives_on(gateway_factory):
+    gw = await gateway_factory(jwt_secret=SECRET, jwt_leeway_ms=0, heartbeat_ms=500)
+    got: list[int] = []
+    calls = 0
+
+    async def provider() -> str:
+        nonlocal calls
+        calls += 1
+        return _token(lifetime=2.0)
+
+    async with Client([ws_url(gw)], token=provider) as c:
+        await c.subscribe("/tok/a", lambda m: got.append(int(m.content)))
+        # three token lifetimes: without refreshes the gateway would have closed it (4001) twice
+        n = await _publish_while(gw, "/tok/a", lambda _: c.stats["refreshes"] >= 3)
+        await wait_until(lambda: len(got) >= n, "every published message delivered")
+        assert got == list(range(1, n + 1))
+        assert c.stats["reconnects"] == 0 and c.stats["expired"] == 0 and calls >= 4
+
+
+async def test_close_4001_then_fresh_token_reconnect_and_recover_with_no_message_lost(gateway_factory):
+    """Refreshes are refused (the provider hands out a token for another `sub`), so the token runs out:
+    close 4001; the client gets a fresh token, reconnects and recovers every message published
+    meanwhile, in order."""
+    gw = await gateway_factory(jwt_secret=SECRET, jwt_leeway_ms=0, heartbeat_ms=500, history=10000)
+    got: list[int] = []
+    client: Client | None = None
+    connects = 0
+
+    def provider() -> str:
+        nonlocal connects
+        if client is not None and client.connected:  # asked to refresh: a token the gateway refuses
+            return _token(sub="someone-else", lifetime=600)
+        connects += 1
+        return _token(lifetime=2.0 if connects == 1 else 600)
+
+    events: list[str] = []
+    client = Client([ws_url(gw)], token=provider, backoff_initial=0.01, backoff_max=0.05,
+                    on_event=lambda name, info: events.append(name))
+    try:
+        await client.connect()
+        await client.subscribe("/tok/b", lambda m: got.append(int(m.content)))
+        n = await _publish_while(gw, "/tok/b", lambda _: client.stats["expired"] >= 1 and client.connected)
+        later = n + 20  # and some more on the new connection
+        n = await _publish_while(gw, "/tok/b", lambda last: last >= later, start=n)
+        await wait_until(lambda: len(got) >= n, "every published message delivered")
+        assert got == list(range(1, n + 1)), "nothing lost, nothing twice, in order"
+        assert "refresh_failed" in events and "token_expired" in events and "fatal" not in events
+        assert client.stats["reconnects"] == 1 and connects == 2
+    finally:
+        await client.close()

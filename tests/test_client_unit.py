@@ -657,3 +657,149 @@ async def test_close_is_idempotent_and_ends_iterators() -> None:
         assert [m async for m in sub] == []
         await conn.wait_closed()
         assert conn.ws.close_code == 1000
+
+
+# --------------------------------------------------------------------------- 1.1: tokens, `request`
+
+import json as _json  # noqa: E402
+import time as _time  # noqa: E402
+
+from gateway.client import error_kind, refresh_delay, token_exp  # noqa: E402
+
+
+def jwt_like(exp: object) -> str:
+    """A token shaped like a JWT (the client reads `exp` without verifying: the gateway verifies)."""
+    def b64(obj: object) -> str:
+        return base64.urlsafe_b64encode(_json.dumps(obj).encode()).rstrip(b"=").decode()
+    return f"{b64({'alg': 'HS256'})}.{b64({'sub': 'a', 'exp': exp})}.sig"
+
+
+def test_token_exp_reads_the_claim_without_verifying() -> None:
+    assert token_exp(jwt_like(1_800_000_000)) == 1_800_000_000.0
+    assert token_exp(jwt_like(1.5)) == 1.5
+    for bad in ("", "abc", "a.b", "a.!!!.c", jwt_like("soon"), jwt_like(True), jwt_like(None),
+                "x." + base64.urlsafe_b64encode(b"[1]").decode() + ".y"):
+        assert token_exp(bad) is None, bad
+
+
+def test_refresh_delay_is_lead_before_exp_but_at_most_halfway() -> None:
+    assert refresh_delay(1000.0, 0.0, 30.0) == 970.0       # long token: 30 s ahead
+    assert refresh_delay(10.0, 0.0, 30.0) == 5.0           # short token: halfway
+    assert refresh_delay(10.0, 20.0, 30.0) == 0.0          # already past: now
+    assert refresh_delay(100.0, 40.0, 10.0) == 50.0
+
+
+def test_error_kind_uses_request() -> None:
+    assert error_kind({"op": "error", "code": "forbidden", "request": "publish"}) == "publish"
+    assert error_kind({"op": "error", "code": "forbidden", "request": "subscribe"}) == "subscribe"
+    assert error_kind({"op": "error", "code": "unauthorized", "request": "refresh"}) == "refresh"
+    assert error_kind({"op": "error", "code": "bad_request", "request": "ping"}) == "other"
+    assert error_kind({"op": "error", "code": "forbidden"}) == "unknown"
+    assert error_kind({"op": "error", "code": "forbidden", "request": 3}) == "unknown"
+
+
+async def test_failed_fire_and_forget_publish_does_not_fail_a_pending_subscribe() -> None:
+    """1.1 `request`: a `forbidden` for a publish to S while a subscribe of S is unanswered is the
+    publish's (a 1.0 client had to guess, and guessed the subscribe)."""
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, on_event=events) as client:
+        conn, _ = await connect(client, gw)
+        task = asyncio.create_task(client.subscribe(S1))
+        await conn.expect("subscribe")
+        await conn.send({"op": "error", "code": "forbidden", "subject": S1, "message": "no",
+                         "request": "publish"})
+        await conn.subscribed(S1)
+        async with asyncio.timeout(T):
+            sub = await task
+        assert not sub.closed
+        assert (await events.wait("publish_failed"))["subject"] == S1
+        # and a refused subscribe is still one
+        task2 = asyncio.create_task(client.subscribe(S2))
+        await conn.expect("subscribe")
+        await conn.send({"op": "error", "code": "forbidden", "subject": S2, "message": "no",
+                         "request": "subscribe"})
+        with pytest.raises(GatewayError) as info:
+            async with asyncio.timeout(T):
+                await task2
+        assert (info.value.code, info.value.request) == ("forbidden", "subscribe")
+
+
+async def test_token_provider_refreshes_ahead_of_exp() -> None:
+    calls: list[str] = []
+
+    async def provider() -> str:
+        tok = jwt_like(_time.time() + 1.0 + len(calls))
+        calls.append(tok)
+        return tok
+
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, token=provider, on_event=events) as client:
+        conn, hello = await connect(client, gw)
+        assert hello["token"] == calls[0]
+        refresh = await conn.expect("refresh")  # halfway to exp (0.5 s), on the same connection
+        assert refresh["token"] == calls[1]
+        await conn.send({"op": "refreshed", "exp": token_exp(calls[1])})
+        await events.wait("refreshed")
+        assert client.token_exp == token_exp(calls[1]) and client.stats["refreshes"] == 1
+        refresh = await conn.expect("refresh")  # and again, from the new exp
+        assert refresh["token"] == calls[2]
+        # a refused refresh is not fatal: the session goes on and tries again
+        await conn.send({"op": "error", "code": "unauthorized", "message": "nope", "request": "refresh"})
+        await events.wait("refresh_failed")
+        assert client.connected and "fatal" not in events.names()
+        assert (await conn.expect("refresh"))["token"] == calls[3]
+        assert gw.accepted == 1
+
+
+async def test_close_4001_reconnects_with_a_fresh_token_and_recovers() -> None:
+    toks = [jwt_like(_time.time() + 600), jwt_like(_time.time() + 1200)]
+    tokens = iter(toks)
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, token=lambda: next(tokens), on_event=events) as client:
+        conn, hello = await connect(client, gw)
+        first = hello["token"]
+        sub, _ = await subscribe(client, conn, S1, epoch="e1", seq=0, recovered=True)
+        await conn.send({"op": "msg", "subject": S1, "epoch": "e1", "seq": 1, "prev": 0, "content": "a"})
+        assert (await sub.get(timeout=T)).seq == 1
+        await conn.send({"op": "error", "code": "unauthorized", "message": "token expired"})
+        await conn.close(4001, "token expired")
+        conn2 = await gw.accept()
+        hello2 = await conn2.handshake()
+        assert (first, hello2["token"]) == (toks[0], toks[1])  # the provider was asked again
+        resub = await conn2.expect("subscribe")
+        assert resub["subjects"] == [{"subject": S1, "epoch": "e1", "seq": 1}]  # recovers from its position
+        await conn2.subscribed(S1, epoch="e1", seq=2, recovered=True)
+        await conn2.send({"op": "msg", "subject": S1, "epoch": "e1", "seq": 2, "prev": 1, "content": "b"})
+        assert (await sub.get(timeout=T)).content == "b"
+        assert not sub.closed and "fatal" not in events.names() and client.stats["expired"] == 1
+
+
+async def test_close_4001_with_a_fixed_expired_token_ends_in_unauthorized() -> None:
+    async with FakeGateway() as gw, client_for(gw.url, token="fixed") as client:
+        conn, _ = await connect(client, gw)
+        await conn.send({"op": "error", "code": "unauthorized", "message": "token expired"})
+        await conn.close(4001, "token expired")
+        conn2 = await gw.accept()  # it tries once more with the same token: the gateway refuses it
+        assert (await conn2.expect("connect"))["token"] == "fixed"
+        await conn2.send({"op": "error", "code": "unauthorized", "message": "expired", "request": "connect"})
+        await conn2.close(1008)
+        with pytest.raises(GatewayError) as info:
+            await client.subscribe(S1)
+        assert info.value.code == "unauthorized"
+
+
+async def test_a_failing_token_provider_is_a_failed_attempt_with_backoff() -> None:
+    calls = 0
+
+    def provider() -> str:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise RuntimeError("identity provider down")
+        return jwt_like(_time.time() + 600)
+
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, token=provider, on_event=events) as client:
+        conn, hello = await connect(client, gw)
+        assert calls == 3 and events.names().count("connect_failed") == 2
+        assert token_exp(hello["token"]) is not None

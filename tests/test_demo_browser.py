@@ -461,7 +461,8 @@ async def test_client_js_as_an_es_module_against_the_gateway(gateway_factory, pa
                 catch (e) { return [e instanceof window.GatewayError, e.code]; }
             }""")
         assert refused == [True, "invalid_subject"]
-        assert await page.evaluate("window.__c.stats") == {"duplicates": 0, "gaps": 0, "reconnects": 0}
+        assert await page.evaluate("window.__c.stats") == {"duplicates": 0, "gaps": 0, "reconnects": 0,
+                                                          "refreshes": 0, "expired": 0}
         await page.evaluate("window.__c.close()")
         await wait_until(lambda: len(gw.sessions) == 1, "the browser's session to end")
 
@@ -487,7 +488,8 @@ async def test_client_js_gap_duplicate_and_resubscribe_with_position(gateway_fac
         await page.wait_for_function("window.__got.length === 4")
         assert await page.evaluate("window.__got") == [["a", 1, False], ["b", 2, False], ["c", 3, False],
                                                       ["d", 4, False]]
-        assert await page.evaluate("window.__c.stats") == {"duplicates": 1, "gaps": 1, "reconnects": 0}
+        assert await page.evaluate("window.__c.stats") == {"duplicates": 1, "gaps": 1, "reconnects": 0,
+                                                          "refreshes": 0, "expired": 0}
 
         await conn.close(1001)  # the gateway goes away: reconnect, resubscribe from the last position
         conn = await fake.accept()
@@ -496,3 +498,92 @@ async def test_client_js_gap_duplicate_and_resubscribe_with_position(gateway_fac
         await page.evaluate("window.__c.close()")
         await conn.wait_closed()
         assert await page.evaluate("window.__errors") == []
+
+
+# ---- 1.1: client.js's token provider and the `request` field -----------------------------------------
+
+SECRET = "s3cret-for-tests-only-0123456789abcdef"
+
+
+async def test_client_js_token_provider_refreshes_then_recovers_after_4001(gateway_factory, page):
+    """Short tokens (2 s): client.js refreshes ahead of exp and keeps its session; then its refreshes
+    are refused (a token for another `sub`), the gateway closes 4001 at exp, and client.js asks its
+    provider again, reconnects and recovers every message published meanwhile, in order."""
+    import time
+
+    import jwt
+
+    gw = await gateway_factory(jwt_secret=SECRET, jwt_leeway_ms=0, heartbeat_ms=500, history=10000)
+    minted: list[str] = []
+
+    def mint(sub: str) -> str:
+        minted.append(sub)
+        return jwt.encode({"sub": sub, "exp": int(time.time() + 2), "sub_allow": ["/>"], "pub_allow": ["/>"]},
+                          SECRET, algorithm="HS256")
+
+    await page.expose_function("mintToken", mint)
+    await page.goto(f"http://127.0.0.1:{gw.port}/healthz")
+    async with asyncio.timeout(5 * SCALE):
+        await page.evaluate("""async (url) => {
+            const mod = await import("/client.js");
+            window.__got = [];
+            window.__errors = [];
+            window.__refuse = false;
+            const provider = async () =>
+                window.mintToken(window.__c && window.__c.connected && window.__refuse ? "someone-else" : "reader");
+            window.__c = new mod.GatewayClient([url], { token: provider, backoffInitial: 10,
+                                                        onError: (e) => window.__errors.push([e.code, e.request || null]) });
+            window.__c.subscribe("/tok/js", (m) => window.__got.push(Number(m.content)));
+        }""", ws_url(gw))
+    await page.wait_for_function("window.__c.connected")
+    pub_token = jwt.encode({"sub": "writer", "exp": int(time.time() + 600), "pub_allow": ["/>"]}, SECRET)
+    async with Client([ws_url(gw)], token=pub_token) as other:
+        n = 0
+
+        async def publish_until(js_condition: str) -> None:
+            nonlocal n
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30 * SCALE
+            while not await page.evaluate(js_condition):
+                assert loop.time() < deadline, js_condition
+                n += 1
+                await other.publish("/tok/js", str(n))
+                await asyncio.sleep(0.05)
+
+        await publish_until("window.__c.stats.refreshes >= 2")  # two refreshes: past two lifetimes
+        stats = await page.evaluate("window.__c.stats")
+        assert (stats["reconnects"], stats["expired"]) == (0, 0)
+        await page.evaluate("window.__refuse = true")
+        await publish_until("window.__c.stats.expired >= 1 && window.__c.connected")
+        for _ in range(10):  # and more on the new connection
+            n += 1
+            await other.publish("/tok/js", str(n))
+        await page.wait_for_function(f"window.__got.length >= {n}")
+        assert await page.evaluate("window.__got") == list(range(1, n + 1)), "nothing lost, nothing twice"
+        errors = await page.evaluate("window.__errors")
+        assert ["unauthorized", "refresh"] in errors      # the refused refresh
+        assert ["unauthorized", None] in errors           # the expiry (then close 4001)
+        assert minted.count("reader") >= 4 and "someone-else" in minted
+        await page.evaluate("window.__c.close()")
+
+
+async def test_client_js_tells_a_failed_publish_from_a_refused_subscribe(gateway_factory, page):
+    gw = await gateway_factory()  # serves client.js
+    async with FakeGateway() as fake:
+        await start_module_client(page, gw.port, fake.url, "/g/1", backoffInitial=10)
+        conn = await fake.accept()
+        await conn.handshake()
+        await conn.expect("subscribe")
+        await conn.subscribed("/g/1")
+        await page.evaluate('window.__c.subscribe("/g/2", () => {})')
+        await conn.expect("subscribe")
+        await conn.send({"op": "error", "code": "forbidden", "subject": "/g/1", "request": "publish",
+                         "message": "no publishing here"})
+        await conn.send({"op": "error", "code": "forbidden", "subject": "/g/2", "request": "subscribe",
+                         "message": "no reading there"})
+        await conn.msg("/g/1", 1, 0, "still subscribed")
+        await page.wait_for_function("window.__got.length === 1")
+        assert await page.evaluate("window.__errors") == ["forbidden", "forbidden"]
+        assert await page.evaluate("[window.__c.handlers.has('/g/1'), window.__c.handlers.has('/g/2')]") \
+            == [True, False]
+        await page.evaluate("window.__c.close()")

@@ -91,9 +91,9 @@ async def test_publish_subscribe_msg_fields(gateway_factory):
     m2 = await recv(sub)
     assert (m2["seq"], m2["prev"], m2["content"]) == (2, 1, "2-0")
     # another subject has its own sequence
-    await send(pub, {"op": "publish", "subject": "/matches/football/6", "content": "x", "id": 1.5})
+    await send(pub, {"op": "publish", "subject": "/matches/football/6", "content": "x", "id": "m-1"})
     ack = await recv(pub)
-    assert ack["seq"] == 1 and ack["id"] == 1.5
+    assert ack["seq"] == 1 and ack["id"] == "m-1"
     await no_frame(sub)
 
 
@@ -290,3 +290,80 @@ async def test_shutdown_closes_clients_with_1001(gateway_factory):
     ws = await connected(ws_url(gw))
     await gw.stop()
     assert await close_code(ws) == 1001
+
+
+# ---- 1.1: the id rule and `request` on errors, over real sockets -------------------------------------
+
+@pytest.mark.parametrize("raw_id", ["18446744073709551617", "9007199254740993", "1.5", "true", "{}", "[1]",
+                                    '"' + "x" * 257 + '"', "1" + "0" * 400])
+async def test_ids_outside_the_rule_are_refused_not_altered(gateway_factory, raw_id):
+    """Before 1.1 an id above 2^64 came back as a float: now it is bad_request, nothing is published,
+    and the connection goes on."""
+    gw = await gateway_factory()
+    pub = await connected(ws_url(gw))
+    sub = await connected(ws_url(gw))
+    await send(sub, {"op": "subscribe", "subjects": [{"subject": "/ids/a"}]})
+    await recv_until(sub, "subscribed")
+    await pub.send('{"op":"publish","subject":"/ids/a","content":"bad","id":' + raw_id + "}")
+    err = await recv(pub)
+    assert (err["op"], err["code"]) == ("error", "bad_request") and "id" not in err
+    await send(pub, {"op": "publish", "subject": "/ids/a", "content": "ok", "id": 2**53})
+    ack = await recv_until(pub, "ack")
+    assert ack["id"] == 2**53 and ack["seq"] == 1
+    assert (await recv_until(sub, "msg"))["content"] == "ok"  # the refused publish never reached anyone
+
+
+async def test_errors_name_the_request_they_answer(gateway_factory):
+    """A refused subscribe and a failed fire-and-forget publish to the same subject are told apart."""
+    import time
+
+    import jwt
+
+    secret = "s3cret-for-tests-only-0123456789abcdef"
+    gw = await gateway_factory(jwt_secret=secret)
+    tok = jwt.encode({"sub": "a", "exp": int(time.time()) + 60, "sub_allow": [], "pub_allow": []}, secret)
+    ws = await connected(ws_url(gw), token=tok)
+    await send(ws, {"op": "publish", "subject": "/x/y", "content": "c"})
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/x/y"}, {"subject": "bad"}, 7]})
+    await send(ws, {"op": "unsubscribe", "subjects": ["bad"]})
+    await send(ws, {"op": "publish", "subject": "/x/y", "content": "c", "id": "p1"})
+    await send(ws, {"op": "publish", "subject": "/x/y"})
+    await send(ws, {"op": "connect"})
+    await send(ws, {"op": "nope"})
+    got = [await recv(ws) for _ in range(8)]
+    assert [(f["code"], f.get("subject"), f.get("request")) for f in got] == [
+        ("forbidden", "/x/y", "publish"),
+        ("forbidden", "/x/y", "subscribe"),
+        ("invalid_subject", "bad", "subscribe"),
+        ("bad_request", None, "subscribe"),
+        ("invalid_subject", "bad", "unsubscribe"),
+        ("forbidden", "/x/y", "publish"),
+        ("bad_request", "/x/y", "publish"),
+        ("bad_request", None, "connect"),
+    ]
+    assert got[5]["id"] == "p1"
+    err = await recv(ws)
+    assert err["code"] == "bad_request" and "request" not in err  # an unknown op is not echoed
+
+
+async def test_not_connected_names_the_request(gateway_factory):
+    gw = await gateway_factory()
+    ws = await open_ws(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": []})
+    err = await recv(ws)
+    assert (err["code"], err["request"]) == ("not_connected", "subscribe")
+    assert await close_code(ws) == 1008
+
+
+async def test_limit_errors_name_the_request_they_answer(gateway_factory):
+    gw = await gateway_factory(max_subscriptions=1, publish_rate=1, publish_burst=1)
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/lim/a"}, {"subject": "/lim/b"}]})
+    assert (await recv(ws))["op"] == "subscribed"
+    err = await recv(ws)
+    assert (err["code"], err["subject"], err["request"]) == ("limit_exceeded", "/lim/b", "subscribe")
+    for i in range(3):
+        await send(ws, {"op": "publish", "subject": "/lim/b", "content": "x", "id": i})
+    frames = [await recv(ws) for _ in range(3)]
+    refused = [f for f in frames if f["op"] == "error"]
+    assert refused and all((f["code"], f["request"]) == ("rate_limited", "publish") for f in refused)

@@ -228,3 +228,16 @@ async def test_connections_that_leave_during_the_request_are_forgotten(gateway_f
     ws = await connected(ws_url(gw))
     assert len(gw.sessions) == 1
     await ws.close()
+
+
+def test_kafka_unreachable_at_start_is_one_line_and_exit_1():
+    """Before: EngineUnavailable escaped main() as a traceback."""
+    from support.kafka_broker import free_port
+
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0",
+                           "--kafka", f"127.0.0.1:{free_port()}", "--topics", "t"],
+                          capture_output=True, text=True, cwd="/", timeout=60 * SCALE)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("python -m gateway: error:")]
+    assert len(errors) == 1 and "Kafka" in errors[0], proc.stderr

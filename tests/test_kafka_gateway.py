@@ -725,3 +725,77 @@ async def test_workers_share_one_port_and_stop_together(kafka_broker: KafkaBroke
     for _, ws in clients:
         assert await close_code(ws) == 1001
     assert gw.proc.wait(3 * WAIT) == 0
+
+
+async def test_a_dead_worker_is_restarted_and_serves_again(kafka_broker: KafkaBroker,
+                                                            gateway_processes: list[GatewayProcess],
+                                                            topic: Callable[[str], str]) -> None:
+    """`--workers 2`, one worker killed with SIGKILL: the parent logs it and starts another in its place,
+    which serves clients (before: nobody noticed, and the port had one worker less for good)."""
+    import re
+
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    gw = GatewayProcess(kafka_broker, [t], "wr", "--workers", "2")
+    gateway_processes.append(gw)
+
+    async def healthz_node() -> str:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gw.port), WAIT)
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            body = (await asyncio.wait_for(reader.read(), WAIT)).partition(b"\r\n\r\n")[2]
+            status = json.loads(body)
+            return str(status["node"]) if status["status"] == "ok" else ""
+        finally:
+            writer.close()
+
+    async def both_workers_serve() -> None:
+        nodes: set[str] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3 * WAIT
+        while nodes != {"wr-w1", "wr-w2"}:
+            assert loop.time() < deadline and gw.proc.poll() is None, f"workers seen: {nodes}; {gw.log()}"
+            try:
+                nodes.add(await healthz_node())
+            except (OSError, ValueError, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
+            nodes.discard("")
+
+    await both_workers_serve()
+    m = re.search(r"workers on port \d+ \(pids (\d+), (\d+)\)", gw.log())
+    assert m, gw.log()
+    first_w1 = int(m.group(1))
+    os.kill(first_w1, signal.SIGKILL)
+    await wait_until(lambda: re.search(r"worker wr-w1 \(pid \d+\) died \(killed by SIGKILL\)", gw.log()) is not None,
+                     "the parent to log the dead worker", 3 * WAIT)
+    await wait_until(lambda: re.search(r"worker wr-w1 restarted \(pid (\d+)\)", gw.log()) is not None,
+                     "the parent to restart it", 3 * WAIT)
+    m2 = re.search(r"worker wr-w1 restarted \(pid (\d+)\)", gw.log())
+    assert m2 is not None
+    second_w1 = int(m2.group(1))
+    assert second_w1 != first_w1
+    os.kill(second_w1, 0)  # alive
+    await both_workers_serve()  # wr-w1 answers /healthz again: the new process, the old one is dead
+
+    # and it serves WebSocket clients: one landing on the new wr-w1 gets what another publishes
+    subject = f"/{t}/score"
+    clients: list[tuple[str, ClientConnection]] = []
+    for _ in range(40):
+        ws = await open_ws(gw.url)
+        await send(ws, {"op": "connect"})
+        hello = await recv(ws)
+        clients.append((hello["server"], ws))
+        if {s for s, _ in clients} == {"wr-w1", "wr-w2"}:
+            break
+    assert {s for s, _ in clients} == {"wr-w1", "wr-w2"}, "the kernel spreads connections over both workers"
+    on_new = next(ws for s, ws in clients if s == "wr-w1")
+    on_other = next(ws for s, ws in clients if s == "wr-w2")
+    await send(on_new, {"op": "subscribe", "subjects": [{"subject": subject}]})
+    await recv_until(on_new, "subscribed")
+    await send(on_other, {"op": "publish", "subject": subject, "content": "after-restart", "id": 1})
+    assert (await recv_until(on_other, "ack", timeout=WAIT))["id"] == 1
+    assert (await recv_until(on_new, "msg", timeout=WAIT))["content"] == "after-restart"
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(3 * WAIT) == 0
+    log = gw.log()  # one death, one restart: workers stopped by SIGTERM are not restarted
+    assert (log.count(" died ("), log.count(" restarted (pid")) == (1, 1), log

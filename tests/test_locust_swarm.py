@@ -138,9 +138,15 @@ def test_headless_swarm_against_a_gateway_process_has_no_failures(tmp_path: Path
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd="/")  # the installed package, not the source tree
     try:
-        line = gateway.stdout.readline()  # type: ignore[union-attr]
-        m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-        assert m, f"no start-up line from the gateway: {line!r}"
+        lines = []
+        m = None
+        for _ in range(20):  # log lines (e.g. the "auth is off" warning) may come first
+            line = gateway.stdout.readline()  # type: ignore[union-attr]
+            lines.append(line)
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            if m or not line:
+                break
+        assert m, f"no start-up line from the gateway: {lines!r}"
         users, seconds = 20, 15
         run = subprocess.run(_locust_argv(int(m.group(1)), tmp_path / "swarm", users, seconds,
                                           "--feed-multiplier", "2"),

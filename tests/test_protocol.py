@@ -59,3 +59,71 @@ def test_msg_encoding():
     rec = Record("/a/b", b"\xff", "ep", 1, None, 5)
     m = orjson.loads(protocol.msg(rec, snapshot=True))
     assert m["content_b64"] == "/w==" and "prev" not in m and m["snapshot"] is True
+
+
+# ---- 1.1: the id rule, `request` on errors, refresh --------------------------------------------------
+
+@pytest.mark.parametrize("raw_id", [
+    b'"x"', b'""', b'"' + b"a" * 256 + b'"', b"0", b"-7", b"9007199254740992", b"-9007199254740992",
+])
+def test_ids_within_the_rule_are_kept_exactly(raw_id):
+    r = protocol.decode(b'{"op":"publish","subject":"/a/b","content":"c","id":' + raw_id + b"}")
+    assert orjson.dumps(r.id) == raw_id  # echoed unchanged
+    assert orjson.loads(protocol.ack(r.id, "/a/b", "e", 1))["id"] == orjson.loads(raw_id)
+
+
+_BAD_IDS = [
+    b"1.5", b"3.0", b"1e3", b"true", b"false", b"null", b"{}", b"[1]",
+    b"9007199254740993", b"-9007199254740993", b"18446744073709551616", b"1" + b"0" * 30,
+    b'"' + b"a" * 257 + b'"', '"' .encode() + "\u00e9".encode() * 129 + b'"',  # 258 bytes, 129 characters
+]
+
+
+# a ping's id is optional: null there is "no id" (the pong echoes null)
+@pytest.mark.parametrize("op,raw_id", [("publish", i) for i in _BAD_IDS] +
+                         [("ping", i) for i in _BAD_IDS if i != b"null"])
+def test_ids_outside_the_rule_are_bad_request(raw_id, op):
+    with pytest.raises(ProtocolError) as exc:
+        protocol.decode(b'{"op":"' + op.encode() + b'","subject":"/a/b","content":"c","id":' + raw_id + b"}")
+    assert exc.value.code == "bad_request" and not exc.value.has_id
+    frame = orjson.loads(exc.value.payload())
+    assert "id" not in frame and frame["request"] == op
+
+
+def test_numbers_too_large_to_parse_are_bad_request():
+    with pytest.raises(ProtocolError) as exc:
+        protocol.decode(b'{"op":"publish","subject":"/a/b","content":"c","id":1' + b"0" * 400 + b"}")
+    assert exc.value.code == "bad_request" and not exc.value.has_id
+
+
+def test_decode_errors_name_the_request():
+    for frame, request in [
+        ({"op": "publish", "subject": 5, "content": "x", "id": 1}, "publish"),
+        ({"op": "publish", "subject": "/a/b", "id": 1}, "publish"),
+        ({"op": "subscribe", "subjects": "nope"}, "subscribe"),
+        ({"op": "unsubscribe", "subjects": 3}, "unsubscribe"),
+        ({"op": "connect", "token": 3}, "connect"),
+        ({"op": "refresh", "token": 3}, "refresh"),
+        ({"op": "ping", "id": 1.5}, "ping"),
+    ]:
+        with pytest.raises(ProtocolError) as exc:
+            dec(frame)
+        assert orjson.loads(exc.value.payload())["request"] == request, frame
+    # errors judged per entry carry it too
+    r = dec({"op": "subscribe", "subjects": [{"subject": "bad"}, {"subject": "/a", "seq": 1}]})
+    assert [orjson.loads(e.payload())["request"] for e in r.entries] == ["subscribe", "subscribe"]
+    r = dec({"op": "unsubscribe", "subjects": ["bad"]})
+    assert orjson.loads(r.entries[0].payload())["request"] == "unsubscribe"
+    # no known op: no `request` (an unknown op is any string; it is not echoed)
+    for raw in (b"nul", b'{"op":"nope"}'):
+        with pytest.raises(ProtocolError) as exc:
+            protocol.decode(raw)
+        assert "request" not in orjson.loads(exc.value.payload())
+
+
+def test_refresh_decodes_and_refreshed_encodes():
+    r = dec({"op": "refresh", "token": "t"})
+    assert isinstance(r, protocol.Refresh) and r.token == "t"
+    assert dec({"op": "refresh"}).token is None
+    assert orjson.loads(protocol.refreshed(1_800_000_000.0)) == {"op": "refreshed", "exp": 1_800_000_000}
+    assert orjson.loads(protocol.refreshed(None)) == {"op": "refreshed"}

@@ -9,6 +9,35 @@
 // every reconnect; drop duplicates; on a `prev` gap resubscribe that subject with its position; treat
 // 2 x heartbeat_ms of silence as a dead connection; reconnect with exponential backoff and full jitter,
 // cycling through the URLs. Never acknowledge messages.
+//
+// Tokens (1.1): `token` is a string or a token provider, a function (sync or async) returning a fresh
+// JWT. With a provider the client asks it at every (re)connect, sends `refresh` ahead of the token's
+// `exp`, and after close 4001 (token expired) reconnects with a fresh token and recovers. Errors are
+// told apart by their `request` field: a failed publish never ends a subscription of the same subject.
+
+const CLOSE_POLICY = 1008;
+const CLOSE_TOKEN_EXPIRED = 4001;
+
+// The `exp` claim of a JWT (seconds since the epoch), read without verifying it; null if none.
+export function tokenExp(token) {
+  if (typeof token !== "string") return null;
+  const parts = token.split(".");
+  if (parts.length !== 3) return null;
+  try {
+    const b64 = parts[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(b64 + "=".repeat((4 - (b64.length % 4)) % 4)));
+    return claims && typeof claims.exp === "number" && Number.isFinite(claims.exp) ? claims.exp : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+// Milliseconds from `nowMs` until a token expiring at `expS` should be refreshed: `leadMs` before exp,
+// but never later than halfway through what is left, and not negative.
+export function refreshDelay(expS, nowMs, leadMs) {
+  const left = expS * 1000 - nowMs;
+  return Math.max(0, left - Math.min(leadMs, left / 2));
+}
 
 export class GatewayError extends Error {
   constructor(code, message, extra = {}) {
@@ -19,10 +48,13 @@ export class GatewayError extends Error {
 }
 
 export class GatewayClient {
-  constructor(urls, { token = null, name = "gateway-js/0.1", backoffInitial = 100, backoffMax = 10000,
-                      onStatus = () => {}, onError = () => {} } = {}) {
+  constructor(urls, { token = null, refreshLead = 30000, name = "gateway-js/0.1", backoffInitial = 100,
+                      backoffMax = 10000, onStatus = () => {}, onError = () => {} } = {}) {
     this.urls = Array.isArray(urls) ? urls : [urls];
-    this.token = token;
+    this.tokenProvider = typeof token === "function" ? token : null;
+    this.token = typeof token === "function" ? null : token;
+    this.tokenExp = tokenExp(this.token);  // exp of the token the session holds, when known
+    this.refreshLead = refreshLead;
     this.name = name;
     this.backoffInitial = backoffInitial;
     this.backoffMax = backoffMax;
@@ -32,7 +64,7 @@ export class GatewayClient {
     this.handlers = new Map();      // subject -> Set(callback)
     this.resyncing = new Set();     // subjects waiting for a `subscribed` after a gap
     this.pendingAcks = new Map();   // id -> {resolve, reject}
-    this.stats = { duplicates: 0, gaps: 0, reconnects: 0 };
+    this.stats = { duplicates: 0, gaps: 0, reconnects: 0, refreshes: 0, expired: 0 };
     this._nextId = 1;
     this._urlIndex = 0;
     this._attempt = 0;
@@ -40,6 +72,7 @@ export class GatewayClient {
     this._connected = false;
     this._closed = false;
     this._watchdog = null;
+    this._refreshTimer = null;
     this._heartbeatMs = 15000;
     this._open();
   }
@@ -78,6 +111,7 @@ export class GatewayClient {
   close() {
     this._closed = true;
     clearTimeout(this._watchdog);
+    clearTimeout(this._refreshTimer);
     if (this._ws) this._ws.close(1000);
   }
 
@@ -94,6 +128,23 @@ export class GatewayClient {
 
   _open() {
     if (this._closed) return;
+    if (!this.tokenProvider) { this._dial(this.token); return; }
+    let asked;
+    try { asked = Promise.resolve(this.tokenProvider()); } catch (e) { asked = Promise.reject(e); }
+    asked.then((token) => {
+      if (typeof token !== "string" || !token) throw new Error("the token provider returned no token");
+      this.token = token;
+      this.tokenExp = tokenExp(token);
+      this._dial(token);
+    }).catch((e) => {  // a failing provider is a failed attempt: back off, retry
+      if (this._closed) return;
+      this.onStatus("token provider failed", String(e && e.message || e));
+      this._retry();
+    });
+  }
+
+  _dial(token) {
+    if (this._closed) return;
     const url = this.urls[this._urlIndex % this.urls.length];
     this.onStatus("connecting", url);
     let ws;
@@ -102,7 +153,7 @@ export class GatewayClient {
     this._arm(ws);  // an opening handshake that never completes is a dead connection too
     ws.onopen = () => {
       const hello = { op: "connect", client: this.name };
-      if (this.token) hello.token = this.token;
+      if (token) hello.token = token;
       ws.send(JSON.stringify(hello));
       this._arm(ws);
     };
@@ -116,11 +167,20 @@ export class GatewayClient {
     this._ws = null;
     this._connected = false;
     clearTimeout(this._watchdog);
+    clearTimeout(this._refreshTimer);
     for (const [id, p] of this.pendingAcks) p.reject(new GatewayError("unavailable", "connection lost", { id }));
     this.pendingAcks.clear();
     this.resyncing.clear();
     this.onStatus("disconnected", reason ? `${code} ${reason}` : `${code}`);
-    if (code === 1008) { this._closed = true; this.onError(new GatewayError("unauthorized", reason || "policy")); return; }
+    if (code === CLOSE_POLICY) {
+      this._closed = true;
+      this.onError(new GatewayError("unauthorized", reason || "policy"));
+      return;
+    }
+    if (code === CLOSE_TOKEN_EXPIRED) {  // 1.1: not fatal, the next attempt asks for a fresh token
+      this.stats.expired += 1;
+      this._attempt = 0;
+    }
     this._retry();
   }
 
@@ -140,8 +200,8 @@ export class GatewayClient {
     this._watchdog = setTimeout(() => {
       // Start a close, but do not wait for its handshake: on a dead network it never completes and
       // the browser would fire `close` only after its own timeout, a minute or more later.
-      try { ws.close(4001, "heartbeat timeout"); } catch (e) { /* already closing */ }
-      this._lost(ws, 4001, "heartbeat timeout");
+      try { ws.close(1000, "heartbeat timeout"); } catch (e) { /* already closing */ }
+      this._lost(ws, 1006, "heartbeat timeout");  // 1006: lost without a close from the server
     }, 2 * this._heartbeatMs);
   }
 
@@ -157,6 +217,13 @@ export class GatewayClient {
         this.onStatus("connected", m.server);
         const subjects = [...this.handlers.keys()].map((s) => this._entry(s));
         if (subjects.length) this._send({ op: "subscribe", subjects });
+        this._scheduleRefresh();
+        break;
+      }
+      case "refreshed": {
+        this.stats.refreshes += 1;
+        if (typeof m.exp === "number") this.tokenExp = m.exp;
+        this._scheduleRefresh();
         break;
       }
       case "msg": this._onMsg(m); break;
@@ -167,17 +234,55 @@ export class GatewayClient {
         break;
       }
       case "error": {
-        const err = new GatewayError(m.code, m.message, m);
-        if (m.id !== undefined && this.pendingAcks.has(m.id)) {
+        const err = new GatewayError(m.code, m.message, m);  // err.request: the op it answers (1.1)
+        const forPublish = m.request === "publish" || m.request === undefined;
+        if (forPublish && m.id !== undefined && this.pendingAcks.has(m.id)) {
           this.pendingAcks.get(m.id).reject(err);
           this.pendingAcks.delete(m.id);
-        } else {
-          this.onError(err);
+          break;
         }
+        if ((m.request === "subscribe" || m.request === "refresh") && typeof m.subject === "string") {
+          // a refused subscribe, or a subscription the refreshed token no longer allows: it is over
+          this.handlers.delete(m.subject);
+          this.positions.delete(m.subject);
+          this.resyncing.delete(m.subject);
+        } else if (m.request === "refresh") {
+          this._retryRefresh();  // the session keeps its old token until exp
+        }
+        this.onError(err);  // a failed publish (request "publish") leaves every subscription alone
         break;
       }
       default: break;  // hb, pong, unsubscribed, unknown ops: nothing to do
     }
+  }
+
+  _scheduleRefresh() {  // only with a provider: a fixed token cannot be renewed
+    clearTimeout(this._refreshTimer);
+    if (!this.tokenProvider || this.tokenExp === null) return;
+    this._refreshTimer = setTimeout(() => this._refresh(),
+                                    refreshDelay(this.tokenExp, Date.now(), this.refreshLead));
+  }
+
+  _retryRefresh() {  // try again halfway to exp; at worst the gateway closes 4001 and we reconnect
+    clearTimeout(this._refreshTimer);
+    if (!this.tokenProvider || this.tokenExp === null) return;
+    const left = this.tokenExp * 1000 - Date.now();
+    if (left > 200) this._refreshTimer = setTimeout(() => this._refresh(), left / 2);
+  }
+
+  _refresh() {
+    const ws = this._ws;
+    if (!ws || !this._connected) return;
+    let asked;
+    try { asked = Promise.resolve(this.tokenProvider()); } catch (e) { asked = Promise.reject(e); }
+    asked.then((token) => {
+      if (this._ws !== ws || typeof token !== "string" || !token) return;
+      this.token = token;
+      this._send({ op: "refresh", token });
+    }).catch((e) => {
+      this.onStatus("token provider failed", String(e && e.message || e));
+      this._retryRefresh();
+    });
   }
 
   _onMsg(m) {
