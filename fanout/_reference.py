@@ -108,7 +108,13 @@ class Ring:
             raise IndexError("ring index out of range")
         return self._entries[i][0]
 
-    def append(self, seq: int, prev: int, ts: int, frame: bytes) -> None:
+    def append(self, seq: int, prev: int, ts: int, frame: bytes, entry_overhead: int = 0) -> int:
+        entry_overhead = _as_int(entry_overhead, _SSIZE, "entry_overhead")
+        before = self._nbytes + len(self._entries) * entry_overhead
+        self._append(seq, prev, ts, frame)
+        return self._nbytes + len(self._entries) * entry_overhead - before
+
+    def _append(self, seq: int, prev: int, ts: int, frame: bytes) -> None:
         seq = _as_int(seq, _I64, "seq")
         prev = _as_int(prev, _I64, "prev")
         ts = _as_int(ts, _I64, "ts")
@@ -142,6 +148,13 @@ class Ring:
 
     def last(self) -> tuple[int, int, int, bytes] | None:
         return self._entries[-1] if self._entries else None
+
+    def trim(self, keep: int) -> None:
+        keep = _as_int(keep, _SSIZE, "keep")
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        while len(self._entries) > keep:
+            self._evict_oldest()
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -13,8 +13,9 @@ from libc.string cimport memcpy
 __all__ = ["Ring"]
 
 cdef enum:
-    # Small first allocation: most subjects are quiet, and growth is amortised O(1).
-    _FIRST_ALLOC = 16
+    # One entry at first: most subjects are quiet (a spray of distinct subjects writes each once), and
+    # growth by doubling is amortised O(1).
+    _FIRST_ALLOC = 1
 
 
 cdef class Ring:
@@ -60,33 +61,56 @@ cdef class Ring:
 
     cdef int _grow(self) except -1:
         # Only called when full, so the entries are [_head, _alloc) + [0, _head).
+        # All three new arrays are allocated before any old one is freed: a failed allocation leaves
+        # the ring exactly as it was (no pointer to freed memory for __dealloc__ to free again).
         cdef Py_ssize_t new_alloc = min(self._capacity, self._alloc * 2)
         cdef Py_ssize_t tail = self._alloc - self._head
-        cdef int64_t* arrays[3]
-        cdef int64_t* fresh
+        cdef int64_t* old[3]
+        cdef int64_t* fresh[3]
         cdef int k
-        arrays[0] = self._seq
-        arrays[1] = self._prev
-        arrays[2] = self._ts
+        cdef list frames
+        old[0] = self._seq
+        old[1] = self._prev
+        old[2] = self._ts
         for k in range(3):
-            fresh = <int64_t*>PyMem_Malloc(new_alloc * sizeof(int64_t))
-            if fresh == NULL:
-                raise MemoryError()
-            memcpy(fresh, arrays[k] + self._head, tail * sizeof(int64_t))
-            memcpy(fresh + tail, arrays[k], self._head * sizeof(int64_t))
-            PyMem_Free(arrays[k])
-            arrays[k] = fresh
-        self._seq = arrays[0]
-        self._prev = arrays[1]
-        self._ts = arrays[2]
-        self._frames = self._frames[self._head:] + self._frames[:self._head] + [None] * (new_alloc - self._alloc)
+            fresh[k] = <int64_t*>PyMem_Malloc(new_alloc * sizeof(int64_t))
+        if fresh[0] == NULL or fresh[1] == NULL or fresh[2] == NULL:
+            for k in range(3):
+                PyMem_Free(fresh[k])
+            raise MemoryError()
+        try:
+            frames = self._frames[self._head:] + self._frames[:self._head] + [None] * (new_alloc - self._alloc)
+        except BaseException:
+            for k in range(3):
+                PyMem_Free(fresh[k])
+            raise
+        for k in range(3):
+            memcpy(fresh[k], old[k] + self._head, tail * sizeof(int64_t))
+            memcpy(fresh[k] + tail, old[k], self._head * sizeof(int64_t))
+            PyMem_Free(old[k])
+        self._seq = fresh[0]
+        self._prev = fresh[1]
+        self._ts = fresh[2]
+        self._frames = frames
         self._head = 0
         self._alloc = new_alloc
         return 0
 
-    def append(self, seq, prev, ts, bytes frame not None):
-        """Add the subject's next message; ``prev`` is its predecessor's seq, 0 if first, -1 if unknown."""
+    def trim(self, Py_ssize_t keep):
+        """Evict the oldest entries until at most ``keep`` are held (``last_seq`` is unchanged)."""
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
+        while self._len > keep:
+            self._evict_oldest()
+
+    def append(self, seq, prev, ts, bytes frame not None, Py_ssize_t entry_overhead=0):
+        """Add the subject's next message; ``prev`` is its predecessor's seq, 0 if first, -1 if unknown.
+
+        Returns how much ``nbytes + len * entry_overhead`` changed (evictions included): the hub's
+        memory accounting in one call on the hot path."""
+        cdef Py_ssize_t before = self._nbytes + self._len * entry_overhead
         self._append(PyNumber_Index(seq), PyNumber_Index(prev), PyNumber_Index(ts), frame)
+        return self._nbytes + self._len * entry_overhead - before
 
     cdef int _append(self, int64_t seq, int64_t prev, int64_t ts, bytes frame) except -1:
         cdef Py_ssize_t s

@@ -54,6 +54,9 @@ class Config:
         "help": "processes sharing the port (SO_REUSEPORT); more than 1 needs --kafka"})
     history: int = field(default=1000, metadata={"help": "messages kept per subject for recovery"})
     history_bytes: int = field(default=4 * MiB, metadata={"help": "bytes kept per subject for recovery"})
+    history_total_bytes: int = field(default=256 * MiB, metadata={
+        "help": "memory budget for all subjects' recovery state; over it the gateway forgets subjects nobody "
+                "is subscribed to (least recently written first), then trims the oldest history of the others"})
     max_message_bytes: int = field(default=1 * MiB, metadata={
         "help": "largest inbound WebSocket message; larger closes with 1009"})
     max_pending_bytes: int = field(default=4 * MiB, metadata={
@@ -115,7 +118,7 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
-             "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs"}
+             "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
 _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "max_connections", "max_connections_per_address",
                  "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
 _LISTS = {"topics", "allowed_origins"}

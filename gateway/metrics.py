@@ -62,6 +62,13 @@ class GatewayCollector(Collector):
         yield gauge("subscriptions", "Active subscriptions over all connections",
                     sum(x.subscription_count for x in gw.sessions))
         yield gauge("subjects", "Subjects the hub holds state for", len(gw.hub))
+        yield gauge("history_bytes", "Estimated bytes of subject state held (recovery history, per-subject "
+                    "overhead); kept under --history-total-bytes", gw.hub.bytes)
+        yield gauge("history_budget_bytes", "--history-total-bytes", gw.hub.total_bytes)
+        yield counter("subjects_forgotten", "Subjects nobody watched, forgotten under the memory budget",
+                      hub.forgotten)
+        yield counter("history_trimmed", "Messages dropped from watched subjects' history under the memory budget",
+                      hub.trimmed)
         yield counter("messages_in", "Publishes accepted from clients", s.publishes)
         yield counter("messages", "Sequenced messages taken from the engine", hub.records)
         yield counter("messages_out", "msg frames queued to subscribers (fan-out deliveries)", hub.deliveries)

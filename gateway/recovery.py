@@ -13,6 +13,10 @@ the connection's output is under half its limit, continues when the socket drain
 channel when it reaches the newest message. Live messages meanwhile land in the ring, so nothing is
 buffered per connection. A reader so slow that the ring moves past its cursor is closed like any slow
 consumer (4000) and recovers again from its last position.
+
+Every recovery in flight is registered on the subject's state (`pending`, `replays`), so the hub's
+memory budget never forgets a subject under it. In the Kafka engine a fresh subscriber to a subject
+the hub does not hold (forgotten under the budget) gets its snapshot read from Kafka (`Engine.latest`).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class RingReplay:
         self.cursor = after
         self.on_stall = on_stall  # the ring moved past the cursor: the reader is too slow
         self.done = False
+        st.add_replay(self)   # the hub keeps the subject while this is in flight
 
     def pump(self) -> bool:
         """Queue what the connection can take now; True once caught up and live (or given up)."""
@@ -85,12 +90,10 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
     _drop_pending(st, conn)
     newest = st.last_seq
     if position is None:
-        _fresh(st, conn)
-        return None
+        return _fresh_or_from_engine(hub, engine, st, conn, subject)
     epoch, after = position
     if epoch != st.epoch:
-        _fresh(st, conn)
-        return None
+        return _fresh_or_from_engine(hub, engine, st, conn, subject)
     if after == newest:
         _join(st, conn, recovered=True, frames=())
         return None
@@ -112,11 +115,11 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
         known = engine.known_end_seq(subject)
         if known is not None and after <= known:
             conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, True)))
-            st.pending.append(Pending(conn, after, buffering=False))
+            st.add_pending(Pending(conn, after, buffering=False))
             return None
         pending = Pending(conn, after, buffering=True)
-        st.pending.append(pending)
-        return _check_ahead(engine, st, conn, subject, epoch, after, pending)
+        st.add_pending(pending)
+        return _check_ahead(hub, engine, st, conn, subject, epoch, after, pending)
     frames = st.ring.since(after) if st.ring is not None else None
     if frames is not None:
         if start_replay is None:
@@ -130,7 +133,18 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
     return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, newest)
 
 
-async def _check_ahead(engine: Engine, st: SubjectState, conn: Conn, subject: Subject, epoch: str,
+def _fresh_or_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn,
+                          subject: Subject) -> Coroutine[Any, Any, None] | None:
+    """recovered:false with the snapshot; read from the engine when the hub may have forgotten it."""
+    if st.ring is None and engine.accepts_positions_ahead and st.subject in hub.forgotten:
+        pending = Pending(conn, 0, buffering=True)   # registered now: see _replay_from_engine
+        st.add_pending(pending)
+        return _run_snapshot(hub, engine, st, conn, subject, st.epoch, pending)
+    _fresh(st, conn)
+    return None
+
+
+async def _check_ahead(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject, epoch: str,
                        after: int, pending: Pending) -> None:
     try:
         try:
@@ -153,11 +167,9 @@ async def _check_ahead(engine: Engine, st: SubjectState, conn: Conn, subject: Su
                 conn.send(frame)
             st.channel.add(conn)
         else:       # still ahead: join at the first newer frame (no await since the buffer was read)
-            st.pending.append(Pending(conn, after, buffering=False))
+            st.add_pending(Pending(conn, after, buffering=False))
     finally:
-        pending.active = False
-        if pending in st.pending:
-            st.pending.remove(pending)
+        _end_pending(hub, st, pending)
 
 
 def _fresh(st: SubjectState, conn: Conn) -> None:
@@ -174,10 +186,12 @@ def _join(st: SubjectState, conn: Conn, *, recovered: bool, frames: Any) -> None
 
 
 def _drop_pending(st: SubjectState, conn: Conn) -> None:
+    if st.pending is None:
+        return
     for p in st.pending:
         if p.conn is conn:
             p.active = False
-    st.pending[:] = [p for p in st.pending if p.active]
+    st.pending = [p for p in st.pending if p.active] or None
 
 
 def unsubscribe(hub: Hub, conn: Conn, subject: str) -> None:
@@ -220,11 +234,11 @@ def _replay_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, 
     It stays registered until the connection joins the channel, so nothing delivered during the read
     or the pacing is lost; the final join happens with no await after the buffer's end."""
     pending = Pending(conn, after, buffering=True)
-    st.pending.append(pending)
-    return _run_replay(engine, st, conn, subject, epoch, after, upto, pending)
+    st.add_pending(pending)
+    return _run_replay(hub, engine, st, conn, subject, epoch, after, upto, pending)
 
 
-async def _run_replay(engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
+async def _run_replay(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
                       epoch: str, after: int, upto: int, pending: Pending) -> None:
     try:
         try:
@@ -246,23 +260,60 @@ async def _run_replay(engine: Engine, st: SubjectState, conn: Conn, subject: Sub
                 if not await _paced_send(conn, encode_text(protocol.msg(rec)), pending):
                     return
                 last = rec.seq
-        buffer = pending.buffer
-        assert buffer is not None
-        i = 0
-        while i < len(buffer):   # it grows while we wait for the connection to drain
-            seq, frame = buffer[i]
-            i += 1
-            if seq > last:
-                if not await _paced_send(conn, frame, pending):
-                    return
-                last = seq
-        if epoch != st.epoch:   # the epoch changed while pacing: what was buffered is another epoch's
+        await _send_buffered_and_join(st, conn, epoch, pending, last)
+    finally:
+        _end_pending(hub, st, pending)
+
+
+async def _run_snapshot(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
+                        epoch: str, pending: Pending) -> None:
+    """A fresh subscription to a subject the hub does not hold: its latest record from the engine
+    (Kafka, within --max-recovery-records) as the snapshot, then what was buffered meanwhile."""
+    try:
+        try:
+            rec = await engine.latest(subject)
+        except Exception:  # noqa: BLE001 - no snapshot is still a valid answer
+            rec = None
+        if not pending.active or conn.closed:
+            return
+        if epoch != st.epoch:
             pending.active = False
             _fresh(st, conn)
             return
-        # No await since the buffer's last entry was taken: no live frame can slip in between.
-        st.channel.add(conn)
+        newest = max(st.last_seq, rec.seq if rec is not None else 0)
+        if not conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, newest, False))):
+            return
+        last = 0
+        if rec is not None and rec.epoch == epoch:
+            if not await _paced_send(conn, encode_text(protocol.msg(rec, snapshot=True)), pending):
+                return
+            last = rec.seq
+        await _send_buffered_and_join(st, conn, epoch, pending, last)
     finally:
+        _end_pending(hub, st, pending)
+
+
+async def _send_buffered_and_join(st: SubjectState, conn: Conn, epoch: str, pending: Pending, last: int) -> None:
+    """The live frames buffered while the engine was read (those after `last`), then the channel."""
+    buffer = pending.buffer
+    assert buffer is not None
+    i = 0
+    while i < len(buffer):   # it grows while we wait for the connection to drain
+        seq, frame = buffer[i]
+        i += 1
+        if seq > last:
+            if not await _paced_send(conn, frame, pending):
+                return
+            last = seq
+    if epoch != st.epoch:   # the epoch changed while pacing: what was buffered is another epoch's
         pending.active = False
-        if pending in st.pending:
-            st.pending.remove(pending)
+        _fresh(st, conn)
+        return
+    # No await since the buffer's last entry was taken: no live frame can slip in between.
+    st.channel.add(conn)
+
+
+def _end_pending(hub: Hub, st: SubjectState, pending: Pending) -> None:
+    pending.active = False
+    st.remove_pending(pending)
+    hub.release(st)   # the connection may have left meanwhile: the hub may forget the subject now

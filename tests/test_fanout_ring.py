@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -256,3 +257,86 @@ def test_parity_with_reference(capacity: int, max_bytes: int, script: list[Any],
         assert outcomes[0] == outcomes[1]
         last = rings[0].last_seq
         assert observe(rings[0]) == observe(rings[1])
+
+
+def test_trim_drops_the_oldest_and_keeps_positions(impl: SimpleNamespace) -> None:
+    ring = impl.Ring(100)
+    for seq in range(1, 11):
+        ring.append(seq, seq - 1, 0, frame(seq))
+    ring.trim(3)
+    assert (len(ring), ring.first_seq, ring.last_seq, ring.nbytes) == (3, 8, 10, 12)
+    assert ring.since(7) == [frame(8), frame(9), frame(10)]
+    assert ring.since(6) is None
+    ring.trim(5)  # already within: nothing changes
+    assert len(ring) == 3
+    ring.trim(0)
+    assert (len(ring), ring.last_seq, ring.nbytes, ring.last()) == (0, 10, 0, None)
+    assert ring.since(10) == [] and ring.since(9) is None
+    ring.append(11, 10, 0, frame(11))  # still chained to the trimmed history
+    assert ring.since(10) == [frame(11)]
+    with pytest.raises(ValueError):
+        ring.trim(-1)
+
+
+_FAILED_GROW = r"""
+import sys
+import _testcapi
+from fanout import COMPILED, Ring
+
+assert COMPILED == (sys.argv[1] == "compiled"), COMPILED
+frame = b"0123456789"
+failures = 0
+for nth in range(80):   # fail the nth allocation of one append that has to grow the ring
+    ring = Ring(1000)
+    for seq in range(1, 17):   # full at 16 entries (a power of two): the 17th grows it
+        ring.append(seq, seq - 1, 0, frame)
+    _testcapi.set_nomemory(nth, nth + 1)
+    try:
+        ring.append(17, 16, 0, frame)
+        appended = 1
+    except MemoryError:
+        appended = 0
+    finally:
+        _testcapi.remove_mem_hooks()
+    failures += 1 - appended
+    held = list(range(1, 17 + appended))
+    # intact: every seq readable, every frame there, and it keeps growing (and is freed) normally
+    assert [ring.seq_at(i) for i in range(len(ring))] == held, (nth, [ring.seq_at(i) for i in range(len(ring))])
+    assert ring.since(0) == [frame] * len(held) and ring.first_seq == 1
+    for seq in range(held[-1] + 1, 40):
+        ring.append(seq, seq - 1, 0, frame)
+    assert [ring.seq_at(i) for i in range(len(ring))] == list(range(1, 40))
+    del ring
+assert failures, "no allocation of the growing append was made to fail"
+print("ok", failures)
+"""
+
+
+def test_failed_allocation_while_growing_leaves_the_ring_intact(impl: SimpleNamespace, tmp_path: Any) -> None:
+    """Every allocation of an append that grows the ring is made to fail in turn (CPython's
+    _testcapi.set_nomemory); the debug allocator (PYTHONMALLOC=debug) turns a read of freed memory
+    into garbage seqs and a double free into an abort, so a ring left pointing at a freed array fails."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("_testcapi")
+    env = dict(os.environ, PYTHONMALLOC="debug")
+    if impl.name == "reference":
+        env["FANOUT_NO_EXTENSIONS"] = "1"
+    else:
+        env.pop("FANOUT_NO_EXTENSIONS", None)
+    proc = subprocess.run([sys.executable, "-c", _FAILED_GROW, impl.name], env=env, capture_output=True,
+                          text=True, errors="replace", timeout=120, cwd=tmp_path)   # not the checkout: the installed fanout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("ok ")
+
+
+def test_append_returns_the_change_in_footprint(impl: SimpleNamespace) -> None:
+    ring = impl.Ring(3, max_bytes=20)
+    assert ring.append(1, 0, 0, frame(1, 6), 100) == 106
+    assert ring.append(2, 1, 0, frame(2, 6)) == 6                 # entry_overhead defaults to 0
+    assert ring.append(3, 2, 0, frame(3, 6), 100) == 106
+    assert ring.append(4, 3, 0, frame(4, 6), 100) == 0            # full: the oldest goes
+    assert ring.append(5, 4, 0, frame(5, 15), 100) == 15 - 18 - 200   # full, then over max_bytes: all three go
+    assert (len(ring), ring.nbytes) == (1, 15)
+    assert ring.append(9, 7, 0, frame(9, 4), 100) == 4 - 15       # a proven gap drops the rest

@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..subjects import Subject
 
@@ -41,6 +42,18 @@ class UnknownTopic(Exception):
 Sink = Callable[[Record], None]
 
 
+class Held(Protocol):
+    """What the hub tells an engine about the subjects it holds (the hub forgets subjects under its
+    memory budget; an engine that keeps no per-subject state of its own asks here)."""
+
+    @property
+    def generation(self) -> int:
+        """Grows every time the hub forgets subjects."""
+
+    def position(self, subject: str) -> tuple[str, int] | None:
+        """(epoch, newest seq) of a held subject; None when not held (never seen, or forgotten)."""
+
+
 class Engine(abc.ABC):
     """What the hub, the sessions and recovery need from an engine."""
 
@@ -50,10 +63,13 @@ class Engine(abc.ABC):
 
     def __init__(self) -> None:
         self._sink: Sink | None = None
+        self._held: Held | None = None
 
-    def bind(self, sink: Sink) -> None:
-        """Set where sequenced records go (the hub's deliver). Called once, before start()."""
+    def bind(self, sink: Sink, held: Held | None = None) -> None:
+        """Set where sequenced records go (the hub's deliver) and what the hub holds. Called once,
+        before start()."""
         self._sink = sink
+        self._held = held
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -89,6 +105,11 @@ class Engine(abc.ABC):
         None when they cannot be had (epoch changed, older than retention, too many to read). The
         default engine keeps nothing beyond the hub's ring.
         """
+        return None
+
+    async def latest(self, subject: Subject) -> Record | None:
+        """The subject's newest record read from durable storage (a snapshot for a subject the hub
+        forgot), None when there is none within reach. The default engine keeps nothing else."""
         return None
 
     def known_end_seq(self, subject: Subject) -> int | None:

@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -51,6 +52,9 @@ _POLL_MS = 100                 # getmany wait: also how soon a new assignment is
 _MAX_BATCH = 2000              # records handed to the sink per loop turn: a catch-up of 100k records
                                # must not hold the loop (clients, heartbeats, /healthz) for a second
 _SUBJECT_CACHE_MAX = 100_000
+#: newest seq of recently written subjects (for `prev`), over all partitions: a topic with millions of
+#: keys must not grow the engine without limit; a subject not remembered gets prev unknown (absent)
+_LAST_SEQS_MAX = 200_000
 _UNKNOWN_TOPIC_OR_PARTITION = 3
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError)
 
@@ -143,7 +147,9 @@ class _Partition:
     epoch: str
     next: int | None = None    # next offset to hand to the sink; None: position not chosen yet
     complete: bool = False     # read from log start: a subject's first record has prev 0
-    last: dict[str, int] = field(default_factory=dict)   # subject -> seq of its newest record
+    # subject -> seq of its newest record, least recently written first; bounded (see _LAST_SEQS_MAX):
+    # once one is dropped, `complete` is False (a subject not in it may have had records before)
+    last: OrderedDict[str, int] = field(default_factory=OrderedDict)
 
 
 class KafkaEngine(Engine):
@@ -202,7 +208,7 @@ class KafkaEngine(Engine):
         self._n: dict[str, int] = dict.fromkeys((
             "records_consumed", "records_skipped_bad_key", "records_skipped_keyless",
             "records_duplicate", "offset_gaps", "sink_errors", "publishes", "publish_errors",
-            "metadata_errors", "replays", "replay_failures", "epoch_changes"), 0)
+            "metadata_errors", "replays", "snapshot_reads", "replay_failures", "epoch_changes"), 0)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -531,6 +537,8 @@ class KafkaEngine(Engine):
         n = self._n
         cache = self._subjects
         topic = tp.topic
+        last = p.last
+        last_max = max(1024, _LAST_SEQS_MAX // max(1, len(self._parts)))
         for r in records:
             offset = r.offset
             if offset < p.next:   # already handed over (a reset to an earlier offset)
@@ -555,10 +563,16 @@ class KafkaEngine(Engine):
                 continue
             seq = offset + 1
             text = subject.text
-            prev = p.last.get(text)
-            if prev is None and p.complete:
-                prev = 0
-            p.last[text] = seq
+            prev = last.get(text)
+            last[text] = seq
+            if prev is not None:
+                last.move_to_end(text)
+            else:
+                if p.complete:
+                    prev = 0
+                if len(last) > last_max:
+                    last.popitem(last=False)
+                    p.complete = False
             ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else int(time.time() * 1000)
             n["records_consumed"] += 1
             if sink is None:
@@ -623,6 +637,29 @@ class KafkaEngine(Engine):
             log.warning("replay of %s (%d, %d] from Kafka failed: %r", subject.text, after_seq, upto_seq, exc)
             return None
 
+    async def latest(self, subject: Subject) -> Record | None:
+        """The subject's newest record among the last --max-recovery-records of its partition that this
+        gateway has read (a snapshot for a subject the hub forgot)."""
+        if subject.topic not in self._served or self._stopped:
+            return None
+        meta = self._topic_meta.get(subject.topic)
+        if meta is None:
+            return None
+        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
+        part = self._parts.get(tp)
+        if part is None or part.next is None or part.next == 0:
+            return None
+        self._n["snapshot_reads"] += 1
+        try:
+            async with self._replay_slots, asyncio.timeout(self._replay_timeout):
+                records = await self._read_range(tp, subject, part.epoch, max(0, part.next - self._max_recovery),
+                                                 part.next, from_log_start=True)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            self._n["replay_failures"] += 1
+            log.warning("snapshot read of %s from Kafka failed: %r", subject.text, exc)
+            return None
+        return records[-1] if records else None
+
     def known_end_seq(self, subject: Subject) -> int | None:
         meta = self._topic_meta.get(subject.topic)
         if meta is None or self._consumer is None:
@@ -665,6 +702,7 @@ class KafkaEngine(Engine):
 
     async def _read_range(
         self, tp: TopicPartition, subject: Subject, epoch: str, after_seq: int, upto_seq: int,
+        *, from_log_start: bool = False,
     ) -> list[Record] | None:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-replay", group_id=None,
@@ -675,7 +713,9 @@ class KafkaEngine(Engine):
             consumer.assign([tp])
             begin = (await consumer.beginning_offsets([tp]))[tp]
             if after_seq < begin:   # the record at offset after_seq is gone (retention)
-                return None
+                if not from_log_start:
+                    return None
+                after_seq = begin
             # Read one record before the range too: when it is the subject's (the client's
             # position), the first replayed record gets an exact prev.
             start = after_seq - 1 if after_seq > begin else after_seq
