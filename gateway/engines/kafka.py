@@ -614,7 +614,8 @@ class KafkaEngine(Engine):
         p = self._parts.get(TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions)))
         return None if p is None else p.next
 
-    async def replay(self, subject: Subject, epoch: str, after_seq: int, upto_seq: int) -> list[Record] | None:
+    def _served_partition(self, subject: Subject) -> tuple[TopicPartition, _Partition] | None:
+        """The partition that holds `subject`, if this running engine serves and reads it."""
         if subject.topic not in self._served or self._stopped:
             return None
         meta = self._topic_meta.get(subject.topic)
@@ -622,7 +623,14 @@ class KafkaEngine(Engine):
             return None
         tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
         part = self._parts.get(tp)
-        if part is None or part.epoch != epoch or after_seq < 0:
+        return None if part is None else (tp, part)
+
+    async def replay(self, subject: Subject, epoch: str, after_seq: int, upto_seq: int) -> list[Record] | None:
+        found = self._served_partition(subject)
+        if found is None:
+            return None
+        tp, part = found
+        if part.epoch != epoch or after_seq < 0:
             return None
         if upto_seq <= after_seq:
             return []
@@ -640,14 +648,11 @@ class KafkaEngine(Engine):
     async def latest(self, subject: Subject) -> Record | None:
         """The subject's newest record among the last --max-recovery-records of its partition that this
         gateway has read (a snapshot for a subject the hub forgot)."""
-        if subject.topic not in self._served or self._stopped:
+        found = self._served_partition(subject)
+        if found is None:
             return None
-        meta = self._topic_meta.get(subject.topic)
-        if meta is None:
-            return None
-        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
-        part = self._parts.get(tp)
-        if part is None or part.next is None or part.next == 0:
+        tp, part = found
+        if part.next is None or part.next == 0:
             return None
         self._n["snapshot_reads"] += 1
         try:
