@@ -1,5 +1,5 @@
-"""`python -m gateway serve [...]`: the operating contract of PROTOCOL.md; `python -m gateway demo-feed`:
-the demo's traffic (gateway/demo_feed.py).
+"""`kafka-ws-gateway serve [...]` (or `python -m gateway serve`): the operating contract of PROTOCOL.md;
+`demo-feed`: the demo's traffic (gateway/demo_feed.py); `--version`.
 
 main(argv) is testable: it returns the exit code; bad flags or values print one line and return 2.
 """
@@ -18,10 +18,15 @@ from multiprocessing.connection import wait as wait_for_exits
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from . import __version__
 from . import config as cfg
 from .config import Config, ConfigError
 
 log = logging.getLogger("gateway")
+
+#: how the console script (pyproject's [project.scripts]) calls itself; gateway/__main__.py passes
+#: "python -m gateway"
+PROG = "kafka-ws-gateway"
 
 
 class _RepeatFilter(logging.Filter):
@@ -49,8 +54,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m gateway", description="Kafka-native WebSocket gateway")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Kafka-native WebSocket gateway")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser(
         "serve", help="run the gateway",
@@ -62,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in cfg.FIELDS.items():
         flag = "--" + name.replace("_", "-")
         default = getattr(defaults, name)
-        shown = ",".join(default) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata['help']} (default: {shown}; env {cfg.env_name(name)})"
+        shown = f.metadata.get("default_help", ",".join(default) if isinstance(default, tuple) else default)
+        # no default (None, no topics): say only where else the value may come from
+        where = f"default: {shown}; " if shown not in (None, "") else ""
+        help_text = f"{f.metadata['help']} ({where}env {cfg.env_name(name)})"
         if f.type == "bool":  # a switch: given = on; the environment or the file may say false
             serve.add_argument(flag, dest=name, default=None, action="store_const", const=True, help=help_text)
             continue
@@ -84,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "demo-feed":
         from . import demo_feed
@@ -97,18 +105,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = cfg.load(flags, file=args.config)
     except ConfigError as exc:
-        print(f"python -m gateway: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    missing = _missing_extension()
+    if missing:
+        print(f"{prog}: error: {missing}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # on the handler: logger filters miss child loggers
         handler.addFilter(_RepeatFilter())
     if config.workers > 1 and not args.reuse_port:
-        return _run_workers(config, argv)
-    return _run(config, reuse_port=args.reuse_port)
+        return _run_workers(config, argv, prog)
+    return _run(config, reuse_port=args.reuse_port, prog=prog)
 
 
-def _run(config: Config, *, reuse_port: bool = False, announce: bool = True) -> int:
+def _missing_extension() -> str | None:
+    """What to do when the compiled fanout modules are missing, or None when fanout imports.
+
+    The usual cause: `python -m gateway` run inside the checkout imports the source tree (the current
+    directory comes first on sys.path), where the .pyx were never compiled."""
+    try:
+        import fanout  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("fanout._"):
+            raise
+        import importlib.util
+
+        spec = importlib.util.find_spec("fanout")
+        where = os.path.dirname(spec.origin) if spec and spec.origin else "the fanout package"
+        return (f"the compiled fanout extension ({exc.name}) is not built in {where}: install the package "
+                "(pip install .) and run it from outside the source tree (or with python -P), or use "
+                "scripts/serve.sh")
+    return None
+
+
+def _run(config: Config, *, reuse_port: bool = False, announce: bool = True, prog: str = PROG) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
@@ -121,16 +153,16 @@ def _run(config: Config, *, reuse_port: bool = False, announce: bool = True) -> 
     try:
         return int(runner(_serve(config, reuse_port=reuse_port, announce=announce)))
     except KeyConfigError as exc:  # the key file changed after the flags were checked
-        print(f"python -m gateway: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except (OSError, EngineUnavailable) as exc:  # port taken, Kafka unreachable: one line, no traceback
-        print(f"python -m gateway: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
 
 
 async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
     from .limits import raise_file_limit
-    from .server import Gateway
+    from .server import FANOUT_KIND, Gateway
 
     raise_file_limit()  # each connection is a file descriptor: use all the system allows this process
     gw = Gateway(config)
@@ -145,9 +177,9 @@ async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if announce:
-        print(f"gateway {config.node_id} serving on {gw.url} (WebSocket {gw.url.replace('http', 'ws', 1)}ws, "
-              f"engine {config.engine}{', demo feed on' if config.demo else ''}) - open {gw.url} for the demo",
-              flush=True)
+        print(f"gateway {__version__} {config.node_id} serving on {gw.url} "
+              f"(WebSocket {gw.url.replace('http', 'ws', 1)}ws, engine {config.engine}, fanout {FANOUT_KIND}"
+              f"{', demo feed on' if config.demo else ''}) - open {gw.url} for the demo", flush=True)
     await stop.wait()
     log.info("shutting down")
     if stop_feed is not None:
@@ -156,8 +188,8 @@ async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
     return 0
 
 
-def _worker(argv: list[str]) -> None:
-    sys.exit(main(argv))
+def _worker(argv: list[str], prog: str) -> None:
+    sys.exit(main(argv, prog))
 
 
 #: a worker that dies is restarted after this delay, doubled for every death soon after a start
@@ -176,7 +208,7 @@ def _exit_reason(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _run_workers(config: Config, argv: Sequence[str] | None) -> int:
+def _run_workers(config: Config, argv: Sequence[str] | None, prog: str = PROG) -> int:
     """N processes on one port (SO_REUSEPORT); each reads every partition and serves its own clients.
 
     The parent supervises: a worker that dies (crash, OOM kill, kill -9) is logged and started again
@@ -193,7 +225,7 @@ def _run_workers(config: Config, argv: Sequence[str] | None) -> int:
     stopping = False
 
     def start(name: str) -> None:
-        p = ctx.Process(target=_worker, args=([*argv, "--reuse-port", "--node-id", name],), daemon=False)
+        p = ctx.Process(target=_worker, args=([*argv, "--reuse-port", "--node-id", name], prog), daemon=False)
         p.start()
         procs[name] = p
         started[name] = time.monotonic()

@@ -17,7 +17,7 @@ from .subjects import is_topic_name
 
 
 class ConfigError(ValueError):
-    """A setting has a bad value; the message names the flag."""
+    """A setting has a bad value; the message names where it came from (flag, variable, or file and key)."""
 
 
 MiB = 1024 * 1024
@@ -47,7 +47,8 @@ class Config:
         "help": "refuse tokens whose exp is more than this many seconds ahead (0 = no limit)"})
     heartbeat_ms: int = field(default=15000, metadata={
         "help": "send {op:hb} after this much silence; ping the peer, close it after 3x with no answer"})
-    node_id: str | None = field(default=None, metadata={"help": "this gateway's id in `connected` (default: host-pid)"})
+    node_id: str | None = field(default=None, metadata={
+        "help": "this gateway's id in `connected` and /healthz", "default_help": "host-pid"})
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate: serve wss:// and https://"})
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
     workers: int = field(default=1, metadata={
@@ -135,8 +136,13 @@ def env_name(name: str) -> str:
     return "GATEWAY_" + name.upper()
 
 
-def _convert(name: str, value: Any) -> Any:
-    flag = "--" + name.replace("_", "-")
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _convert(name: str, value: Any, source: str | None = None) -> Any:
+    """`source` names where the value came from in errors: the flag (default), GATEWAY_X, or file and key."""
+    source = source or flag_name(name)
     kind = FIELDS[name].type
     try:
         if name in _LISTS:
@@ -184,13 +190,14 @@ def _convert(name: str, value: Any) -> Any:
             raise ValueError("must be debug, info, warning or error")
         return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{flag}: bad value {value!r}: {exc}") from None
+        raise ConfigError(f"{source}: bad value {value!r}: {exc}") from None
 
 
 def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: str | None = None) -> Config:
     """Merge flags (None = not given) > env > file > defaults, validate, and return the Config."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # where each value came from, for the error that names it
     if file:
         try:
             with open(file, "rb") as fh:
@@ -202,13 +209,19 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: s
             if name not in FIELDS:
                 raise ConfigError(f"--config: unknown setting {key!r} in {file}")
             values[name] = value
+            sources[name] = f"--config {file}: key {key!r}"
     for name in FIELDS:
         if env.get(env_name(name)) not in (None, "") or (name in _EMPTY_IS_AN_ERROR and env_name(name) in env):
             values[name] = env[env_name(name)]
+            sources[name] = env_name(name)
     for name, value in flags.items():
         if value is not None and name in FIELDS:
             values[name] = value
-    config = Config(**{name: _convert(name, value) for name, value in values.items()})
+            sources[name] = flag_name(name)
+    for name in _EMPTY_IS_AN_ERROR:
+        if isinstance(values.get(name), str) and not values[name].strip():
+            raise ConfigError(f"{sources[name]} is empty (omit it to run without auth)")
+    config = Config(**{name: _convert(name, value, sources[name]) for name, value in values.items()})
     return validate(config)
 
 

@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+
+from . import __version__
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -47,7 +49,9 @@ class GatewayCollector(Collector):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
+        from .server import FANOUT_KIND  # server imports this module
+
         gw = self.gw
         s, hub, w = gw.stats, gw.hub.stats, gw.writer
 
@@ -113,6 +117,10 @@ class GatewayCollector(Collector):
             hits.add_metric([limit], n)
         yield hits
         yield gauge("ready", "1 once the engine is ready (healthz 200)", 1.0 if gw.engine.ready else 0.0)
+        yield InfoMetricFamily("gateway_build", "Version and fan-out implementation of this gateway",
+                               value={"version": __version__, "fanout": FANOUT_KIND})
+        yield gauge("fanout_compiled", "1: the compiled fanout modules run; 0: the pure-Python twins "
+                    "(FANOUT_NO_EXTENSIONS=1)", 1.0 if FANOUT_KIND == "compiled" else 0.0)
         engine = GaugeMetricFamily("gateway_engine", "Engine counters", labels=["engine", "name"])
         for name, value in sorted(gw.engine.stats().items()):
             engine.add_metric([gw.config.engine, name], float(value))

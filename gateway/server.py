@@ -17,9 +17,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 import orjson
-from fanout import Conn, Writer
+from fanout import COMPILED, Conn, Writer
 
-from . import http, protocol
+from . import __version__, http, protocol
 from .auth import Authenticator, ExpiryQueue
 from .config import Config
 from .engines.base import Engine
@@ -28,6 +28,10 @@ from .limits import RETRY_AFTER_S, Admission, normalize_origins, origin_allowed
 from .metrics import CONTENT_TYPE, Stats, make_renderer
 from .session import Session
 from .subjects import parse_subject
+
+#: which fanout runs (start-up line, /healthz; /metrics: gateway_fanout_compiled): the compiled modules,
+#: or the pure-Python twins (FANOUT_NO_EXTENSIONS=1), many times slower
+FANOUT_KIND = "compiled" if COMPILED else "pure-Python"
 
 log = logging.getLogger("gateway")
 
@@ -301,7 +305,8 @@ class Gateway:
         if path == b"/healthz":
             ready = self.engine.ready and not self._stopping
             body = orjson.dumps({"status": "ok" if ready else "starting", "node": self.node_id,
-                                 "engine": self.config.engine, "connections": len(self.sessions)})
+                                 "engine": self.config.engine, "connections": len(self.sessions),
+                                 "version": __version__, "fanout": FANOUT_KIND})
             return http.response(200 if ready else 503, body, "application/json", head_only=head), False
         if path == b"/metrics":
             return http.response(200, self._render_metrics(), CONTENT_TYPE, head_only=head), False
