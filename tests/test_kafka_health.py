@@ -74,8 +74,10 @@ async def poll(make: Callable[[], Any], pred: Callable[[Any], bool], what: str) 
     return last[0]
 
 
-async def start_gateway(gateway_factory: Any, bootstrap: str, topics: list[str], **settings: Any) -> Any:
-    gw = await gateway_factory(kafka=bootstrap, topics=tuple(topics), kafka_idempotence="on",
+async def start_gateway(gateway_factory: Any, broker: KafkaBroker, bootstrap: str, topics: list[str],
+                        **settings: Any) -> Any:
+    gw = await gateway_factory(kafka=bootstrap, topics=tuple(topics),
+                               kafka_idempotence="on" if broker.idempotence else "off",
                                kafka_metadata_refresh_ms=200, **settings)
     await wait_until(lambda: gw.engine.ready, "the Kafka engine caught up")
     return gw
@@ -90,8 +92,8 @@ async def test_healthz_and_metrics_through_an_outage(kafka_broker: KafkaBroker, 
     async with kafka_broker.behind_proxy() as net:
         try:
             await net.broker.create_topic(t, 2)
-            gw = await start_gateway(gateway_factory, net.bootstrap, [t])
-            strict = await start_gateway(gateway_factory, net.bootstrap, [t], healthz_unreachable_ms=300)
+            gw = await start_gateway(gateway_factory, net.broker, net.bootstrap, [t])
+            strict = await start_gateway(gateway_factory, net.broker, net.bootstrap, [t], healthz_unreachable_ms=300)
             gws += [gw, strict]
             for g in gws:
                 status, body = await healthz(g)
@@ -146,7 +148,7 @@ async def test_deleted_and_recreated_topic(kafka_broker: KafkaBroker, topic: Cal
     caplog.set_level(logging.INFO, logger="gateway.engines.kafka")
     t = topic()
     await kafka_broker.create_topic(t, 3)
-    gw = await start_gateway(gateway_factory, kafka_broker.bootstrap, [t])
+    gw = await start_gateway(gateway_factory, kafka_broker, kafka_broker.bootstrap, [t])
     stats = gw.engine.stats
     assert (stats()["partitions_assigned"], stats()["epoch_changes"]) == (3, 0)
     pub = await connected(ws_url(gw))
