@@ -102,6 +102,12 @@ class Config:
         "help": "Kafka: idempotent producer: on, off, or auto (try, fall back to acks=all without it)"})
     kafka_publish_timeout_ms: int = field(default=5000, metadata={
         "help": "Kafka: a publish not acknowledged within this time fails with `unavailable`"})
+    kafka_metadata_refresh_ms: int = field(default=5000, metadata={
+        "help": "Kafka: how often topic metadata is fetched (new partitions, deleted or recreated topics); "
+                "also how soon /healthz notices that Kafka is unreachable"})
+    healthz_unreachable_ms: int = field(default=0, metadata={
+        "help": "Kafka: /healthz answers 503 once Kafka has been unreachable this long (0 = never: "
+                "an outage is reported as 200 `degraded` (docs/DESIGN.md \"Health\"))"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
     demo: bool = field(default=False, metadata={
         "help": "publish the demo's score updates (as `demo-feed` does) into this gateway's engine, "
@@ -119,9 +125,9 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
-             "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
-_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "max_connections", "max_connections_per_address",
-                 "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
+             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
+_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unreachable_ms", "max_connections",
+                 "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
 _LISTS = {"topics", "allowed_origins"}
 # Given but empty is an error for these, never "not set" (an empty GATEWAY_JWT_SECRET must not turn auth off).
 _EMPTY_IS_AN_ERROR = {"jwt_secret", "jwt_public_key"}

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -49,7 +49,8 @@ class GatewayCollector(Collector):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily
+                                  | InfoMetricFamily]:
         from .server import FANOUT_KIND  # server imports this module
 
         gw = self.gw
@@ -125,6 +126,37 @@ class GatewayCollector(Collector):
         for name, value in sorted(gw.engine.stats().items()):
             engine.add_metric([gw.config.engine, name], float(value))
         yield engine
+        yield from engine_metrics(gw)
+
+
+def engine_metrics(gw: Gateway) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
+    """The engine's connection, per-partition progress and publish latency (Kafka; empty or constant
+    for the standalone engine)."""
+    eng = gw.engine
+    yield GaugeMetricFamily("gateway_engine_connected", "1 while the engine reaches its storage (Kafka: the "
+                            "last metadata fetch succeeded), 0 during an outage", value=1.0 if eng.connected else 0.0)
+    parts = eng.partition_stats()
+    lag = GaugeMetricFamily("gateway_partition_lag", "Records behind the partition's end (the high watermark "
+                            "of the last fetch minus the next offset to read)", labels=["topic", "partition"])
+    read = CounterMetricFamily("gateway_partition_records", "Records read from the partition (restarts at 0 "
+                               "when the topic is recreated)", labels=["topic", "partition"])
+    for topic, partition, behind, consumed in parts:
+        if behind is not None:
+            lag.add_metric([topic, str(partition)], float(behind))
+        read.add_metric([topic, str(partition)], float(consumed))
+    yield lag
+    yield read
+    latency = eng.produce_latency()
+    if latency is not None:
+        bounds, counts, total = latency
+        buckets: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip([*map(str, bounds), "+Inf"], counts):
+            running += n
+            buckets.append((bound, float(running)))
+        yield HistogramMetricFamily("gateway_publish_latency_seconds", "Publish to acknowledgement from the "
+                                    "engine (Kafka: acks=all), successful publishes only",
+                                    buckets=buckets, sum_value=total)
 
 
 def make_renderer(gw: Gateway) -> Callable[[], bytes]:

@@ -48,6 +48,7 @@ def make_engine(config: Config) -> Engine:
             max_recovery_records=config.max_recovery_records,
             idempotence=idem,
             publish_timeout=config.kafka_publish_timeout_ms / 1000,
+            metadata_refresh_s=config.kafka_metadata_refresh_ms / 1000,
             client_id=f"gateway-{config.node_id}",
         )
     from .engines.standalone import StandaloneEngine
@@ -282,6 +283,21 @@ class Gateway:
 
     # ---- HTTP ------------------------------------------------------------------------------------------
 
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) of /healthz. The rule (docs/DESIGN.md "Health"): 503 while starting
+        (not caught up) or stopping; an engine outage after that is 200 `degraded` with its reason,
+        unless --healthz-unreachable-ms is set and the engine has been unreachable that long."""
+        if self._stopping:
+            return 503, {"status": "stopping", "reason": "shutting down"}
+        health = self.engine.health()
+        if health["status"] == "starting":
+            return 503, health
+        limit = self.config.healthz_unreachable_ms
+        down = health.get("unreachable_s")
+        if limit and down is not None and down * 1000 >= limit:
+            return 503, {**health, "status": "unavailable"}
+        return 200, health
+
     def route(self, req: http.Request, address: str = "") -> tuple[bytes, bool]:
         """(response, upgrade): the 101 answer for /ws, else a complete plain response (then closed).
         Raises http.HttpError for a refused request. `address`: the client's IP (connection limits)."""
@@ -303,11 +319,11 @@ class Gateway:
             raise http.HttpError(405, "method not allowed", (("Allow", "GET, HEAD"),))
         head = req.method == b"HEAD"
         if path == b"/healthz":
-            ready = self.engine.ready and not self._stopping
-            body = orjson.dumps({"status": "ok" if ready else "starting", "node": self.node_id,
-                                 "engine": self.config.engine, "connections": len(self.sessions),
-                                 "version": __version__, "fanout": FANOUT_KIND})
-            return http.response(200 if ready else 503, body, "application/json", head_only=head), False
+            status, health = self.health()
+            body = orjson.dumps({**health, "node": self.node_id, "engine": self.config.engine,
+                                 "connections": len(self.sessions), "version": __version__,
+                                 "fanout": FANOUT_KIND})
+            return http.response(status, body, "application/json", head_only=head), False
         if path == b"/metrics":
             return http.response(200, self._render_metrics(), CONTENT_TYPE, head_only=head), False
         page = self._pages.get(path)

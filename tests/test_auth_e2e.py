@@ -113,7 +113,7 @@ async def expect_expiry_close(ws):
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd is not None else None
     errors = [f for f in frames if f["op"] == "error"]
-    assert [e["code"] for e in errors] == ["unauthorized"], frames
+    assert [e["code"] for e in errors] == ["unauthorized"], (code, frames)
     assert "request" not in errors[0]  # it answers no request
     assert code == 4001
 
@@ -172,7 +172,7 @@ async def test_token_expiry_closes_active_and_silent_connections_4001(gateway_fa
 
 
 async def test_refresh_replaces_the_token_and_the_session_outlives_the_old_exp(gateway_factory):
-    gw = await gateway_factory(jwt_secret=SECRET, heartbeat_ms=200, jwt_leeway_ms=0)
+    gw = await gateway_factory(jwt_secret=SECRET, heartbeat_ms=1000, jwt_leeway_ms=0)
     old_exp = int(time.time()) + 2
     ws = await connected(ws_url(gw), token=token(exp=old_exp, sub_allow=["/>"]))
     control = await connected(ws_url(gw), token=token(exp=old_exp, sub_allow=["/>"]))
@@ -195,7 +195,7 @@ async def test_refresh_replaces_the_token_and_the_session_outlives_the_old_exp(g
     lambda: None,
 ])
 async def test_refused_refresh_keeps_the_old_token(gateway_factory, bad):
-    gw = await gateway_factory(jwt_secret=SECRET, heartbeat_ms=200, jwt_leeway_ms=0)
+    gw = await gateway_factory(jwt_secret=SECRET, heartbeat_ms=1000, jwt_leeway_ms=0)
     ws = await connected(ws_url(gw), token=token(exp=int(time.time()) + 2, sub_allow=["/>"]))
     tok = bad()
     await send(ws, {"op": "refresh", **({"token": tok} if tok is not None else {})})

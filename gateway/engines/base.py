@@ -12,9 +12,9 @@ knows whether a record came from its own publish or from another producer.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..subjects import Subject
 
@@ -83,6 +83,25 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def ready(self) -> bool:
         """True once the gateway may report healthy (Kafka: partitions assigned and caught up)."""
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz reports: "status" (ok, starting, degraded), a "reason" unless ok, and details;
+        "unreachable_s" when the engine cannot reach its storage (seconds since)."""
+        return {"status": "ok"} if self.ready else {"status": "starting", "reason": "starting"}
+
+    def partition_stats(self) -> list[tuple[str, int, int | None, int]]:
+        """(topic, partition, lag or None when unknown, records read) per partition read; [] without."""
+        return []
+
+    def produce_latency(self) -> tuple[Sequence[float], list[int], float] | None:
+        """Publish-to-ack latency: (bucket upper bounds in s, count per bucket (not cumulative, one more
+        for +Inf), sum in s); None when the engine does not measure it."""
+        return None
+
+    @property
+    def connected(self) -> bool:
+        """False while the engine cannot reach its storage (Kafka); always True without one."""
+        return True
 
     @abc.abstractmethod
     def check_subject(self, subject: Subject) -> None:

@@ -18,6 +18,7 @@ is the only shared state, so nothing is coordinated between gateways.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import logging
 import time
@@ -56,6 +57,8 @@ _SUBJECT_CACHE_MAX = 100_000
 #: keys must not grow the engine without limit; a subject not remembered gets prev unknown (absent)
 _LAST_SEQS_MAX = 200_000
 _UNKNOWN_TOPIC_OR_PARTITION = 3
+#: publish -> ack latency histogram bounds (seconds); acks=all on a healthy cluster is a few ms
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError)
 
 
@@ -150,6 +153,7 @@ class _Partition:
     # subject -> seq of its newest record, least recently written first; bounded (see _LAST_SEQS_MAX):
     # once one is dropped, `complete` is False (a subject not in it may have had records before)
     last: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    consumed: int = 0          # records read from it (a counter for /metrics; a new epoch starts at 0)
 
 
 class KafkaEngine(Engine):
@@ -203,6 +207,12 @@ class KafkaEngine(Engine):
         self._ready = False
         self._subjects: dict[tuple[str, bytes | None], Subject | None] = {}
         self._metadata_failing = False
+        self._unreachable_since: float | None = None     # wall clock of the first failed metadata fetch
+        self._unreachable_mono: float | None = None
+        self._missing: dict[str, float] = {}              # served topic seen before, now deleted -> since
+        self._gone_ids: dict[str, str] = {}               # deleted topic -> its topic id (epoch on return)
+        self._latency = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
         self.idempotent = False
 
         self._n: dict[str, int] = dict.fromkeys((
@@ -358,6 +368,7 @@ class KafkaEngine(Engine):
         if producer is None or self._stopped:
             raise EngineUnavailable("the Kafka engine is not running")
         key = subject.key_bytes
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._publish_timeout):
                 # Enqueue in call order (the lock is FIFO): records of one connection to one subject
@@ -368,6 +379,7 @@ class KafkaEngine(Engine):
                     delivery = await producer.send(
                         subject.topic, content, key=key, partition=await self._publish_partition(producer, subject))
                 meta = await delivery
+                self._observe_latency(time.perf_counter() - started)
                 tp = TopicPartition(meta.topic, meta.partition)
                 if tp not in self._parts:   # the topic (or partition) is new: learn its epoch first
                     await self.refresh_metadata()
@@ -376,6 +388,10 @@ class KafkaEngine(Engine):
             raise EngineUnavailable(f"Kafka did not take the publish to {subject.text}: {exc!r}") from exc
         self._n["publishes"] += 1
         return self._epoch_of(meta.topic, meta.partition), meta.offset + 1
+
+    def _observe_latency(self, seconds: float) -> None:
+        self._latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum += seconds
 
     async def _publish_partition(self, producer: AIOKafkaProducer, subject: Subject) -> int | None:
         """The partition a publish goes to: the one partition_of() names (so the ack's epoch is the one
@@ -437,24 +453,43 @@ class KafkaEngine(Engine):
         """Bring the partition table in line with the cluster; the consume loop re-assigns."""
         if self._cluster_id and cluster_id and cluster_id != self._cluster_id:
             log.warning("Kafka cluster id changed from %s to %s: every epoch changes", self._cluster_id, cluster_id)
+            self._n["epoch_changes"] += len(self._topic_meta)
             self._parts.clear()
             self._waiting.clear()
+            self._topic_meta.clear()   # read again from the new cluster's metadata, partition counts too
+            self._gone_ids.clear()
+            self._dirty = True
         self._cluster_id = cluster_id or self._cluster_id
         for topic, old in list(self._topic_meta.items()):
             new = topics.get(topic)
             if new is None and topic not in absent:
                 continue   # a transient error: keep reading what we have
-            if new is None or new.topic_id != old.topic_id:
-                # Deleted, or deleted and created again: a new epoch, read from its start.
+            # Deleted, or deleted and created again (new id; without ids: fewer partitions, which Kafka
+            # never does to a live topic): drop every partition, the new ones are read from their start.
+            if new is None or new.topic_id != old.topic_id or new.partitions < old.partitions:
                 if new is not None:
-                    log.warning("Kafka topic %s was recreated (id %s -> %s): new epoch", topic, old.topic_id, new.topic_id)
-                    self._n["epoch_changes"] += 1
+                    log.warning("Kafka topic %s was recreated (id %s -> %s, %d partitions): new epoch",
+                                topic, old.topic_id or "-", new.topic_id or "-", new.partitions)
+                    if new.topic_id != old.topic_id:
+                        self._n["epoch_changes"] += 1
+                else:
+                    log.warning("Kafka topic %s is gone (deleted); its subscribers get nothing until it "
+                                "is created again (/healthz: degraded)", topic)
+                    self._missing[topic] = time.time()
+                    self._gone_ids[topic] = old.topic_id
                 for tp in [tp for tp in self._parts if tp.topic == topic]:
                     del self._parts[tp]
                     self._waiting.pop(tp, None)
                 del self._topic_meta[topic]
                 self._dirty = True
         for topic, meta in topics.items():
+            if topic in self._missing:
+                del self._missing[topic]
+                gone_id = self._gone_ids.pop(topic, None)
+                log.warning("Kafka topic %s exists again (id %s, %d partitions)%s", topic, meta.topic_id or "-",
+                            meta.partitions, ": new epoch" if gone_id != meta.topic_id else "")
+                if gone_id != meta.topic_id:
+                    self._n["epoch_changes"] += 1
             self._topic_meta[topic] = meta
             for partition in range(meta.partitions):
                 tp = TopicPartition(topic, partition)
@@ -475,12 +510,16 @@ class KafkaEngine(Engine):
             except (KafkaError, OSError, TimeoutError) as exc:
                 self._n["metadata_errors"] += 1
                 if not self._metadata_failing:
-                    log.warning("Kafka metadata refresh failed (%r); the consumer keeps retrying", exc)
+                    log.warning("Kafka metadata refresh failed (%r); the consumer keeps retrying "
+                                "(/healthz: degraded)", exc)
+                    self._unreachable_since = time.time()
+                    self._unreachable_mono = time.monotonic()
                 self._metadata_failing = True
             else:
                 if self._metadata_failing:
                     log.info("Kafka metadata refresh works again")
                 self._metadata_failing = False
+                self._unreachable_since = self._unreachable_mono = None
 
     # ----------------------------------------------------------------------------- consumption
 
@@ -539,10 +578,12 @@ class KafkaEngine(Engine):
         topic = tp.topic
         last = p.last
         last_max = max(1024, _LAST_SEQS_MAX // max(1, len(self._parts)))
+        p.consumed += len(records)
         for r in records:
             offset = r.offset
             if offset < p.next:   # already handed over (a reset to an earlier offset)
                 n["records_duplicate"] += 1
+                p.consumed -= 1
                 continue
             if offset > p.next:   # compaction, transaction markers, or retention while away
                 n["offset_gaps"] += 1
@@ -766,4 +807,51 @@ class KafkaEngine(Engine):
                     if hw is not None and hw > p.next:
                         lag += hw - p.next
         out["lag"] = float(lag)
+        out["connected"] = 1.0 if self.connected else 0.0
+        out["topics_missing"] = float(len(self._missing))
         return out
+
+    @property
+    def connected(self) -> bool:
+        return self._started and not self._stopped and self._unreachable_since is None
+
+    def partition_stats(self) -> list[tuple[str, int, int | None, int]]:
+        consumer = self._consumer
+        assigned = consumer.assignment() if consumer is not None else set()
+        out: list[tuple[str, int, int | None, int]] = []
+        for tp, p in sorted(self._parts.items()):
+            lag: int | None = None
+            if consumer is not None and tp in assigned and p.next is not None:
+                hw = consumer.highwater(tp)   # the high watermark of the last fetch: lag is as of then
+                if hw is not None:
+                    lag = max(0, hw - p.next)
+            out.append((tp.topic, tp.partition, lag, p.consumed))
+        return out
+
+    def produce_latency(self) -> tuple[Sequence[float], list[int], float] | None:
+        return LATENCY_BUCKETS, list(self._latency), self._latency_sum
+
+    def health(self) -> dict[str, Any]:
+        lag = int(self.stats()["lag"])
+        reasons: list[str] = []
+        out: dict[str, Any] = {}
+        if self._unreachable_since is not None and self._unreachable_mono is not None:
+            reasons.append("Kafka unreachable")
+            out["unreachable_since"] = _iso(self._unreachable_since)
+            out["unreachable_s"] = round(time.monotonic() - self._unreachable_mono, 3)
+        if self._missing:
+            reasons.append("topic missing: " + ", ".join(sorted(self._missing)))
+            out["topics_missing"] = {t: _iso(since) for t, since in sorted(self._missing.items())}
+        if not self._ready:
+            reasons.insert(0, "catching up" if self._started and not self._stopped else "not running")
+            status = "starting"
+        else:
+            status = "degraded" if reasons else "ok"
+        head: dict[str, Any] = {"status": status}
+        if reasons:
+            head["reason"] = "; ".join(reasons)
+        return {**head, "lag": lag, **out}
+
+
+def _iso(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
