@@ -721,14 +721,11 @@ class KafkaEngine(Engine):
         ListOffsets(latest) and the high watermark of our own last fetch (some brokers, Tansu among
         them, answer ListOffsets with the base offset of the last batch). A fresh connection, as a
         replay's, so a stalled consumer connection does not hold the answer up."""
-        if subject.topic not in self._served or self._stopped:
+        found = self._served_partition(subject)
+        if found is None:
             return None
-        meta = self._topic_meta.get(subject.topic)
-        if meta is None:
-            return None
-        tp = TopicPartition(subject.topic, partition_for_key(subject.key_bytes, meta.partitions))
-        part = self._parts.get(tp)
-        if part is None or part.epoch != epoch:
+        tp, part = found
+        if part.epoch != epoch:
             return None
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-end", group_id=None,
