@@ -10,11 +10,10 @@ close or failure code and write the same pongs; no message over the limit; nothi
 
 from __future__ import annotations
 
-import os
-
 import _harness
 from support import fanout_impls
 from support.fuzz_targets import FrameParity
+from support.ws import client_frame as frame
 
 MAX_MESSAGES = (0, 1, 125, 126, 65535, 65536, 1 << 20, 64 << 20)
 # 1.1 caps on frames per message and on pongs owed, when ws_open takes them (0: its default)
@@ -31,22 +30,6 @@ def test_one_input(data: bytes) -> None:
     cuts, wire = _harness.u16_cuts(data[2:], data[1] & 7)
     PARITY.check(_harness.cut(wire, cuts), MAX_MESSAGES[data[0] & 7],
                  max_fragments=MAX_FRAGMENTS[data[0] >> 3 & 3], max_pongs=MAX_PONGS[data[0] >> 5 & 3])
-
-
-def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True) -> bytes:
-    head = bytes([(0x80 if fin else 0) | opcode])
-    n = len(payload)
-    bit = 0x80 if mask else 0
-    if n < 126:
-        head += bytes([bit | n])
-    elif n < 65536:
-        head += bytes([bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head += bytes([bit | 127]) + n.to_bytes(8, "big")
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def seeds() -> list[bytes]:
