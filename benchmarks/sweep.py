@@ -30,7 +30,7 @@ deliveries/s per gateway core against the C loop's deliveries per CPU-second.
 
 Output in benchmarks/results/: sweep.json, sweep_latency.png (percentiles against offered load, per N,
 off and on), sweep_throughput.png (deliveries/s per core at the knee against N, with the C loop),
-sweep_memory.png (gateway and kernel bytes per connection against N), sweep_profile.txt.
+sweep_memory.png (gateway bytes per connection against N), sweep_profile.txt.
 """
 from __future__ import annotations
 
@@ -371,6 +371,7 @@ def plot(doc: dict) -> list[str]:
             label="bare C send loop, per CPU-second")
     ax.set_xlabel("connections N (one process)")
     ax.set_ylabel("deliveries/s")
+    ax.set_yscale("log")
     ax.set_xticks(ns)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -383,8 +384,6 @@ def plot(doc: dict) -> list[str]:
     for mode, marker in zip(modes, ("o", "s")):
         ax.plot(ns, [doc["per_n"][str(n)]["modes"][mode]["memory"]["gateway_bytes_per_connection"] for n in ns],
                 marker=marker, label=f"gateway RSS per connection (coalescing {mode})")
-    ax.plot(ns, [doc["per_n"][str(n)]["modes"][modes[0]]["memory"]["kernel_tcp_bytes_per_connection_both_ends"]
-                 for n in ns], "k^--", label="kernel TCP memory per connection (both loopback ends)")
     ax.axhline(2048, color="r", ls=":", label="target: 2 KiB")
     ax.set_xlabel("connections N (one process)")
     ax.set_ylabel("bytes per connection")
