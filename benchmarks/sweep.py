@@ -2,7 +2,7 @@
 """Sweep one gateway process: latency against load, deliveries/s and memory against N, coalescing off vs on.
 
     pip install ".[bench]" py-spy
-    python benchmarks/sweep.py        # about 15 minutes on 2 cores; bounded by --budget (default 1500 s)
+    python benchmarks/sweep.py        # about 12-15 minutes on 2 cores; bounded by --budget (default 1500 s)
 
 For each N in --ns (connections of one standalone gateway process, each subscribed to 3 of the 10
 subjects /matches/football/1..10, as benchmarks/load/loadgen.py does):
@@ -14,7 +14,7 @@ subjects /matches/football/1..10, as benchmarks/load/loadgen.py does):
            the bare C one-send-per-delivery loop's deliveries per CPU-second.
   ladder   for coalescing off and on (--coalesce-us, --coalesce-min-conns): a fresh gateway
            (`python -m gateway serve`), N connections from loadgen's C clients (their setup and the
-           gateway's RSS per connection next to the kernel's TCP memory from /proc/net/sockstat), then
+           gateway's RSS per connection; also the change of /proc/net/sockstat's TCP `mem`), then
            rounds of --duration s on the same connections at rising message rates: the demo's average
            (1.5 msgs/s), then offered deliveries/s of 10,000 x 1.5^k, until the gateway saturates
            (delivered < 90 % of offered, a p99 over --max-p99-ms, or messages missing at the end).
@@ -116,7 +116,9 @@ def measure_floor(n_sub: int, n_all: int, repeats: int, tmp: str) -> dict:
 
 
 def sockstat_tcp_bytes() -> int:
-    """The kernel's memory for all TCP sockets (/proc/net/sockstat `TCP: ... mem` pages)."""
+    """/proc/net/sockstat `TCP: ... mem` in bytes: the pages of TCP send and receive buffers in use.
+    Idle sockets hold none, so this is ~0 per idle connection; the socket structures themselves are
+    slab memory it does not count."""
     with open("/proc/net/sockstat", encoding="ascii") as fh:
         for line in fh:
             if line.startswith("TCP:"):
@@ -175,7 +177,7 @@ class Loaded:
         self.connect = {"ready": ready, "failed": sum(p["failed"] for p in prog), "seconds": round(seconds, 2),
                         "setups_per_s": round(ready / seconds, 1),
                         "gateway_cpu_us_per_connection": round(cpu / max(1, ready) * 1e6, 1)}
-        # Loopback: the kernel holds both ends, so its TCP memory per connection covers two sockets.
+        # Loopback: the kernel holds both ends, so its buffer pages per connection cover two sockets.
         self.memory = {"gateway_rss_before": rss0, "gateway_rss_connected": rss1,
                        "gateway_bytes_per_connection": round((rss1 - rss0) / max(1, ready)),
                        "kernel_tcp_bytes_per_connection_both_ends": round((kmem1 - kmem0) / max(1, ready))}
