@@ -50,27 +50,17 @@ class SessionHost(Protocol):
     to keep (the gateway cancels them on stop).
     """
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
-    @property
-    def config(self) -> Config: ...
-    @property
-    def writer(self) -> Writer: ...
-    @property
-    def hub(self) -> Hub: ...
-    @property
-    def engine(self) -> Engine: ...
-    @property
-    def auth(self) -> Authenticator: ...
-    @property
-    def stats(self) -> Stats: ...
-    @property
-    def admission(self) -> Admission: ...
-    @property
-    def node_id(self) -> str: ...
-    @property
-    def close_grace(self) -> float:
-        """Seconds a peer gets to finish after a close frame is queued, before the socket is aborted."""
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    writer: Writer
+    hub: Hub
+    engine: Engine
+    auth: Authenticator
+    stats: Stats
+    admission: Admission
+    node_id: str
+    #: seconds a peer gets to finish after a close frame is queued, before the socket is aborted
+    close_grace: float
 
     def connection_made(self, session: Session) -> bool:
         """A TCP connection was accepted; False: refuse it (the session aborts its transport)."""

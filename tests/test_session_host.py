@@ -78,7 +78,7 @@ class MinimalHost:
 
 
 #: every member SessionHost declares; a Session reading anything else of its host fails these tests
-HOST_MEMBERS = frozenset(name for name in vars(SessionHost) if not name.startswith("_"))
+HOST_MEMBERS = frozenset(name for name in (*vars(SessionHost), *SessionHost.__annotations__) if not name.startswith("_"))
 
 
 class Strict:
