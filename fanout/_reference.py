@@ -651,6 +651,11 @@ def _valid_peer_code(code: int) -> bool:
     return True
 
 
+# Module-level aliases of the states: on Python 3.11 an Enum member lookup (WSState.OPEN) costs
+# several times a global lookup, and the parser tests the state for every frame.
+_HTTP, _OPEN, _DONE = WSState.HTTP, WSState.OPEN, WSState.DONE
+
+
 class WSConn(Conn):
     """Twin of fanout._ws.WSConn (rules in _ws.pxd)."""
 
@@ -670,7 +675,7 @@ class WSConn(Conn):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> WSConn:
         self = super().__new__(cls)
-        self._state = WSState.HTTP
+        self._state = _HTTP
         self._rbuf = None
         self._frags = None
         self._frag_size = 0
@@ -711,18 +716,18 @@ class WSConn(Conn):
             raise ValueError("max_message must be >= 0")
         if not (1 <= frags <= 65535 and 1 <= pongs <= 65535):
             raise ValueError("max_fragments and max_pongs must be in 1..65535")
-        if self._state != WSState.HTTP:
+        if self._state != _HTTP:
             raise RuntimeError("ws_open() called twice")
         Conn.__init__(self, writer, transport, max_pending, on_overflow)
         self._max_message = limit
         self._max_frags = frags
         self._max_pongs = pongs
-        self._state = WSState.OPEN
+        self._state = _OPEN
         if rest:
             self.data_received(rest)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == WSState.OPEN:
+        if self._state == _OPEN:
             self.last_recv = self._writer._loop.time()
             data = bytes(data)
             if self._in_paused:
@@ -730,14 +735,14 @@ class WSConn(Conn):
                 self._held_off = 0
                 return
             self._feed(data, 0)
-        elif self._state == WSState.HTTP:
+        elif self._state == _HTTP:
             self.http_received(data)
 
     def _feed(self, data: bytes, off: int) -> None:
         buf = data[off:] if self._rbuf is None else bytes(self._rbuf) + data[off:]
         self._rbuf = None
         used = self._parse(buf)
-        if self._state != WSState.OPEN or used == len(buf):
+        if self._state != _OPEN or used == len(buf):
             return
         if self._in_paused:
             self._held, self._held_off = buf, used
@@ -745,7 +750,7 @@ class WSConn(Conn):
             self._rbuf = bytearray(buf[used:])
 
     def ws_pause_input(self) -> None:
-        if self._in_paused or self._state != WSState.OPEN:
+        if self._in_paused or self._state != _OPEN:
             return
         self._in_paused = True
         try:
@@ -758,9 +763,9 @@ class WSConn(Conn):
             return
         self._in_paused = False
         held, self._held = self._held, None
-        if held is not None and self._state == WSState.OPEN:
+        if held is not None and self._state == _OPEN:
             self._feed(held, self._held_off)
-        if not self._in_paused and self._state == WSState.OPEN:
+        if not self._in_paused and self._state == _OPEN:
             try:
                 self._transport.resume_reading()
             except (AttributeError, RuntimeError):
@@ -775,7 +780,7 @@ class WSConn(Conn):
 
     def _parse(self, p: bytes) -> int:
         pos, n = 0, len(p)
-        while self._state == WSState.OPEN and not self._in_paused and n - pos >= 2:
+        while self._state == _OPEN and not self._in_paused and n - pos >= 2:
             b0, b1 = p[pos], p[pos + 1]
             fin, opcode, len7 = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
             if b0 & 0x70:
@@ -873,18 +878,18 @@ class WSConn(Conn):
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
             return self._fail(CloseCode.INVALID_DATA, "close reason is not valid UTF-8")
-        self._state = WSState.DONE
+        self._state = _DONE
         self._frags = None
         self.ws_close(code, reason)
         return None
 
     def _fail(self, code: int, reason: str) -> None:
-        self._state = WSState.DONE
+        self._state = _DONE
         self._frags = None
         self.ws_fail(code, reason)
 
     def ws_stop_input(self) -> None:
-        self._state = WSState.DONE
+        self._state = _DONE
         self._frags = None
         self._rbuf = None
         self._held = None
