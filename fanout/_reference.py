@@ -198,11 +198,16 @@ _IOV_MAX = _iov_max()
 
 
 class Writer:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0,
+                 coalesce_min_conns: int = 1000) -> None:
         self._loop = loop
         self._conns: list[Conn] = []
         self._dirty: list[Conn] = []
         self._scheduled = False
+        self.coalesce_window = float(coalesce_window)
+        self.coalesce_min_conns = int(coalesce_min_conns)
+        self._hold_until = 0.0
+        self._held_flushes = 0
         self._iov_max = _IOV_MAX
         self._on_overflow: Callable[[Conn], object] | None = None
         self._frames_out = 0
@@ -218,13 +223,18 @@ class Writer:
     syscalls = property(lambda self: self._syscalls)
     overflows = property(lambda self: self._overflows)
     write_errors = property(lambda self: self._write_errors)
+    held_flushes = property(lambda self: self._held_flushes)
 
     def _mark_dirty(self, conn: Conn) -> None:
         conn._dirty = True
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            if self._hold_until > 0.0 and self._loop.time() < self._hold_until:
+                self._held_flushes += 1
+                self._loop.call_at(self._hold_until, self.flush)
+            else:
+                self._loop.call_soon(self.flush)
 
     def _register(self, conn: Conn) -> None:
         conn._widx = len(self._conns)
@@ -247,10 +257,12 @@ class Writer:
             return
         self._dirty = []
         now = self._loop.time()
+        touched = 0
         for conn in dirty:
             conn._dirty = False
             if conn._closed or conn._paused:
                 continue
+            touched += 1
             try:
                 conn._flush(now)
             except Exception as exc:
@@ -260,6 +272,10 @@ class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
+        if self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
+            self._hold_until = self._loop.time() + self.coalesce_window
+        else:
+            self._hold_until = 0.0
 
     def idle(self, now: float, send_idle: float, recv_idle: float) -> tuple[list[Conn], list[Conn]]:
         quiet = [c for c in self._conns if now - c.last_send >= send_idle]

@@ -4,14 +4,26 @@ from collections.abc import Callable
 class Writer:
     """Writes the queues of every Conn that became dirty in one loop iteration (the pipeline: _writer.pxd)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    #: seconds a flush waits after a flush that wrote to >= coalesce_min_conns conns (0 = off; _writer.pxd "Coalescing")
+    coalesce_window: float
+    #: conns a flush must write to before the next one is held for coalesce_window
+    coalesce_min_conns: int
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0, coalesce_min_conns: int = 1000
+    ) -> None:
         """``Writer(loop)``: a writer whose flushes run on ``loop`` (scheduled with call_soon, once per iteration).
 
+        Args:
+            loop: the event loop (time, call_soon, call_at).
+            coalesce_window: after a flush that wrote to at least ``coalesce_min_conns`` conns, the next
+                flush scheduled within this many seconds runs at that deadline (call_at), not at the
+                next iteration; 0 turns it off.
+            coalesce_min_conns: what makes a flush big enough to hold the next one.
         Raises:
             MemoryError: the iovec array could not be allocated.
         """
     def flush(self) -> None:
-        """Write the queues of all dirty conns now (normally run by call_soon).
+        """Write the queues of all dirty conns now (normally run by call_soon, or call_at when held).
 
         Never raises for one conn's write error: that conn is closed (its transport aborted) and the
         loop's exception handler is told about unexpected errors; the other conns are still written.
@@ -43,6 +55,9 @@ class Writer:
     @property
     def write_errors(self) -> int:
         """Conns closed because a write failed hard (EPIPE, ECONNRESET, ...)."""
+    @property
+    def held_flushes(self) -> int:
+        """Flushes scheduled for a coalescing deadline (call_at) instead of the next iteration."""
     #: pings not answered because the connection already owed max_pongs pongs (fanout.WSConn)
     pongs_dropped: int
     #: messages refused for spanning more than max_fragments frames (fanout.WSConn)

@@ -53,8 +53,10 @@ cdef class Writer:
         MemoryError: the iovec array could not be allocated.
     """
 
-    def __cinit__(self, loop):
+    def __cinit__(self, loop, double coalesce_window=0.0, Py_ssize_t coalesce_min_conns=1000):
         self._loop = loop
+        self.coalesce_window = coalesce_window
+        self.coalesce_min_conns = coalesce_min_conns
         self._conns = []
         self._dirty = []
         self._iov_max = FANOUT_IOV_MAX
@@ -71,7 +73,12 @@ cdef class Writer:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush_cb)
+            if self._hold_until > 0.0 and self._loop.time() < self._hold_until:
+                # Right after a big flush: let the next messages join this one's write.
+                self.held_flushes += 1
+                self._loop.call_at(self._hold_until, self._flush_cb)
+            else:
+                self._loop.call_soon(self._flush_cb)
         return 0
 
     cdef void _register(self, Conn conn):
@@ -98,6 +105,7 @@ cdef class Writer:
         cdef list dirty = self._dirty
         cdef Conn conn
         cdef double now
+        cdef Py_ssize_t touched = 0
         self._scheduled = False
         if not dirty:
             return
@@ -108,6 +116,7 @@ cdef class Writer:
             conn._dirty = False
             if conn._closed or conn._paused:
                 continue
+            touched += 1
             try:
                 conn._flush(now)
             except Exception as exc:
@@ -118,6 +127,11 @@ cdef class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
+        if self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
+            # From the end of this flush: a big flush takes long, messages arrive during it.
+            self._hold_until = self._loop.time() + self.coalesce_window
+        else:
+            self._hold_until = 0.0
 
     def idle(self, double now, double send_idle, double recv_idle):
         """The registered conns that have been quiet, for the liveness sweep.

@@ -65,6 +65,13 @@ class Config:
                 "at least 2 x --max-message-bytes"})
     max_inflight_publishes: int = field(default=1000, metadata={
         "help": "publishes of one connection awaiting the engine; more get rate_limited"})
+    coalesce_us: int = field(default=0, metadata={
+        "help": "adaptive write coalescing: after a flush that wrote to at least --coalesce-min-conns "
+                "connections, hold the next flush this many microseconds so the messages arriving meanwhile "
+                "share one write per connection (fewer syscalls, up to this much more latency; uvloop rounds "
+                "it to whole milliseconds; 0 = off)"})
+    coalesce_min_conns: int = field(default=1000, metadata={
+        "help": "--coalesce-us: a flush that wrote to this many connections holds the next one"})
     connect_timeout_ms: int = field(default=10000, metadata={
         "help": "close 1008 a connection that sends no connect within this time"})
     # ---- resource limits (PROTOCOL.md 1.1 "Resource limits"; docs/SECURITY.md) ----
@@ -125,9 +132,11 @@ class Config:
 FIELDS = {f.name: f for f in fields(Config)}
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
-             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
+             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes",
+             "coalesce_min_conns"}
 _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unreachable_ms", "max_connections",
-                 "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
+                 "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s",
+                 "coalesce_us"}
 _LISTS = {"topics", "allowed_origins"}
 # Given but empty is an error for these, never "not set" (an empty GATEWAY_JWT_SECRET must not turn auth off).
 _EMPTY_IS_AN_ERROR = {"jwt_secret", "jwt_public_key"}

@@ -117,7 +117,8 @@ class Gateway:
 
     async def start(self, *, reuse_port: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
-        self.writer = Writer(self.loop)
+        self.writer = Writer(self.loop, coalesce_window=self.config.coalesce_us / 1e6,
+                             coalesce_min_conns=self.config.coalesce_min_conns)
         await self.engine.start()
         ctx = None
         if self.config.tls_cert:
