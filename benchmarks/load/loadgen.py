@@ -123,7 +123,7 @@ def role_client() -> None:
         cfg = ctl.poll(60)
     subjects = np.ascontiguousarray(np.array(cfg["subjects"], dtype=np.int32))
     client = loadclient.Client(cfg["dst"], cfg["port"], cfg["src"], subjects, cfg["prefix"], cfg["window"],
-                               cfg["latcap"])
+                               cfg["latcap"], cfg.get("mode", "ours"))  # mode: benchmarks/compare.py's peers
     reply({"pid": os.getpid()})
     started = False
     while True:
