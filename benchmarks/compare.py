@@ -60,9 +60,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LOAD = os.path.join(HERE, "load")
 sys.path[:0] = [HERE, LOAD]
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply  # noqa: E402
-import loadgen  # noqa: E402
-from loadgen import Control, gateway_cpu, gateway_rss, percentiles_ms  # noqa: E402
+import loadgen
+from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply
+from loadgen import Control, gateway_cpu, gateway_rss, percentiles_ms
 
 HOST = "127.0.0.1"
 PEERS = ("gateway", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
@@ -86,7 +86,7 @@ def find_mosquitto(install: bool) -> str:
         print("mosquitto is missing: installing Debian's package (apt-get install mosquitto)", file=sys.stderr)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         ok = subprocess.run(["apt-get", "install", "-y", "-qq", "mosquitto"], env=env,
-                            stdout=subprocess.DEVNULL).returncode == 0
+                            stdout=subprocess.DEVNULL, check=False).returncode == 0
         if not ok:
             subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
             subprocess.run(["apt-get", "install", "-y", "-qq", "mosquitto"], env=env, stdout=subprocess.DEVNULL,
@@ -340,7 +340,7 @@ def _pinned(cpus: set[int] | None):
     def fn() -> None:
         if cpus:
             os.sched_setaffinity(0, cpus)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.setsid()
 
@@ -378,10 +378,10 @@ class Server:
             os.chmod(tmp, 0o755)
             os.chmod(conf, 0o644)
             argv = [bins["mosquitto"], "-c", conf]
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 - the server's output until stop()
         # cwd: outside the checkout, so that `python -m gateway` imports the installed package
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd="/", preexec_fn=_pinned(cpus))
+                                     env=env, cwd="/", preexec_fn=_pinned(cpus))  # noqa: PLW1509 - no threads here
         self.pid = self.proc.pid
         deadline = time.monotonic() + 60
         try:
@@ -425,7 +425,7 @@ class Server:
 def inbound_segments(port: int) -> int:
     """TCP segments received so far by every established socket on the server's port (`ss -ti`)."""
     out = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], capture_output=True,
-                         text=True, timeout=60).stdout
+                         text=True, timeout=60, check=True).stdout
     return sum(int(x) for x in re.findall(r"\bsegs_in:(\d+)", out))
 
 
@@ -543,7 +543,7 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
         result["latency_ms"] = percentiles_ms(lat)
         result["first_errors"] = sorted({s["first_error"] for s in stats if s["first_error"]})[:5]
         return result
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - one peer failing is reported, the others still run
         result["failed"] = f"{type(exc).__name__}: {exc}; server log: {server.log_tail()}"
         return result
     finally:

@@ -20,7 +20,7 @@ def test_every_peer_delivers_everything_once(tmp_path) -> None:
     out = tmp_path / "compare.json"
     proc = subprocess.run([sys.executable, os.path.join(HERE, "compare.py"), "--connections", "40", "--rate", "20",
                            "--duration", "1", "--drain-timeout", "10", "--quiet", "--no-install", "--out", str(out)],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert [r["peer"] for r in doc["runs"]] == list(PEERS)
