@@ -239,11 +239,11 @@ def role_nats_publisher() -> None:
 
     seconds = pacer.run(send, idle)
     sock.sendall(_ws_frame(b"PING\r\n"))  # its PONG comes after every PUB before it was handled
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + cmd["ack_timeout"]
     while not pongs and time.monotonic() < deadline:
         pump(0.2)
     reply({"sent": pacer.sent, "acked": pacer.sent if pongs else 0, "errors": len(errors) + (0 if pongs else 1),
-           "first_error": errors[0] if errors else ("" if pongs else "no PONG in 30 s"), "send_seconds": seconds,
+           "first_error": errors[0] if errors else ("" if pongs else "no PONG in time"), "send_seconds": seconds,
            "rate_achieved": pacer.sent / max(1e-9, seconds), "final": {str(k): v for k, v in pacer.final.items()}})
     ctl.poll(30)
     sock.close()
@@ -307,7 +307,7 @@ def role_mqtt_publisher() -> None:
             time.sleep(seconds)
 
     seconds = pacer.run(send, idle)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + cmd["ack_timeout"]
     if qos:
         while acked < pacer.sent and time.monotonic() < deadline:
             pump(0.2)
@@ -317,7 +317,7 @@ def role_mqtt_publisher() -> None:
             pump(0.2)
     done = acked == pacer.sent if qos else pingresp
     reply({"sent": pacer.sent, "acked": acked if qos else (pacer.sent if done else 0), "errors": 0 if done else 1,
-           "first_error": "" if done else "the broker did not confirm every publish in 30 s",
+           "first_error": "" if done else "the broker did not confirm every publish in time",
            "send_seconds": seconds, "rate_achieved": pacer.sent / max(1e-9, seconds),
            "final": {str(k): v for k, v in pacer.final.items()}})
     ctl.poll(30)
@@ -502,14 +502,14 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
         cpu1, busy1, ours1, t1 = (gateway_cpu(server.pid), machine_busy_seconds(),
                                   sum(proc_cpu_seconds(p) for p in ours), time.monotonic())
         publisher.send({"op": "run", "rate": args.rate, "seconds": args.duration, "subjects": args.subjects,
-                        "size": args.size, "prefix": PREFIX[peer]})
+                        "size": args.size, "prefix": PREFIX[peer], "ack_timeout": args.drain_timeout})
         with tqdm(total=round(args.duration), desc=f"{peer} publish {args.rate:g}/s", unit="s", leave=False,
                   disable=args.quiet) as bar:
             while time.monotonic() - t1 < args.duration:
                 time.sleep(min(0.5, max(0.0, args.duration - (time.monotonic() - t1))))
                 bar.n = min(round(args.duration), round(time.monotonic() - t1))
                 bar.refresh()
-        pub = publisher.recv(args.duration + 60)
+        pub = publisher.recv(args.duration + args.drain_timeout + 60)
         final = pub.pop("final")
         finals = [c.call({"op": "finish", "final": final, "timeout": args.drain_timeout, "dir": tmp},
                          timeout=args.drain_timeout + 60) for c in children]
@@ -564,7 +564,8 @@ COLUMNS = (("server CPU µs/delivery", lambda r: r["delivery"]["server_cpu_us_pe
            ("RSS B/conn", lambda r: r["memory"]["bytes_per_connection"]),
            ("inbound segments/delivery", lambda r: r["delivery"]["inbound_segments_per_delivery"]),
            ("inbound messages/delivery", lambda r: r["delivery"]["inbound_messages_per_delivery"]),
-           ("lost", lambda r: r["delivery"]["lost"]),
+           ("lost in gaps", lambda r: r["delivery"]["lost_in_gaps"]),
+           ("missing at end", lambda r: r["delivery"]["missing_at_end"]),
            ("dup", lambda r: r["delivery"]["duplicates"]),
            ("other CPU", lambda r: f'{r["delivery"]["other_processes_cpu_share"]:.0%}'))
 
@@ -674,7 +675,8 @@ def main() -> int:
                 else:
                     d = r["delivery"]
                     print(f"{peer}: {d['deliveries']}/{d['expected']} deliveries ({d['deliveries_per_s']:g}/s), "
-                          f"lost {d['lost']}, dup {d['duplicates']}, {d['server_cpu_us_per_delivery']} µs "
+                          f"lost in gaps {d['lost_in_gaps']}, missing at the end {d['missing_at_end']}, "
+                          f"dup {d['duplicates']}, {d['server_cpu_us_per_delivery']} µs "
                           f"server CPU/delivery, p50 {r['latency_ms'].get('p50')} p99 {r['latency_ms'].get('p99')} "
                           f"ms, {r['memory']['bytes_per_connection']} B/conn, other processes "
                           f"{d['other_processes_cpu_share']:.0%} of a CPU", file=sys.stderr, flush=True)
