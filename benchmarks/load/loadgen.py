@@ -123,7 +123,7 @@ def role_client() -> None:
         cfg = ctl.poll(60)
     subjects = np.ascontiguousarray(np.array(cfg["subjects"], dtype=np.int32))
     client = loadclient.Client(cfg["dst"], cfg["port"], cfg["src"], subjects, cfg["prefix"], cfg["window"],
-                               cfg["latcap"])
+                               cfg["latcap"], cfg.get("mode", "ours"))  # mode: benchmarks/compare.py's peers
     reply({"pid": os.getpid()})
     started = False
     while True:
@@ -277,7 +277,7 @@ def role_publisher() -> None:
         next_due = t0 + sent / rate
         read_ready(max(0.0, next_due - time.monotonic()))
     t_sent = time.monotonic()
-    deadline = t_sent + 15
+    deadline = t_sent + cmd.get("ack_timeout", 15)
     while acked + errors < total and time.monotonic() < deadline:
         read_ready(0.05)
     ok = ack_ns > 0
