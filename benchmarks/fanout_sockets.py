@@ -739,7 +739,8 @@ def print_table(summary: dict, ns: list[int]) -> None:
         cells = "".join(f"{med[v][str(n)]['rate']:>14,.0f} ({med[v][str(n)]['rate'] / med[ref][str(n)]['rate']:4.2f})"
                         for n in ns)
         print(f"{v:<16}{cells}")
-    print(f"\n{'variant':<16}" + "".join(f"{'N=' + str(n):>12}" for n in ns) + "    (sender CPU ns per delivery, median)")
+    print(f"\n{'variant':<16}" + "".join(f"{'N=' + str(n):>12}" for n in ns)
+          + "    (sender CPU ns per delivery, median)")
     for v in VARIANTS:
         print(f"{v:<16}" + "".join(f"{med[v][str(n)]['cpu_ns_per_delivery']:>12,.0f}" for n in ns))
     paired = summary["paired_ratios"]

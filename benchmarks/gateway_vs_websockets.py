@@ -76,8 +76,17 @@ import sys
 import tempfile
 import time
 
-from _procs import (HOST, Child, StdinLines, machine, machine_busy_seconds, proc_cpu_seconds, reply,
-                    rss_bytes, wait_quiet)
+from _procs import (
+    HOST,
+    Child,
+    StdinLines,
+    machine,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    reply,
+    rss_bytes,
+    wait_quiet,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -173,7 +182,7 @@ class Tally:
         try:
             await asyncio.wait_for(w[2], timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if w in self.waiters:
                 self.waiters.remove(w)
             return False

@@ -46,6 +46,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from aiokafka.structs import TopicPartition  # noqa: E402
+
 from support.kafka_broker import KafkaBroker, external_broker, free_port, start_tansu  # noqa: E402
 
 RESULTS_JSON = os.path.join(HERE, "results", "kafka_latency.json")
@@ -103,7 +104,7 @@ class GatewayProcess:
                 writer.close()
                 if b" 200 " in line:
                     return
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
             await asyncio.sleep(0.05)
         raise RuntimeError(f"gateway not healthy within {timeout} s: {self.tail()}")

@@ -278,9 +278,9 @@ def run_kafka(args: argparse.Namespace) -> dict:
             try:
                 socket.create_connection((HOST, kport), timeout=1).close()
                 break
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline:
-                    raise SystemExit("broker did not start")
+                    raise SystemExit("broker did not start") from e
                 time.sleep(0.05)
         subprocess.run([tansu_path(), "topic", "create", "--broker", f"tcp://{bootstrap}", "--partitions",
                         str(PARTITIONS), topic], check=True, stdout=subprocess.DEVNULL, timeout=30)

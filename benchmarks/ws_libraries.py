@@ -139,7 +139,7 @@ def _count(n: int):
 
 def make_picows_server(variant: str):
     import picows
-    from picows import WSListener, WSMsgType, WSCloseCode
+    from picows import WSCloseCode, WSListener, WSMsgType
 
     TEXT, BINARY, CONT, CLOSE = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE
 
@@ -152,7 +152,7 @@ def make_picows_server(variant: str):
 
         def on_ws_frame(self, transport, frame):
             mt = frame.msg_type
-            if mt == TEXT or mt == BINARY or mt == CONT:
+            if mt in (TEXT, BINARY, CONT):
                 if frame.fin:
                     s = S
                     if s.frames == 0:
@@ -180,9 +180,9 @@ def make_picows_server(variant: str):
 
 
 def make_websockets_server():
-    from websockets.server import ServerProtocol
-    from websockets.http11 import Request
     from websockets.frames import Opcode
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
 
     DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
@@ -237,9 +237,8 @@ def make_websockets_server():
 
 
 def make_wsproto_server():
-    from wsproto import WSConnection, ConnectionType
-    from wsproto.events import (Request, AcceptConnection, TextMessage, BytesMessage,
-                                CloseConnection, Ping)
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
 
     class Proto(asyncio.Protocol):
         __slots__ = ("tr", "c", "is_open")
@@ -428,9 +427,8 @@ def run_server(variant: str):
                 elif cmd == "gc":
                     gc.collect()
                     reply({"ok": True})
-                elif cmd == "quit":
-                    if not done.done():
-                        done.set_result(None)
+                elif cmd == "quit" and not done.done():
+                    done.set_result(None)
 
         loop.add_reader(fd, on_stdin)
         print(f"PORT {port}", flush=True)
@@ -488,7 +486,7 @@ def run_client_hs(port: int, n: int, conc: int, hold: bool):
                 remaining -= 1
                 fut = loop.create_future()
                 try:
-                    tr, _ = await loop.create_connection(lambda: P(fut), HOST, port)
+                    tr, _ = await loop.create_connection(lambda: P(fut), HOST, port)  # noqa: B023 (called at once)
                 except OSError:
                     fail += 1
                     continue
@@ -735,7 +733,7 @@ def bench_one(variant: str, cfg, tmp: str) -> dict:
 def run_check_server(use_aiofastnet: bool):
     install_uvloop()
     import picows
-    from picows import (WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener)
+    from picows import WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener
 
     class Echo(WSListener):
         """Echoes a JSON description of each data frame; 'interleave:<mode>:<n>' starts the
@@ -1079,8 +1077,8 @@ def main():
         summary[v] = {k: med(v, k) for k in ("hs_per_s", "hs_server_cpu_us", "hs_server_user_us", "frames_per_s",
                                               "frame_server_cpu_ns", "rss_per_conn", "rss0_mb")}
     lines = [
-        f"| variant | handshakes/s | server CPU µs/handshake (user) | inbound frames/s | server CPU ns/frame "
-        f"| RSS bytes/idle conn | base RSS MB |",
+        "| variant | handshakes/s | server CPU µs/handshake (user) | inbound frames/s | server CPU ns/frame "
+        "| RSS bytes/idle conn | base RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
@@ -1098,7 +1096,12 @@ def main():
     if checks:
         print("\npicows checks:\n" + json.dumps(checks, indent=1))
 
-    import picows, websockets, wsproto, uvloop, aiofastnet, httptools
+    import aiofastnet
+    import httptools
+    import picows
+    import uvloop
+    import websockets
+    import wsproto
     try:
         import fanout
         fanout_compiled = fanout.COMPILED

@@ -1,8 +1,13 @@
 import asyncio
 from collections.abc import Callable
 
+from typing_extensions import disjoint_base
+
 from ._writer import Conn, Writer
 
+__all__ = ["WSConn"]
+
+@disjoint_base
 class WSConn(Conn):
     def __init__(self, *args: object, **kwargs: object) -> None: ...
     def ws_open(

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -50,7 +50,7 @@ CLOSE_TOKEN_EXPIRED = 4001  # 1.1: the session's token expired without a refresh
 MAX_ID_BYTES = 256
 MAX_ID_INT = 2**53
 
-Id = Union[str, int]
+Id = str | int
 _NO_ID = object()
 
 
@@ -120,7 +120,7 @@ class Refresh:
     token: str | None
 
 
-Request = Union[Connect, Subscribe, Unsubscribe, Publish, Ping, Refresh]
+Request = Connect | Subscribe | Unsubscribe | Publish | Ping | Refresh
 
 #: the ops a client may send; `request` of an error is one of these (an unknown op is not echoed)
 OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")

@@ -474,7 +474,7 @@ class Session(WSConn):
         self.last_ping = now
         self.send(PING_FRAME)
 
-    def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:  # type: ignore[override]
+    def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:
         """Close with `code` after what is queued for the client (order kept); idempotent."""
         if self._closing or self.transport is None:
             return

@@ -116,10 +116,7 @@ class Pattern:
                 return False
         elif len(parts) != n:
             return False
-        for want, got in zip(self._segments, parts):
-            if want != "*" and want != got:
-                return False
-        return True
+        return all(not (want != "*" and want != got) for want, got in zip(self._segments, parts))
 
     def __repr__(self) -> str:
         return f"Pattern({self.text!r})"

@@ -19,17 +19,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import SCALE, ws_url
-from support.kafka_broker import KafkaBroker, free_port
-from support.ws import close_code, connected, open_ws, recv, recv_until, send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from conftest import SCALE, ws_url
 from gateway.client import Client, Message
 from gateway.engines.kafka import partition_for_key
 from gateway.subjects import parse_subject
-
+from support.kafka_broker import KafkaBroker, free_port
 from support.waits import wait_until  # noqa: E402
+from support.ws import close_code, connected, open_ws, recv, recv_until, send
 
 pytestmark = pytest.mark.kafka
 
@@ -158,7 +157,7 @@ class GatewayProcess:
             try:
                 if await http_status(self.port) == 200:
                     return
-            except (OSError, ValueError, IndexError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ValueError, IndexError):
                 pass
             await asyncio.sleep(0.05)
         raise AssertionError(f"gateway {self.node_id} not healthy in time: {self.log()}")
@@ -699,7 +698,7 @@ async def test_workers_share_one_port_and_stop_together(kafka_broker: KafkaBroke
         assert loop.time() < deadline and gw.proc.poll() is None, f"workers seen: {nodes}; {gw.log()}"
         try:
             nodes.add(await healthz_node())
-        except (OSError, ValueError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ValueError):
             await asyncio.sleep(0.05)
         nodes.discard("")
 
@@ -760,7 +759,7 @@ async def test_a_dead_worker_is_restarted_and_serves_again(kafka_broker: KafkaBr
             assert loop.time() < deadline and gw.proc.poll() is None, f"workers seen: {nodes}; {gw.log()}"
             try:
                 nodes.add(await healthz_node())
-            except (OSError, ValueError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ValueError):
                 await asyncio.sleep(0.05)
             nodes.discard("")
 

@@ -552,7 +552,7 @@ def main() -> None:
     client_dir = build_client()
     results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "argv": sys.argv[1:], "settings": {k: v for k, v in vars(args).items() if k != "role"}, "runs": []}
-    for i, n in enumerate(ns):
+    for _i, n in enumerate(ns):
         if time.monotonic() > deadline:
             print(f"budget of {args.budget:g} s used up, N={n} not run", file=sys.stderr)
             break
