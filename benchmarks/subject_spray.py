@@ -31,6 +31,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from _procs import require_installed_package
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "subject_spray.json")
 HOST = "127.0.0.1"
@@ -307,6 +309,7 @@ def run_kafka(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["standalone", "kafka", "both"], default="both")
     ap.add_argument("--subjects", type=int, default=10_000_000)

@@ -1,7 +1,7 @@
 """Microbenchmarks of the compiled fanout modules against pure-Python baselines, in the same run.
 
-    cd /work/main && python setup.py build_ext --inplace -q
-    python -m pytest benchmarks/test_fanout_bench.py
+    pip install ".[bench]"   # the package with its compiled fanout; the benchmarks never import the checkout
+    python -P -m pytest benchmarks/test_fanout_bench.py   # -P: the checkout (cwd) stays off sys.path
 
 Not collected by the normal test run (pyproject's testpaths is `tests`). The ratio table
 (pure-python / ours, per group) is printed at the end by benchmarks/conftest.py.

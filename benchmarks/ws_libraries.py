@@ -22,8 +22,8 @@ Measurements (each repeated REPEATS times, median reported):
       the server parses and counts them; rate = frames / (server time of last frame - first frame).
   (c) RSS per idle connection: (RSS with M upgraded idle connections - RSS with 0) / M, fresh server.
 
-fanout-ws needs the compiled fanout extensions (python setup.py build_ext --inplace); the repository root is put
-on sys.path, so no PYTHONPATH is needed.
+fanout-ws runs the installed package (pip install ".[bench]"), with its compiled fanout; the checkout is never
+put on sys.path (benchmarks/_procs.py, require_installed_package).
 
 Afterwards it runs functional checks of picows (interleaved raw writes, close codes, fragmentation,
 plain HTTP on the upgrade path) and stores everything in benchmarks/results/ws_libraries.json.
@@ -51,11 +51,10 @@ import tempfile
 import threading
 import time
 
+from _procs import require_installed_package
+
 HOST = "127.0.0.1"
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)        # fanout + gateway for the fanout-ws variant (children run this file too)
 RESULTS_DIR = os.path.join(HERE, "results")
 RESULTS_JSON = os.path.join(RESULTS_DIR, "ws_libraries.json")
 
@@ -1015,6 +1014,7 @@ def fmt(v, spec):
 
 
 def main():
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser()
     ap.add_argument("--role", default="orchestrator")
     ap.add_argument("--variant")
