@@ -60,9 +60,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LOAD = os.path.join(HERE, "load")
 sys.path[:0] = [HERE, LOAD]
-import loadgen
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply
-from loadgen import Control, gateway_cpu, gateway_rss, percentiles_ms
+import loadgen  # noqa: E402 (after the sys.path insert above)
+from loadgen import Control, gateway_cpu, gateway_rss, percentiles_ms  # noqa: E402 (after the sys.path insert above)
+
+from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply  # noqa: E402 (after the sys.path insert above)
 
 HOST = "127.0.0.1"
 PEERS = ("gateway", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")

@@ -49,9 +49,10 @@ from collections import Counter
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "load"))
-import fanout_sockets as fs
-import loadgen as lg
-from _procs import Child, machine, proc_cpu_seconds
+import loadgen as lg  # noqa: E402 (after the sys.path insert above)
+
+import fanout_sockets as fs  # noqa: E402 (after the sys.path insert above)
+from _procs import Child, machine, proc_cpu_seconds  # noqa: E402 (after the sys.path insert above)
 
 RESULTS = os.path.join(HERE, "results")
 # py-spy from PyPI lands next to this interpreter (a venv's bin/), which need not be on PATH
@@ -366,7 +367,8 @@ def plot(doc: dict) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mode, marker in zip(modes, ("o", "s")):
         s = [doc["per_n"][str(n)]["modes"][mode]["summary"] for n in ns]
-        ax.plot(ns, [x["knee_deliveries_per_s_per_core"] for x in s], marker=marker, label=f"gateway per core at the knee, coalescing {mode}")
+        ax.plot(ns, [x["knee_deliveries_per_s_per_core"] for x in s], marker=marker,
+                label=f"gateway per core at the knee, coalescing {mode}")
         ax.plot(ns, [x["saturation_deliveries_per_s"] for x in s], marker=marker, ls=":",
                 label=f"gateway deliveries/s at saturation, coalescing {mode}")
     ax.plot(ns, [doc["per_n"][str(n)]["floor"]["all"]["deliveries_per_cpu_second"] for n in ns], "k^-",
@@ -469,7 +471,8 @@ def main() -> int:
                               f"{r['offered_deliveries_per_s']:,.0f}; p50/p99/max {lat.get('p50')}/{lat.get('p99')}/"
                               f"{lat.get('max')} ms; gateway {r['gateway_cpu_share']:.0%} CPU "
                               f"(waiting {r['gateway_runqueue_wait_share']:.0%}), "
-                              f"{r['gateway_cpu_us_per_delivery']} us/delivery; others {r['other_processes_cpu_share']:.0%}"
+                              f"{r['gateway_cpu_us_per_delivery']} us/delivery; "
+                              f"others {r['other_processes_cpu_share']:.0%}"
                               f"{'; SATURATED' if r['saturated'] else ''}", flush=True)
                         if r["saturated"]:
                             done.add(mode)
@@ -516,9 +519,11 @@ def print_table(doc: dict) -> None:
                 continue
             s = m["summary"]
             print(f"{n:<7} {mode:<4} {s['floor_ms']:>8.2f}  {s['half_deliveries_per_s']:>13,.0f} {s['half_p99_ms']:>7} "
-                  f"{s['half_p99_over_floor']:>6}   {s['knee_deliveries_per_s']:>13,.0f} {s['knee_deliveries_per_s_per_core']:>9,} "
+                  f"{s['half_p99_over_floor']:>6}   {s['knee_deliveries_per_s']:>13,.0f} "
+                  f"{s['knee_deliveries_per_s_per_core']:>9,} "
                   f"{s['knee_per_core_over_c_send']:>7}   {s['saturation_deliveries_per_s']:>11,.0f}  "
-                  f"{m['memory']['gateway_bytes_per_connection']:>6}  {s['lost']} {s['duplicates']} {s['out_of_order']}")
+                  f"{m['memory']['gateway_bytes_per_connection']:>6}  "
+                  f"{s['lost']} {s['duplicates']} {s['out_of_order']}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Microbenchmarks of the compiled fanout modules against pure-Python baselines, in the same run.
 
-    cd /work/main && python setup.py build_ext --inplace -q
-    python -m pytest benchmarks/test_fanout_bench.py
+    pip install ".[bench]"   # the package with its compiled fanout; the benchmarks never import the checkout
+    python -P -m pytest benchmarks/test_fanout_bench.py   # -P: the checkout (cwd) stays off sys.path
 
 Not collected by the normal test run (pyproject's testpaths is `tests`). The ratio table
 (pure-python / ours, per group) is printed at the end by benchmarks/conftest.py.
@@ -22,10 +22,10 @@ import os
 import struct
 
 import pytest
-from support.fake_transport import FakeTransport  # tests/ is on the path (pyproject pythonpath)
 
 import fanout
 from fanout import _reference
+from support.fake_transport import FakeTransport  # tests/ is on the path (pyproject pythonpath)
 
 # Warm up each benchmark first: on this shared VM the first rounds of a run are often slower.
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=20_000, min_time=0.0002)

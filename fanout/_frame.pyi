@@ -1,5 +1,8 @@
 from typing import Final
 
+__all__ = ["OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG", "encode_frame", "encode_text",
+           "encode_close"]
+
 OP_CONT: Final[int]
 OP_TEXT: Final[int]
 OP_BINARY: Final[int]

@@ -1,3 +1,11 @@
+from typing import Self
+
+from typing_extensions import disjoint_base
+
+__all__ = ["Ring"]
+
+# cdef classes: one C layout each (PEP 800), constructed by __cinit__ (hence __new__, not __init__)
+@disjoint_base
 class Ring:
     """Circular window of (seq, prev, ts, frame) of one subject, oldest evicted first.
 
@@ -5,7 +13,7 @@ class Ring:
     seq is missing; otherwise None, and the caller falls back to the engine or to a snapshot.
     """
 
-    def __init__(self, capacity: int, max_bytes: int = 2**62) -> None:
+    def __new__(cls, capacity: int, max_bytes: int = 2**62) -> Self:
         """``Ring(capacity, max_bytes=2**62)``: an empty window.
 
         Args:

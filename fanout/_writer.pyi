@@ -1,6 +1,14 @@
 import asyncio
 from collections.abc import Callable
+from typing import Self
 
+from typing_extensions import disjoint_base
+
+__all__ = ["Writer", "Conn", "Channel"]
+
+# cdef classes: one C layout each (PEP 800); Writer is constructed by __cinit__ (hence __new__)
+
+@disjoint_base
 class Writer:
     """Writes the queues of every Conn that became dirty in one loop iteration (the pipeline: _writer.pxd)."""
 
@@ -8,9 +16,9 @@ class Writer:
     coalesce_window: float
     #: conns a flush must write to before the next one is held for coalesce_window
     coalesce_min_conns: int
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0, coalesce_min_conns: int = 1000
-    ) -> None:
+    def __new__(
+        cls, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0, coalesce_min_conns: int = 1000
+    ) -> Self:
         """``Writer(loop)``: a writer whose flushes run on ``loop`` (scheduled with call_soon, once per iteration).
 
         Args:
@@ -63,6 +71,7 @@ class Writer:
     #: messages refused for spanning more than max_fragments frames (fanout.WSConn)
     fragment_limit_hits: int
 
+@disjoint_base
 class Conn:
     """One connection's outbound queue of whole frames, registered with a Writer while open.
 
@@ -148,6 +157,7 @@ class Conn:
     def writer(self) -> Writer:
         """The writer the conn is registered with."""
 
+@disjoint_base
 class Channel:
     """The subscribers of one subject: publish() queues one frame on each of them."""
 
@@ -183,5 +193,5 @@ class Channel:
         """The subscribers, as a new list."""
     def __len__(self) -> int:
         """Subscribers."""
-    def __contains__(self, conn: object) -> bool:
+    def __contains__(self, conn: object, /) -> bool:
         """True when ``conn`` is a subscribed Conn."""

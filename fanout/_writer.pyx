@@ -49,6 +49,12 @@ cdef class Writer:
 
     ``Writer(loop)``: a writer whose flushes run on ``loop`` (scheduled with call_soon, once per iteration).
 
+    Args:
+        loop: the event loop (time, call_soon, call_at).
+        coalesce_window: after a flush that wrote to at least ``coalesce_min_conns`` conns, the next
+            flush scheduled within this many seconds runs at that deadline (call_at), not at the
+            next iteration; 0 turns it off.
+        coalesce_min_conns: what makes a flush big enough to hold the next one.
     Raises:
         MemoryError: the iovec array could not be allocated.
     """
@@ -97,7 +103,7 @@ cdef class Writer:
             last._widx = idx
 
     def flush(self):
-        """Write the queues of all dirty conns now (normally run by call_soon).
+        """Write the queues of all dirty conns now (normally run by call_soon, or call_at when held).
 
         Never raises for one conn's write error: that conn is closed (its transport aborted) and the
         loop's exception handler is told about unexpected errors; the other conns are still written.

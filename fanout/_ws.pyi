@@ -1,10 +1,15 @@
 import asyncio
 from collections.abc import Callable
 
+from typing_extensions import disjoint_base
+
 from ._enums import CloseCode as CloseCode
 from ._enums import WSState as WSState
 from ._writer import Conn, Writer
 
+__all__ = ["WSConn", "CloseCode", "WSState"]
+
+@disjoint_base
 class WSConn(Conn):
     """The server side of one WebSocket connection: an asyncio protocol whose client frames are
     parsed here and whose output is the Conn's queue (rules: _ws.pxd). Subclass it and implement

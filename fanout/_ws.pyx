@@ -11,7 +11,7 @@ cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
 from libc.string cimport memcpy
 
-from fanout._frame cimport OP_BINARY_C, OP_CLOSE_C, OP_CONT_C, OP_PING_C, OP_PONG_C, OP_TEXT_C, build_frame
+from fanout._frame cimport OP_CONT_C, OP_PING_C, OP_PONG_C, build_frame
 
 from fanout._enums import CloseCode, WSState
 

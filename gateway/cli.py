@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 import time
-from multiprocessing.connection import wait as wait_for_exits
 from collections.abc import Sequence
+from multiprocessing.connection import wait as wait_for_exits
 from typing import Any, NoReturn
 
 from . import __version__

@@ -144,8 +144,8 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
-             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes",
-             "coalesce_min_conns"}
+             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments",
+             "max_queued_pongs", "history_total_bytes", "coalesce_min_conns"}
 _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unreachable_ms", "max_connections",
                  "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s",
                  "coalesce_us"}

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -55,7 +55,7 @@ class CloseCode(enum.IntEnum):
 MAX_ID_BYTES = 256
 MAX_ID_INT = 2**53
 
-Id = Union[str, int]
+Id = str | int
 _NO_ID = object()
 
 
@@ -125,7 +125,7 @@ class Refresh:
     token: str | None
 
 
-Request = Union[Connect, Subscribe, Unsubscribe, Publish, Ping, Refresh]
+Request = Connect | Subscribe | Unsubscribe | Publish | Ping | Refresh
 
 #: the ops a client may send; `request` of an error is one of these (an unknown op is not echoed)
 OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")

@@ -1,5 +1,6 @@
 """The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, and the demo page: /,
-/demo.js, /client.js, /favicon.ico), the liveness sweep (heartbeats, pings, dead peers, connect timeout), and the lifecycle.
+/demo.js, /client.js, /favicon.ico), the liveness sweep (heartbeats, pings, dead peers, connect timeout),
+and the lifecycle.
 
 Each connection is one Session (gateway/session.py) on the loop's own transports: httptools parses the
 HTTP request (gateway/http.py), fanout.WSConn the client frames, and every outbound frame goes through
@@ -17,6 +18,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import orjson
+
 from fanout import COMPILED, Writer, WSState
 
 from . import __version__, http, protocol
@@ -171,7 +173,7 @@ class Gateway:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self.engine.stop(), 2.0)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - exit within the SIGTERM budget anyway
+        except (TimeoutError, Exception):  # noqa: BLE001 - exit within the SIGTERM budget anyway
             log.warning("engine did not stop cleanly", exc_info=True)
         self._stopped.set()
 

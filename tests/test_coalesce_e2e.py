@@ -8,12 +8,12 @@ import re
 import urllib.request
 
 import pytest
-from conftest import SCALE, ws_url
-from support.ws import connected, recv_until, send
 
+from conftest import SCALE, ws_url
 from gateway.cli import build_parser
 from gateway.config import FIELDS, ConfigError
 from gateway.config import load as load_config
+from support.ws import connected, recv_until, send
 
 pytestmark = pytest.mark.both_loops
 

@@ -9,11 +9,13 @@ import inspect
 from pathlib import Path
 
 import pytest
+
 from support import fanout_impls
 
 STUBS = ("_frame", "_ring", "_writer", "_ws")
-#: `cdef readonly` counters declared in _writer.pxd: Cython gives them no docstring (the .pyi has it)
-C_ATTRIBUTES = {"Writer.frames_out", "Writer.bytes_out", "Writer.syscalls", "Writer.overflows", "Writer.write_errors"}
+#: `cdef readonly`/`public` attributes declared in _writer.pxd: Cython gives them no docstring (the .pyi has it)
+C_ATTRIBUTES = {"Writer.frames_out", "Writer.bytes_out", "Writer.syscalls", "Writer.overflows", "Writer.write_errors",
+                "Writer.held_flushes", "Writer.coalesce_window", "Writer.coalesce_min_conns"}
 
 
 def stub_docs(module: str) -> dict[str, str]:
@@ -49,8 +51,10 @@ def test_compiled_docstrings_are_the_stubs(module: str) -> None:
             continue
         owner, _, attr = name.rpartition(".")
         cls = getattr(compiled, owner or name)
-        if attr == "__init__" and "__init__" not in vars(cls):
-            got = inspect.cleandoc(cls.__doc__ or "")  # a cdef class without __init__: its class docstring
+        if attr in ("__init__", "__new__") and "__init__" not in vars(cls):
+            # a cdef class built by __cinit__ (its stub declares __new__): the constructor's docstring is
+            # in the class docstring
+            got = inspect.cleandoc(cls.__doc__ or "")
         else:
             obj = getattr(cls, attr) if owner else cls
             got = inspect.cleandoc(getattr(obj, "__doc__", None) or "")

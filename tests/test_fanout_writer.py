@@ -167,7 +167,7 @@ def test_order_across_many_frames_and_channels(impl: SimpleNamespace, loop_facto
                 assert pairs[1][0].conn.send(impl.encode_text(direct))
                 expected[1].append(direct)
                 await asyncio.sleep(0)
-            for c, (gw, reader) in enumerate(pairs):
+            for c, (_gw, reader) in enumerate(pairs):
                 total = sum(len(impl.encode_text(p)) for p in expected[c])
                 await reader.wait_bytes(total)
                 assert payloads(reader.data) == expected[c]
@@ -201,8 +201,8 @@ def test_stalled_reader_overflows_alone(impl: SimpleNamespace, loop_factory: Loo
             pairs[0][1].stall()
             published: list[bytes] = []
             sent = 0
-            for tick in range(300):
-                for j in range(4):
+            for _tick in range(300):
+                for _j in range(4):
                     body = payload("m", len(published), 2000)
                     published.append(body)
                     frame = impl.encode_text(body)
@@ -278,7 +278,8 @@ def test_overflow_releases_the_queue(impl: SimpleNamespace, loop_factory: LoopFa
     run(loop_factory, main)
 
 
-def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, loop_factory: LoopFactory,
+                                                        kind: str) -> None:
     async def main() -> None:
         writer = impl.Writer(asyncio.get_running_loop())
         async with Net(kind) as net:
@@ -290,7 +291,7 @@ def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, lo
             published: list[bytes] = []
             pings = 0
             for tick in range(30):
-                for j in range(10):
+                for _j in range(10):
                     body = payload("r", len(published), 3000)
                     published.append(body)
                     assert channel.publish(impl.encode_text(body)) == 1
@@ -689,7 +690,7 @@ def test_flush_asks_the_transport_nothing(impl: SimpleNamespace, loop_factory: L
                 proxy.calls.clear()
             sent: list[bytes] = []
             for tick in range(6):
-                for j in range(1 if tick % 2 else 3):  # one frame (send) and several (sendmsg)
+                for _j in range(1 if tick % 2 else 3):  # one frame (send) and several (sendmsg)
                     body = payload("t", len(sent), 100)
                     sent.append(body)
                     assert channel.publish(impl.encode_text(body)) == 3

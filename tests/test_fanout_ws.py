@@ -14,6 +14,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from support import fanout_impls
 from support.fake_transport import FakeTransport
 from support.ws import client_frame

@@ -13,10 +13,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import SCALE, ws_url
-from support.ws import close_code, connected, recv, send
 
+from conftest import SCALE, ws_url
 from gateway import cli, config
+from support.ws import close_code, connected, recv, send
 
 
 def _get(url: str) -> tuple[int, str, bytes]:

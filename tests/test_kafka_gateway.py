@@ -19,17 +19,16 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from conftest import SCALE, ws_url
-from support.kafka_broker import KafkaBroker, free_port
-from support.ws import close_code, connected, open_ws, recv, recv_until, send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from conftest import SCALE, ws_url
 from gateway.client import Client, Message
 from gateway.engines.kafka import partition_for_key
 from gateway.subjects import parse_subject
-
+from support.kafka_broker import KafkaBroker, free_port
 from support.waits import wait_until  # noqa: E402
+from support.ws import close_code, connected, open_ws, recv, recv_until, send
 
 pytestmark = pytest.mark.kafka
 
@@ -158,7 +157,7 @@ class GatewayProcess:
             try:
                 if await http_status(self.port) == 200:
                     return
-            except (OSError, ValueError, IndexError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ValueError, IndexError):
                 pass
             await asyncio.sleep(0.05)
         raise AssertionError(f"gateway {self.node_id} not healthy in time: {self.log()}")
@@ -697,7 +696,7 @@ async def _serving_nodes(gw: GatewayProcess, want: set[str]) -> None:
         assert loop.time() < deadline and gw.proc.poll() is None, f"nodes seen: {nodes}; {gw.log()}"
         try:
             nodes.add(await _healthz_node(gw.port))
-        except (OSError, ValueError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, ValueError):
             await asyncio.sleep(0.05)
     assert nodes - {""} == want, f"nodes seen: {nodes}"
 

@@ -15,15 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import SCALE, ws_url
 from prometheus_client.parser import text_string_to_metric_families
-from support.kafka_broker import KafkaBroker
-from support.ws import connected, recv_until, send
 
+from conftest import SCALE, ws_url
 from gateway.engines.base import Engine
 from gateway.engines.kafka import partition_for_key
-
+from support.kafka_broker import KafkaBroker
 from support.waits import wait_until  # noqa: E402
+from support.ws import connected, recv_until, send
 
 WAIT = 10.0 * SCALE
 

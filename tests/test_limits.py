@@ -21,13 +21,13 @@ import tempfile
 import urllib.request
 
 import pytest
-from conftest import SCALE, ws_url
-from support.waits import wait_until
-from support.ws import WAIT, client_frame, close_code, connected, raw_upgrade, read_frames, recv, recv_until, send
 
+from conftest import SCALE, ws_url
 from gateway import config as cfg
 from gateway.limits import Admission, TokenBucket, default_max_connections, normalize_origins, origin_allowed
 from gateway.session import close_reason
+from support.waits import wait_until
+from support.ws import WAIT, client_frame, close_code, connected, raw_upgrade, read_frames, recv, recv_until, send
 
 _KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 

@@ -17,9 +17,6 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from support.fake_transport import FakeTransport
-from support.fanout_ws import decode_all
-from support.ws import client_frame
 
 from fanout import OP_CLOSE, OP_TEXT, Writer
 from gateway import http
@@ -32,6 +29,9 @@ from gateway.metrics import Stats
 from gateway.protocol import CloseCode
 from gateway.session import Session, SessionHost
 from gateway.subjects import parse_subject
+from support.fake_transport import FakeTransport
+from support.fanout_ws import decode_all
+from support.ws import client_frame
 
 
 class MinimalHost:
@@ -78,7 +78,8 @@ class MinimalHost:
 
 
 #: every member SessionHost declares; a Session reading anything else of its host fails these tests
-HOST_MEMBERS = frozenset(name for name in (*vars(SessionHost), *SessionHost.__annotations__) if not name.startswith("_"))
+HOST_MEMBERS = frozenset(name for name in (*vars(SessionHost), *SessionHost.__annotations__)
+                          if not name.startswith("_"))
 
 
 class Strict:

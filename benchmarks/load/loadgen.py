@@ -51,7 +51,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _procs
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply  # noqa: E402
+from _procs import (  # noqa: E402
+    Child,
+    machine,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    reply,
+    require_installed_package,
+)
 
 RESULTS_DIR = os.path.join(os.path.dirname(HERE), "results")
 BUILD_ROOT = os.path.join(HERE, "_build")
@@ -516,6 +523,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
 
 
 def main() -> None:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--role", choices=["client", "publisher"], help=argparse.SUPPRESS)
     ap.add_argument("--connections", default="10000", help="comma-separated N values (default 10000)")
@@ -552,7 +560,7 @@ def main() -> None:
     client_dir = build_client()
     results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "argv": sys.argv[1:], "settings": {k: v for k, v in vars(args).items() if k != "role"}, "runs": []}
-    for i, n in enumerate(ns):
+    for _i, n in enumerate(ns):
         if time.monotonic() > deadline:
             print(f"budget of {args.budget:g} s used up, N={n} not run", file=sys.stderr)
             break
