@@ -17,6 +17,10 @@ if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; s
     missing+=(build-essential python3-dev)
 fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# node runs client.js's subscription tracker on the shared frame fixtures (tests/test_client_tracker.py),
+# npm installs TypeScript for checking client.d.ts
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 # Apache Kafka 4.x (the broker the Kafka tests run against) needs Java 17+ and is resolved with Maven
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
@@ -32,6 +36,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # a regular (not editable) install: the tests import the installed package with its compiled .so
 .venv/bin/python -m pip install -q ".[test]"
+# TypeScript's compiler (tsc) for the check of gateway/static/client.d.ts, inside the venv (not the repo)
+[ -x .venv/typescript/node_modules/.bin/tsc ] ||
+    npm install --silent --no-audit --no-fund --prefix .venv/typescript typescript@5 >/dev/null
 # Apache Kafka's jars into ~/.cache/kafka-ws-gateway/kafka-<version>/ (Maven's ~/.m2 keeps them too):
 # resolved here, once, so that neither pass spends its time on it
 .venv/bin/python tests/support/kafka_cluster.py --resolve-only >/dev/null

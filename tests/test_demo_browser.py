@@ -461,7 +461,8 @@ async def test_client_js_as_an_es_module_against_the_gateway(gateway_factory, pa
                 catch (e) { return [e instanceof window.GatewayError, e.code]; }
             }""")
         assert refused == [True, "invalid_subject"]
-        assert await page.evaluate("window.__c.stats") == {"duplicates": 0, "gaps": 0, "reconnects": 0,
+        assert await page.evaluate("window.__c.stats") == {"messages": 3, "duplicates": 0, "gaps": 0,
+                                                          "resubscribes": 0, "reconnects": 0,
                                                           "refreshes": 0, "expired": 0}
         await page.evaluate("window.__c.close()")
         await wait_until(lambda: len(gw.sessions) == 1, "the browser's session to end")
@@ -488,7 +489,8 @@ async def test_client_js_gap_duplicate_and_resubscribe_with_position(gateway_fac
         await page.wait_for_function("window.__got.length === 4")
         assert await page.evaluate("window.__got") == [["a", 1, False], ["b", 2, False], ["c", 3, False],
                                                       ["d", 4, False]]
-        assert await page.evaluate("window.__c.stats") == {"duplicates": 1, "gaps": 1, "reconnects": 0,
+        assert await page.evaluate("window.__c.stats") == {"messages": 4, "duplicates": 1, "gaps": 1,
+                                                          "resubscribes": 1, "reconnects": 0,
                                                           "refreshes": 0, "expired": 0}
 
         await conn.close(1001)  # the gateway goes away: reconnect, resubscribe from the last position
