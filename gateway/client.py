@@ -114,7 +114,14 @@ class Ack:
 
 
 class GatewayError(Exception):
-    """An `error` frame from the gateway (or a local failure with a protocol error code)."""
+    """An `error` frame from the gateway (or a local failure with a protocol error code).
+
+    Attributes:
+        code: the protocol's error code (`forbidden`, `unavailable`, ...; "unknown" if none).
+        message: the gateway's text ("" if none).
+        subject, id: the subject and the request id the error is about, when the gateway said.
+        request: the op of the request it answers (1.1), None from a 1.0 gateway.
+    """
 
     def __init__(
         self,
@@ -134,6 +141,7 @@ class GatewayError(Exception):
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> GatewayError:
+        """The error an `error` frame reports. Fields of the wrong type are left out; never raises."""
         code = frame.get("code")
         message = frame.get("message")
         subject = frame.get("subject")
@@ -152,6 +160,7 @@ class ConnectionClosedError(GatewayError):
     """The connection was lost (or never made) while a request waited for its answer.
 
     A publish that fails this way may or may not have been stored: the client never resends it.
+    `code` is "connection_closed"; `close_code` the WebSocket close code when one was received.
     """
 
     def __init__(
@@ -173,13 +182,29 @@ def backoff_delay(
     attempt: int, initial: float, maximum: float, rng: random.Random | None = None
 ) -> float:
     """Delay before reconnect attempt number `attempt` (0-based): "full jitter", i.e. uniform in
-    [0, min(maximum, initial * 2**attempt)], so a crowd of clients does not reconnect in step."""
+    [0, min(maximum, initial * 2**attempt)], so a crowd of clients does not reconnect in step.
+
+    Args:
+        attempt: failed attempts so far (negative counts as 0).
+        initial, maximum: the first cap and the largest, in seconds.
+        rng: the random source (the `random` module's when None).
+
+    Returns:
+        Seconds to wait.
+    """
     cap = min(maximum, initial * 2.0 ** min(max(attempt, 0), 64))
     return (rng if rng is not None else random).uniform(0.0, cap)
 
 
 def content_fields(content: str | bytes | bytearray | memoryview) -> dict[str, str]:
-    """`content` for text and UTF-8 bytes, `content_b64` for other bytes (PROTOCOL.md "Messages")."""
+    """The content fields of a `publish` frame (PROTOCOL.md "Messages").
+
+    Args:
+        content: text, or bytes.
+
+    Returns:
+        {"content": text} for text and UTF-8 bytes, {"content_b64": base64} for other bytes.
+    """
     if isinstance(content, str):
         return {"content": content}
     raw = bytes(content)
@@ -190,8 +215,15 @@ def content_fields(content: str | bytes | bytearray | memoryview) -> dict[str, s
 
 
 def token_exp(token: str) -> float | None:
-    """The `exp` claim of a JWT, read without verifying it (the gateway verifies): None when the
-    token is not a JWT or has no numeric `exp`."""
+    """The `exp` claim of a JWT, read without verifying it (the gateway verifies).
+
+    Args:
+        token: a JWT (or anything).
+
+    Returns:
+        `exp` in seconds since the epoch, or None when the token is not a JWT or has no numeric
+        `exp`. Never raises.
+    """
     parts = token.split(".")
     if len(parts) != 3:
         return None
@@ -208,7 +240,14 @@ def token_exp(token: str) -> float | None:
 def refresh_delay(exp: float, now: float, lead: float) -> float:
     """Seconds from `now` until a token expiring at `exp` should be refreshed: `lead` seconds before
     `exp`, but never later than halfway through what is left (a short token is refreshed early
-    enough to retry once), and not negative."""
+    enough to retry once), and not negative.
+
+    Args:
+        exp, now: seconds since the epoch. lead: seconds.
+
+    Returns:
+        Seconds to wait (>= 0).
+    """
     left = exp - now
     return max(0.0, left - min(lead, left / 2.0))
 
@@ -264,12 +303,15 @@ class Subscription:
 
     @property
     def closed(self) -> bool:
+        """True once the subscription ended (unsubscribed, refused, the client closed)."""
         return self._closed
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        """The next message. Raises StopAsyncIteration once unsubscribed or the client closed, or the
+        GatewayError that ended the subscription (e.g. `forbidden` after a token refresh)."""
         msg = await self._queue.get()
         if msg is None:
             self._queue.put_nowait(None)  # every later reader sees the end too
@@ -279,7 +321,16 @@ class Subscription:
         return msg
 
     async def get(self, timeout: float | None = None) -> Message:
-        """The next message; TimeoutError after `timeout`; the closing error once closed."""
+        """The next message.
+
+        Args:
+            timeout: seconds to wait at most (None: no limit).
+
+        Raises:
+            TimeoutError: nothing came within `timeout`.
+            GatewayError: the error that ended the subscription, or ConnectionClosedError once it
+                is closed.
+        """
         async with asyncio.timeout(timeout):
             msg = await self._queue.get()
         if msg is None:
@@ -288,6 +339,7 @@ class Subscription:
         return msg
 
     async def unsubscribe(self) -> None:
+        """`Client.unsubscribe` of this subject."""
         await self._client.unsubscribe(self.subject)
 
     # -- called by the client
@@ -360,7 +412,34 @@ TokenProvider = Callable[[], "str | Awaitable[str]"]
 
 
 class Client:
-    """Connection to one of several gateways, with subscriptions that survive reconnects."""
+    """Connection to one of several gateways, with subscriptions that survive reconnects.
+
+    Args:
+        urls: one WebSocket URL or several (tried in turn, cycling, on every reconnect).
+        token: a JWT, or a function (sync or async) returning a fresh one, asked at every (re)connect
+            and `refresh_lead` seconds before its `exp`.
+        refresh_lead: seconds before `exp` to send `refresh` (at most halfway to `exp`).
+        name: the `client` field of `connect`.
+        backoff_initial, backoff_max: reconnect backoff (full jitter), in seconds.
+        connect_timeout: seconds for the WebSocket handshake and the `connected` answer.
+        max_message_bytes: the largest frame accepted from the gateway.
+        on_event: called with (name, info) on connected, disconnected, reconnecting, connect_failed,
+            gap, subscription_lost, publish_failed, refreshed, refresh_failed, token_expired,
+            heartbeat_timeout, error, fatal; must not block (exceptions are logged).
+        max_reconnect_attempts: consecutive failed attempts before giving up (None: never).
+        rng: the random source of the backoff.
+        ws_options: more keyword arguments for `websockets.asyncio.client.connect`.
+
+    Raises:
+        ValueError: no URL, or a URL that is not ws:// or wss://.
+
+    Attributes:
+        connected, url, session, server, heartbeat_ms: the current connection's.
+        positions: subject -> last (epoch, seq) received (the tracker's).
+        stats: counters (messages, duplicates_dropped, gaps_detected, reconnects, resubscribes,
+            refreshes, expired).
+        token_exp: `exp` of the token the session holds, when known.
+    """
 
     def __init__(
         self,
@@ -456,11 +535,17 @@ class Client:
         await self.close()
 
     async def connect(self, *, timeout: float | None = 30.0) -> None:
-        """Connect to the first reachable URL and wait for `connected`; keep reconnecting after.
+        """Connect to the first reachable URL and wait for `connected`; keep reconnecting after
+        (until `close`), resubscribing every subject from its position each time.
 
-        Raises the gateway's error on close 1008 / `unauthorized`, and ConnectionClosedError when
-        no gateway answered within `timeout` (None: keep trying, bounded only by
-        `max_reconnect_attempts`).
+        Args:
+            timeout: seconds to wait for the first `connected` (None: keep trying, bounded only by
+                `max_reconnect_attempts`).
+
+        Raises:
+            GatewayError: the gateway's error on close 1008 / `unauthorized` (fatal: no retry).
+            ConnectionClosedError: no gateway answered within `timeout`, or the attempts ran out.
+            RuntimeError: already connected or connecting.
         """
         if self._runner is not None and not self._runner.done():
             raise RuntimeError("already connected or connecting")
@@ -483,7 +568,8 @@ class Client:
             raise
 
     async def close(self) -> None:
-        """Stop reconnecting, close the connection with 1000, end every subscription."""
+        """Stop reconnecting, close the connection with 1000, end every subscription (their iterators
+        stop), fail every request still waiting (ConnectionClosedError). Never raises."""
         self._closing = True
         ws = self._ws
         if ws is not None:
@@ -541,9 +627,27 @@ class Client:
         position: tuple[str, int] | None = None,
         timeout: float | None = 10.0,
     ) -> Subscription:
-        """Subscribe and wait for `subscribed`; raise GatewayError (forbidden, invalid_subject,
-        unknown_topic). The position sent is the last one received for the subject if any, else
-        `position`. Subscribing again to a subscribed subject returns the same Subscription."""
+        """Subscribe and wait for `subscribed`. Subscribing again to a subscribed subject returns the
+        same Subscription (and asks the gateway again from its position).
+
+        Args:
+            subject: the subject.
+            callback: called with every Message (a coroutine function's results are awaited one after
+                the other); without one, iterate the Subscription.
+            position: (epoch, seq) to start after, used when no message of the subject was received
+                yet; seq 0 asks for the whole epoch.
+            timeout: seconds to wait for `subscribed` (None: no limit). Not connected, the request
+                waits for the next connection.
+
+        Returns:
+            The Subscription (its `recovered`, `epoch`, `seq` are the gateway's answer).
+
+        Raises:
+            GatewayError: `invalid_subject` (checked locally too), `forbidden`, `unknown_topic`,
+                `limit_exceeded`; the fatal error after close 1008; ConnectionClosedError when the
+                client is closed.
+            TimeoutError: no answer within `timeout` (the subscription is then dropped).
+        """
         (sub,) = await self._subscribe([(subject, position)], callback, timeout)
         return sub
 
@@ -554,8 +658,18 @@ class Client:
         *,
         timeout: float | None = 10.0,
     ) -> list[Subscription]:
-        """One `subscribe` frame for many subjects. Raises the first error once all are answered
-        (the subjects that succeeded stay subscribed)."""
+        """One `subscribe` frame for many subjects.
+
+        Args:
+            subjects, callback, timeout: as for `subscribe` (one callback for all).
+
+        Returns:
+            Their Subscriptions, in order.
+
+        Raises:
+            GatewayError, TimeoutError: as `subscribe`; the first error once all are answered (the
+                subjects that succeeded stay subscribed).
+        """
         return await self._subscribe([(s, None) for s in subjects], callback, timeout)
 
     async def _subscribe(
@@ -606,7 +720,16 @@ class Client:
         return subs
 
     async def unsubscribe(self, subject: str, *, timeout: float | None = 10.0) -> None:
-        """Stop the subscription (its iterator ends), forget its position, wait for `unsubscribed`."""
+        """Stop the subscription (its iterator ends), forget its position, wait for `unsubscribed`.
+
+        Args:
+            subject: the subject (not subscribed: only the gateway is told).
+            timeout: seconds to wait for `unsubscribed`, and then for queued async callbacks to end
+                (they are cancelled after).
+
+        Raises:
+            TimeoutError: no `unsubscribed` within `timeout` (the subscription is gone anyway).
+        """
         worker = self._drop_subscription(subject, None)
         self._tracker.unsubscribe(subject)  # forgets the position; queues `unsubscribe` if connected
         ws = self._ws
@@ -660,9 +783,24 @@ class Client:
         ack: bool = True,
         timeout: float | None = 10.0,
     ) -> Ack | None:
-        """Publish. With `ack`, wait for the gateway's ack (the message is durable) and return it,
-        or raise its GatewayError (`unavailable`, `forbidden`, ...), ConnectionClosedError if the
-        connection drops first (never resent), TimeoutError after `timeout`."""
+        """Publish a message. Never resent by the client.
+
+        Args:
+            subject: the subject.
+            content: text, or bytes (sent as `content_b64` when not UTF-8).
+            ack: wait for the gateway's ack (the message is durable); False: fire and forget (a
+                failure then comes as the `publish_failed` event).
+            timeout: seconds to wait for the ack (None: no limit).
+
+        Returns:
+            The Ack (epoch and seq of the stored message), or None without `ack`.
+
+        Raises:
+            GatewayError: the gateway's refusal (`unavailable`, `forbidden`, `rate_limited`, ...).
+            ConnectionClosedError: not connected, or the connection dropped before the ack (the
+                message may or may not be stored).
+            TimeoutError: no ack within `timeout`.
+        """
         ws = self._require_ws()
         frame: dict[str, Any] = {"op": "publish", "subject": subject}
         frame.update(content_fields(content))
@@ -687,7 +825,18 @@ class Client:
             self._acks.pop(ident, None)
 
     async def ping(self, timeout: float | None = 5.0) -> float:
-        """Round trip of an `op: ping` / `pong`, in seconds."""
+        """Round trip of an `op: ping` / `pong`.
+
+        Args:
+            timeout: seconds to wait for the `pong`.
+
+        Returns:
+            The round trip, in seconds.
+
+        Raises:
+            ConnectionClosedError: not connected, or the connection dropped first.
+            TimeoutError: no `pong` within `timeout`.
+        """
         ws = self._require_ws()
         ident = next(self._ids)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from support.client_fakegw import FakeGateway
 from support.tcpproxy import TcpProxy
 from support.waits import wait_until
 from support.ws import connected, recv, send
+from test_kafka_gateway import GatewayProcess, gateway_processes, kafka_gateway  # noqa: F401 (a fixture)
 
 from gateway import demo_feed
 from gateway.client import Client
@@ -420,6 +422,56 @@ async def test_page_reconnects_when_the_network_goes_silent(gateway_factory, pag
         await expect(page.locator("#match-4 .goals.away")).to_have_text("5", timeout=2 * T)
         await expect(page.locator("#status")).to_have_attribute("data-state", "live")
         assert await page.evaluate("window.__seen") == [["1", str(i), str(i + 1)] for i in range(1, 6)]
+
+
+def kafka_totals(records: list[Any]) -> dict[str, list[int]]:
+    """The true scores in Kafka mode, from topic `matches` itself: per key `football/N`, the goals of
+    its records and the seq of its last one (offset + 1)."""
+    totals = {s: [0, 0, 0] for s in SUBJECTS}
+    for r in records:
+        t = totals["/matches/" + r.key.decode()]
+        t[0] += r.value == b"score_home"
+        t[1] += r.value == b"score_away"
+        t[2] = max(t[2], r.offset + 1)
+    return totals
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)  # in a run of its own, this includes starting the Kafka cluster
+async def test_kafka_page_converges_through_a_second_gateway_when_its_gateway_is_killed(
+        kafka_broker, gateway_factory, gateway_processes, page):
+    """Two gateways on one Apache Kafka cluster: A (a process of its own) serves the page, which is
+    told about B (?gateways=); the demo feed publishes through B. A is killed with SIGKILL mid-feed:
+    the page carries on through B, replays what it missed from its positions (seq = Kafka offset + 1,
+    so they are valid on any gateway of the cluster), and ends showing exactly what topic `matches`
+    holds, whose new goals are exactly the feed's updates. (The topic is the demo's own and other
+    tests write to it too: the updates are counted from what it held before.)"""
+    await kafka_broker.create_topic("matches", 3)
+    gw_a = GatewayProcess(kafka_broker, ["matches"], "gw-a")
+    gateway_processes.append(gw_a)
+    gw_b = await kafka_gateway(gateway_factory, kafka_broker, ["matches"], node_id="gw-b",
+                               allowed_origins=(f"http://127.0.0.1:{gw_a.port}",))  # the page's origin
+    await gw_a.healthy()
+    before = kafka_totals(await kafka_broker.read_topic("matches", 3))
+    await page.goto(f"http://127.0.0.1:{gw_a.port}/?publish=0&gateways={ws_url(gw_b)}")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    await expect(page.locator("#node")).to_have_text("gateway gw-a")
+    feed, stats = start_feed(gw_b, seed=31, count=80)
+    # the page is counting the feed through A before A dies
+    await wait_until(lambda: stats.published >= 20, "the feed under way")
+    await page.wait_for_function(f"(before) => Object.entries(({SHOWN})()).some(([s, v]) => v[2] > before[s][2])",
+                                 arg=before)
+    gw_a.kill()  # SIGKILL, by PID: no close frame, no goodbye
+    assert gw_a.proc.returncode == -signal.SIGKILL
+    await expect(page.locator("#node")).to_have_text("gateway gw-b", timeout=2 * T)
+    await feed
+    assert stats.failed == 0
+    truth = kafka_totals(await kafka_broker.read_topic("matches", 3))
+    await shows(page, truth)
+    new_goals = sum(h + a for h, a, _ in truth.values()) - sum(h + a for h, a, _ in before.values())
+    assert new_goals == stats.published == 80
+    assert await page.locator(".note:not(:empty)").count() == 0  # every match complete
+    assert await page.evaluate("window.demo.client.stats.reconnects") >= 1
 
 
 async def start_module_client(page: Page, port: int, url: str, subject: str, **options: Any) -> None:
