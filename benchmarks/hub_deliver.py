@@ -44,7 +44,7 @@ def make_hub(module, budget: int | None):
 
 
 def run_case(module, case: str, n: int) -> float | None:
-    from gateway.engines.base import Record
+    from gateway.records import Record
 
     budget = 4 << 20 if case == "spray, forgetting (4 MiB budget)" else None
     hub = make_hub(module, budget)

@@ -22,6 +22,7 @@ import os
 import struct
 
 import pytest
+from support.fake_transport import FakeTransport  # tests/ is on the path (pyproject pythonpath)
 
 import fanout
 from fanout import _reference
@@ -108,17 +109,6 @@ def test_ring_since(benchmark, record, impl, back):
     record(benchmark, benchmark.group, impl)
 
 
-class _NullTransport:
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-
 def _masked(payload: bytes) -> bytes:
     key = os.urandom(4)
     n = len(payload)
@@ -148,7 +138,7 @@ def test_inbound_frames(benchmark, record, impl, shape):
     loop = asyncio.new_event_loop()
     try:
         conn = Counting()
-        conn.ws_open(WRITERS[impl](loop), _NullTransport(), 1 << 20, 1 << 20, None)
+        conn.ws_open(WRITERS[impl](loop), FakeTransport(), 1 << 20, 1 << 20, None)
         conn.data_received(read)
         assert Counting.n == count
         benchmark.group = f"inbound frames ({shape}, one read)"

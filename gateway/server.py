@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import orjson
-from fanout import COMPILED, Conn, Writer
+from fanout import COMPILED, Writer, WSState
 
 from . import __version__, http, protocol
 from .auth import Authenticator, ExpiryQueue
@@ -159,7 +159,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for session in list(self.sessions | self._unconnected):
-            session.close(protocol.CLOSE_GOING_AWAY, "gateway shutting down")
+            session.disconnect(protocol.CloseCode.GOING_AWAY, "gateway shutting down")
         if self.writer is not None:
             self.writer.flush()
         deadline = self.loop.time() + 2.0
@@ -216,10 +216,6 @@ class Gateway:
     def _new_session(self) -> asyncio.Protocol:
         return Session(self)  # type: ignore[return-value]  # an asyncio protocol by duck typing (Cython base)
 
-    def on_overflow(self, conn: Conn) -> None:
-        if isinstance(conn, Session):
-            conn.overflowed()
-
     async def _sweep_forever(self) -> None:
         hb = self.config.heartbeat_ms / 1000
         handshake = self.config.handshake_timeout_ms / 1000
@@ -246,20 +242,20 @@ class Gateway:
             if session.ws_input_paused:
                 continue  # we are the ones not reading it (over its publish rate, or behind a slow subscribe)
             if now - session.last_recv >= 3 * hb:
-                session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
+                session.disconnect(protocol.CloseCode.INTERNAL, "no answer to pings")
             elif now - session.last_ping >= hb:
                 session.ping(now)
         limit = self.config.connect_timeout_ms / 1000
         handshake = self.config.handshake_timeout_ms / 1000
         for session in list(self._unconnected):
             age = now - session.created
-            if session.ws_state == 0 and age >= min(handshake, limit):  # still in its HTTP request
+            if session.ws_state == WSState.HTTP and age >= min(handshake, limit):  # still in its HTTP request
                 self._unconnected.discard(session)
                 self.admission.refused("handshake_timeout")
-                session.close()  # before the upgrade: no response, the socket is just closed
+                session.disconnect()  # before the upgrade: no response, the socket is just closed
             elif age >= limit:
                 self._unconnected.discard(session)
-                session.close(protocol.CLOSE_POLICY, "no connect in time")
+                session.disconnect(protocol.CloseCode.POLICY, "no connect in time")
         if len(self.expiries):
             self.expire_tokens(time.time())
 

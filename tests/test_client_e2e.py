@@ -67,9 +67,8 @@ async def test_recovery_after_dropped_connections_no_loss_no_dup_in_order(gatewa
         # a sentinel (-1) last in each subject: once every subject has it, nothing more is on its way
         for s in subjects:
             await send(pub, {"op": "publish", "subject": s, "content": "-1"})
-        async with asyncio.timeout(10 * SCALE):
-            while not all(v and v[-1] == -1 for v in got.values()):
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: all(v and v[-1] == -1 for v in got.values()), "the sentinel in every subject",
+                         10 * SCALE)
         for s in subjects:
             assert got[s].pop() == -1
         for k, s in enumerate(subjects):

@@ -20,8 +20,10 @@ import pytest
 
 import fanout
 from support import fanout_impls
-from support.fanout_net import KINDS, LOOP_PARAMS, WAIT, GatewayProtocol, Net, Reader, poll_until, run
+from support.fake_transport import FakeTransport
+from support.fanout_net import KINDS, LOOP_PARAMS, GatewayProtocol, Net, Reader, run
 from support.fanout_ws import Frame, decode_all
+from support.waits import WAIT, wait_until
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 BIG = 10**9
@@ -310,7 +312,7 @@ def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, lo
             frames = decode_all(bytes(reader.data))
             assert [f.payload for f in frames if f.opcode == 1] == published
             assert sum(f.opcode == 9 for f in frames) == pings
-            await poll_until(lambda: gw.conn.queued_bytes == 0 and not gw.conn.paused, "the queue to drain")
+            await wait_until(lambda: gw.conn.queued_bytes == 0 and not gw.conn.paused, "the queue to drain")
             assert gw.resumes >= 1 and writer.overflows == 0
 
     run(loop_factory, main)
@@ -569,25 +571,6 @@ def test_argument_checks(impl: SimpleNamespace, loop_factory: LoopFactory) -> No
             assert conn.max_pending == BIG and conn.transport is gw.transport and conn.writer is writer
 
     run(loop_factory, main)
-
-
-class FakeTransport:
-    """No socket (fd -1): enough of a transport for a Conn that never writes."""
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def write(self, data: bytes) -> None:
-        pass
 
 
 def owned(impl: SimpleNamespace, conn: Any) -> list[Any]:

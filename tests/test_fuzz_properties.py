@@ -30,8 +30,8 @@ from support.fuzz_targets import (
 from support.ws import client_frame
 
 from gateway import http, protocol
-from gateway.engines.base import Record
 from gateway.protocol import ProtocolError
+from gateway.records import Record
 from gateway.subjects import Pattern, SubjectError, parse_subject, subject_for_record
 
 # ---- strategies ------------------------------------------------------------------------------------------

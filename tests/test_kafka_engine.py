@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from gateway.engines.base import EngineUnavailable, Record, UnknownTopic
+from gateway.engines.base import EngineUnavailable, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
+from gateway.records import Record
 from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
 

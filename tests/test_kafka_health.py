@@ -67,10 +67,10 @@ async def poll(make: Callable[[], Any], pred: Callable[[Any], bool], what: str) 
         last[0] = await make()
         return pred(last[0])
 
-    deadline = asyncio.get_running_loop().time() + WAIT
-    while not await ok():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}: last {last[0]!r}"
-        await asyncio.sleep(0.05)
+    try:
+        await wait_until(ok, what, interval=0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: last {last[0]!r}") from None
     return last[0]
 
 

@@ -590,7 +590,7 @@ async def test_close_reason_cut_inside_a_character_still_closes(gateway_factory)
     ws = await connected(ws_url(gw))
     await wait_until(lambda: len(gw.sessions) == 1, "the session")
     session = next(iter(gw.sessions))
-    session.close(1008, "x" + "é" * 70)  # byte 120 falls inside an "é"
+    session.disconnect(1008, "x" + "é" * 70)  # byte 120 falls inside an "é"
     assert await close_code(ws) == 1008
     assert ws.close_reason == "x" + "é" * 61
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from gateway import protocol
-from gateway.engines.base import Record
 from gateway.protocol import ProtocolError
+from gateway.records import Record
 
 
 def dec(obj):
