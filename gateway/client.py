@@ -26,9 +26,12 @@ What the client does for you:
 * never resends a publish on its own: publishes waiting for an ack when the connection drops fail
   with ``ConnectionClosedError`` and the caller decides.
 
-The pure parts (``backoff_delay``, ``classify``, ``decode_message``, ``content_fields``,
-``token_exp``, ``refresh_delay``, ``error_kind``) do no I/O and are tested on their own; ``Client`` is
-the asyncio adapter around them, on ``websockets``.
+The subscription logic (positions, duplicates, gaps, resubscribing, which errors answer a
+``subscribe``) is ``gateway.client_tracker.SubscriptionTracker``, which does no I/O (frames in, events
+and frames out) and is tested on its own, like the other pure parts (``backoff_delay``,
+``content_fields``, ``token_exp``, ``refresh_delay``, and ``classify``, ``decode_message``,
+``error_kind`` re-exported from the tracker's module). ``Client`` is the asyncio runner around them,
+on ``websockets``: it owns the connection, timers, futures and callbacks.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 from websockets.asyncio.client import ClientConnection
@@ -53,6 +56,20 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidURI, WebSocketException
 from websockets.uri import parse_uri
 
+from .client_tracker import (
+    Delivered,
+    Gap,
+    Message,
+    Refused,
+    Subscribed,
+    SubscriptionTracker,
+    Unsubscribed,
+    Verdict,
+    _opt_int,
+    classify,
+    decode_message,
+    error_kind,
+)
 from .subjects import SubjectError, parse_subject
 
 __all__ = [
@@ -62,6 +79,7 @@ __all__ = [
     "GatewayError",
     "Message",
     "Subscription",
+    "SubscriptionTracker",
     "Verdict",
     "backoff_delay",
     "classify",
@@ -76,10 +94,6 @@ log = logging.getLogger("gateway.client")
 
 CLOSE_POLICY: Final = 1008
 CLOSE_TOKEN_EXPIRED: Final = 4001  # 1.1: reconnect with a fresh token
-# Errors that answer one entry of a `subscribe` (PROTOCOL.md "Subscribing"); bad_request also
-# carries `subject` when an entry is malformed.
-_SUBSCRIBE_ERRORS: Final = frozenset({"forbidden", "invalid_subject", "unknown_topic", "bad_request",
-                                      "limit_exceeded"})
 # Errors after which reconnecting cannot help.
 _FATAL_ERRORS: Final = frozenset({"unauthorized", "not_connected"})
 # A gateway sends `connected` first; tolerate (and skip) a few unknown frames before it.
@@ -87,20 +101,6 @@ _HANDSHAKE_MAX_FRAMES: Final = 8
 
 
 # --------------------------------------------------------------------------- values and errors
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One `msg` frame. `data` is `content` encoded as UTF-8, or the decoded `content_b64`."""
-
-    subject: str
-    content: str | None
-    data: bytes
-    epoch: str
-    seq: int
-    prev: int | None
-    ts: int | None
-    snapshot: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +114,14 @@ class Ack:
 
 
 class GatewayError(Exception):
-    """An `error` frame from the gateway (or a local failure with a protocol error code)."""
+    """An `error` frame from the gateway (or a local failure with a protocol error code).
+
+    Attributes:
+        code: the protocol's error code (`forbidden`, `unavailable`, ...; "unknown" if none).
+        message: the gateway's text ("" if none).
+        subject, id: the subject and the request id the error is about, when the gateway said.
+        request: the op of the request it answers (1.1), None from a 1.0 gateway.
+    """
 
     def __init__(
         self,
@@ -134,6 +141,7 @@ class GatewayError(Exception):
 
     @classmethod
     def from_frame(cls, frame: Mapping[str, Any]) -> GatewayError:
+        """The error an `error` frame reports. Fields of the wrong type are left out; never raises."""
         code = frame.get("code")
         message = frame.get("message")
         subject = frame.get("subject")
@@ -152,6 +160,7 @@ class ConnectionClosedError(GatewayError):
     """The connection was lost (or never made) while a request waited for its answer.
 
     A publish that fails this way may or may not have been stored: the client never resends it.
+    `code` is "connection_closed"; `close_code` the WebSocket close code when one was received.
     """
 
     def __init__(
@@ -173,40 +182,29 @@ def backoff_delay(
     attempt: int, initial: float, maximum: float, rng: random.Random | None = None
 ) -> float:
     """Delay before reconnect attempt number `attempt` (0-based): "full jitter", i.e. uniform in
-    [0, min(maximum, initial * 2**attempt)], so a crowd of clients does not reconnect in step."""
+    [0, min(maximum, initial * 2**attempt)], so a crowd of clients does not reconnect in step.
+
+    Args:
+        attempt: failed attempts so far (negative counts as 0).
+        initial, maximum: the first cap and the largest, in seconds.
+        rng: the random source (the `random` module's when None).
+
+    Returns:
+        Seconds to wait.
+    """
     cap = min(maximum, initial * 2.0 ** min(max(attempt, 0), 64))
     return (rng if rng is not None else random).uniform(0.0, cap)
 
 
-Verdict = Literal["deliver", "duplicate", "gap"]
-
-
-def classify(
-    last: tuple[str, int] | None,
-    epoch: str,
-    seq: int,
-    prev: int | None,
-    *,
-    snapshot: bool = False,
-    skip_prev: bool = False,
-) -> Verdict:
-    """What to do with a message, given the last position received for its subject.
-
-    Another epoch (or no position yet) starts afresh. A snapshot, or the first message after a
-    `subscribed` with `recovered:false` (`skip_prev`), is a known jump: it is not a gap, otherwise
-    resubscribing would get the same answer forever.
-    """
-    if last is None or last[0] != epoch:
-        return "deliver"
-    if seq <= last[1]:
-        return "duplicate"
-    if prev is not None and prev != last[1] and not snapshot and not skip_prev:
-        return "gap"
-    return "deliver"
-
-
 def content_fields(content: str | bytes | bytearray | memoryview) -> dict[str, str]:
-    """`content` for text and UTF-8 bytes, `content_b64` for other bytes (PROTOCOL.md "Messages")."""
+    """The content fields of a `publish` frame (PROTOCOL.md "Messages").
+
+    Args:
+        content: text, or bytes.
+
+    Returns:
+        {"content": text} for text and UTF-8 bytes, {"content_b64": base64} for other bytes.
+    """
     if isinstance(content, str):
         return {"content": content}
     raw = bytes(content)
@@ -217,8 +215,15 @@ def content_fields(content: str | bytes | bytearray | memoryview) -> dict[str, s
 
 
 def token_exp(token: str) -> float | None:
-    """The `exp` claim of a JWT, read without verifying it (the gateway verifies): None when the
-    token is not a JWT or has no numeric `exp`."""
+    """The `exp` claim of a JWT, read without verifying it (the gateway verifies).
+
+    Args:
+        token: a JWT (or anything).
+
+    Returns:
+        `exp` in seconds since the epoch, or None when the token is not a JWT or has no numeric
+        `exp`. Never raises.
+    """
     parts = token.split(".")
     if len(parts) != 3:
         return None
@@ -235,61 +240,16 @@ def token_exp(token: str) -> float | None:
 def refresh_delay(exp: float, now: float, lead: float) -> float:
     """Seconds from `now` until a token expiring at `exp` should be refreshed: `lead` seconds before
     `exp`, but never later than halfway through what is left (a short token is refreshed early
-    enough to retry once), and not negative."""
+    enough to retry once), and not negative.
+
+    Args:
+        exp, now: seconds since the epoch. lead: seconds.
+
+    Returns:
+        Seconds to wait (>= 0).
+    """
     left = exp - now
     return max(0.0, left - min(lead, left / 2.0))
-
-
-ErrorKind = Literal["publish", "subscribe", "refresh", "connect", "other", "unknown"]
-
-
-def error_kind(frame: Mapping[str, Any]) -> ErrorKind:
-    """What an `error` frame answers, from its `request` field (1.1). `unknown` for a gateway that
-    does not send it (1.0): then the client falls back to its own bookkeeping."""
-    request = frame.get("request")
-    if not isinstance(request, str):
-        return "unknown"
-    if request in ("publish", "subscribe", "refresh", "connect"):
-        return request  # type: ignore[return-value]
-    return "other"
-
-
-def _opt_int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def decode_message(frame: Mapping[str, Any]) -> Message | None:
-    """A `msg` frame as a Message, or None when a required field is missing or mistyped."""
-    subject = frame.get("subject")
-    epoch = frame.get("epoch")
-    seq = _opt_int(frame.get("seq"))
-    if not isinstance(subject, str) or not isinstance(epoch, str) or seq is None:
-        return None
-    content = frame.get("content")
-    if isinstance(content, str):
-        data = content.encode("utf-8", "surrogatepass")
-    else:
-        b64 = frame.get("content_b64")
-        content = None
-        if isinstance(b64, str):
-            try:
-                data = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError):
-                return None
-        elif b64 is None:
-            data = b""
-        else:
-            return None
-    return Message(
-        subject,
-        content,
-        data,
-        epoch,
-        seq,
-        _opt_int(frame.get("prev")),
-        _opt_int(frame.get("ts")),
-        frame.get("snapshot") is True,
-    )
 
 
 def _dumps(frame: Mapping[str, Any]) -> bytes:
@@ -343,12 +303,15 @@ class Subscription:
 
     @property
     def closed(self) -> bool:
+        """True once the subscription ended (unsubscribed, refused, the client closed)."""
         return self._closed
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        """The next message. Raises StopAsyncIteration once unsubscribed or the client closed, or the
+        GatewayError that ended the subscription (e.g. `forbidden` after a token refresh)."""
         msg = await self._queue.get()
         if msg is None:
             self._queue.put_nowait(None)  # every later reader sees the end too
@@ -358,7 +321,16 @@ class Subscription:
         return msg
 
     async def get(self, timeout: float | None = None) -> Message:
-        """The next message; TimeoutError after `timeout`; the closing error once closed."""
+        """The next message.
+
+        Args:
+            timeout: seconds to wait at most (None: no limit).
+
+        Raises:
+            TimeoutError: nothing came within `timeout`.
+            GatewayError: the error that ended the subscription, or ConnectionClosedError once it
+                is closed.
+        """
         async with asyncio.timeout(timeout):
             msg = await self._queue.get()
         if msg is None:
@@ -367,6 +339,7 @@ class Subscription:
         return msg
 
     async def unsubscribe(self) -> None:
+        """`Client.unsubscribe` of this subject."""
         await self._client.unsubscribe(self.subject)
 
     # -- called by the client
@@ -439,7 +412,34 @@ TokenProvider = Callable[[], "str | Awaitable[str]"]
 
 
 class Client:
-    """Connection to one of several gateways, with subscriptions that survive reconnects."""
+    """Connection to one of several gateways, with subscriptions that survive reconnects.
+
+    Args:
+        urls: one WebSocket URL or several (tried in turn, cycling, on every reconnect).
+        token: a JWT, or a function (sync or async) returning a fresh one, asked at every (re)connect
+            and `refresh_lead` seconds before its `exp`.
+        refresh_lead: seconds before `exp` to send `refresh` (at most halfway to `exp`).
+        name: the `client` field of `connect`.
+        backoff_initial, backoff_max: reconnect backoff (full jitter), in seconds.
+        connect_timeout: seconds for the WebSocket handshake and the `connected` answer.
+        max_message_bytes: the largest frame accepted from the gateway.
+        on_event: called with (name, info) on connected, disconnected, reconnecting, connect_failed,
+            gap, subscription_lost, publish_failed, refreshed, refresh_failed, token_expired,
+            heartbeat_timeout, error, fatal; must not block (exceptions are logged).
+        max_reconnect_attempts: consecutive failed attempts before giving up (None: never).
+        rng: the random source of the backoff.
+        ws_options: more keyword arguments for `websockets.asyncio.client.connect`.
+
+    Raises:
+        ValueError: no URL, or a URL that is not ws:// or wss://.
+
+    Attributes:
+        connected, url, session, server, heartbeat_ms: the current connection's.
+        positions: subject -> last (epoch, seq) received (the tracker's).
+        stats: counters (messages, duplicates_dropped, gaps_detected, reconnects, resubscribes,
+            refreshes, expired).
+        token_exp: `exp` of the token the session holds, when known.
+    """
 
     def __init__(
         self,
@@ -486,7 +486,6 @@ class Client:
         self.heartbeat_ms: int | None = None
         self.connected = False
         self.url: str | None = None
-        self.positions: dict[str, tuple[str, int]] = {}
         self.stats: dict[str, int] = {
             "messages": 0,
             "duplicates_dropped": 0,
@@ -496,6 +495,10 @@ class Client:
             "refreshes": 0,
             "expired": 0,
         }
+        # the subscription logic, sans I/O: it counts into self.stats and owns the positions
+        self._tracker = SubscriptionTracker(self.stats)
+        #: subject -> last (epoch, seq) received: the tracker's, resent on every reconnect
+        self.positions: dict[str, tuple[str, int]] = self._tracker.positions
 
         self._url_index = 0
         self._ws: ClientConnection | None = None
@@ -509,11 +512,6 @@ class Client:
         self._unsub_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._acks: dict[str | int, asyncio.Future[Ack]] = {}
         self._pings: dict[str | int, asyncio.Future[None]] = {}
-        # Subscribe entries sent on this connection and not yet answered, per subject: tells a
-        # subscribe error from the error of a fire-and-forget publish to the same subject.
-        self._awaiting: dict[str, int] = {}
-        self._resyncing: set[str] = set()
-        self._skip_prev: set[str] = set()
         self._last_rx = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -537,11 +535,17 @@ class Client:
         await self.close()
 
     async def connect(self, *, timeout: float | None = 30.0) -> None:
-        """Connect to the first reachable URL and wait for `connected`; keep reconnecting after.
+        """Connect to the first reachable URL and wait for `connected`; keep reconnecting after
+        (until `close`), resubscribing every subject from its position each time.
 
-        Raises the gateway's error on close 1008 / `unauthorized`, and ConnectionClosedError when
-        no gateway answered within `timeout` (None: keep trying, bounded only by
-        `max_reconnect_attempts`).
+        Args:
+            timeout: seconds to wait for the first `connected` (None: keep trying, bounded only by
+                `max_reconnect_attempts`).
+
+        Raises:
+            GatewayError: the gateway's error on close 1008 / `unauthorized` (fatal: no retry).
+            ConnectionClosedError: no gateway answered within `timeout`, or the attempts ran out.
+            RuntimeError: already connected or connecting.
         """
         if self._runner is not None and not self._runner.done():
             raise RuntimeError("already connected or connecting")
@@ -564,7 +568,8 @@ class Client:
             raise
 
     async def close(self) -> None:
-        """Stop reconnecting, close the connection with 1000, end every subscription."""
+        """Stop reconnecting, close the connection with 1000, end every subscription (their iterators
+        stop), fail every request still waiting (ConnectionClosedError). Never raises."""
         self._closing = True
         ws = self._ws
         if ws is not None:
@@ -622,9 +627,27 @@ class Client:
         position: tuple[str, int] | None = None,
         timeout: float | None = 10.0,
     ) -> Subscription:
-        """Subscribe and wait for `subscribed`; raise GatewayError (forbidden, invalid_subject,
-        unknown_topic). The position sent is the last one received for the subject if any, else
-        `position`. Subscribing again to a subscribed subject returns the same Subscription."""
+        """Subscribe and wait for `subscribed`. Subscribing again to a subscribed subject returns the
+        same Subscription (and asks the gateway again from its position).
+
+        Args:
+            subject: the subject.
+            callback: called with every Message (a coroutine function's results are awaited one after
+                the other); without one, iterate the Subscription.
+            position: (epoch, seq) to start after, used when no message of the subject was received
+                yet; seq 0 asks for the whole epoch.
+            timeout: seconds to wait for `subscribed` (None: no limit). Not connected, the request
+                waits for the next connection.
+
+        Returns:
+            The Subscription (its `recovered`, `epoch`, `seq` are the gateway's answer).
+
+        Raises:
+            GatewayError: `invalid_subject` (checked locally too), `forbidden`, `unknown_topic`,
+                `limit_exceeded`; the fatal error after close 1008; ConnectionClosedError when the
+                client is closed.
+            TimeoutError: no answer within `timeout` (the subscription is then dropped).
+        """
         (sub,) = await self._subscribe([(subject, position)], callback, timeout)
         return sub
 
@@ -635,8 +658,18 @@ class Client:
         *,
         timeout: float | None = 10.0,
     ) -> list[Subscription]:
-        """One `subscribe` frame for many subjects. Raises the first error once all are answered
-        (the subjects that succeeded stay subscribed)."""
+        """One `subscribe` frame for many subjects.
+
+        Args:
+            subjects, callback, timeout: as for `subscribe` (one callback for all).
+
+        Returns:
+            Their Subscriptions, in order.
+
+        Raises:
+            GatewayError, TimeoutError: as `subscribe`; the first error once all are answered (the
+                subjects that succeeded stay subscribed).
+        """
         return await self._subscribe([(s, None) for s in subjects], callback, timeout)
 
     async def _subscribe(
@@ -655,7 +688,7 @@ class Client:
         subs: list[Subscription] = []
         created: list[str] = []
         waiters: list[tuple[str, asyncio.Future[Subscription]]] = []
-        for subject, position in items:
+        for subject, _ in items:
             sub = self._subs.get(subject)
             if sub is None:
                 sub = Subscription(self, subject, callback)
@@ -663,15 +696,13 @@ class Client:
                 created.append(subject)
             elif callback is not None:
                 sub._callback = callback
-            if position is not None and subject not in self.positions:
-                self.positions[subject] = (str(position[0]), int(position[1]))
             fut: asyncio.Future[Subscription] = loop.create_future()
             self._sub_waiters.setdefault(subject, []).append(fut)
             waiters.append((subject, fut))
             subs.append(sub)
         # Not connected: the next connection's resubscription carries these subjects.
-        if self.connected and self._ws is not None:
-            await self._send_subscribe(self._ws, [s for s, _ in items])
+        self._tracker.subscribe([s for s, _ in items], {s: p for s, p in items if p is not None})
+        await self._flush()
         try:
             async with asyncio.timeout(timeout):
                 results = await asyncio.gather(*(f for _, f in waiters), return_exceptions=True)
@@ -689,15 +720,24 @@ class Client:
         return subs
 
     async def unsubscribe(self, subject: str, *, timeout: float | None = 10.0) -> None:
-        """Stop the subscription (its iterator ends), forget its position, wait for `unsubscribed`."""
+        """Stop the subscription (its iterator ends), forget its position, wait for `unsubscribed`.
+
+        Args:
+            subject: the subject (not subscribed: only the gateway is told).
+            timeout: seconds to wait for `unsubscribed`, and then for queued async callbacks to end
+                (they are cancelled after).
+
+        Raises:
+            TimeoutError: no `unsubscribed` within `timeout` (the subscription is gone anyway).
+        """
         worker = self._drop_subscription(subject, None)
-        self.positions.pop(subject, None)
+        self._tracker.unsubscribe(subject)  # forgets the position; queues `unsubscribe` if connected
         ws = self._ws
         if self.connected and ws is not None:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._unsub_waiters.setdefault(subject, []).append(fut)
             try:
-                await ws.send(_dumps({"op": "unsubscribe", "subjects": [subject]}), text=True)
+                await self._flush()
                 async with asyncio.timeout(timeout):
                     await fut
             except ConnectionClosed:
@@ -716,23 +756,22 @@ class Client:
         self, subject: str, error: GatewayError | None
     ) -> asyncio.Task[None] | None:
         sub = self._subs.pop(subject, None)
-        self._resyncing.discard(subject)
-        self._skip_prev.discard(subject)
+        self._tracker.drop(subject)
         return sub._close(error) if sub is not None else None
 
-    def _entry(self, subject: str) -> dict[str, Any]:
-        pos = self.positions.get(subject)
-        if pos is None:
-            return {"subject": subject}
-        return {"subject": subject, "epoch": pos[0], "seq": pos[1]}
-
-    async def _send_subscribe(self, ws: ClientConnection, subjects: Sequence[str]) -> None:
-        # Built and counted synchronously, so a reconnect cannot slip in between.
-        frame = {"op": "subscribe", "subjects": [self._entry(s) for s in subjects]}
-        for s in subjects:
-            self._awaiting[s] = self._awaiting.get(s, 0) + 1
-        with contextlib.suppress(ConnectionClosed):  # the reconnect resubscribes
-            await ws.send(_dumps(frame), text=True)
+    async def _flush(self) -> None:
+        """Send what the tracker queued, in order, on the current connection. The frames are taken
+        synchronously, so a reconnect cannot slip in between; a frame lost with the connection is
+        not resent (the next connection resubscribes everything with its positions)."""
+        ws = self._ws
+        if ws is None or not self.connected:
+            return
+        frames = self._tracker.frames_to_send()
+        for frame in frames:
+            try:
+                await ws.send(_dumps(frame), text=True)
+            except ConnectionClosed:
+                return  # _serve's end settles what waits for an answer (_fail_requests)
 
     # ----------------------------------------------------------------- publishing, ping
 
@@ -744,9 +783,24 @@ class Client:
         ack: bool = True,
         timeout: float | None = 10.0,
     ) -> Ack | None:
-        """Publish. With `ack`, wait for the gateway's ack (the message is durable) and return it,
-        or raise its GatewayError (`unavailable`, `forbidden`, ...), ConnectionClosedError if the
-        connection drops first (never resent), TimeoutError after `timeout`."""
+        """Publish a message. Never resent by the client.
+
+        Args:
+            subject: the subject.
+            content: text, or bytes (sent as `content_b64` when not UTF-8).
+            ack: wait for the gateway's ack (the message is durable); False: fire and forget (a
+                failure then comes as the `publish_failed` event).
+            timeout: seconds to wait for the ack (None: no limit).
+
+        Returns:
+            The Ack (epoch and seq of the stored message), or None without `ack`.
+
+        Raises:
+            GatewayError: the gateway's refusal (`unavailable`, `forbidden`, `rate_limited`, ...).
+            ConnectionClosedError: not connected, or the connection dropped before the ack (the
+                message may or may not be stored).
+            TimeoutError: no ack within `timeout`.
+        """
         ws = self._require_ws()
         frame: dict[str, Any] = {"op": "publish", "subject": subject}
         frame.update(content_fields(content))
@@ -771,7 +825,18 @@ class Client:
             self._acks.pop(ident, None)
 
     async def ping(self, timeout: float | None = 5.0) -> float:
-        """Round trip of an `op: ping` / `pong`, in seconds."""
+        """Round trip of an `op: ping` / `pong`.
+
+        Args:
+            timeout: seconds to wait for the `pong`.
+
+        Returns:
+            The round trip, in seconds.
+
+        Raises:
+            ConnectionClosedError: not connected, or the connection dropped first.
+            TimeoutError: no `pong` within `timeout`.
+        """
         ws = self._require_ws()
         ident = next(self._ids)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -970,8 +1035,6 @@ class Client:
         self.server = server if isinstance(server, str) else None
         self.heartbeat_ms = hb
         self.url = url
-        self._awaiting.clear()
-        self._resyncing.clear()  # the resubscription below carries every position
         self._last_rx = loop.time()
         self._ws = ws
         self.connected = True
@@ -979,11 +1042,8 @@ class Client:
             self.stats["reconnects"] += 1
         unauthorized: GatewayError | None = None
         try:
-            subjects = list(self._subs)
-            if subjects:
-                if not first:
-                    self.stats["resubscribes"] += len(subjects)
-                await self._send_subscribe(ws, subjects)
+            self._tracker.connection_made()  # one `subscribe` with every subject and its position
+            await self._flush()
             if hb is not None and hb > 0:
                 self._arm_watchdog(loop, ws, 2.0 * hb / 1000.0)
             self._schedule_refresh(ws)
@@ -1010,6 +1070,7 @@ class Client:
                     continue
                 if err is not None:
                     unauthorized = err
+                await self._flush()  # e.g. the resubscription after a gap
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
             code = rcvd.code if rcvd is not None else None
@@ -1026,6 +1087,7 @@ class Client:
         finally:
             self.connected = False
             self._ws = None
+            self._tracker.connection_lost()
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
@@ -1059,84 +1121,49 @@ class Client:
     def _dispatch(self, frame: dict[str, Any]) -> GatewayError | None:
         """Handle one frame; returns an `unauthorized` error (the close 1008 follows it)."""
         op = frame.get("op")
-        if op == "msg":
-            self._on_msg(frame)
-        elif op == "ack":
+        if op == "ack":
             self._on_ack(frame)
-        elif op == "subscribed":
-            self._on_subscribed(frame)
         elif op == "error":
             return self._on_error(frame)
         elif op == "refreshed":
             self._on_refreshed(frame)
-        elif op == "unsubscribed":
-            subject = frame.get("subject")
-            for fut in self._unsub_waiters.pop(subject, []) if isinstance(subject, str) else []:
-                if not fut.done():
-                    fut.set_result(None)
         elif op == "pong":
             ident = frame.get("id")
             ping = self._pings.pop(ident, None) if isinstance(ident, (str, int)) else None
             if ping is not None and not ping.done():
                 ping.set_result(None)
-        # `hb` and unknown ops: nothing to do (receiving them already fed the watchdog).
+        else:  # msg, subscribed, unsubscribed; `hb` and unknown ops give no event
+            self._handle(self._tracker.receive(frame))
         return None
 
-    def _on_msg(self, frame: dict[str, Any]) -> None:
-        subject = frame.get("subject")
-        sub = self._subs.get(subject) if isinstance(subject, str) else None
-        if sub is None or subject in self._resyncing:
-            return  # unsubscribed, or held back until `subscribed` replays the gap
-        msg = decode_message(frame)
-        if msg is None:
-            log.warning("malformed msg for %s dropped", subject)
-            return
-        last = self.positions.get(msg.subject)
-        verdict = classify(
-            last, msg.epoch, msg.seq, msg.prev,
-            snapshot=msg.snapshot, skip_prev=msg.subject in self._skip_prev,
-        )
-        if verdict == "duplicate":
-            self.stats["duplicates_dropped"] += 1
-            return
-        if verdict == "gap":
-            assert last is not None
-            self._resync(msg.subject, last, msg)
-            return
-        self._skip_prev.discard(msg.subject)
-        self.positions[msg.subject] = (msg.epoch, msg.seq)
-        self.stats["messages"] += 1
-        sub._deliver(msg)
+    def _handle(self, events: list[Any]) -> None:
+        """Carry out the tracker's events: deliver, settle waiters, report."""
+        for event in events:
+            if isinstance(event, Delivered):
+                sub = self._subs.get(event.message.subject)
+                if sub is not None:
+                    sub._deliver(event.message)
+            elif isinstance(event, Subscribed):
+                self._on_subscribed(event)
+            elif isinstance(event, Gap):
+                log.info("gap on %s: have %s, got seq %s prev %s; resubscribing",
+                         event.subject, (event.epoch, event.seq), event.got_seq, event.got_prev)
+                self._event("gap", {"subject": event.subject, "epoch": event.epoch, "seq": event.seq,
+                                    "got_seq": event.got_seq, "got_prev": event.got_prev})
+            elif isinstance(event, Refused):
+                self._on_refused(event)
+            elif isinstance(event, Unsubscribed):
+                for fut in self._unsub_waiters.pop(event.subject, []):
+                    if not fut.done():
+                        fut.set_result(None)
 
-    def _resync(self, subject: str, last: tuple[str, int], msg: Message) -> None:
-        """Negative feedback: subscribe again from the last position, on this connection."""
-        self.stats["gaps_detected"] += 1
-        self.stats["resubscribes"] += 1
-        self._resyncing.add(subject)
-        log.info("gap on %s: have %s, got seq %s prev %s; resubscribing",
-                 subject, last, msg.seq, msg.prev)
-        self._event("gap", {"subject": subject, "epoch": last[0], "seq": last[1],
-                            "got_seq": msg.seq, "got_prev": msg.prev})
-        ws = self._ws
-        if ws is not None:
-            self._spawn(self._send_subscribe(ws, [subject]))
-
-    def _on_subscribed(self, frame: dict[str, Any]) -> None:
-        subject = frame.get("subject")
-        if not isinstance(subject, str):
-            return
-        self._answered(subject)
+    def _on_subscribed(self, event: Subscribed) -> None:
+        subject = event.subject
         sub = self._subs.get(subject)
         if sub is not None:
-            epoch = frame.get("epoch")
-            sub.epoch = epoch if isinstance(epoch, str) else None
-            sub.seq = _opt_int(frame.get("seq"))
-            sub.recovered = frame.get("recovered") is True
-            self._resyncing.discard(subject)
-            if sub.recovered:
-                self._skip_prev.discard(subject)
-            else:
-                self._skip_prev.add(subject)  # a snapshot or a jump follows: not a gap
+            sub.epoch = event.epoch
+            sub.seq = event.seq
+            sub.recovered = event.recovered
         for fut in self._sub_waiters.pop(subject, []):
             if not fut.done():
                 if sub is not None:
@@ -1144,15 +1171,22 @@ class Client:
                 else:
                     fut.set_exception(ConnectionClosedError("unsubscribed meanwhile", subject=subject))
 
-    def _answered(self, subject: str) -> bool:
-        count = self._awaiting.get(subject, 0)
-        if count <= 0:
-            return False
-        if count == 1:
-            del self._awaiting[subject]
-        else:
-            self._awaiting[subject] = count - 1
-        return True
+    def _on_refused(self, event: Refused) -> None:
+        """A subscribe entry was refused, or the subscription ended (the tracker dropped it)."""
+        subject = event.subject
+        error = GatewayError.from_frame(event.frame)
+        waiters = self._sub_waiters.pop(subject, [])
+        worker = self._drop_subscription(subject, error)
+        if worker is not None:
+            self._tasks.add(worker)
+            worker.add_done_callback(self._tasks.discard)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(error)
+        if not waiters:
+            log.warning("subscription to %s ended: %s", subject, error)
+            self._event("subscription_lost",
+                        {"subject": subject, "code": error.code, "message": error.message})
 
     def _on_ack(self, frame: dict[str, Any]) -> None:
         ident = frame.get("id")
@@ -1176,56 +1210,26 @@ class Client:
                 if not pending.done():
                     pending.set_exception(error)
                 return None
-        subject = error.subject
+        events = self._tracker.receive(frame)  # a refused subscribe entry, or a subscription ended
+        if events:
+            self._handle(events)
+            return None
         if kind == "publish":  # a fire-and-forget publish failed: subscriptions are not concerned
-            log.warning("publish to %s failed: %s", subject, error)
+            log.warning("publish to %s failed: %s", error.subject, error)
             self._event("publish_failed", dict(frame))
             return None
         if kind == "refresh":
-            if subject is not None and subject in self._subs:  # the new token no longer allows it
-                self._lose_subscription(subject, error)
-                return None
             log.warning("token refresh refused: %s", error)  # the session keeps its old token
             self._event("refresh_failed", {"error": str(error)})
             ws = self._ws
             if ws is not None:
                 self._retry_refresh(ws)
             return None
-        if kind == "subscribe":
-            is_subscribe = subject is not None
-            if is_subscribe:
-                self._answered(subject)  # type: ignore[arg-type]
-        else:  # a 1.0 gateway: an error of a subject with a subscribe entry pending (kind unknown)
-            is_subscribe = (kind == "unknown" and subject is not None and error.code in _SUBSCRIBE_ERRORS
-                            and self._answered(subject))
-        if subject is not None and is_subscribe:
-            waiters = self._sub_waiters.pop(subject, [])
-            if subject in self._subs:
-                worker = self._drop_subscription(subject, error)
-                if worker is not None:
-                    self._tasks.add(worker)
-                    worker.add_done_callback(self._tasks.discard)
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(error)
-            if not waiters:
-                log.warning("resubscription to %s refused: %s", subject, error)
-                self._event("subscription_lost",
-                            {"subject": subject, "code": error.code, "message": error.message})
-            return None
         log.warning("gateway error: %s", error)
         self._event("error", dict(frame))
         if error.code == "unauthorized" and kind == "unknown" and self._token_provider is not None:
             return None  # 1.1 expiry (no `request`): close 4001 follows and we reconnect
         return error if error.code in _FATAL_ERRORS else None
-
-    def _lose_subscription(self, subject: str, error: GatewayError) -> None:
-        worker = self._drop_subscription(subject, error)
-        if worker is not None:
-            self._tasks.add(worker)
-            worker.add_done_callback(self._tasks.discard)
-        log.warning("subscription to %s ended: %s", subject, error)
-        self._event("subscription_lost", {"subject": subject, "code": error.code, "message": error.message})
 
     # ----------------------------------------------------------------- plumbing
 

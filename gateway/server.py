@@ -1,6 +1,6 @@
 """The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, and the demo page: /,
-/demo.js, /client.js, /favicon.ico), the liveness sweep (heartbeats, pings, dead peers, connect timeout),
-and the lifecycle.
+/demo.js, /client.js and its types /client.d.ts, /favicon.ico), the liveness sweep (heartbeats, pings, dead
+peers, connect timeout), and the lifecycle.
 
 Each connection is one Session (gateway/session.py) on the loop's own transports: httptools parses the
 HTTP request (gateway/http.py), fanout.WSConn the client frames, and every outbound frame goes through
@@ -110,6 +110,9 @@ class Gateway:
         self._pages = {b"/": ("text/html; charset=utf-8", _static("index.html")),
                        b"/demo.js": ("text/javascript; charset=utf-8", _static("demo.js")),
                        b"/client.js": ("text/javascript; charset=utf-8", _static("client.js")),
+                       # client.js's TypeScript declarations (no registered media type; this is the
+                       # one TypeScript tooling and Deno use)
+                       b"/client.d.ts": ("application/typescript; charset=utf-8", _static("client.d.ts")),
                        b"/favicon.ico": ("image/x-icon", _static("favicon.ico"))}
 
     def _epoch_of(self, subject: str) -> str:

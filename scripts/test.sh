@@ -24,6 +24,10 @@ if ! command -v cc >/dev/null 2>&1 || ! python3 -c 'import sysconfig, os, sys; s
     missing+=(build-essential python3-dev)
 fi
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# node runs client.js's subscription tracker on the shared frame fixtures (tests/test_client_tracker.py),
+# npm installs TypeScript for checking client.d.ts
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 # Apache Kafka 4.x (the broker the Kafka tests run against) needs Java 17+ and is resolved with Maven
 command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
@@ -114,6 +118,12 @@ summaries+=("sdist (fails with no compiler, builds with one, --version): $(tail 
 in $((SECONDS - sdist_started)) s (exit $sdist_rc)")
 echo "scripts/test.sh: build, install, lint and sdist took $((SECONDS - started)) s"
 
+# TypeScript's compiler (tsc) for the check of gateway/static/client.d.ts (tests/test_client_tracker.py),
+# from npm into a cache outside the checkout, kept between runs
+tsdir=${XDG_CACHE_HOME:-$HOME/.cache}/kafka-ws-gateway/typescript
+[ -x "$tsdir/node_modules/.bin/tsc" ] ||
+    npm install --silent --no-audit --no-fund --prefix "$tsdir" typescript@5 >/dev/null
+export GATEWAY_TEST_TSC=$tsdir/node_modules/.bin/tsc
 # Apache Kafka's jars into ~/.cache/kafka-ws-gateway/kafka-<version>/ (Maven's ~/.m2 keeps them too):
 # resolved here, once, so that neither pass spends its time on it
 "$venv/bin/python" tests/support/kafka_cluster.py --resolve-only >/dev/null

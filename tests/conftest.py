@@ -66,6 +66,16 @@ def ws_url(gw: Any) -> str:
     return f"ws://127.0.0.1:{gw.port}/ws"
 
 
+@pytest.fixture
+async def gateway_processes() -> AsyncIterator[list[Any]]:
+    """A list the test appends its gateway subprocesses to (test_kafka_gateway.GatewayProcess); each is
+    closed (SIGTERM, by its own PID) at the end of the test."""
+    procs: list[Any] = []
+    yield procs
+    for p in procs:
+        p.close()
+
+
 # One Kafka-protocol broker per session (Tansu started on a free port, or KAFKA_BOOTSTRAP): only the
 # tests that ask for it start it. Each test gives its topics names of its own.
 from support.kafka_broker import kafka_broker_fixture  # noqa: E402

@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from support.client_fakegw import FakeGateway
 from support.tcpproxy import TcpProxy
 from support.waits import wait_until
 from support.ws import connected, recv, send
+from test_kafka_gateway import GatewayProcess, kafka_gateway
 
 #: every Playwright wait (expect, wait_for_function, goto, clicks), in milliseconds
 T = 10_000 * SCALE
@@ -422,6 +424,56 @@ async def test_page_reconnects_when_the_network_goes_silent(gateway_factory, pag
         assert await page.evaluate("window.__seen") == [["1", str(i), str(i + 1)] for i in range(1, 6)]
 
 
+def kafka_totals(records: list[Any]) -> dict[str, list[int]]:
+    """The true scores in Kafka mode, from topic `matches` itself: per key `football/N`, the goals of
+    its records and the seq of its last one (offset + 1)."""
+    totals = {s: [0, 0, 0] for s in SUBJECTS}
+    for r in records:
+        t = totals["/matches/" + r.key.decode()]
+        t[0] += r.value == b"score_home"
+        t[1] += r.value == b"score_away"
+        t[2] = max(t[2], r.offset + 1)
+    return totals
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(300)  # in a run of its own, this includes starting the Kafka cluster
+async def test_kafka_page_converges_through_a_second_gateway_when_its_gateway_is_killed(
+        kafka_broker, gateway_factory, gateway_processes, page):
+    """Two gateways on one Apache Kafka cluster: A (a process of its own) serves the page, which is
+    told about B (?gateways=); the demo feed publishes through B. A is killed with SIGKILL mid-feed:
+    the page carries on through B, replays what it missed from its positions (seq = Kafka offset + 1,
+    so they are valid on any gateway of the cluster), and ends showing exactly what topic `matches`
+    holds, whose new goals are exactly the feed's updates. (The topic is the demo's own and other
+    tests write to it too: the updates are counted from what it held before.)"""
+    await kafka_broker.create_topic("matches", 3)
+    gw_a = GatewayProcess(kafka_broker, ["matches"], "gw-a")
+    gateway_processes.append(gw_a)
+    gw_b = await kafka_gateway(gateway_factory, kafka_broker, ["matches"], node_id="gw-b",
+                               allowed_origins=(f"http://127.0.0.1:{gw_a.port}",))  # the page's origin
+    await gw_a.healthy()
+    before = kafka_totals(await kafka_broker.read_topic("matches", 3))
+    await page.goto(f"http://127.0.0.1:{gw_a.port}/?publish=0&gateways={ws_url(gw_b)}")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "live")
+    await expect(page.locator("#node")).to_have_text("gateway gw-a")
+    feed, stats = start_feed(gw_b, seed=31, count=80)
+    # the page is counting the feed through A before A dies
+    await wait_until(lambda: stats.published >= 20, "the feed under way")
+    await page.wait_for_function(f"(before) => Object.entries(({SHOWN})()).some(([s, v]) => v[2] > before[s][2])",
+                                 arg=before)
+    gw_a.kill()  # SIGKILL, by PID: no close frame, no goodbye
+    assert gw_a.proc.returncode == -signal.SIGKILL
+    await expect(page.locator("#node")).to_have_text("gateway gw-b", timeout=2 * T)
+    await feed
+    assert stats.failed == 0
+    truth = kafka_totals(await kafka_broker.read_topic("matches", 3))
+    await shows(page, truth)
+    new_goals = sum(h + a for h, a, _ in truth.values()) - sum(h + a for h, a, _ in before.values())
+    assert new_goals == stats.published == 80
+    assert await page.locator(".note:not(:empty)").count() == 0  # every match complete
+    assert await page.evaluate("window.demo.client.stats.reconnects") >= 1
+
+
 async def start_module_client(page: Page, port: int, url: str, subject: str, **options: Any) -> None:
     """Load client.js on its own (no demo page: a same-origin document, then a dynamic import) and
     subscribe one subject; window.__got collects [content, seq, snapshot] per message."""
@@ -461,7 +513,8 @@ async def test_client_js_as_an_es_module_against_the_gateway(gateway_factory, pa
                 catch (e) { return [e instanceof window.GatewayError, e.code]; }
             }""")
         assert refused == [True, "invalid_subject"]
-        assert await page.evaluate("window.__c.stats") == {"duplicates": 0, "gaps": 0, "reconnects": 0,
+        assert await page.evaluate("window.__c.stats") == {"messages": 3, "duplicates": 0, "gaps": 0,
+                                                          "resubscribes": 0, "reconnects": 0,
                                                           "refreshes": 0, "expired": 0}
         await page.evaluate("window.__c.close()")
         await wait_until(lambda: len(gw.sessions) == 1, "the browser's session to end")
@@ -488,7 +541,8 @@ async def test_client_js_gap_duplicate_and_resubscribe_with_position(gateway_fac
         await page.wait_for_function("window.__got.length === 4")
         assert await page.evaluate("window.__got") == [["a", 1, False], ["b", 2, False], ["c", 3, False],
                                                       ["d", 4, False]]
-        assert await page.evaluate("window.__c.stats") == {"duplicates": 1, "gaps": 1, "reconnects": 0,
+        assert await page.evaluate("window.__c.stats") == {"messages": 4, "duplicates": 1, "gaps": 1,
+                                                          "resubscribes": 1, "reconnects": 0,
                                                           "refreshes": 0, "expired": 0}
 
         await conn.close(1001)  # the gateway goes away: reconnect, resubscribe from the last position

@@ -36,6 +36,9 @@ async def test_http_endpoints(gateway_factory):
     assert status == 200 and ctype.startswith("text/html") and b"/client.js" in body
     status, ctype, body = await asyncio.to_thread(_get, base + "/client.js")
     assert status == 200 and "javascript" in ctype and b"export class GatewayClient" in body
+    status, ctype, body = await asyncio.to_thread(_get, base + "/client.d.ts")
+    assert status == 200 and ctype == "application/typescript; charset=utf-8"
+    assert b"export class GatewayClient {" in body and b"export class SubscriptionTracker {" in body
     status, _, _ = await asyncio.to_thread(_get, base + "/nope")
     assert status == 404
 

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -178,14 +178,6 @@ class GatewayProcess:
     def close(self) -> None:
         self.kill(signal.SIGTERM)
         os.unlink(self.log_path)
-
-
-@pytest.fixture
-async def gateway_processes() -> AsyncIterator[list[GatewayProcess]]:
-    procs: list[GatewayProcess] = []
-    yield procs
-    for p in procs:
-        p.close()
 
 
 # ------------------------------------------------------------------------------------------ tests

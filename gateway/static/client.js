@@ -14,6 +14,11 @@
 // JWT. With a provider the client asks it at every (re)connect, sends `refresh` ahead of the token's
 // `exp`, and after close 4001 (token expired) reconnects with a fresh token and recovers. Errors are
 // told apart by their `request` field: a failed publish never ends a subscription of the same subject.
+//
+// The subscription rules live in `SubscriptionTracker` (frames in, events and frames out; no WebSocket,
+// no timers, no DOM), the twin of the Python SDK's gateway/client_tracker.py: both are held to the same
+// frame sequences (tests/fixtures/tracker_cases.json), and it runs under node as well as in a browser.
+// Types: /client.d.ts.
 
 const CLOSE_POLICY = 1008;
 const CLOSE_TOKEN_EXPIRED = 4001;
@@ -39,6 +44,205 @@ export function refreshDelay(expS, nowMs, leadMs) {
   return Math.max(0, left - Math.min(leadMs, left / 2));
 }
 
+// Errors that answer one entry of a `subscribe`: how a 1.0 gateway's (no `request` field) are recognised.
+const SUBSCRIBE_ERRORS = new Set(["forbidden", "invalid_subject", "unknown_topic", "bad_request", "limit_exceeded"]);
+
+const isInt = (v) => Number.isInteger(v);
+
+// A `msg` frame as a message ({subject, content, data, epoch, seq, prev, ts, snapshot}), or null when a
+// required field is missing or mistyped. `content` is the text; for `content_b64` it is the decoded bytes
+// as a binary string (atob), and `data` is a Uint8Array of the bytes either way.
+export function decodeMessage(m) {
+  if (typeof m.subject !== "string" || typeof m.epoch !== "string" || !isInt(m.seq)) return null;
+  let content;
+  let data;
+  if (typeof m.content === "string") {
+    content = m.content;
+    data = new TextEncoder().encode(content);
+  } else if (typeof m.content_b64 === "string") {
+    try { content = atob(m.content_b64); } catch (e) { return null; }
+    data = Uint8Array.from(content, (c) => c.charCodeAt(0));
+  } else if (m.content_b64 === undefined || m.content_b64 === null) {
+    content = "";
+    data = new Uint8Array(0);
+  } else {
+    return null;
+  }
+  return { subject: m.subject, content, data, epoch: m.epoch, seq: m.seq,
+           prev: isInt(m.prev) ? m.prev : undefined, ts: isInt(m.ts) ? m.ts : undefined,
+           snapshot: m.snapshot === true };
+}
+
+// What to do with a message given the subject's last position ({epoch, seq} or undefined):
+// "deliver", "duplicate" or "gap". Another epoch starts afresh; a snapshot, or the first message after
+// `recovered:false` (skipPrev), is a known jump, not a gap.
+export function classify(last, epoch, seq, prev, { snapshot = false, skipPrev = false } = {}) {
+  if (!last || last.epoch !== epoch) return "deliver";
+  if (seq <= last.seq) return "duplicate";
+  if (prev !== undefined && prev !== null && prev !== last.seq && !snapshot && !skipPrev) return "gap";
+  return "deliver";
+}
+
+// What an `error` frame answers, from its `request` field (1.1); "unknown" from a 1.0 gateway.
+export function errorKind(m) {
+  if (typeof m.request !== "string") return "unknown";
+  return ["publish", "subscribe", "refresh", "connect"].includes(m.request) ? m.request : "other";
+}
+
+// The subscriptions of one client across its connections, without I/O (the rules of PROTOCOL.md's
+// "Client obligations"): keeps the last {epoch, seq} per subject, drops duplicates, holds a subject back
+// on a `prev` gap and subscribes again from its position, resubscribes everything with positions on every
+// new connection, and tells the errors that answer a `subscribe` from the others. `receive(frame)`
+// returns events: {type: "deliver", message} | {type: "subscribed", subject, epoch, seq, recovered,
+// tracked} | {type: "gap", subject, epoch, seq, gotSeq, gotPrev} | {type: "refused", subject, frame,
+// tracked} | {type: "unsubscribed", subject}; `framesToSend()` the frames to send, in order.
+export class SubscriptionTracker {
+  constructor() {
+    this.positions = new Map();  // subject -> {epoch, seq}; a caller may rewind one before subscribing
+    this.stats = { messages: 0, duplicates: 0, gaps: 0, resubscribes: 0 };
+    this.connected = false;
+    this._subjects = new Set();
+    this._out = [];
+    this._awaiting = new Map();   // subject -> subscribe entries sent on this connection, unanswered
+    this._resyncing = new Set();  // held back after a gap until `subscribed`
+    this._skipPrev = new Set();   // after `recovered:false`: the next message is a known jump
+    this._everConnected = false;
+  }
+
+  get subjects() { return [...this._subjects]; }
+
+  has(subject) { return this._subjects.has(subject); }
+
+  // Hold `subjects` (again: a held subject is asked for once more, from its position); `positions`
+  // ({subject: {epoch, seq}} or a Map) is used only for a subject with no position yet.
+  subscribe(subjects, positions = null) {
+    const get = positions instanceof Map ? (s) => positions.get(s) : (s) => positions && positions[s];
+    for (const s of subjects) {
+      this._subjects.add(s);
+      const p = get(s);
+      if (p && !this.positions.has(s)) this.positions.set(s, { epoch: String(p.epoch), seq: Number(p.seq) });
+    }
+    if (this.connected && subjects.length) this._queueSubscribe(subjects);
+  }
+
+  unsubscribe(subject) {  // forget it and its position; tell the gateway when connected
+    this.drop(subject);
+    this.positions.delete(subject);
+    if (this.connected) this._out.push({ op: "unsubscribe", subjects: [subject] });
+  }
+
+  drop(subject) {  // stop holding it without telling the gateway; its position stays. -> was it held
+    this._resyncing.delete(subject);
+    this._skipPrev.delete(subject);
+    return this._subjects.delete(subject);
+  }
+
+  connectionMade() {  // `connected` arrived: one subscribe with every subject and its position
+    this.connected = true;
+    this._awaiting.clear();
+    this._resyncing.clear();
+    const subjects = [...this._subjects];
+    if (subjects.length) {
+      if (this._everConnected) this.stats.resubscribes += subjects.length;
+      this._queueSubscribe(subjects);
+    }
+    this._everConnected = true;
+    return subjects.length;
+  }
+
+  connectionLost() {  // what was not sent is dropped: the next connectionMade resubscribes everything
+    this.connected = false;
+    this._out = [];
+    this._awaiting.clear();
+    this._resyncing.clear();
+  }
+
+  framesToSend() {
+    const out = this._out;
+    this._out = [];
+    return out;
+  }
+
+  receive(m) {
+    switch (m && m.op) {
+      case "msg": return this._onMsg(m);
+      case "subscribed": return this._onSubscribed(m);
+      case "error": return this._onError(m);
+      case "unsubscribed": return typeof m.subject === "string" ? [{ type: "unsubscribed", subject: m.subject }] : [];
+      default: return [];
+    }
+  }
+
+  _entry(subject) {
+    const pos = this.positions.get(subject);
+    return pos ? { subject, epoch: pos.epoch, seq: pos.seq } : { subject };
+  }
+
+  _queueSubscribe(subjects) {
+    this._out.push({ op: "subscribe", subjects: subjects.map((s) => this._entry(s)) });
+    for (const s of subjects) this._awaiting.set(s, (this._awaiting.get(s) || 0) + 1);
+  }
+
+  _answered(subject) {
+    const n = this._awaiting.get(subject) || 0;
+    if (n <= 0) return false;
+    if (n === 1) this._awaiting.delete(subject); else this._awaiting.set(subject, n - 1);
+    return true;
+  }
+
+  _onMsg(m) {
+    const subject = m.subject;
+    if (!this._subjects.has(subject) || this._resyncing.has(subject)) return [];  // the replay fills it
+    const msg = decodeMessage(m);
+    if (msg === null) return [];
+    const last = this.positions.get(subject);
+    const verdict = classify(last, msg.epoch, msg.seq, msg.prev,
+                             { snapshot: msg.snapshot, skipPrev: this._skipPrev.has(subject) });
+    if (verdict === "duplicate") { this.stats.duplicates += 1; return []; }
+    if (verdict === "gap") {  // negative feedback: subscribe again from the last position
+      this.stats.gaps += 1;
+      this.stats.resubscribes += 1;
+      this._resyncing.add(subject);
+      this._queueSubscribe([subject]);
+      return [{ type: "gap", subject, epoch: last.epoch, seq: last.seq, gotSeq: msg.seq, gotPrev: msg.prev }];
+    }
+    this._skipPrev.delete(subject);
+    this.positions.set(subject, { epoch: msg.epoch, seq: msg.seq });
+    this.stats.messages += 1;
+    return [{ type: "deliver", message: msg }];
+  }
+
+  _onSubscribed(m) {
+    const subject = m.subject;
+    if (typeof subject !== "string") return [];
+    this._answered(subject);
+    const recovered = m.recovered === true;
+    const tracked = this._subjects.has(subject);
+    if (tracked) {
+      this._resyncing.delete(subject);
+      if (recovered) this._skipPrev.delete(subject); else this._skipPrev.add(subject);
+    }
+    return [{ type: "subscribed", subject, epoch: typeof m.epoch === "string" ? m.epoch : null,
+              seq: isInt(m.seq) ? m.seq : null, recovered, tracked }];
+  }
+
+  _onError(m) {
+    const subject = m.subject;
+    if (typeof subject !== "string") return [];
+    const kind = errorKind(m);
+    if (kind === "refresh") {  // the refreshed token no longer allows this subscription
+      if (!this._subjects.has(subject)) return [];
+    } else if (kind === "subscribe") {
+      this._answered(subject);
+    } else if (kind === "unknown") {  // 1.0: an error of a subject with a subscribe entry pending
+      if (!SUBSCRIBE_ERRORS.has(m.code) || !this._answered(subject)) return [];
+    } else {
+      return [];  // a publish's error (or another request's): subscriptions are not concerned
+    }
+    return [{ type: "refused", subject, frame: m, tracked: this.drop(subject) }];
+  }
+}
+
 export class GatewayError extends Error {
   constructor(code, message, extra = {}) {
     super(`${code}: ${message}`);
@@ -60,11 +264,12 @@ export class GatewayClient {
     this.backoffMax = backoffMax;
     this.onStatus = onStatus;
     this.onError = onError;
-    this.positions = new Map();     // subject -> {epoch, seq}
+    this.tracker = new SubscriptionTracker();  // the subscription rules; this class only runs them
+    this.positions = this.tracker.positions;   // subject -> {epoch, seq}
     this.handlers = new Map();      // subject -> Set(callback)
-    this.resyncing = new Set();     // subjects waiting for a `subscribed` after a gap
     this.pendingAcks = new Map();   // id -> {resolve, reject}
-    this.stats = { duplicates: 0, gaps: 0, reconnects: 0, refreshes: 0, expired: 0 };
+    // messages, duplicates, gaps, resubscribes (counted by the tracker), and the connection's own
+    this.stats = Object.assign(this.tracker.stats, { reconnects: 0, refreshes: 0, expired: 0 });
     this._nextId = 1;
     this._urlIndex = 0;
     this._attempt = 0;
@@ -82,7 +287,8 @@ export class GatewayClient {
   subscribe(subject, callback) {
     if (!this.handlers.has(subject)) this.handlers.set(subject, new Set());
     if (callback) this.handlers.get(subject).add(callback);
-    if (this._connected) this._send({ op: "subscribe", subjects: [this._entry(subject)] });
+    this.tracker.subscribe([subject]);  // asks again from its position when already subscribed
+    this._flush();
     return () => this.unsubscribe(subject, callback);
   }
 
@@ -91,8 +297,8 @@ export class GatewayClient {
     if (set && callback) set.delete(callback);
     if (!set || set.size === 0 || !callback) {
       this.handlers.delete(subject);
-      this.positions.delete(subject);
-      if (this._connected) this._send({ op: "unsubscribe", subjects: [subject] });
+      this.tracker.unsubscribe(subject);
+      this._flush();
     }
   }
 
@@ -117,9 +323,8 @@ export class GatewayClient {
 
   // ---- internals ----
 
-  _entry(subject) {
-    const pos = this.positions.get(subject);
-    return pos ? { subject, epoch: pos.epoch, seq: pos.seq } : { subject };
+  _flush() {  // what the tracker queued, in order
+    for (const frame of this.tracker.framesToSend()) this._send(frame);
   }
 
   _send(obj) {
@@ -170,7 +375,7 @@ export class GatewayClient {
     clearTimeout(this._refreshTimer);
     for (const [id, p] of this.pendingAcks) p.reject(new GatewayError("unavailable", "connection lost", { id }));
     this.pendingAcks.clear();
-    this.resyncing.clear();
+    this.tracker.connectionLost();
     this.onStatus("disconnected", reason ? `${code} ${reason}` : `${code}`);
     if (code === CLOSE_POLICY) {
       this._closed = true;
@@ -215,8 +420,8 @@ export class GatewayClient {
         this._heartbeatMs = m.heartbeat_ms || this._heartbeatMs;
         this._arm(this._ws);
         this.onStatus("connected", m.server);
-        const subjects = [...this.handlers.keys()].map((s) => this._entry(s));
-        if (subjects.length) this._send({ op: "subscribe", subjects });
+        this.tracker.connectionMade();  // one subscribe with every subject and its position
+        this._flush();
         this._scheduleRefresh();
         break;
       }
@@ -226,8 +431,8 @@ export class GatewayClient {
         this._scheduleRefresh();
         break;
       }
-      case "msg": this._onMsg(m); break;
-      case "subscribed": this.resyncing.delete(m.subject); this.onStatus("subscribed", m); break;
+      case "msg": this._handle(this.tracker.receive(m)); break;
+      case "subscribed": this._handle(this.tracker.receive(m)); this.onStatus("subscribed", m); break;
       case "ack": {
         const p = this.pendingAcks.get(m.id);
         if (p) { this.pendingAcks.delete(m.id); p.resolve(m); }
@@ -241,15 +446,12 @@ export class GatewayClient {
           this.pendingAcks.delete(m.id);
           break;
         }
-        if ((m.request === "subscribe" || m.request === "refresh") && typeof m.subject === "string") {
-          // a refused subscribe, or a subscription the refreshed token no longer allows: it is over
-          this.handlers.delete(m.subject);
-          this.positions.delete(m.subject);
-          this.resyncing.delete(m.subject);
-        } else if (m.request === "refresh") {
-          this._retryRefresh();  // the session keeps its old token until exp
-        }
-        this.onError(err);  // a failed publish (request "publish") leaves every subscription alone
+        // a refused subscribe, or a subscription the refreshed token no longer allows, is over (the
+        // tracker's "refused"); a failed publish (request "publish") leaves every subscription alone
+        const events = this.tracker.receive(m);
+        this._handle(events);
+        if (!events.length && m.request === "refresh") this._retryRefresh();  // the old token holds until exp
+        this.onError(err);
         break;
       }
       default: break;  // hb, pong, unsubscribed, unknown ops: nothing to do
@@ -285,25 +487,17 @@ export class GatewayClient {
     });
   }
 
-  _onMsg(m) {
-    if (!this.handlers.has(m.subject)) return;
-    const pos = this.positions.get(m.subject);
-    if (pos && pos.epoch === m.epoch) {
-      if (m.seq <= pos.seq) { this.stats.duplicates += 1; return; }
-      if (this.resyncing.has(m.subject)) return;  // the replay after `subscribed` fills the gap
-      if (m.prev !== undefined && m.prev !== pos.seq && !m.snapshot) {
-        this.stats.gaps += 1;
-        this.resyncing.add(m.subject);
-        this._send({ op: "subscribe", subjects: [this._entry(m.subject)] });
-        return;
+  _handle(events) {  // carry out the tracker's events
+    for (const ev of events) {
+      if (ev.type === "deliver") {
+        for (const cb of this.handlers.get(ev.message.subject) || []) {
+          try { cb(ev.message); } catch (e) { console.error(e); }
+        }
+      } else if (ev.type === "refused") {
+        this.handlers.delete(ev.subject);
+        this.positions.delete(ev.subject);
       }
     }
-    this.positions.set(m.subject, { epoch: m.epoch, seq: m.seq });
-    const content = m.content !== undefined ? m.content : atob(m.content_b64 || "");
-    const message = { subject: m.subject, content, epoch: m.epoch, seq: m.seq, prev: m.prev, ts: m.ts,
-                      snapshot: !!m.snapshot };
-    for (const cb of this.handlers.get(m.subject)) {
-      try { cb(message); } catch (e) { console.error(e); }
-    }
+    this._flush();  // e.g. the resubscription after a gap
   }
 }

@@ -13,6 +13,11 @@
 //
 // Every open page also publishes (the toggle, on by default): like the feed, 1 to 5 updates every 2 s
 // on random matches. Add ?publish=0 to the address to start with it off.
+//
+// The page connects to the gateway that served it. ?gateways=ws://host:port/ws,ws://... adds others (e.g.
+// the other gateways on the same Kafka cluster): when the connection is lost, client.js tries the next
+// URL of the list, so the page carries on through another gateway (each must accept this page's Origin:
+// --allowed-origins).
 
 import { GatewayClient } from "/client.js";
 
@@ -318,10 +323,19 @@ function setFeed(on) {
 
 // ---- the client, and dropping it on purpose --------------------------------------------------------------
 
-function connect(positions) {
+function gatewayUrls() {  // this page's gateway first, then the ones in ?gateways=
   const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const urls = [`${scheme}://${location.host}/ws`];
+  for (const u of (new URLSearchParams(location.search).get("gateways") || "").split(",")) {
+    const url = u.trim();
+    if (/^wss?:\/\/[^\s/]+/.test(url) && !urls.includes(url)) urls.push(url);
+  }
+  return urls;
+}
+
+function connect(positions) {
   let c = null;  // statuses during construction ("connecting") are the page's own state already
-  c = new GatewayClient([`${scheme}://${location.host}/ws`], {
+  c = new GatewayClient(gatewayUrls(), {
     name: "demo-page/1", onStatus: (state, detail) => onStatus(c, state, detail),
   });
   client = c;
