@@ -15,6 +15,27 @@ import sys
 import time
 
 HOST = "127.0.0.1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def require_installed_package() -> None:
+    """Exit with what to do unless `fanout` and `gateway` come from an installed package with the compiled
+    fanout: the benchmarks measure what users install (`pip install ".[bench]"`), never the checkout,
+    whose fanout has no compiled modules (nor, by accident, the pure-Python twins)."""
+    advice = ('install the package: pip install ".[bench]" (from the checkout), then run the benchmark with '
+              "that venv's python (python -P -m pytest, or pytest, for the pytest files: the checkout must "
+              "not be on sys.path)")
+    try:
+        import fanout
+        import gateway
+    except ImportError as e:
+        raise SystemExit(f"benchmarks: {e}; {advice}") from e
+    for mod in (fanout, gateway):
+        path = os.path.realpath(mod.__file__ or "")
+        if os.path.dirname(path) == os.path.join(os.path.realpath(ROOT), mod.__name__):
+            raise SystemExit(f"benchmarks: {mod.__name__} is imported from the checkout ({path}); {advice}")
+    if not fanout.COMPILED:
+        raise SystemExit("benchmarks: fanout runs its pure-Python twins (FANOUT_NO_EXTENSIONS=1?); unset it")
 
 
 def reply(obj) -> None:

@@ -15,9 +15,24 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections import defaultdict
 
 import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Benchmark the installed package (pip install ".[bench]"), never the checkout or the pure-Python twins."""
+    if HERE not in sys.path:  # _procs.py is a script module next to this file, not a package
+        sys.path.insert(0, HERE)
+    from _procs import require_installed_package
+
+    try:
+        require_installed_package()
+    except SystemExit as e:
+        raise pytest.UsageError(str(e)) from None
 
 #: group -> implementation ("ours" | "pure-python") -> (min, median) seconds per call
 MEDIANS: dict[str, dict[str, tuple[float, float]]] = defaultdict(dict)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Deliveries/s of one 62-byte WebSocket frame to N connected loopback TCP sockets.
 
-    cd /work/main && python setup.py build_ext --inplace -q
+    pip install ".[bench]"   # the package with its compiled fanout; the benchmarks never import the checkout
     python benchmarks/fanout_sockets.py            # ~2-3 minutes on 2 cores (bounded: 8 minutes)
 
 Variants, side by side in one run, on the same machine state:
@@ -56,10 +56,9 @@ import sys
 import tempfile
 import time
 
-from _procs import HOST, Child, StdinLines, machine, machine_busy_seconds, reply, wait_quiet
+from _procs import HOST, Child, StdinLines, machine, machine_busy_seconds, reply, require_installed_package, wait_quiet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 RESULTS_DIR = os.path.join(HERE, "results")
 RESULTS_JSON = os.path.join(RESULTS_DIR, "fanout_sockets.json")
 RESULTS_PNG = os.path.join(RESULTS_DIR, "fanout_sockets.png")
@@ -478,8 +477,7 @@ def start_children(tmp: str, max_n: int, children: list) -> tuple[dict, dict, di
     Every child is appended to `children` as soon as it exists: the caller stops them (by pid) also
     when this fails half-way. Shared with test_fanout_sockets_bench.py.
     """
-    env = dict(os.environ, SENDREF_DIR=tmp,
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, SENDREF_DIR=tmp)
     senders = {}
     for key in ("raw", "ws"):
         senders[key] = child(f"sender-{key}", env)
@@ -633,6 +631,7 @@ def plot(summary: dict, ns: list[int]) -> None:
 
 
 def main() -> int:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--role", choices=["sender-raw", "sender-ws", "drain"])
     ap.add_argument("--ns", default="1000,5000,10000", help="socket counts (default 1000,5000,10000)")
@@ -739,7 +738,8 @@ def print_table(summary: dict, ns: list[int]) -> None:
         cells = "".join(f"{med[v][str(n)]['rate']:>14,.0f} ({med[v][str(n)]['rate'] / med[ref][str(n)]['rate']:4.2f})"
                         for n in ns)
         print(f"{v:<16}{cells}")
-    print(f"\n{'variant':<16}" + "".join(f"{'N=' + str(n):>12}" for n in ns) + "    (sender CPU ns per delivery, median)")
+    print(f"\n{'variant':<16}" + "".join(f"{'N=' + str(n):>12}" for n in ns)
+          + "    (sender CPU ns per delivery, median)")
     for v in VARIANTS:
         print(f"{v:<16}" + "".join(f"{med[v][str(n)]['cpu_ns_per_delivery']:>12,.0f}" for n in ns))
     paired = summary["paired_ratios"]

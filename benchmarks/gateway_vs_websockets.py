@@ -2,7 +2,7 @@
 """The gateway against a plain `websockets.broadcast` server, measured from outside in one run:
 memory per idle subscribed connection and server CPU time per delivered message.
 
-    python setup.py build_ext --inplace -q
+    pip install ".[bench]"   # the package with its compiled fanout; the benchmarks never import the checkout
     python benchmarks/gateway_vs_websockets.py          # 3-5 minutes on 2 cores (bounded: 8 minutes)
     python benchmarks/gateway_vs_websockets.py --quick  # one server of each kind, N=5000, ~30 s
 
@@ -76,8 +76,18 @@ import sys
 import tempfile
 import time
 
-from _procs import (HOST, Child, StdinLines, machine, machine_busy_seconds, proc_cpu_seconds, reply,
-                    rss_bytes, wait_quiet)
+from _procs import (
+    HOST,
+    Child,
+    StdinLines,
+    machine,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    reply,
+    require_installed_package,
+    rss_bytes,
+    wait_quiet,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -173,7 +183,7 @@ class Tally:
         try:
             await asyncio.wait_for(w[2], timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if w in self.waiters:
                 self.waiters.remove(w)
             return False
@@ -556,7 +566,7 @@ def healthz_ok(port: int, timeout: float) -> None:
 class Server:
     def __init__(self, kind: str, env: dict, log, cpu: int | None) -> None:
         if kind == "gateway":
-            argv = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
+            argv = [sys.executable, "-P", "-m", "gateway", "serve", "--port", "0"]  # -P: not the checkout (cwd)
             env = {k: v for k, v in env.items() if not k.startswith("GATEWAY_")}
         else:
             argv = [sys.executable, os.path.abspath(__file__), "--role", "ws-server"]
@@ -793,6 +803,7 @@ def ratio_pair(w: list[float], g: list[float]) -> dict:
 
 
 def main() -> int:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--role", choices=["clients", "ws-server"])
     ap.add_argument("--ns", default=None, help="connection counts after N=0 (default 5000,15000; --quick: 5000)")
@@ -824,7 +835,7 @@ def main() -> int:
     if pinned:
         os.sched_setaffinity(0, {OTHER_CPU})
     kinds = ["gateway", "websockets"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     mach = machine()
     busy0, wall0, own0 = machine_busy_seconds(), time.monotonic(), sum(os.times()[:4])
     runs: dict = {k: [] for k in kinds}

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from _procs import require_installed_package
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -44,7 +46,7 @@ def make_hub(module, budget: int | None):
 
 
 def run_case(module, case: str, n: int) -> float | None:
-    from gateway.engines.base import Record
+    from gateway.records import Record
 
     budget = 4 << 20 if case == "spray, forgetting (4 MiB budget)" else None
     hub = make_hub(module, budget)
@@ -66,6 +68,7 @@ def run_case(module, case: str, n: int) -> float | None:
 
 
 def main() -> None:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", default="main")
     ap.add_argument("--rounds", type=int, default=5)

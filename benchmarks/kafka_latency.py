@@ -43,9 +43,11 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [os.path.join(ROOT, "tests")]  # tests/support: the Tansu broker helpers (not the packages)
 
 from aiokafka.structs import TopicPartition  # noqa: E402
+
+from _procs import require_installed_package  # noqa: E402
 from support.kafka_broker import KafkaBroker, external_broker, free_port, start_tansu  # noqa: E402
 
 RESULTS_JSON = os.path.join(HERE, "results", "kafka_latency.json")
@@ -83,9 +85,9 @@ class GatewayProcess:
     def __init__(self, bootstrap: str, topics: list[str], idempotence: str, *extra: str) -> None:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="gw-bench-", suffix=".log", delete=False)
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--kafka", bootstrap, "--topics", ",".join(topics),
+            [sys.executable, "-P", "-m", "gateway", "serve", "--kafka", bootstrap, "--topics", ",".join(topics),
              "--port", str(self.port), "--node-id", "bench", "--kafka-idempotence", idempotence,
              "--kafka-fetch-wait-ms", "5", "--log-level", "warning", *extra],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
@@ -103,7 +105,7 @@ class GatewayProcess:
                 writer.close()
                 if b" 200 " in line:
                     return
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 pass
             await asyncio.sleep(0.05)
         raise RuntimeError(f"gateway not healthy within {timeout} s: {self.tail()}")
@@ -511,6 +513,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller run (about 20 s)")
     parser.add_argument("--records", type=int, default=200_000)

@@ -32,7 +32,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _procs import machine, proc_cpu_seconds  # noqa: E402
+from _procs import machine, proc_cpu_seconds, require_installed_package  # noqa: E402
 
 HOST = "127.0.0.1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def flooder(port: int, seconds: float) -> None:
         while not stop.is_set():
             try:
                 chunk = sock.recv(1 << 16)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -104,7 +104,7 @@ def flooder(port: int, seconds: float) -> None:
     while time.monotonic() < deadline:
         try:
             sock.sendall(batch)  # blocks while the gateway does not read us: that is the point
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             continue
         except OSError:
             break
@@ -181,6 +181,7 @@ def phase(name: str, gateway_flags: list[str], flood: bool, args: argparse.Names
 
 
 def main() -> None:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=6.0, help="longest a phase's probing lasts")
     ap.add_argument("--pings", type=int, default=1000)

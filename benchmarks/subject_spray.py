@@ -31,6 +31,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from _procs import require_installed_package
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "subject_spray.json")
 HOST = "127.0.0.1"
@@ -278,9 +280,9 @@ def run_kafka(args: argparse.Namespace) -> dict:
             try:
                 socket.create_connection((HOST, kport), timeout=1).close()
                 break
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline:
-                    raise SystemExit("broker did not start")
+                    raise SystemExit("broker did not start") from e
                 time.sleep(0.05)
         subprocess.run([tansu_path(), "topic", "create", "--broker", f"tcp://{bootstrap}", "--partitions",
                         str(PARTITIONS), topic], check=True, stdout=subprocess.DEVNULL, timeout=30)
@@ -307,6 +309,7 @@ def run_kafka(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["standalone", "kafka", "both"], default="both")
     ap.add_argument("--subjects", type=int, default=10_000_000)

@@ -1,7 +1,7 @@
 """Microbenchmarks of the compiled fanout modules against pure-Python baselines, in the same run.
 
-    cd /work/main && python setup.py build_ext --inplace -q
-    python -m pytest benchmarks/test_fanout_bench.py
+    pip install ".[bench]"   # the package with its compiled fanout; the benchmarks never import the checkout
+    python -P -m pytest benchmarks/test_fanout_bench.py   # -P: the checkout (cwd) stays off sys.path
 
 Not collected by the normal test run (pyproject's testpaths is `tests`). The ratio table
 (pure-python / ours, per group) is printed at the end by benchmarks/conftest.py.
@@ -25,6 +25,7 @@ import pytest
 
 import fanout
 from fanout import _reference
+from support.fake_transport import FakeTransport  # tests/ is on the path (pyproject pythonpath)
 
 # Warm up each benchmark first: on this shared VM the first rounds of a run are often slower.
 pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=20_000, min_time=0.0002)
@@ -108,17 +109,6 @@ def test_ring_since(benchmark, record, impl, back):
     record(benchmark, benchmark.group, impl)
 
 
-class _NullTransport:
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-
 def _masked(payload: bytes) -> bytes:
     key = os.urandom(4)
     n = len(payload)
@@ -148,7 +138,7 @@ def test_inbound_frames(benchmark, record, impl, shape):
     loop = asyncio.new_event_loop()
     try:
         conn = Counting()
-        conn.ws_open(WRITERS[impl](loop), _NullTransport(), 1 << 20, 1 << 20, None)
+        conn.ws_open(WRITERS[impl](loop), FakeTransport(), 1 << 20, 1 << 20, None)
         conn.data_received(read)
         assert Counting.n == count
         benchmark.group = f"inbound frames ({shape}, one read)"

@@ -1,7 +1,7 @@
 """Socket fan-out under pytest-benchmark: one 62-byte frame to N loopback sockets, side by side.
 
-    python setup.py build_ext --inplace -q
-    python -m pytest benchmarks/test_fanout_sockets_bench.py    # ~50 s on 2 idle cores, ~2 min busy
+    pip install ".[bench]"   # the package with its compiled fanout; the benchmarks never import the checkout
+    python -P -m pytest benchmarks/test_fanout_sockets_bench.py    # ~50 s on 2 idle cores, ~2 min busy
 
 Not collected by the normal test run (pyproject's testpaths is `tests`). This is the pytest-benchmark
 view of benchmarks/fanout_sockets.py and runs that script's own machinery (imported as a module): its

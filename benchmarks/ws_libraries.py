@@ -22,8 +22,8 @@ Measurements (each repeated REPEATS times, median reported):
       the server parses and counts them; rate = frames / (server time of last frame - first frame).
   (c) RSS per idle connection: (RSS with M upgraded idle connections - RSS with 0) / M, fresh server.
 
-fanout-ws needs the compiled fanout extensions (python setup.py build_ext --inplace); the repository root is put
-on sys.path, so no PYTHONPATH is needed.
+fanout-ws runs the installed package (pip install ".[bench]"), with its compiled fanout; the checkout is never
+put on sys.path (benchmarks/_procs.py, require_installed_package).
 
 Afterwards it runs functional checks of picows (interleaved raw writes, close codes, fragmentation,
 plain HTTP on the upgrade path) and stores everything in benchmarks/results/ws_libraries.json.
@@ -51,11 +51,10 @@ import tempfile
 import threading
 import time
 
+from _procs import require_installed_package
+
 HOST = "127.0.0.1"
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)        # fanout + gateway for the fanout-ws variant (children run this file too)
 RESULTS_DIR = os.path.join(HERE, "results")
 RESULTS_JSON = os.path.join(RESULTS_DIR, "ws_libraries.json")
 
@@ -139,7 +138,7 @@ def _count(n: int):
 
 def make_picows_server(variant: str):
     import picows
-    from picows import WSListener, WSMsgType, WSCloseCode
+    from picows import WSCloseCode, WSListener, WSMsgType
 
     TEXT, BINARY, CONT, CLOSE = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION, WSMsgType.CLOSE
 
@@ -152,7 +151,7 @@ def make_picows_server(variant: str):
 
         def on_ws_frame(self, transport, frame):
             mt = frame.msg_type
-            if mt == TEXT or mt == BINARY or mt == CONT:
+            if mt in (TEXT, BINARY, CONT):
                 if frame.fin:
                     s = S
                     if s.frames == 0:
@@ -180,9 +179,9 @@ def make_picows_server(variant: str):
 
 
 def make_websockets_server():
-    from websockets.server import ServerProtocol
-    from websockets.http11 import Request
     from websockets.frames import Opcode
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
 
     DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 
@@ -237,9 +236,8 @@ def make_websockets_server():
 
 
 def make_wsproto_server():
-    from wsproto import WSConnection, ConnectionType
-    from wsproto.events import (Request, AcceptConnection, TextMessage, BytesMessage,
-                                CloseConnection, Ping)
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
 
     class Proto(asyncio.Protocol):
         __slots__ = ("tr", "c", "is_open")
@@ -428,9 +426,8 @@ def run_server(variant: str):
                 elif cmd == "gc":
                     gc.collect()
                     reply({"ok": True})
-                elif cmd == "quit":
-                    if not done.done():
-                        done.set_result(None)
+                elif cmd == "quit" and not done.done():
+                    done.set_result(None)
 
         loop.add_reader(fd, on_stdin)
         print(f"PORT {port}", flush=True)
@@ -488,7 +485,7 @@ def run_client_hs(port: int, n: int, conc: int, hold: bool):
                 remaining -= 1
                 fut = loop.create_future()
                 try:
-                    tr, _ = await loop.create_connection(lambda: P(fut), HOST, port)
+                    tr, _ = await loop.create_connection(lambda: P(fut), HOST, port)  # noqa: B023 (called at once)
                 except OSError:
                     fail += 1
                     continue
@@ -735,7 +732,7 @@ def bench_one(variant: str, cfg, tmp: str) -> dict:
 def run_check_server(use_aiofastnet: bool):
     install_uvloop()
     import picows
-    from picows import (WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener)
+    from picows import WSListener, WSMsgType, WSUpgradeResponse, WSUpgradeResponseWithListener
 
     class Echo(WSListener):
         """Echoes a JSON description of each data frame; 'interleave:<mode>:<n>' starts the
@@ -1017,6 +1014,7 @@ def fmt(v, spec):
 
 
 def main():
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser()
     ap.add_argument("--role", default="orchestrator")
     ap.add_argument("--variant")
@@ -1079,8 +1077,8 @@ def main():
         summary[v] = {k: med(v, k) for k in ("hs_per_s", "hs_server_cpu_us", "hs_server_user_us", "frames_per_s",
                                               "frame_server_cpu_ns", "rss_per_conn", "rss0_mb")}
     lines = [
-        f"| variant | handshakes/s | server CPU µs/handshake (user) | inbound frames/s | server CPU ns/frame "
-        f"| RSS bytes/idle conn | base RSS MB |",
+        "| variant | handshakes/s | server CPU µs/handshake (user) | inbound frames/s | server CPU ns/frame "
+        "| RSS bytes/idle conn | base RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
@@ -1098,7 +1096,12 @@ def main():
     if checks:
         print("\npicows checks:\n" + json.dumps(checks, indent=1))
 
-    import picows, websockets, wsproto, uvloop, aiofastnet, httptools
+    import aiofastnet
+    import httptools
+    import picows
+    import uvloop
+    import websockets
+    import wsproto
     try:
         import fanout
         fanout_compiled = fanout.COMPILED

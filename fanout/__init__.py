@@ -7,6 +7,8 @@ failed compile fails the install, there is no silent fallback).
 import os as _os
 from typing import TYPE_CHECKING
 
+from ._enums import CloseCode, WSState
+
 COMPILED: bool
 
 # Type checkers always see the compiled API (its .pyi stubs); the twin matches it.
@@ -56,9 +58,11 @@ __all__ = [
     "OP_PONG",
     "OP_TEXT",
     "Channel",
+    "CloseCode",
     "Conn",
     "Ring",
     "WSConn",
+    "WSState",
     "Writer",
     "encode_close",
     "encode_frame",

@@ -87,13 +87,33 @@ cdef bytes _encode_checked(int opcode, object payload):
 
 
 cpdef bytes encode_frame(object opcode, object payload):
-    """One complete server frame (FIN set, unmasked) carrying ``payload``."""
+    """One complete server frame (FIN set, unmasked) carrying ``payload``.
+
+    Args:
+        opcode: one of the OP_* constants (any integer with ``__index__``).
+        payload: the frame's payload, copied once into the result.
+    Returns:
+        The frame: header and payload in one bytes object, ready to be shared by many queues.
+    Raises:
+        ValueError: ``opcode`` is not a WebSocket opcode, or a control frame's payload is over 125 bytes.
+        TypeError: ``opcode`` is not an integer, or ``payload`` is not bytes-like.
+        BufferError: ``payload`` is a non-contiguous memoryview.
+    """
     cdef int op = PyNumber_Index(opcode)
     return _encode_checked(op, payload)
 
 
 cpdef bytes encode_text(object payload):
-    """``encode_frame(OP_TEXT, payload)``; ``payload`` must already be UTF-8."""
+    """``encode_frame(OP_TEXT, payload)``; ``payload`` must already be UTF-8 (it is not checked).
+
+    Args:
+        payload: the text message as UTF-8 bytes.
+    Returns:
+        The text frame.
+    Raises:
+        TypeError: ``payload`` is not bytes-like.
+        BufferError: ``payload`` is a non-contiguous memoryview.
+    """
     if PyBytes_CheckExact(payload):
         return build_frame(OP_TEXT_C, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
     return _encode_checked(OP_TEXT_C, payload)
@@ -108,7 +128,18 @@ cdef inline bint _valid_close_code(int code) noexcept nogil:
 
 
 cpdef bytes encode_close(object code, object reason=b""):
-    """A close frame with status ``code`` and a UTF-8 ``reason`` of at most 123 bytes."""
+    """A close frame with status ``code`` and a UTF-8 ``reason``.
+
+    Args:
+        code: a close code that may be sent (1000-4999 except 1004, 1005, 1006 and 1015).
+        reason: at most 123 bytes of UTF-8.
+    Returns:
+        The close frame.
+    Raises:
+        ValueError: the code may not be sent, or the reason is longer than 123 bytes.
+        UnicodeDecodeError: the reason is not valid UTF-8 (a peer would fail the connection with 1007).
+        TypeError: ``code`` is not an integer, or ``reason`` is not bytes-like.
+    """
     cdef int c = PyNumber_Index(code)
     cdef Py_buffer view
     cdef bytes out

@@ -16,10 +16,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ._enums import CloseCode, WSState
+
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
     "encode_frame", "encode_text", "encode_close",
-    "Ring", "Writer", "Conn", "Channel", "WSConn",
+    "Ring", "Writer", "Conn", "Channel", "WSConn", "WSState", "CloseCode",
 ]
 
 OP_CONT = 0x0
@@ -196,11 +198,16 @@ _IOV_MAX = _iov_max()
 
 
 class Writer:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0,
+                 coalesce_min_conns: int = 1000) -> None:
         self._loop = loop
         self._conns: list[Conn] = []
         self._dirty: list[Conn] = []
         self._scheduled = False
+        self.coalesce_window = float(coalesce_window)
+        self.coalesce_min_conns = int(coalesce_min_conns)
+        self._hold_until = 0.0
+        self._held_flushes = 0
         self._iov_max = _IOV_MAX
         self._on_overflow: Callable[[Conn], object] | None = None
         self._frames_out = 0
@@ -216,13 +223,18 @@ class Writer:
     syscalls = property(lambda self: self._syscalls)
     overflows = property(lambda self: self._overflows)
     write_errors = property(lambda self: self._write_errors)
+    held_flushes = property(lambda self: self._held_flushes)
 
     def _mark_dirty(self, conn: Conn) -> None:
         conn._dirty = True
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self.flush)
+            if self._hold_until > 0.0 and self._loop.time() < self._hold_until:
+                self._held_flushes += 1
+                self._loop.call_at(self._hold_until, self.flush)
+            else:
+                self._loop.call_soon(self.flush)
 
     def _register(self, conn: Conn) -> None:
         conn._widx = len(self._conns)
@@ -245,10 +257,12 @@ class Writer:
             return
         self._dirty = []
         now = self._loop.time()
+        touched = 0
         for conn in dirty:
             conn._dirty = False
             if conn._closed or conn._paused:
                 continue
+            touched += 1
             try:
                 conn._flush(now)
             except Exception as exc:
@@ -258,6 +272,10 @@ class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
+        if self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
+            self._hold_until = self._loop.time() + self.coalesce_window
+        else:
+            self._hold_until = 0.0
 
     def idle(self, now: float, send_idle: float, recv_idle: float) -> tuple[list[Conn], list[Conn]]:
         quiet = [c for c in self._conns if now - c.last_send >= send_idle]
@@ -649,11 +667,15 @@ def _valid_peer_code(code: int) -> bool:
     return True
 
 
+# Module-level aliases of the states: on Python 3.11 an Enum member lookup (WSState.OPEN) costs
+# several times a global lookup, and the parser tests the state for every frame.
+_HTTP, _OPEN, _DONE = WSState.HTTP, WSState.OPEN, WSState.DONE
+
+
 class WSConn(Conn):
     """Twin of fanout._ws.WSConn (rules in _ws.pxd)."""
 
-    HTTP, OPEN, DONE = 0, 1, 2
-    _state: int
+    _state: WSState
     _rbuf: bytearray | None
     _frags: list[bytes] | None
     _frag_size: int
@@ -669,7 +691,7 @@ class WSConn(Conn):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> WSConn:
         self = super().__new__(cls)
-        self._state = WSConn.HTTP
+        self._state = _HTTP
         self._rbuf = None
         self._frags = None
         self._frag_size = 0
@@ -710,18 +732,18 @@ class WSConn(Conn):
             raise ValueError("max_message must be >= 0")
         if not (1 <= frags <= 65535 and 1 <= pongs <= 65535):
             raise ValueError("max_fragments and max_pongs must be in 1..65535")
-        if self._state != WSConn.HTTP:
+        if self._state != _HTTP:
             raise RuntimeError("ws_open() called twice")
         Conn.__init__(self, writer, transport, max_pending, on_overflow)
         self._max_message = limit
         self._max_frags = frags
         self._max_pongs = pongs
-        self._state = WSConn.OPEN
+        self._state = _OPEN
         if rest:
             self.data_received(rest)
 
     def data_received(self, data: bytes) -> None:
-        if self._state == WSConn.OPEN:
+        if self._state == _OPEN:
             self.last_recv = self._writer._loop.time()
             data = bytes(data)
             if self._in_paused:
@@ -729,14 +751,14 @@ class WSConn(Conn):
                 self._held_off = 0
                 return
             self._feed(data, 0)
-        elif self._state == WSConn.HTTP:
+        elif self._state == _HTTP:
             self.http_received(data)
 
     def _feed(self, data: bytes, off: int) -> None:
         buf = data[off:] if self._rbuf is None else bytes(self._rbuf) + data[off:]
         self._rbuf = None
         used = self._parse(buf)
-        if self._state != WSConn.OPEN or used == len(buf):
+        if self._state != _OPEN or used == len(buf):
             return
         if self._in_paused:
             self._held, self._held_off = buf, used
@@ -744,7 +766,7 @@ class WSConn(Conn):
             self._rbuf = bytearray(buf[used:])
 
     def ws_pause_input(self) -> None:
-        if self._in_paused or self._state != WSConn.OPEN:
+        if self._in_paused or self._state != _OPEN:
             return
         self._in_paused = True
         try:
@@ -757,9 +779,9 @@ class WSConn(Conn):
             return
         self._in_paused = False
         held, self._held = self._held, None
-        if held is not None and self._state == WSConn.OPEN:
+        if held is not None and self._state == _OPEN:
             self._feed(held, self._held_off)
-        if not self._in_paused and self._state == WSConn.OPEN:
+        if not self._in_paused and self._state == _OPEN:
             try:
                 self._transport.resume_reading()
             except (AttributeError, RuntimeError):
@@ -774,20 +796,20 @@ class WSConn(Conn):
 
     def _parse(self, p: bytes) -> int:
         pos, n = 0, len(p)
-        while self._state == WSConn.OPEN and not self._in_paused and n - pos >= 2:
+        while self._state == _OPEN and not self._in_paused and n - pos >= 2:
             b0, b1 = p[pos], p[pos + 1]
             fin, opcode, len7 = bool(b0 & 0x80), b0 & 0x0F, b1 & 0x7F
             if b0 & 0x70:
-                self._fail(1002, "reserved bits set without an extension")
+                self._fail(CloseCode.PROTOCOL_ERROR, "reserved bits set without an extension")
                 break
             if not (opcode <= 2 or 8 <= opcode <= 10):
-                self._fail(1002, f"unknown opcode {opcode:#x}")
+                self._fail(CloseCode.PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
                 break
             if not b1 & 0x80:
-                self._fail(1002, "client frames must be masked")
+                self._fail(CloseCode.PROTOCOL_ERROR, "client frames must be masked")
                 break
             if opcode >= 8 and (not fin or len7 > 125):
-                self._fail(1002, "control frames must be whole and at most 125 bytes")
+                self._fail(CloseCode.PROTOCOL_ERROR, "control frames must be whole and at most 125 bytes")
                 break
             if len7 < 126:
                 hlen, size = 6, len7
@@ -802,10 +824,10 @@ class WSConn(Conn):
                     break
                 size = int.from_bytes(p[pos + 2:pos + 10], "big")
                 if size >> 63:
-                    self._fail(1002, "frame length has its most significant bit set")
+                    self._fail(CloseCode.PROTOCOL_ERROR, "frame length has its most significant bit set")
                     break
             if opcode < 8 and size + (self._frag_size if opcode == 0 else 0) > self._max_message:
-                self._fail(1009, "message larger than the limit")
+                self._fail(CloseCode.MESSAGE_TOO_BIG, "message larger than the limit")
                 break
             if n - pos - hlen < size:
                 break
@@ -822,10 +844,10 @@ class WSConn(Conn):
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode == OP_CONT:
             if self._frags is None:
-                return self._fail(1002, "continuation frame without a message to continue")
+                return self._fail(CloseCode.PROTOCOL_ERROR, "continuation frame without a message to continue")
             if self._frag_count >= self._max_frags:
                 self._writer.fragment_limit_hits += 1
-                return self._fail(1009, f"message in more than {self._max_frags} frames")
+                return self._fail(CloseCode.MESSAGE_TOO_BIG, f"message in more than {self._max_frags} frames")
             self._frag_count += 1
             self._frags.append(payload)
             self._frag_size += len(payload)
@@ -836,7 +858,7 @@ class WSConn(Conn):
                 self.ws_message(self._frag_op, whole)
             return None
         if self._frags is not None:
-            return self._fail(1002, "new message inside a fragmented one")
+            return self._fail(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
         if fin:
             self.ws_message(opcode, payload)
         else:
@@ -861,35 +883,35 @@ class WSConn(Conn):
         if opcode == OP_PONG:
             return None
         if not payload:
-            code = 1005
+            code: int = CloseCode.NO_STATUS
         elif len(payload) == 1:
-            return self._fail(1002, "close frame with a 1-byte payload")
+            return self._fail(CloseCode.PROTOCOL_ERROR, "close frame with a 1-byte payload")
         else:
             code = int.from_bytes(payload[:2], "big")
             if not _valid_peer_code(code):
-                return self._fail(1002, f"invalid close code {code}")
+                return self._fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
         try:
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
-            return self._fail(1007, "close reason is not valid UTF-8")
-        self._state = WSConn.DONE
+            return self._fail(CloseCode.INVALID_DATA, "close reason is not valid UTF-8")
+        self._state = _DONE
         self._frags = None
         self.ws_close(code, reason)
         return None
 
     def _fail(self, code: int, reason: str) -> None:
-        self._state = WSConn.DONE
+        self._state = _DONE
         self._frags = None
         self.ws_fail(code, reason)
 
     def ws_stop_input(self) -> None:
-        self._state = WSConn.DONE
+        self._state = _DONE
         self._frags = None
         self._rbuf = None
         self._held = None
 
     @property
-    def ws_state(self) -> int:
+    def ws_state(self) -> WSState:
         return self._state
 
     @property

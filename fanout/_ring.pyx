@@ -19,7 +19,19 @@ cdef enum:
 
 
 cdef class Ring:
-    """Circular window of (seq, prev, ts, frame), oldest evicted first."""
+    """Circular window of (seq, prev, ts, frame) of one subject, oldest evicted first.
+
+    ``since(seq)`` answers "every frame after seq" only when the window can prove that nothing after
+    seq is missing; otherwise None, and the caller falls back to the engine or to a snapshot.
+
+    ``Ring(capacity, max_bytes=2**62)``: an empty window.
+
+    Args:
+        capacity: entries held at most (memory grows by doubling up to it).
+        max_bytes: frame bytes held at most; the oldest go first, the newest entry always stays.
+    Raises:
+        ValueError: ``capacity`` < 1 or ``max_bytes`` < 0.
+    """
 
     def __cinit__(self, capacity, max_bytes=2 ** 62):
         self._init(PyNumber_Index(capacity), PyNumber_Index(max_bytes))
@@ -97,17 +109,33 @@ cdef class Ring:
         return 0
 
     def trim(self, Py_ssize_t keep):
-        """Evict the oldest entries until at most ``keep`` are held (``last_seq`` is unchanged)."""
+        """Evict the oldest entries until at most ``keep`` are held; ``last_seq`` is unchanged.
+
+        Raises:
+            ValueError: ``keep`` < 0.
+        """
         if keep < 0:
             raise ValueError("keep must be >= 0")
         while self._len > keep:
             self._evict_oldest()
 
     def append(self, seq, prev, ts, bytes frame not None, Py_ssize_t entry_overhead=0):
-        """Add the subject's next message; ``prev`` is its predecessor's seq, 0 if first, -1 if unknown.
+        """Add the subject's next message; evicts the oldest to stay within capacity and max_bytes.
 
-        Returns how much ``nbytes + len * entry_overhead`` changed (evictions included): the hub's
-        memory accounting in one call on the hot path."""
+        A known ``prev`` that is not the newest held seq is a gap: everything held before is dropped,
+        so since() never replays across it.
+
+        Args:
+            seq: the message's seq, greater than every seq appended before.
+            prev: its predecessor's seq: 0 for the first message, -1 when unknown.
+            ts: its timestamp (ms since the Unix epoch).
+            frame: its encoded frame, kept by reference.
+            entry_overhead: bytes counted per held entry in the result (the hub's memory estimate).
+        Returns:
+            How much ``nbytes + len * entry_overhead`` changed, evictions included.
+        Raises:
+            ValueError: ``seq`` is not after ``last_seq``, or ``prev`` is not -1 and not in [0, seq).
+        """
         cdef Py_ssize_t before = self._nbytes + self._len * entry_overhead
         self._append(PyNumber_Index(seq), PyNumber_Index(prev), PyNumber_Index(ts), frame)
         return self._nbytes + self._len * entry_overhead - before
@@ -141,7 +169,14 @@ cdef class Ring:
         return 0
 
     def since(self, seq):
-        """Frames after ``seq``, oldest first, or None when the window cannot prove it holds all of them."""
+        """The frames after ``seq``, oldest first.
+
+        Args:
+            seq: the last seq the caller has.
+        Returns:
+            The frames (empty when ``seq`` >= last_seq), or None when the window cannot prove that
+            it holds every message after ``seq`` (evicted, or a gap).
+        """
         return self._since(PyNumber_Index(seq))
 
     cdef list _since(self, int64_t seq):
@@ -169,7 +204,7 @@ cdef class Ring:
         return out
 
     cpdef object last(self):
-        """(seq, prev, ts, frame) of the newest entry, or None when empty."""
+        """The newest entry as (seq, prev, ts, frame); None when empty."""
         cdef Py_ssize_t s
         if self._len == 0:
             return None
@@ -177,34 +212,42 @@ cdef class Ring:
         return (self._seq[s], self._prev[s], self._ts[s], self._frames[s])
 
     def seq_at(self, Py_ssize_t i):
-        """Seq of the i-th held entry, oldest first (0 <= i < len); for cursors over the window."""
+        """The seq of the i-th held entry, oldest first (for cursors over the window).
+
+        Raises:
+            IndexError: not 0 <= i < len(ring).
+        """
         if i < 0 or i >= self._len:
             raise IndexError("ring index out of range")
         return self._seq[self._slot(i)]
 
     def __len__(self):
+        """Entries held."""
         return self._len
 
     @property
     def last_seq(self):
-        """Newest seq appended (held or not); 0 before the first append."""
+        """The newest seq appended (held or not); 0 before the first append."""
         return self._last_seq
 
     @property
     def first_seq(self):
-        """Oldest seq held; 0 when empty."""
+        """The oldest seq held; 0 when empty."""
         return self._seq[self._head] if self._len else 0
 
     @property
     def nbytes(self):
+        """Frame bytes held."""
         return self._nbytes
 
     @property
     def capacity(self):
+        """Entries held at most."""
         return self._capacity
 
     @property
     def max_bytes(self):
+        """Frame bytes held at most (the newest entry is kept even when larger)."""
         return self._max_bytes
 
     def __repr__(self):

@@ -45,10 +45,24 @@ __all__ = ["Writer", "Conn", "Channel"]
 
 
 cdef class Writer:
-    """Flushes the queues of all conns that became dirty in one loop iteration."""
+    """Writes the queues of every Conn that became dirty in one loop iteration (the pipeline: _writer.pxd).
 
-    def __cinit__(self, loop):
+    ``Writer(loop)``: a writer whose flushes run on ``loop`` (scheduled with call_soon, once per iteration).
+
+    Args:
+        loop: the event loop (time, call_soon, call_at).
+        coalesce_window: after a flush that wrote to at least ``coalesce_min_conns`` conns, the next
+            flush scheduled within this many seconds runs at that deadline (call_at), not at the
+            next iteration; 0 turns it off.
+        coalesce_min_conns: what makes a flush big enough to hold the next one.
+    Raises:
+        MemoryError: the iovec array could not be allocated.
+    """
+
+    def __cinit__(self, loop, double coalesce_window=0.0, Py_ssize_t coalesce_min_conns=1000):
         self._loop = loop
+        self.coalesce_window = coalesce_window
+        self.coalesce_min_conns = coalesce_min_conns
         self._conns = []
         self._dirty = []
         self._iov_max = FANOUT_IOV_MAX
@@ -65,7 +79,12 @@ cdef class Writer:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._flush_cb)
+            if self._hold_until > 0.0 and self._loop.time() < self._hold_until:
+                # Right after a big flush: let the next messages join this one's write.
+                self.held_flushes += 1
+                self._loop.call_at(self._hold_until, self._flush_cb)
+            else:
+                self._loop.call_soon(self._flush_cb)
         return 0
 
     cdef void _register(self, Conn conn):
@@ -84,10 +103,15 @@ cdef class Writer:
             last._widx = idx
 
     def flush(self):
-        """Write the queues of all dirty conns now (normally run by call_soon)."""
+        """Write the queues of all dirty conns now (normally run by call_soon, or call_at when held).
+
+        Never raises for one conn's write error: that conn is closed (its transport aborted) and the
+        loop's exception handler is told about unexpected errors; the other conns are still written.
+        """
         cdef list dirty = self._dirty
         cdef Conn conn
         cdef double now
+        cdef Py_ssize_t touched = 0
         self._scheduled = False
         if not dirty:
             return
@@ -98,6 +122,7 @@ cdef class Writer:
             conn._dirty = False
             if conn._closed or conn._paused:
                 continue
+            touched += 1
             try:
                 conn._flush(now)
             except Exception as exc:
@@ -108,9 +133,22 @@ cdef class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
+        if self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
+            # From the end of this flush: a big flush takes long, messages arrive during it.
+            self._hold_until = self._loop.time() + self.coalesce_window
+        else:
+            self._hold_until = 0.0
 
     def idle(self, double now, double send_idle, double recv_idle):
-        """(conns silent for >= send_idle, conns unheard for >= recv_idle)."""
+        """The registered conns that have been quiet, for the liveness sweep.
+
+        Args:
+            now: the loop's time().
+            send_idle: seconds without output that make a conn quiet.
+            recv_idle: seconds without input (``last_recv``) that make a conn unheard.
+        Returns:
+            (conns silent for >= send_idle, conns unheard for >= recv_idle).
+        """
         cdef list quiet = []
         cdef list deaf = []
         cdef Conn conn
@@ -122,6 +160,7 @@ cdef class Writer:
         return quiet, deaf
 
     def __len__(self):
+        """Conns registered (open)."""
         return PyList_GET_SIZE(self._conns)
 
     def __repr__(self):
@@ -159,7 +198,11 @@ cdef object _shared_callback(Writer writer, object cb):
 
 
 cdef class Conn:
-    """One client connection's outbound queue."""
+    """One connection's outbound queue of whole frames, registered with a Writer while open.
+
+    The protocol that owns the transport forwards pause_writing(), resume_writing() and (first
+    thing) connection_lost() to it; fanout.WSConn and gateway's Session are such protocols.
+    """
 
     def __cinit__(self, *args, **kwargs):
         # _queue, _ch, _chans: None (nothing queued, in no channel)
@@ -169,6 +212,19 @@ cdef class Conn:
         self._closed = True  # until __init__ has registered us
 
     def __init__(self, Writer writer not None, transport, max_pending, on_overflow):
+        """Register a new open conn with ``writer``; sets the transport's write buffer limits.
+
+        Args:
+            writer: the writer that flushes this conn.
+            transport: the connection's transport; its socket is written directly when it has one
+                (not TLS), else everything goes through transport.write().
+            max_pending: bytes of queue plus transport buffer allowed; more overflows the conn.
+            on_overflow: called with the conn (from call_soon, never inside send/publish) after an
+                overflow closed it.
+        Raises:
+            ValueError: ``max_pending`` < 0.
+            TypeError: ``writer`` is None or not a Writer, or ``max_pending`` is not an integer.
+        """
         self._init(writer, transport, PyNumber_Index(max_pending), on_overflow)
 
     cdef int _init(self, Writer writer, transport, Py_ssize_t max_pending, on_overflow) except -1:
@@ -465,53 +521,69 @@ cdef class Conn:
         return 0
 
     def send(self, bytes frame not None):
-        """Queue one whole encoded frame (kept by reference); False when closed."""
+        """Queue one whole encoded frame (kept by reference, written at the next flush).
+
+        Args:
+            frame: a complete frame (fanout.encode_*); an empty one is accepted and ignored.
+        Returns:
+            True when queued; False when the conn is closed or this frame overflowed it (then it
+            is closed and on_overflow follows).
+        Raises:
+            TypeError: ``frame`` is not bytes.
+        """
         return self._enqueue(frame) == 1
 
     def pause_writing(self):
-        """Forward from the protocol: the transport buffers, stop writing to the fd."""
+        """Forward from the protocol: the transport buffers, so stop writing to the fd."""
         self._paused = True
         self._tbuf = self._transport_size()
 
     def resume_writing(self):
-        """Forward from the protocol: the transport drained, write our queue again."""
+        """Forward from the protocol: the transport drained; the queue is written at the next flush."""
         self._paused = False
         self._tbuf = 0
         if not self._closed and not self._dirty and self._queue is not None:
             self._writer._mark_dirty(self)
 
     def close(self):
-        """Drop the queue and leave every channel and the writer; idempotent."""
+        """Drop the queue and leave every channel and the writer; idempotent.
+
+        Writes nothing and leaves the transport open: the owner closes it (after any close frame).
+        """
         self._drop()
 
     def connection_lost(self, exc):
-        """Forward from the protocol, FIRST thing: the transport closes the fd right after.
+        """Forward from the protocol, FIRST thing: the transport closes the fd right after. Same as
+        close(); an override in a subclass calls this (or close()) before anything else.
 
-        Same as close(). A protocol that subclasses Conn gets it as its own
-        connection_lost; an override calls this (or close()) before anything else.
+        Args:
+            exc: the transport's reason (ignored).
         """
         self._drop()
 
     @property
     def closed(self):
+        """True once closed (close(), connection_lost(), an overflow or a hard write error)."""
         return self._closed
 
     @property
     def paused(self):
+        """True while the transport holds unwritten bytes (between pause_writing and resume_writing)."""
         return self._paused
 
     @property
     def pending_bytes(self):
-        """Our queue plus the transport's buffer."""
+        """Bytes of our queue plus the transport's buffer."""
         return self._qbytes + self._transport_size()
 
     @property
     def queued_bytes(self):
-        """Our queue only (what an overflow releases)."""
+        """Bytes of our queue only (what an overflow releases)."""
         return self._qbytes
 
     @property
     def max_pending(self):
+        """The limit of pending_bytes."""
         return self._max_pending
 
     @property
@@ -521,10 +593,12 @@ cdef class Conn:
 
     @property
     def transport(self):
+        """The transport given at registration."""
         return self._transport
 
     @property
     def writer(self):
+        """The writer the conn is registered with."""
         return self._writer
 
     def __repr__(self):
@@ -538,7 +612,10 @@ cdef class Conn:
 
 
 cdef class Channel:
-    """The subscribers of one subject."""
+    """The subscribers of one subject: publish() queues one frame on each of them.
+
+    ``Channel()``: an empty channel.
+    """
 
     def __cinit__(self):
         self._conns = []
@@ -553,7 +630,13 @@ cdef class Channel:
                 last._chans[self] = idx
 
     def add(self, Conn conn not None):
-        """Subscribe ``conn``; False when already here or closed."""
+        """Subscribe ``conn``.
+
+        Returns:
+            True when added; False when it is already here or closed.
+        Raises:
+            TypeError: ``conn`` is None or not a Conn.
+        """
         if conn._closed or conn._member(self):
             return False
         conn._join(self, PyList_GET_SIZE(self._conns))
@@ -561,7 +644,13 @@ cdef class Channel:
         return True
 
     def remove(self, Conn conn not None):
-        """Unsubscribe ``conn``; False when it was not here."""
+        """Unsubscribe ``conn`` (order of the others may change).
+
+        Returns:
+            True when removed; False when it was not here.
+        Raises:
+            TypeError: ``conn`` is None or not a Conn.
+        """
         cdef Py_ssize_t idx = conn._leave(self)
         if idx < 0:
             return False
@@ -569,7 +658,15 @@ cdef class Channel:
         return True
 
     cpdef int publish(self, bytes frame) except -1:
-        """Queue ``frame`` on every subscriber; returns how many took it."""
+        """Queue ``frame`` (the same object) on every subscriber.
+
+        Args:
+            frame: a complete encoded frame.
+        Returns:
+            How many subscribers took it (a subscriber it overflows is closed and removed instead).
+        Raises:
+            TypeError: ``frame`` is None or not bytes.
+        """
         cdef list conns = self._conns
         cdef Py_ssize_t i = 0
         cdef int count = 0
@@ -586,12 +683,15 @@ cdef class Channel:
         return count
 
     def conns(self):
+        """The subscribers, as a new list."""
         return list(self._conns)
 
     def __len__(self):
+        """Subscribers."""
         return PyList_GET_SIZE(self._conns)
 
     def __contains__(self, conn):
+        """True when ``conn`` is a subscribed Conn."""
         return isinstance(conn, Conn) and (<Conn>conn)._member(self)
 
     def __repr__(self):

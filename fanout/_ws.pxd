@@ -41,10 +41,19 @@
 from fanout._writer cimport Conn, Writer
 
 
+# The connection's input state (Python: fanout.WSState in _enums.py, from WSConn.ws_state).
 cdef enum:
     WS_HTTP = 0     # before the upgrade: bytes go to http_received()
     WS_OPEN = 1     # frames are parsed
     WS_DONE = 2     # close received, protocol error, or closed: input ignored
+
+# The close codes this layer reports to ws_close / ws_fail (RFC 6455 7.4.1;
+# Python: fanout.CloseCode in _enums.py, same values).
+cdef enum:
+    CLOSE_PROTOCOL_ERROR_C = 1002   # the peer broke RFC 6455
+    CLOSE_NO_STATUS_C = 1005        # the peer's close frame had no code (never sent on the wire)
+    CLOSE_INVALID_DATA_C = 1007     # a close reason that is not UTF-8
+    CLOSE_TOO_BIG_C = 1009          # a message over max_message, or in too many frames
 
 
 cdef class WSConn(Conn):

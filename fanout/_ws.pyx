@@ -11,9 +11,17 @@ cdef extern from "Python.h":
     const Py_ssize_t PY_SSIZE_T_MAX
 from libc.string cimport memcpy
 
-from fanout._frame cimport OP_BINARY_C, OP_CLOSE_C, OP_CONT_C, OP_PING_C, OP_PONG_C, OP_TEXT_C, build_frame
+from fanout._frame cimport OP_CONT_C, OP_PING_C, OP_PONG_C, build_frame
 
-__all__ = ["WSConn"]
+from fanout._enums import CloseCode, WSState
+
+__all__ = ["CloseCode", "WSConn", "WSState"]
+
+# ws_state's values, by the C state (the C enums in _ws.pxd are these enums' values: parity tests)
+_STATES = (WSState(WS_HTTP), WSState(WS_OPEN), WSState(WS_DONE))
+# the C close codes as named values (building this fails the import if one has no name in CloseCode)
+_CODES = (CloseCode(CLOSE_PROTOCOL_ERROR_C), CloseCode(CLOSE_NO_STATUS_C), CloseCode(CLOSE_INVALID_DATA_C),
+          CloseCode(CLOSE_TOO_BIG_C))
 
 #: close codes a peer may send (RFC 6455 7.4.1 and the IANA registry up to 1014; 3000-4999 for applications)
 cdef inline bint _valid_peer_code(int code) noexcept nogil:
@@ -71,12 +79,11 @@ cdef bytes _unmask(const unsigned char* src, Py_ssize_t n, const unsigned char* 
 
 
 cdef class WSConn(Conn):
-    """An asyncio protocol for one server-side WebSocket (subclass it; see the hooks below).
+    """The server side of one WebSocket connection: an asyncio protocol whose client frames are
+    parsed here and whose output is the Conn's queue (rules: _ws.pxd). Subclass it and implement
+    the hooks: http_received() before ws_open(), then ws_message(), ws_close() and ws_fail().
 
-    Hooks the subclass implements: ``http_received(data)`` before ``ws_open()``;
-    ``ws_message(opcode, payload)`` for each whole text/binary message;
-    ``ws_close(code, reason)`` for the peer's close frame (1005 when it has no code);
-    ``ws_fail(code, reason)`` once on a protocol violation.
+    ``WSConn()``: a connection in state WSState.HTTP; a subclass's __init__ takes what it wants.
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -87,10 +94,18 @@ cdef class WSConn(Conn):
 
     def ws_open(self, Writer writer not None, transport, max_pending, max_message, on_overflow, rest=b"",
                 max_fragments=1024, max_pongs=16):
-        """The upgrade is done: register the output queue, then parse ``rest`` (bytes after the request).
+        """The upgrade is done: register the output queue (as Conn() does), then parse ``rest``.
 
-        ``max_fragments``: frames one message may span (more fails 1009); ``max_pongs``: pongs owed at
-        once (pings beyond are not answered); both 1..65535."""
+        Args:
+            writer, transport, max_pending, on_overflow: as for Conn().
+            max_message: largest message in bytes (a frame or reassembled message over it fails 1009).
+            rest: bytes the client sent after its HTTP request, parsed as frames now.
+            max_fragments: frames one message may span, 1..65535 (default 1024; more fails 1009).
+            max_pongs: pongs owed at once, 1..65535 (default 16; pings beyond are not answered).
+        Raises:
+            ValueError: ``max_message`` < 0, ``max_pending`` < 0, or a cap outside 1..65535.
+            RuntimeError: called twice.
+        """
         cdef Py_ssize_t limit = PyNumber_Index(max_message)
         cdef Py_ssize_t frags = PyNumber_Index(max_fragments)
         cdef Py_ssize_t pongs = PyNumber_Index(max_pongs)
@@ -109,6 +124,9 @@ cdef class WSConn(Conn):
             self.data_received(rest)
 
     def data_received(self, data):
+        """Bytes from the transport: to http_received() before ws_open(), then parsed as frames
+        (held unparsed while input is paused, ignored once the state is DONE).
+        """
         if self._state == WS_OPEN:
             self.last_recv = self._writer._loop.time()
             if not PyBytes_CheckExact(data):
@@ -163,7 +181,10 @@ cdef class WSConn(Conn):
         return 0
 
     def ws_pause_input(self):
-        """Stop reading and parsing after the current message (see _ws.pxd); idempotent."""
+        """Stop reading and parsing after the current message; idempotent, a no-op unless OPEN.
+
+        Bytes already read are held (not copied) until ws_resume_input() parses them in order.
+        """
         if self._in_paused or self._state != WS_OPEN:
             return
         self._in_paused = 1
@@ -173,7 +194,7 @@ cdef class WSConn(Conn):
             pass  # closing: nothing more will be read anyway
 
     def ws_resume_input(self):
-        """Parse what was held, then read again; idempotent."""
+        """Parse what was held, then read again (unless a hook paused again meanwhile); idempotent."""
         cdef object held
         if not self._in_paused:
             return
@@ -190,9 +211,11 @@ cdef class WSConn(Conn):
 
     @property
     def ws_input_paused(self):
+        """True between ws_pause_input() and ws_resume_input()."""
         return self._in_paused != 0
 
     def eof_received(self):
+        """The peer half-closed: returns None, so the transport closes and connection_lost follows."""
         return None  # the transport closes; connection_lost follows
 
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n) except -1:
@@ -211,16 +234,16 @@ cdef class WSConn(Conn):
             opcode = b0 & 0x0F
             len7 = b1 & 0x7F
             if b0 & 0x70:
-                self._fail(1002, "reserved bits set without an extension")
+                self._fail(CLOSE_PROTOCOL_ERROR_C, "reserved bits set without an extension")
                 break
             if not (opcode <= 2 or 8 <= opcode <= 10):
-                self._fail(1002, f"unknown opcode {opcode:#x}")
+                self._fail(CLOSE_PROTOCOL_ERROR_C, f"unknown opcode {opcode:#x}")
                 break
             if not (b1 & 0x80):
-                self._fail(1002, "client frames must be masked")
+                self._fail(CLOSE_PROTOCOL_ERROR_C, "client frames must be masked")
                 break
             if opcode >= 8 and (not fin or len7 > 125):
-                self._fail(1002, "control frames must be whole and at most 125 bytes")
+                self._fail(CLOSE_PROTOCOL_ERROR_C, "control frames must be whole and at most 125 bytes")
                 break
             if len7 < 126:
                 hlen = 6
@@ -238,12 +261,12 @@ cdef class WSConn(Conn):
                 for i in range(8):
                     size = (size << 8) | p[pos + 2 + i]
                 if size >> 63:
-                    self._fail(1002, "frame length has its most significant bit set")
+                    self._fail(CLOSE_PROTOCOL_ERROR_C, "frame length has its most significant bit set")
                     break
             # Refused from the header: an oversized payload is never buffered.
             if opcode < 8 and size + <unsigned long long>(self._frag_size if opcode == 0 else 0) > \
                     <unsigned long long>self._max_message:
-                self._fail(1009, "message larger than the limit")
+                self._fail(CLOSE_TOO_BIG_C, "message larger than the limit")
                 break
             if n - pos < hlen or <unsigned long long>(n - pos - hlen) < size:
                 break
@@ -260,10 +283,10 @@ cdef class WSConn(Conn):
         cdef bytes whole
         if opcode == OP_CONT_C:
             if frags is None:
-                return self._fail(1002, "continuation frame without a message to continue")
+                return self._fail(CLOSE_PROTOCOL_ERROR_C, "continuation frame without a message to continue")
             if self._frag_count >= self._max_frags:
                 self._writer.fragment_limit_hits += 1
-                return self._fail(1009, f"message in more than {self._max_frags} frames")
+                return self._fail(CLOSE_TOO_BIG_C, f"message in more than {self._max_frags} frames")
             self._frag_count += 1
             frags.append(payload)
             self._frag_size += PyBytes_GET_SIZE(payload)
@@ -274,7 +297,7 @@ cdef class WSConn(Conn):
                 self.ws_message(self._frag_op, whole)
             return 0
         if frags is not None:
-            return self._fail(1002, "new message inside a fragmented one")
+            return self._fail(CLOSE_PROTOCOL_ERROR_C, "new message inside a fragmented one")
         if fin:
             self.ws_message(opcode, payload)
         else:
@@ -303,17 +326,17 @@ cdef class WSConn(Conn):
             return 0
         # close
         if size == 0:
-            code = 1005
+            code = CLOSE_NO_STATUS_C
         elif size == 1:
-            return self._fail(1002, "close frame with a 1-byte payload")
+            return self._fail(CLOSE_PROTOCOL_ERROR_C, "close frame with a 1-byte payload")
         else:
             code = (p[0] << 8) | p[1]
             if not _valid_peer_code(code):
-                return self._fail(1002, f"invalid close code {code}")
+                return self._fail(CLOSE_PROTOCOL_ERROR_C, f"invalid close code {code}")
         try:
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
-            return self._fail(1007, "close reason is not valid UTF-8")
+            return self._fail(CLOSE_INVALID_DATA_C, "close reason is not valid UTF-8")
         self._state = WS_DONE
         self._frags = None
         self.ws_close(code, reason)
@@ -326,7 +349,7 @@ cdef class WSConn(Conn):
         return 0
 
     def ws_stop_input(self):
-        """Ignore all further input (we are closing)."""
+        """Ignore all further input (we are closing): the state becomes WSState.DONE."""
         self._state = WS_DONE
         self._frags = None
         self._rbuf = None
@@ -334,22 +357,42 @@ cdef class WSConn(Conn):
 
     @property
     def ws_state(self):
-        """0 before the upgrade, 1 while frames are read, 2 once input is ignored."""
-        return self._state
+        """HTTP before ws_open(), OPEN while frames are read, DONE once input is ignored."""
+        return _STATES[self._state]
 
     @property
     def max_message(self):
+        """The largest message accepted, in bytes (0 before ws_open())."""
         return self._max_message
 
     # Hooks (the subclass overrides them)
     def http_received(self, data):
+        """Hook: bytes before ws_open() (the HTTP request). Raises NotImplementedError unless overridden."""
         raise NotImplementedError
 
     def ws_message(self, opcode, payload):
+        """Hook: one whole message.
+
+        Args:
+            opcode: OP_TEXT or OP_BINARY (text is not checked for UTF-8 here).
+            payload: the unmasked, reassembled message.
+        """
         raise NotImplementedError
 
     def ws_close(self, code, reason):
+        """Hook: the peer's close frame arrived; input is ignored from now on.
+
+        Args:
+            code: the peer's code, or CloseCode.NO_STATUS (1005) when its frame had none.
+            reason: the peer's reason (valid UTF-8).
+        """
         raise NotImplementedError
 
     def ws_fail(self, code, reason):
+        """Hook: the peer broke the protocol, called once; input is ignored from now on.
+
+        Args:
+            code: CloseCode.PROTOCOL_ERROR, INVALID_DATA or MESSAGE_TOO_BIG, to close with.
+            reason: what was wrong, for the close frame.
+        """
         raise NotImplementedError

@@ -14,8 +14,8 @@ import os
 import signal
 import sys
 import time
-from multiprocessing.connection import wait as wait_for_exits
 from collections.abc import Sequence
+from multiprocessing.connection import wait as wait_for_exits
 from typing import Any, NoReturn
 
 from . import __version__
@@ -75,7 +75,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         if f.type == "bool":  # a switch: given = on; the environment or the file may say false
             serve.add_argument(flag, dest=name, default=None, action="store_const", const=True, help=help_text)
             continue
-        meta = {"int": "N"}.get(f.type, name.split("_")[-1].upper())  # type: ignore[arg-type]
+        meta = f.metadata.get("metavar") or {"int": "N"}.get(f.type,  # type: ignore[arg-type]
+                                                             name.split("_")[-1].upper())
         serve.add_argument(flag, dest=name, default=None, metavar=meta, help=help_text)
     serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)

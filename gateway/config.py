@@ -54,7 +54,9 @@ class Config:
     tls_cert: str | None = field(default=None, metadata={"help": "PEM certificate: serve wss:// and https://"})
     tls_key: str | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
     workers: int = field(default=1, metadata={
-        "help": "processes sharing the port (SO_REUSEPORT); more than 1 needs --kafka"})
+        "help": "processes sharing the port (SO_REUSEPORT); more than 1 needs --kafka; `auto` = the CPUs "
+                "this process may run on (its affinity mask) with --kafka, 1 without",
+        "metavar": "N|auto"})
     history: int = field(default=1000, metadata={"help": "messages kept per subject for recovery"})
     history_bytes: int = field(default=4 * MiB, metadata={"help": "bytes kept per subject for recovery"})
     history_total_bytes: int = field(default=256 * MiB, metadata={
@@ -67,6 +69,13 @@ class Config:
                 "at least 2 x --max-message-bytes"})
     max_inflight_publishes: int = field(default=1000, metadata={
         "help": "publishes of one connection awaiting the engine; more get rate_limited"})
+    coalesce_us: int = field(default=0, metadata={
+        "help": "adaptive write coalescing: after a flush that wrote to at least --coalesce-min-conns "
+                "connections, hold the next flush this many microseconds so the messages arriving meanwhile "
+                "share one write per connection (fewer syscalls, up to this much more latency; uvloop rounds "
+                "it to whole milliseconds; 0 = off)"})
+    coalesce_min_conns: int = field(default=1000, metadata={
+        "help": "--coalesce-us: a flush that wrote to this many connections holds the next one"})
     connect_timeout_ms: int = field(default=10000, metadata={
         "help": "close 1008 a connection that sends no connect within this time"})
     # ---- resource limits (PROTOCOL.md 1.1 "Resource limits"; docs/SECURITY.md) ----
@@ -145,11 +154,23 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+#: --workers auto, until validate() turns it into a count (no count is 0: --workers 0 is refused)
+WORKERS_AUTO = 0
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
-             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
+             "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments",
+             "max_queued_pongs", "history_total_bytes", "coalesce_min_conns"}
 _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unreachable_ms", "max_connections",
-                 "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
+                 "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s",
+                 "coalesce_us"}
 _LISTS = {"topics", "allowed_origins"}
 #: the settings of gateway/engines/kafka_security.py (also demo-feed's, with --kafka)
 KAFKA_SECURITY = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
@@ -205,6 +226,8 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
             if name in _NON_NEGATIVE and real < 0:
                 raise ValueError("must be >= 0")
             return real
+        if name == "workers" and isinstance(value, str) and value.strip().lower() == "auto":
+            return WORKERS_AUTO
         if kind == "int":
             if isinstance(value, bool):
                 raise ValueError("not an integer")
@@ -284,10 +307,14 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')}: no such file: {path}")
     if config.jwt_public_key:
         _check_public_key(config.jwt_public_key)
+    if config.workers == WORKERS_AUTO:
+        # the standalone engine keeps its state in one process: auto is 1 there, not an error
+        config = dataclasses.replace(config, workers=usable_cpus() if config.kafka else 1)
     if config.workers > 1 and not config.kafka:
         raise ConfigError("--workers > 1 needs --kafka: the standalone engine keeps its state in one process")
     if config.workers > 1 and config.port == 0:
-        raise ConfigError("--workers > 1 needs a fixed --port: with port 0 every worker would pick its own")
+        raise ConfigError(f"--workers {config.workers} needs a fixed --port: with port 0 every worker would "
+                          "pick its own")
     if config.kafka and not config.topics:
         raise ConfigError("--kafka needs --topics (the topics this gateway serves)")
     if config.demo and config.workers > 1:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from fanout import COMPILED, Channel, Conn, Ring, encode_text
 
 from . import protocol
-from .engines.base import Record
+from .records import Record
 
 if TYPE_CHECKING:
     from .recovery import RingReplay

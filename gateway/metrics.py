@@ -81,6 +81,7 @@ class GatewayCollector(Collector):
         yield counter("frames_out", "WebSocket frames written", w.frames_out)
         yield counter("bytes_out", "Bytes written to client sockets", w.bytes_out)
         yield counter("write_syscalls", "send/writev calls made by the fan-out writer", w.syscalls)
+        yield counter("write_flushes_held", "Flushes held back by --coalesce-us after a big flush", w.held_flushes)
         yield counter("slow_consumers", "Connections closed with 4000 (output over the limit)", w.overflows)
         errors = CounterMetricFamily("gateway_errors", "error frames sent, by code", labels=["code"])
         for code, n in sorted(s.errors.items()):

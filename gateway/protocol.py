@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+import enum
 from collections.abc import Callable
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from .engines.base import Record
+from .records import Record
 from .subjects import Subject, SubjectError, parse_subject
 
 VERSION = 1
@@ -34,23 +35,27 @@ UNAVAILABLE = "unavailable"
 ERROR_CODES = (BAD_REQUEST, NOT_CONNECTED, UNAUTHORIZED, FORBIDDEN, INVALID_SUBJECT, UNKNOWN_TOPIC,
                TOO_LARGE, RATE_LIMITED, UNAVAILABLE, LIMIT_EXCEEDED)
 
-# close codes
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_INVALID_UTF8 = 1007
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_SLOW_CONSUMER = 4000
-CLOSE_TOKEN_EXPIRED = 4001  # 1.1: the session's token expired without a refresh
+
+
+class CloseCode(enum.IntEnum):
+    """The close codes the gateway sends (PROTOCOL.md "Errors and close codes")."""
+
+    NORMAL = 1000          #: normal close (also the answer to a close frame without a code)
+    GOING_AWAY = 1001      #: gateway shutting down: clients reconnect elsewhere
+    PROTOCOL_ERROR = 1002  #: WebSocket protocol violation
+    INVALID_UTF8 = 1007    #: a text frame that is not valid UTF-8
+    POLICY = 1008          #: policy: auth, not connected, no connect in time
+    TOO_BIG = 1009         #: a frame larger than the limit
+    INTERNAL = 1011        #: internal error; also a peer that answers no ping for 3 x heartbeat_ms
+    SLOW_CONSUMER = 4000   #: its queue overflowed: it reconnects and recovers
+    TOKEN_EXPIRED = 4001   #: 1.1: the session's token expired without a refresh
 
 # 1.1: an `id` is a string of at most 256 bytes or an integer within +-2^53 (exact in every JSON
 # parser, JavaScript's included); anything else is bad_request, never echoed altered.
 MAX_ID_BYTES = 256
 MAX_ID_INT = 2**53
 
-Id = Union[str, int]
+Id = str | int
 _NO_ID = object()
 
 
@@ -120,7 +125,7 @@ class Refresh:
     token: str | None
 
 
-Request = Union[Connect, Subscribe, Unsubscribe, Publish, Ping, Refresh]
+Request = Connect | Subscribe | Unsubscribe | Publish | Ping | Refresh
 
 #: the ops a client may send; `request` of an error is one of these (an unknown op is not echoed)
 OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")

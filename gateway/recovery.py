@@ -103,8 +103,7 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
             return None
         # The hub holds nothing of S after `newest`, but the engine may have read past the position
         # (S's messages are older than what the hub was warmed up with): those come from the engine.
-        read_through = getattr(engine, "read_through", None)
-        upto = read_through(subject) if read_through is not None else None
+        upto = engine.read_through(subject)
         if upto is not None and after < upto:
             return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, upto)
         # Ahead of what this gateway has read: valid if Kafka holds it (another gateway was faster),

@@ -1,5 +1,6 @@
 """The listener: one port for WebSocket (/ws) and plain HTTP (/healthz, /metrics, and the demo page: /,
-/demo.js, /client.js, /favicon.ico), the liveness sweep (heartbeats, pings, dead peers, connect timeout), and the lifecycle.
+/demo.js, /client.js, /favicon.ico), the liveness sweep (heartbeats, pings, dead peers, connect timeout),
+and the lifecycle.
 
 Each connection is one Session (gateway/session.py) on the loop's own transports: httptools parses the
 HTTP request (gateway/http.py), fanout.WSConn the client frames, and every outbound frame goes through
@@ -17,7 +18,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 import orjson
-from fanout import COMPILED, Conn, Writer
+
+from fanout import COMPILED, Writer, WSState
 
 from . import __version__, http, protocol
 from .auth import Authenticator, ExpiryQueue
@@ -119,7 +121,8 @@ class Gateway:
 
     async def start(self, *, reuse_port: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
-        self.writer = Writer(self.loop)
+        self.writer = Writer(self.loop, coalesce_window=self.config.coalesce_us / 1e6,
+                             coalesce_min_conns=self.config.coalesce_min_conns)
         await self.engine.start()
         ctx = None
         if self.config.tls_cert:
@@ -158,7 +161,7 @@ class Gateway:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for session in list(self.sessions | self._unconnected):
-            session.close(protocol.CLOSE_GOING_AWAY, "gateway shutting down")
+            session.disconnect(protocol.CloseCode.GOING_AWAY, "gateway shutting down")
         if self.writer is not None:
             self.writer.flush()
         deadline = self.loop.time() + 2.0
@@ -172,7 +175,7 @@ class Gateway:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self.engine.stop(), 2.0)
-        except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - exit within the SIGTERM budget anyway
+        except (TimeoutError, Exception):  # noqa: BLE001 - exit within the SIGTERM budget anyway
             log.warning("engine did not stop cleanly", exc_info=True)
         self._stopped.set()
 
@@ -215,10 +218,6 @@ class Gateway:
     def _new_session(self) -> asyncio.Protocol:
         return Session(self)  # type: ignore[return-value]  # an asyncio protocol by duck typing (Cython base)
 
-    def on_overflow(self, conn: Conn) -> None:
-        if isinstance(conn, Session):
-            conn.overflowed()
-
     async def _sweep_forever(self) -> None:
         hb = self.config.heartbeat_ms / 1000
         handshake = self.config.handshake_timeout_ms / 1000
@@ -245,20 +244,20 @@ class Gateway:
             if session.ws_input_paused:
                 continue  # we are the ones not reading it (over its publish rate, or behind a slow subscribe)
             if now - session.last_recv >= 3 * hb:
-                session.close(protocol.CLOSE_INTERNAL, "no answer to pings")
+                session.disconnect(protocol.CloseCode.INTERNAL, "no answer to pings")
             elif now - session.last_ping >= hb:
                 session.ping(now)
         limit = self.config.connect_timeout_ms / 1000
         handshake = self.config.handshake_timeout_ms / 1000
         for session in list(self._unconnected):
             age = now - session.created
-            if session.ws_state == 0 and age >= min(handshake, limit):  # still in its HTTP request
+            if session.ws_state == WSState.HTTP and age >= min(handshake, limit):  # still in its HTTP request
                 self._unconnected.discard(session)
                 self.admission.refused("handshake_timeout")
-                session.close()  # before the upgrade: no response, the socket is just closed
+                session.disconnect()  # before the upgrade: no response, the socket is just closed
             elif age >= limit:
                 self._unconnected.discard(session)
-                session.close(protocol.CLOSE_POLICY, "no connect in time")
+                session.disconnect(protocol.CloseCode.POLICY, "no connect in time")
         if len(self.expiries):
             self.expire_tokens(time.time())
 

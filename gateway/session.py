@@ -18,19 +18,20 @@ import logging
 import secrets
 import sys
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
-from fanout import OP_BINARY, OP_PING, Conn, WSConn, encode_close, encode_frame, encode_text
+from fanout import OP_BINARY, OP_PING, CloseCode, Conn, Writer, WSConn, WSState, encode_close, encode_frame, encode_text
 
 from . import http, protocol, recovery
-from .auth import AuthError, Principal
-from .engines.base import EngineUnavailable, UnknownTopic
-from .limits import TokenBucket
+from .auth import Authenticator, AuthError, Principal
+from .config import Config
+from .engines.base import Engine, EngineUnavailable, UnknownTopic
+from .hub import Hub
+from .limits import Admission, TokenBucket
+from .metrics import Stats
 from .protocol import ProtocolError
 from .subjects import parse_subject
-
-if TYPE_CHECKING:
-    from .server import Gateway
 
 log = logging.getLogger("gateway.session")
 
@@ -38,6 +39,55 @@ PING_FRAME = encode_frame(OP_PING, b"")
 HEARTBEAT_FRAME = encode_text(protocol.HEARTBEAT)
 #: a close frame's reason: at most 123 bytes of UTF-8 (RFC 6455 5.5: control payloads <= 125 bytes)
 MAX_CLOSE_REASON = 123
+
+
+class SessionHost(Protocol):
+    """What a Session needs of the gateway that owns it (gateway.server.Gateway is one), and no more.
+
+    Shared parts (read only): the loop, the settings, the fan-out writer, the hub, the engine, the
+    authenticator and the counters. Calls back: whether to admit a new connection and what to answer
+    its HTTP request, each step of its life (opened, connected, closed, token to watch), and a task
+    to keep (the gateway cancels them on stop).
+    """
+
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    writer: Writer
+    hub: Hub
+    engine: Engine
+    auth: Authenticator
+    stats: Stats
+    admission: Admission
+    node_id: str
+    #: seconds a peer gets to finish after a close frame is queued, before the socket is aborted
+    close_grace: float
+
+    def connection_made(self, session: Session) -> bool:
+        """A TCP connection was accepted; False: refuse it (the session aborts its transport)."""
+
+    def route(self, req: http.Request, address: str) -> tuple[bytes, bool]:
+        """(response, upgrade) for a complete HTTP request; raises http.HttpError to refuse it."""
+
+    def session_opened(self, session: Session) -> None:
+        """The WebSocket upgrade is done."""
+
+    def session_connected(self, session: Session) -> None:
+        """Its `connect` was accepted."""
+
+    def session_closed(self, session: Session) -> None:
+        """The connection is gone, whatever state it reached."""
+
+    def track_expiry(self, session: Session) -> None:
+        """Its token (new, or refreshed) has an `exp`: close it 4001 when that passes."""
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run `coro` as a task the host keeps (and cancels on stop)."""
+
+
+def _overflowed(conn: Conn) -> None:
+    """The writer's on_overflow for every session (one function: no bound method per connection)."""
+    if isinstance(conn, Session):
+        conn.overflowed()
 
 
 def close_reason(text: str) -> bytes:
@@ -51,12 +101,12 @@ def close_reason(text: str) -> bytes:
 
 class Session(WSConn):
     # Few fields, and None until needed: this object is most of what an idle connection costs.
-    __slots__ = ("gw", "transport", "principal", "connected", "_subjects", "created", "last_ping",
+    __slots__ = ("host", "transport", "principal", "connected", "_subjects", "created", "last_ping",
                  "_http", "_backlog", "_busy", "_inflight", "_closing", "_replays", "_pump_scheduled",
                  "address", "_bucket")
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
+    def __init__(self, host: SessionHost) -> None:
+        self.host = host
         # from connection_made (Conn's own `transport` is only set at the upgrade, by ws_open)
         self.transport: asyncio.Transport | None = None  # type: ignore[assignment]
         self.principal: Principal | None = None
@@ -80,12 +130,12 @@ class Session(WSConn):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.created = self.gw.loop.time()
+        self.created = self.host.loop.time()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.address = sys.intern(str(peer[0]))
         self._http = http.Request()
-        if not self.gw.connection_made(self):
+        if not self.host.connection_made(self):
             self._http = None
             self._closing = True
             transport.abort()  # type: ignore[attr-defined]
@@ -98,10 +148,10 @@ class Session(WSConn):
         self._http = None
         self.ws_stop_input()
         for subject in self.subjects:
-            recovery.unsubscribe(self.gw.hub, self, subject)
+            recovery.unsubscribe(self.host.hub, self, subject)
         self._subjects = None
         self._backlog = None
-        self.gw.session_closed(self)
+        self.host.session_closed(self)
 
     def resume_writing(self) -> None:
         WSConn.resume_writing(self)
@@ -118,28 +168,28 @@ class Session(WSConn):
             if not req.feed(data):
                 return
             self._http = None
-            answer, upgrade = self.gw.route(req, self.address)
+            answer, upgrade = self.host.route(req, self.address)
         except http.HttpError as exc:
             self._http = None
-            self.gw.stats.count_http_error(exc.status)
+            self.host.stats.count_http_error(exc.status)
             return self._http_close(exc.response())
         if not upgrade:
             return self._http_close(answer)
-        gw = self.gw
-        tr = self.transport
-        assert tr is not None
-        tr.write(answer)  # 101: from here on, frames
-        gw.session_opened(self)
-        config = gw.config
-        self.ws_open(gw.writer, tr, config.max_pending_bytes, config.max_message_bytes, gw.on_overflow,
+        host = self.host
+        transport = self.transport
+        assert transport is not None
+        transport.write(answer)  # 101: from here on, frames
+        host.session_opened(self)
+        config = host.config
+        self.ws_open(host.writer, transport, config.max_pending_bytes, config.max_message_bytes, _overflowed,
                      req.rest, config.max_fragments, config.max_queued_pongs)
 
     def _http_close(self, answer: bytes) -> None:
         self._closing = True
-        tr = self.transport
-        if tr is not None:
-            tr.write(answer)
-            tr.close()
+        transport = self.transport
+        if transport is not None:
+            transport.write(answer)
+            transport.close()
 
     # ---- frames (parsed by fanout.WSConn) --------------------------------------------------------------
 
@@ -153,10 +203,10 @@ class Session(WSConn):
         self._on_text(payload)
 
     def ws_close(self, code: int, reason: str) -> None:
-        self.close(protocol.CLOSE_NORMAL if code == 1005 else code)
+        self.disconnect(protocol.CloseCode.NORMAL if code == CloseCode.NO_STATUS else code)
 
     def ws_fail(self, code: int, reason: str) -> None:
-        self.close(code, reason)
+        self.disconnect(code, reason)
 
     @property
     def subjects(self) -> tuple[str, ...] | set[str]:
@@ -198,7 +248,7 @@ class Session(WSConn):
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
-            return self.close(protocol.CLOSE_INVALID_UTF8, "text frame is not valid UTF-8")
+            return self.disconnect(protocol.CloseCode.INVALID_UTF8, "text frame is not valid UTF-8")
         if not self.connected:
             return self._on_first(data)
         if self._busy:
@@ -218,42 +268,42 @@ class Session(WSConn):
             return self._not_connected(f"the first frame must be connect ({exc.message})", exc.request)
         if not isinstance(req, protocol.Connect):
             return self._not_connected("the first frame must be connect", _op_name(req))
-        gw = self.gw
+        host = self.host
         try:
-            self.principal = gw.auth.authenticate(req.token)
+            self.principal = host.auth.authenticate(req.token)
         except AuthError as exc:
             self.send_error(ProtocolError(protocol.UNAUTHORIZED, str(exc), request="connect"))
-            return self.close(protocol.CLOSE_POLICY, "unauthorized")
+            return self.disconnect(protocol.CloseCode.POLICY, "unauthorized")
         self.connected = True
-        gw.session_connected(self)
+        host.session_connected(self)
         if self.principal.exp is not None:
-            gw.track_expiry(self)
+            host.track_expiry(self)
         # the session id is only reported (not kept: an idle connection's bytes count)
-        self.reply(protocol.connected(secrets.token_hex(8), gw.node_id, gw.config.heartbeat_ms))
+        self.reply(protocol.connected(secrets.token_hex(8), host.node_id, host.config.heartbeat_ms))
 
     def _not_connected(self, message: str, request: str | None = None) -> None:
         self.send_error(ProtocolError(protocol.NOT_CONNECTED, message, request=request))
-        self.close(protocol.CLOSE_POLICY, "not connected")
+        self.disconnect(protocol.CloseCode.POLICY, "not connected")
 
     def _refresh(self, req: protocol.Refresh) -> None:
         """1.1: a valid token for the same `sub` replaces the session's token and entitlements; an
         invalid one is refused and the session keeps its old token (and its expiry)."""
-        gw = self.gw
-        if not gw.auth.enabled:
+        host = self.host
+        if not host.auth.enabled:
             return self.reply(protocol.refreshed(None))  # no auth: tokens are ignored
         try:
-            principal = gw.auth.refresh(self.principal, req.token)  # type: ignore[arg-type]
+            principal = host.auth.refresh(self.principal, req.token)  # type: ignore[arg-type]
         except AuthError as exc:
             return self.send_error(ProtocolError(protocol.UNAUTHORIZED, str(exc), request="refresh"))
         self.principal = principal
-        gw.track_expiry(self)
+        host.track_expiry(self)
         self.reply(protocol.refreshed(principal.exp))
         # the new entitlements apply to what is already subscribed too
         for subject in list(self.subjects):
             if not principal.may_subscribe(parse_subject(subject)):
                 self._discard_subject(subject)
                 self._cancel_replay(subject)
-                recovery.unsubscribe(gw.hub, self, subject)
+                recovery.unsubscribe(host.hub, self, subject)
                 self.send_error(ProtocolError(protocol.FORBIDDEN, "the refreshed token does not allow this "
                                               "subscription", subject=subject, request="refresh"))
 
@@ -262,7 +312,7 @@ class Session(WSConn):
         if self._closing:
             return
         self.send_error(ProtocolError(protocol.UNAUTHORIZED, "token expired"))
-        self.close(protocol.CLOSE_TOKEN_EXPIRED, "token expired")
+        self.disconnect(protocol.CloseCode.TOKEN_EXPIRED, "token expired")
 
     def _handle(self, data: bytes) -> None:
         try:
@@ -283,7 +333,7 @@ class Session(WSConn):
             self.send_error(ProtocolError(protocol.BAD_REQUEST, "already connected", request="connect"))
 
     def _subscribe(self, req: protocol.Subscribe) -> None:
-        gw = self.gw
+        host = self.host
         for i, entry in enumerate(req.entries):
             if isinstance(entry, ProtocolError):
                 self.send_error(entry)
@@ -294,25 +344,25 @@ class Session(WSConn):
                                               subject=subject.text, request="subscribe"))
                 continue
             try:
-                gw.engine.check_subject(subject)
+                host.engine.check_subject(subject)
             except UnknownTopic as exc:
                 self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), subject=subject.text,
                                               request="subscribe"))
                 continue
-            if self.subscription_count >= gw.config.max_subscriptions and not self._has_subject(subject.text):
-                gw.admission.refused("max_subscriptions")
+            if self.subscription_count >= host.config.max_subscriptions and not self._has_subject(subject.text):
+                host.admission.refused("max_subscriptions")
                 self.send_error(ProtocolError(
-                    protocol.LIMIT_EXCEEDED, f"more than {gw.config.max_subscriptions} subscriptions on one "
+                    protocol.LIMIT_EXCEEDED, f"more than {host.config.max_subscriptions} subscriptions on one "
                     "connection (--max-subscriptions)", subject=subject.text, request="subscribe"))
                 continue
-            self._add_subject(gw.hub.state(subject.text).subject)  # the hub's copy of the string: shared
+            self._add_subject(host.hub.state(subject.text).subject)  # the hub's copy of the string: shared
             self._cancel_replay(subject.text)
-            waiting = recovery.subscribe(gw.hub, gw.engine, self, subject, entry.position,
+            waiting = recovery.subscribe(host.hub, host.engine, self, subject, entry.position,
                                          self._start_replay)
             if waiting is not None:
                 rest = protocol.Subscribe(req.entries[i + 1:])
                 self._busy = True
-                gw.spawn(self._finish_subscribe(waiting, rest))
+                host.spawn(self._finish_subscribe(waiting, rest))
                 return
 
     async def _finish_subscribe(self, waiting: Any, rest: protocol.Subscribe) -> None:
@@ -326,7 +376,7 @@ class Session(WSConn):
             self._handle(self._backlog.popleft())
         bucket = self._bucket
         if self.ws_input_paused and not self._busy and not (bucket is not None and
-                                                            bucket.resume_at > self.gw.loop.time()):
+                                                            bucket.resume_at > self.host.loop.time()):
             self._resume_input()  # (unless over its publish rate: then its timer resumes it)
 
     def _unsubscribe(self, req: protocol.Unsubscribe) -> None:
@@ -337,74 +387,74 @@ class Session(WSConn):
             if self._has_subject(entry.text):
                 self._discard_subject(entry.text)
                 self._cancel_replay(entry.text)
-                recovery.unsubscribe(self.gw.hub, self, entry.text)
+                recovery.unsubscribe(self.host.hub, self, entry.text)
             self.reply(protocol.unsubscribed(entry.text))
 
     def _publish(self, req: protocol.Publish) -> None:
-        gw = self.gw
+        host = self.host
         subject = req.subject
-        if gw.config.publish_rate > 0 and not self._take_token():
+        if host.config.publish_rate > 0 and not self._take_token():
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "publishing faster than the connection's "
                                                  "rate (--publish-rate)", id=req.id, subject=subject.text,
                                                  request="publish"))
-        if len(req.content) > gw.config.max_message_bytes:
+        if len(req.content) > host.config.max_message_bytes:
             return self.send_error(ProtocolError(protocol.TOO_LARGE, "content larger than the limit",
                                                  id=req.id, subject=subject.text, request="publish"))
         if not self.principal.may_publish(subject):  # type: ignore[union-attr]
             return self.send_error(ProtocolError(protocol.FORBIDDEN, "not allowed to publish to this subject",
                                                  id=req.id, subject=subject.text, request="publish"))
         try:
-            gw.engine.check_subject(subject)
+            host.engine.check_subject(subject)
         except UnknownTopic as exc:
             return self.send_error(ProtocolError(protocol.UNKNOWN_TOPIC, str(exc), id=req.id,
                                                  subject=subject.text, request="publish"))
-        gw.stats.publishes += 1
-        sync = getattr(gw.engine, "publish_now", None)
-        if sync is not None:  # the standalone engine: stored and fanned out right here
+        host.stats.publishes += 1
+        engine = host.engine
+        if engine.publishes_now:  # the standalone engine: stored and fanned out right here
             try:
-                epoch, seq = sync(subject, req.content)
+                epoch, seq = engine.publish_now(subject, req.content)
             except EngineUnavailable as exc:
                 return self.send_error(ProtocolError(protocol.UNAVAILABLE, str(exc), id=req.id,
                                                      subject=subject.text, request="publish"))
             if req.has_id:
                 self.reply(protocol.ack(req.id, subject.text, epoch, seq))
             return
-        if self._inflight >= gw.config.max_inflight_publishes:
+        if self._inflight >= host.config.max_inflight_publishes:
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "too many publishes awaiting the engine",
                                                  id=req.id, subject=subject.text, request="publish"))
         self._inflight += 1
         # Created now, in arrival order: the engine enqueues in call order, so one connection's
         # publishes to one subject are produced in the order sent.
-        gw.spawn(self._publish_async(req))
+        host.spawn(self._publish_async(req))
 
     def _take_token(self) -> bool:
         """One publish of the connection's rate; False when over it. Then the connection is not read
         until its next token: the rest of a flood waits in its own socket buffer (TCP slows the sender)
         instead of costing the gateway a parse and an error frame each, and other clients' time."""
-        gw = self.gw
-        now = gw.loop.time()
+        host = self.host
+        now = host.loop.time()
         bucket = self._bucket
         if bucket is None:
-            rate = gw.config.publish_rate
-            bucket = self._bucket = TokenBucket(rate, gw.config.publish_burst or max(1.0, 2 * rate), now)
+            rate = host.config.publish_rate
+            bucket = self._bucket = TokenBucket(rate, host.config.publish_burst or max(1.0, 2 * rate), now)
         if bucket.take(now):
             return True
-        gw.admission.refused("publish_rate")
+        host.admission.refused("publish_rate")
         if not self.ws_input_paused:
             self.ws_pause_input()
             bucket.resume_at = now + bucket.wait()
-            gw.loop.call_later(bucket.wait(), self._resume_input)
+            host.loop.call_later(bucket.wait(), self._resume_input)
         return False
 
     def _resume_input(self) -> None:
         if not self._closing:
-            self.last_recv = self.gw.loop.time()  # its silence while paused was ours (see the sweep)
+            self.last_recv = self.host.loop.time()  # its silence while paused was ours (see the sweep)
             self.ws_resume_input()
 
     async def _publish_async(self, req: protocol.Publish) -> None:
         subject = req.subject
         try:
-            epoch, seq = await self.gw.engine.publish(subject, req.content)
+            epoch, seq = await self.host.engine.publish(subject, req.content)
         except EngineUnavailable as exc:
             self.send_error(ProtocolError(protocol.UNAVAILABLE, str(exc) or "the engine is unavailable",
                                           id=req.id, subject=subject.text, request="publish"))
@@ -431,7 +481,7 @@ class Session(WSConn):
         self._schedule_pump()
 
     def _replay_stalled(self) -> None:
-        self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer: fell behind the recovery window")
+        self.disconnect(protocol.CloseCode.SLOW_CONSUMER, "slow consumer: fell behind the recovery window")
 
     def _cancel_replay(self, subject: str) -> None:
         if self._replays:
@@ -443,7 +493,7 @@ class Session(WSConn):
         if not self._pump_scheduled:
             self._pump_scheduled = True
             # call_soon runs after the writer's flush scheduled by the frames just queued
-            self.gw.loop.call_soon(self._pump)
+            self.host.loop.call_soon(self._pump)
 
     def _pump(self) -> None:
         self._pump_scheduled = False
@@ -463,7 +513,7 @@ class Session(WSConn):
             self.send(encode_text(payload))
 
     def send_error(self, exc: ProtocolError) -> None:
-        self.gw.stats.count_error(exc.code)
+        self.host.stats.count_error(exc.code)
         self.reply(exc.payload())
 
     def heartbeat(self) -> None:
@@ -474,25 +524,29 @@ class Session(WSConn):
         self.last_ping = now
         self.send(PING_FRAME)
 
-    def close(self, code: int = protocol.CLOSE_NORMAL, reason: str = "") -> None:  # type: ignore[override]
-        """Close with `code` after what is queued for the client (order kept); idempotent."""
+    def disconnect(self, code: int = protocol.CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection with `code` after what is queued for the client (order kept); idempotent.
+
+        Before the upgrade there is no WebSocket: the socket is just closed, without a response. (Not
+        named close(): Conn.close() is the fan-out's "forget this connection", with no arguments.)
+        """
         if self._closing or self.transport is None:
             return
         self._closing = True
-        tr = self.transport
-        if self.ws_state == 0:
+        transport = self.transport
+        if self.ws_state == WSState.HTTP:
             self._http = None  # still in HTTP: no WebSocket to close
             self.ws_stop_input()
-            tr.close()
+            transport.close()
             return
         self.ws_stop_input()
-        self.gw.stats.count_close(code)
-        self.gw.writer.flush()  # our queue out first (whatever a paused socket cannot take is dropped)
+        self.host.stats.count_close(code)
+        self.host.writer.flush()  # our queue out first (whatever a paused socket cannot take is dropped)
         Conn.close(self)
         # The transport's buffer always ends on a frame boundary, so a close frame can follow it.
-        tr.write(encode_close(code, close_reason(reason)))
-        tr.close()
-        self.gw.loop.call_later(self.gw.close_grace, self._abort)
+        transport.write(encode_close(code, close_reason(reason)))
+        transport.close()
+        self.host.loop.call_later(self.host.close_grace, self._abort)
 
     def overflowed(self) -> None:
         """The connection's output overflowed: its queue is gone; tell it 4000 and drop it."""
@@ -500,12 +554,12 @@ class Session(WSConn):
             return
         self._closing = True
         self.ws_stop_input()
-        self.gw.stats.count_close(protocol.CLOSE_SLOW_CONSUMER)
-        tr = self.transport
+        self.host.stats.count_close(protocol.CloseCode.SLOW_CONSUMER)
+        transport = self.transport
         # Safe: fanout leaves at most the tail of one frame in the transport (never a whole queue).
-        tr.write(encode_close(protocol.CLOSE_SLOW_CONSUMER, b"slow consumer"))
-        tr.close()
-        self.gw.loop.call_later(self.gw.close_grace, self._abort)
+        transport.write(encode_close(protocol.CloseCode.SLOW_CONSUMER, b"slow consumer"))
+        transport.close()
+        self.host.loop.call_later(self.host.close_grace, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:

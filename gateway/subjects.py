@@ -116,7 +116,7 @@ class Pattern:
                 return False
         elif len(parts) != n:
             return False
-        for want, got in zip(self._segments, parts):
+        for want, got in zip(self._segments, parts):  # noqa: SIM110 (per message: a loop beats all() over a generator)
             if want != "*" and want != got:
                 return False
         return True

@@ -41,7 +41,6 @@ from urllib.parse import urlsplit
 import gevent
 import websocket  # websocket-client: blocking sockets, which gevent's monkey-patching makes cooperative
 from locust import User, constant, events, task
-
 from positions import Positions, Verdict  # locust puts this file's directory on sys.path
 
 WS_TYPE = "WS"

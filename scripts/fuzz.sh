@@ -7,7 +7,8 @@
 # Replay one finding: .venv/bin/python tests/fuzz/fuzz_ws.py .fuzz/artifacts/fuzz_ws-crash-...
 # Without a harness list it ends with a 2000-attacker sample of tests/test_fuzz_e2e.py on a fresh seed
 # (FUZZ_E2E_SEED / FUZZ_E2E_ATTACKERS to choose).
-# Needs the venv of scripts/test.sh (or: python3 -m venv .venv && .venv/bin/pip install ".[test]").
+# Needs a venv at .venv with the package and the test extra: python3 -m venv .venv && .venv/bin/pip install ".[test]"
+# (scripts/test.sh uses venvs of its own, outside the checkout).
 # FUZZ_JOBS=N runs N libFuzzer jobs per harness in parallel (default 1; the machine's cores are shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ if ((${#harnesses[@]} == 0)); then harnesses=(fuzz_protocol fuzz_http fuzz_ws); 
 jobs=${FUZZ_JOBS:-1}
 
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -I -c 'import atheris, gateway, fanout' 2>/dev/null; then
-    echo "scripts/fuzz.sh: no venv with the package and atheris; run scripts/test.sh once, or:" >&2
+    echo "scripts/fuzz.sh: no venv with the package and atheris; make one:" >&2
     echo "  python3 -m venv .venv && .venv/bin/pip install '.[test]'" >&2
     exit 2
 fi

@@ -1,5 +1,5 @@
 """Shared fixtures: event loops (uvloop, and plain asyncio where marked), a gateway on 127.0.0.1:0,
-third-party WebSocket clients, and the check that the compiled fanout really is what runs."""
+third-party WebSocket clients. (Which fanout runs, compiled or its twins, and from where: test_installed_package.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from typing import Any
 import hypothesis
 import pytest
 import uvloop
-
-import fanout
 
 #: one unit for every wait in the suite; raise it on a slow machine (TEST_TIMEOUT_SCALE=3)
 SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
@@ -33,21 +31,6 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     if item.get_closest_marker("both_loops"):
         return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
-
-
-def test_compiled_fanout_is_loaded() -> None:
-    """The suite tests the compiled extension unless told otherwise (FANOUT_NO_EXTENSIONS=1)."""
-    if os.environ.get("FANOUT_NO_EXTENSIONS") == "1":
-        assert not fanout.COMPILED
-    else:
-        assert fanout.COMPILED
-        import fanout._writer
-
-        assert fanout._writer.__file__.endswith(".so")
-    if os.environ.get("GATEWAY_TEST_INSTALLED") == "1":  # scripts/test.sh: the installed package, not the tree
-        import gateway
-
-        assert "site-packages" in fanout.__file__ and "site-packages" in gateway.__file__
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 
 import jwt
 import pytest
@@ -12,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway import cli, config
-from gateway.auth import AuthError, Authenticator, ExpiryQueue, KeyConfigError, load_public_key
+from gateway.auth import Authenticator, AuthError, ExpiryQueue, KeyConfigError, load_public_key
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
 NOW = 1_800_000_000.0

@@ -6,9 +6,10 @@ import time
 
 import jwt
 import pytest
-from conftest import ws_url
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import ws_url
 from support.ws import close_code, connected, open_ws, recv, send
 
 SECRET = "s3cret-for-tests-only-0123456789abcdef"
@@ -92,9 +93,10 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 
-from support.ws import recv_until  # noqa: E402
-from support.waits import wait_until  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
+
+from support.waits import wait_until  # noqa: E402
+from support.ws import recv_until  # noqa: E402
 
 
 def alg_none(**claims):

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import ClientConnection
+
 from conftest import SCALE, ws_url
+from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker
 from support.waits import wait_until
 from support.ws import connected, recv_until, send
-from websockets.asyncio.client import ClientConnection
-
-from gateway.subjects import parse_subject
 
 WAIT = 10.0 * SCALE
 BUDGET = 300_000

@@ -6,11 +6,11 @@ Waits are bounded by one timeout unit T (scaled by TEST_TIMEOUT_SCALE); no timin
 from __future__ import annotations
 
 import asyncio
-import time
 import base64
 import logging
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -447,36 +447,35 @@ async def test_async_callback_runs_in_order() -> None:
 
 async def test_heartbeat_silence_reconnects_to_next_url_and_resubscribes_with_positions() -> None:
     events = Events()
-    async with FakeGateway() as gw1, FakeGateway() as gw2:
-        async with client_for(gw1.url, gw2.url, on_event=events) as client:
-            conn1, _ = await connect(client, gw1, heartbeat_ms=200, session="one")
-            conn1.start_keepalive(0.01)
-            sub1, _ = await subscribe(client, conn1, S1)
-            task = asyncio.create_task(client.subscribe(S2))
-            await conn1.expect("subscribe")
-            await conn1.subscribed(S2)
-            sub2 = await task
-            await conn1.msg(S1, 3, 2, epoch="k")
-            assert (await sub1.get(timeout=T)).seq == 3
-            # gw1 now goes silent (no hb): the client declares it dead after 2 x 200 ms.
-            await conn1.stop_keepalive()
-            conn2 = await gw2.accept()
-            await conn2.handshake(heartbeat_ms=60_000, session="two")
-            frame = await conn2.expect("subscribe")
-            assert frame["subjects"] == [{"subject": S1, "epoch": "k", "seq": 3}, {"subject": S2}]
-            await conn2.subscribed(S1, epoch="k", seq=4, recovered=True)
-            await conn2.subscribed(S2)
-            await conn2.msg(S1, 3, 2, epoch="k")  # duplicate across the reconnect
-            await conn2.msg(S1, 4, 3, epoch="k")
-            await conn2.msg(S2, 1, 0)
-            assert (await sub1.get(timeout=T)).seq == 4
-            assert (await sub2.get(timeout=T)).seq == 1
-            await events.wait("connected", 2)
-            assert client.url == gw2.url and client.session == "two"
-            assert "heartbeat_timeout" in events.names()
-            assert client.stats["reconnects"] == 1 and client.stats["resubscribes"] == 2
-            assert client.stats["duplicates_dropped"] == 1
-            await conn1.wait_closed()
+    async with FakeGateway() as gw1, FakeGateway() as gw2, client_for(gw1.url, gw2.url, on_event=events) as client:
+        conn1, _ = await connect(client, gw1, heartbeat_ms=200, session="one")
+        conn1.start_keepalive(0.01)
+        sub1, _ = await subscribe(client, conn1, S1)
+        task = asyncio.create_task(client.subscribe(S2))
+        await conn1.expect("subscribe")
+        await conn1.subscribed(S2)
+        sub2 = await task
+        await conn1.msg(S1, 3, 2, epoch="k")
+        assert (await sub1.get(timeout=T)).seq == 3
+        # gw1 now goes silent (no hb): the client declares it dead after 2 x 200 ms.
+        await conn1.stop_keepalive()
+        conn2 = await gw2.accept()
+        await conn2.handshake(heartbeat_ms=60_000, session="two")
+        frame = await conn2.expect("subscribe")
+        assert frame["subjects"] == [{"subject": S1, "epoch": "k", "seq": 3}, {"subject": S2}]
+        await conn2.subscribed(S1, epoch="k", seq=4, recovered=True)
+        await conn2.subscribed(S2)
+        await conn2.msg(S1, 3, 2, epoch="k")  # duplicate across the reconnect
+        await conn2.msg(S1, 4, 3, epoch="k")
+        await conn2.msg(S2, 1, 0)
+        assert (await sub1.get(timeout=T)).seq == 4
+        assert (await sub2.get(timeout=T)).seq == 1
+        await events.wait("connected", 2)
+        assert client.url == gw2.url and client.session == "two"
+        assert "heartbeat_timeout" in events.names()
+        assert client.stats["reconnects"] == 1 and client.stats["resubscribes"] == 2
+        assert client.stats["duplicates_dropped"] == 1
+        await conn1.wait_closed()
 
 
 async def test_hb_frames_keep_the_connection_alive() -> None:

@@ -23,15 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCALE, ws_url
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+
+from conftest import SCALE, ws_url
+from gateway import demo_feed
+from gateway.client import Client
 from support.client_fakegw import FakeGateway
 from support.tcpproxy import TcpProxy
 from support.waits import wait_until
 from support.ws import connected, recv, send
-
-from gateway import demo_feed
-from gateway.client import Client
 
 #: every Playwright wait (expect, wait_for_function, goto, clicks), in milliseconds
 T = 10_000 * SCALE
@@ -531,8 +531,9 @@ async def test_client_js_token_provider_refreshes_then_recovers_after_4001(gatew
             window.__refuse = false;
             const provider = async () =>
                 window.mintToken(window.__c && window.__c.connected && window.__refuse ? "someone-else" : "reader");
-            window.__c = new mod.GatewayClient([url], { token: provider, backoffInitial: 10,
-                                                        onError: (e) => window.__errors.push([e.code, e.request || null]) });
+            window.__c = new mod.GatewayClient([url], {
+                token: provider, backoffInitial: 10,
+                onError: (e) => window.__errors.push([e.code, e.request || null]) });
             window.__c.subscribe("/tok/js", (m) => window.__got.push(Number(m.content)));
         }""", ws_url(gw))
     await page.wait_for_function("window.__c.connected")

@@ -19,11 +19,11 @@ import jwt
 import pytest
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
-from conftest import SCALE, ws_url
-from support.waits import wait_until
 
+from conftest import SCALE, ws_url
 from gateway import demo_feed
 from gateway.client import Client, Message
+from support.waits import wait_until
 
 SUBJECTS = [f"/matches/football/{n}" for n in range(1, 11)]
 

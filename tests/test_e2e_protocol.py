@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 
 import pytest
+
 from conftest import ws_url
 from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
 

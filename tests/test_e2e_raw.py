@@ -10,6 +10,7 @@ import socket
 import struct
 
 import pytest
+
 from support.ws import client_frame, raw_upgrade, read_frames
 
 pytestmark = pytest.mark.both_loops

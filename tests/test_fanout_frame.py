@@ -42,7 +42,8 @@ def test_rfc6455_examples(impl: SimpleNamespace, opcode_name: str, payload: byte
 
 
 def test_opcode_values(impl: SimpleNamespace) -> None:
-    assert (impl.OP_CONT, impl.OP_TEXT, impl.OP_BINARY, impl.OP_CLOSE, impl.OP_PING, impl.OP_PONG) == (0, 1, 2, 8, 9, 10)
+    ops = (impl.OP_CONT, impl.OP_TEXT, impl.OP_BINARY, impl.OP_CLOSE, impl.OP_PING, impl.OP_PONG)
+    assert ops == (0, 1, 2, 8, 9, 10)
 
 
 @pytest.mark.parametrize(
@@ -171,7 +172,8 @@ def test_text_round_trip_through_wsproto(impl: SimpleNamespace, text: str) -> No
     assert frame.opcode is Opcode.TEXT and frame.payload == text and frame.message_finished
 
 
-@given(code=st.sampled_from([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 3000, 4000, 4999]), reason=st.text(max_size=30))
+@given(code=st.sampled_from([1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 3000, 4000, 4999]),
+       reason=st.text(max_size=30))
 def test_close_round_trip(impl: SimpleNamespace, code: int, reason: str) -> None:
     (frame,) = wsproto_frames(impl.encode_close(code, reason.encode()))
     assert tuple(frame.payload) == (code, reason)

@@ -74,7 +74,8 @@ ops = st.lists(
 
 
 @given(capacity=st.integers(1, 40), max_bytes=st.sampled_from([0, 5, 20, 60, 2**62]), script=ops, data=st.data())
-def test_matches_list_model(impl: SimpleNamespace, capacity: int, max_bytes: int, script: list[Any], data: st.DataObject) -> None:
+def test_matches_list_model(impl: SimpleNamespace, capacity: int, max_bytes: int, script: list[Any],
+                            data: st.DataObject) -> None:
     ring = impl.Ring(capacity, max_bytes)
     model = Model(capacity, max_bytes)
     assert ring.capacity == capacity and ring.max_bytes == max_bytes
@@ -325,8 +326,9 @@ def test_failed_allocation_while_growing_leaves_the_ring_intact(impl: SimpleName
         env["FANOUT_NO_EXTENSIONS"] = "1"
     else:
         env.pop("FANOUT_NO_EXTENSIONS", None)
+    # cwd: not the checkout, so the installed fanout runs
     proc = subprocess.run([sys.executable, "-c", _FAILED_GROW, impl.name], env=env, capture_output=True,
-                          text=True, errors="replace", timeout=120, cwd=tmp_path)   # not the checkout: the installed fanout
+                          text=True, errors="replace", timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("ok ")
 

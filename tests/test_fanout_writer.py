@@ -20,8 +20,10 @@ import pytest
 
 import fanout
 from support import fanout_impls
-from support.fanout_net import KINDS, LOOP_PARAMS, WAIT, GatewayProtocol, Net, Reader, poll_until, run
+from support.fake_transport import FakeTransport
+from support.fanout_net import KINDS, LOOP_PARAMS, GatewayProtocol, Net, Reader, run
 from support.fanout_ws import Frame, decode_all
+from support.waits import WAIT, wait_until
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 BIG = 10**9
@@ -165,7 +167,7 @@ def test_order_across_many_frames_and_channels(impl: SimpleNamespace, loop_facto
                 assert pairs[1][0].conn.send(impl.encode_text(direct))
                 expected[1].append(direct)
                 await asyncio.sleep(0)
-            for c, (gw, reader) in enumerate(pairs):
+            for c, (_gw, reader) in enumerate(pairs):
                 total = sum(len(impl.encode_text(p)) for p in expected[c])
                 await reader.wait_bytes(total)
                 assert payloads(reader.data) == expected[c]
@@ -199,8 +201,8 @@ def test_stalled_reader_overflows_alone(impl: SimpleNamespace, loop_factory: Loo
             pairs[0][1].stall()
             published: list[bytes] = []
             sent = 0
-            for tick in range(300):
-                for j in range(4):
+            for _tick in range(300):
+                for _j in range(4):
                     body = payload("m", len(published), 2000)
                     published.append(body)
                     frame = impl.encode_text(body)
@@ -276,7 +278,8 @@ def test_overflow_releases_the_queue(impl: SimpleNamespace, loop_factory: LoopFa
     run(loop_factory, main)
 
 
-def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, loop_factory: LoopFactory,
+                                                        kind: str) -> None:
     async def main() -> None:
         writer = impl.Writer(asyncio.get_running_loop())
         async with Net(kind) as net:
@@ -288,7 +291,7 @@ def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, lo
             published: list[bytes] = []
             pings = 0
             for tick in range(30):
-                for j in range(10):
+                for _j in range(10):
                     body = payload("r", len(published), 3000)
                     published.append(body)
                     assert channel.publish(impl.encode_text(body)) == 1
@@ -310,7 +313,7 @@ def test_resume_after_drain_delivers_the_rest_in_order(impl: SimpleNamespace, lo
             frames = decode_all(bytes(reader.data))
             assert [f.payload for f in frames if f.opcode == 1] == published
             assert sum(f.opcode == 9 for f in frames) == pings
-            await poll_until(lambda: gw.conn.queued_bytes == 0 and not gw.conn.paused, "the queue to drain")
+            await wait_until(lambda: gw.conn.queued_bytes == 0 and not gw.conn.paused, "the queue to drain")
             assert gw.resumes >= 1 and writer.overflows == 0
 
     run(loop_factory, main)
@@ -571,25 +574,6 @@ def test_argument_checks(impl: SimpleNamespace, loop_factory: LoopFactory) -> No
     run(loop_factory, main)
 
 
-class FakeTransport:
-    """No socket (fd -1): enough of a transport for a Conn that never writes."""
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def write(self, data: bytes) -> None:
-        pass
-
-
 def owned(impl: SimpleNamespace, conn: Any) -> list[Any]:
     """The objects a conn refers to directly."""
     import gc
@@ -706,7 +690,7 @@ def test_flush_asks_the_transport_nothing(impl: SimpleNamespace, loop_factory: L
                 proxy.calls.clear()
             sent: list[bytes] = []
             for tick in range(6):
-                for j in range(1 if tick % 2 else 3):  # one frame (send) and several (sendmsg)
+                for _j in range(1 if tick % 2 else 3):  # one frame (send) and several (sendmsg)
                     body = payload("t", len(sent), 100)
                     sent.append(body)
                     assert channel.publish(impl.encode_text(body)) == 3
@@ -823,3 +807,211 @@ def test_equal_bound_methods_as_on_overflow_are_shared(impl: SimpleNamespace) ->
         assert gw.overflowed == [conns[1]] and other.overflowed == [conns[3]]
     finally:
         loop.close()
+
+
+# ---- adaptive coalescing (Writer.coalesce_window): a fake clock and loop, no timing thresholds ----
+
+class FakeLoop:
+    """The loop surface the Writer uses (time, call_soon, call_at, call_exception_handler), on a
+    clock that only moves when the test says so; callbacks run only when the test runs them."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.soon: list[Callable[[], object]] = []
+        self.timers: list[tuple[float, Callable[[], object]]] = []
+        self.errors: list[dict[str, Any]] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_soon(self, cb: Callable[..., object], *args: Any) -> None:
+        self.soon.append(lambda: cb(*args))
+
+    def call_at(self, when: float, cb: Callable[..., object], *args: Any) -> None:
+        self.timers.append((when, lambda: cb(*args)))
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        self.errors.append(context)
+
+    def run_soon(self) -> int:
+        todo, self.soon = self.soon, []
+        for cb in todo:
+            cb()
+        return len(todo)
+
+    def run_timers(self) -> int:
+        """Advance the clock to the earliest timer and run every timer due then."""
+        if not self.timers:
+            return 0
+        self.now = max(self.now, min(when for when, _ in self.timers))
+        due = [cb for when, cb in self.timers if when <= self.now]
+        self.timers = [(when, cb) for when, cb in self.timers if when > self.now]
+        for cb in due:
+            cb()
+        return len(due)
+
+
+class RecordingTransport(FakeTransport):
+    """No socket (fd -1: the Conn hands every flush to write()); records (loop time, bytes) per write."""
+
+    def __init__(self, loop: FakeLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.writes: list[tuple[float, bytes]] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append((self.loop.now, bytes(data)))
+
+
+def coalescing_setup(impl: SimpleNamespace, conns: int, window: float,
+                     min_conns: int) -> tuple[FakeLoop, Any, Any, list[RecordingTransport]]:
+    loop = FakeLoop()
+    writer = impl.Writer(loop, coalesce_window=window, coalesce_min_conns=min_conns)
+    transports = [RecordingTransport(loop) for _ in range(conns)]
+    channel = impl.Channel()
+    for tr in transports:
+        assert channel.add(impl.Conn(writer, tr, BIG, lambda conn: None))
+    return loop, writer, channel, transports
+
+
+def test_coalescing_is_off_by_default(impl: SimpleNamespace) -> None:
+    loop = FakeLoop()
+    writer = impl.Writer(loop)
+    assert writer.coalesce_window == 0.0 and writer.coalesce_min_conns == 1000
+    channel = impl.Channel()
+    tr = RecordingTransport(loop)
+    channel.add(impl.Conn(writer, tr, BIG, lambda conn: None))
+    for i in range(3):
+        channel.publish(impl.encode_text(b"m%d" % i))
+        assert loop.run_soon() == 1 and loop.timers == []
+    assert [data for _, data in tr.writes] == [impl.encode_text(b"m%d" % i) for i in range(3)]
+    assert writer.held_flushes == 0
+
+
+def test_messages_within_the_window_after_a_big_flush_share_one_write(impl: SimpleNamespace) -> None:
+    loop, writer, channel, transports = coalescing_setup(impl, conns=3, window=0.0005, min_conns=3)
+    frames = [impl.encode_text(b"msg %d" % i) for i in range(4)]
+    assert channel.publish(frames[0]) == 3
+    assert loop.run_soon() == 1  # the first flush: nothing to coalesce with, at once
+    t_big = loop.now
+    loop.now += 0.0001
+    assert channel.publish(frames[1]) == 3
+    loop.now += 0.0002
+    assert channel.publish(frames[2]) == 3
+    assert loop.soon == [] and len(loop.timers) == 1  # held: one flush, at the deadline
+    assert loop.timers[0][0] == t_big + 0.0005
+    assert writer.held_flushes == 1 and writer.syscalls == 3
+    assert loop.run_timers() == 1
+    assert loop.now == t_big + 0.0005  # flushed by the deadline, not later
+    for tr in transports:
+        assert tr.writes == [(t_big, frames[0]), (t_big + 0.0005, frames[1] + frames[2])]
+    assert writer.syscalls == 6 and writer.frames_out == 9
+    # That flush was big too: the next message waits for its window again ...
+    assert channel.publish(frames[3]) == 3
+    assert loop.soon == [] and [when for when, _ in loop.timers] == [t_big + 0.001]
+    loop.run_timers()
+    assert all(tr.writes[-1] == (t_big + 0.001, frames[3]) for tr in transports)
+    # ... and a message after the window has passed goes out at the next iteration.
+    loop.now += 0.01
+    assert channel.publish(frames[0]) == 3
+    assert len(loop.soon) == 1 and loop.timers == []
+    assert writer.held_flushes == 2
+
+
+def test_a_small_flush_is_never_held(impl: SimpleNamespace) -> None:
+    loop, writer, channel, transports = coalescing_setup(impl, conns=3, window=0.0005, min_conns=4)
+    for i in range(3):
+        assert channel.publish(impl.encode_text(b"%d" % i)) == 3
+        assert loop.run_soon() == 1 and loop.timers == []
+        loop.now += 0.0001
+    assert writer.held_flushes == 0
+    assert all(len(tr.writes) == 3 for tr in transports)
+
+
+def test_paused_conns_do_not_count_as_touched(impl: SimpleNamespace) -> None:
+    """Only conns actually written make a flush big: one that wrote to 2 of 3 (one paused) is small at min 3."""
+    loop, _writer, channel, _transports = coalescing_setup(impl, conns=3, window=0.0005, min_conns=3)
+    conns = channel.conns()
+    conns[0].pause_writing()
+    assert channel.publish(impl.encode_text(b"a")) == 3
+    loop.run_soon()
+    assert channel.publish(impl.encode_text(b"b")) == 3
+    assert len(loop.soon) == 1 and loop.timers == []
+
+
+def test_a_direct_flush_while_held_writes_once(impl: SimpleNamespace) -> None:
+    """Writer.flush() called directly (the server does at shutdown) while a held flush is pending:
+    everything is written then, and the timer's flush later finds nothing to write."""
+    loop, writer, channel, transports = coalescing_setup(impl, conns=2, window=0.001, min_conns=1)
+    channel.publish(impl.encode_text(b"a"))
+    loop.run_soon()
+    channel.publish(impl.encode_text(b"b"))
+    assert len(loop.timers) == 1
+    writer.flush()
+    assert writer.syscalls == 4
+    loop.run_timers()
+    assert writer.syscalls == 4
+    assert all([d for _, d in tr.writes] == [impl.encode_text(b"a"), impl.encode_text(b"b")] for tr in transports)
+
+
+def test_coalescing_parity() -> None:
+    """The same random schedule of publishes, clock steps and loop runs gives both implementations the
+    same writes at the same times and the same counters."""
+    import random
+
+    if fanout_impls.NO_EXTENSIONS:
+        pytest.skip("FANOUT_NO_EXTENSIONS=1")
+
+    def trace(name: str) -> tuple[Any, ...]:
+        impl = fanout_impls.load(name)
+        rng = random.Random(7)
+        loop, writer, channel, transports = coalescing_setup(impl, conns=5, window=0.0007, min_conns=3)
+        extra = impl.Channel()
+        for conn in channel.conns()[:2]:
+            extra.add(conn)
+        for step in range(400):
+            r = rng.random()
+            if r < 0.4:
+                channel.publish(impl.encode_text(b"c%d" % step))
+            elif r < 0.55:
+                extra.publish(impl.encode_text(b"e%d" % step))
+            elif r < 0.75:
+                loop.now += rng.choice((0.0001, 0.0003, 0.0009))
+            elif r < 0.9:
+                loop.run_soon()
+            else:
+                loop.run_timers()
+        while loop.run_soon() or loop.run_timers():
+            pass
+        return (writer.held_flushes, writer.syscalls, writer.frames_out, writer.bytes_out,
+                [tr.writes for tr in transports])
+
+    compiled, reference = trace("compiled"), trace("reference")
+    assert compiled == reference
+    assert compiled[0] > 0  # the schedule did hold flushes
+
+
+def test_coalescing_on_real_sockets_keeps_order_and_completeness(impl: SimpleNamespace, loop_factory: LoopFactory,
+                                                                 kind: str) -> None:
+    """Bursts of publishes with loop iterations between them, every flush big enough to hold the next
+    (min 1 conn; a 50 ms window, far above uvloop's 1 ms timer resolution): every reader gets every
+    frame in order."""
+    async def main() -> None:
+        writer = impl.Writer(asyncio.get_running_loop(), coalesce_window=0.05, coalesce_min_conns=1)
+        async with Net(kind, small=False) as net:
+            pairs = [await net.open(conn_factory(impl, writer)) for _ in range(4)]
+            channel = impl.Channel()
+            for gw, _ in pairs:
+                assert channel.add(gw.conn)
+            frames = [impl.encode_text(payload("c", i, 30 + i % 50)) for i in range(300)]
+            for i, frame in enumerate(frames):
+                assert channel.publish(frame) == 4
+                if i % 3 == 2:
+                    await asyncio.sleep(0)
+            for _, reader in pairs:
+                await reader.wait_bytes(sum(map(len, frames)))
+                assert reader.data == b"".join(frames)
+            assert writer.held_flushes > 0
+            assert writer.frames_out == 4 * len(frames)
+
+    run(loop_factory, main)

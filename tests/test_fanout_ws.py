@@ -14,41 +14,15 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from support import fanout_impls
+from support.fake_transport import FakeTransport
 from support.ws import client_frame
 
 
 @pytest.fixture(params=fanout_impls.IMPL_PARAMS)
 def impl(request):
     return fanout_impls.load(request.param)
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def is_closing(self):
-        return False
-
-    def write(self, data):
-        self.out += data
-
-    reading = True
-
-    def pause_reading(self):
-        self.reading = False
-
-    def resume_reading(self):
-        self.reading = True
 
 
 def make(impl, loop, *, max_message=1 << 20, opened=True, max_fragments=1024, max_pongs=16, pause_on=None):
@@ -130,7 +104,7 @@ async def test_bytes_before_ws_open_go_to_http_and_rest_is_parsed(impl):
     loop = asyncio.get_running_loop()
     conn, tr, writer = make(impl, loop, opened=False)
     conn.data_received(b"GET / HTTP/1.1\r\n")
-    assert conn.ws_state == 0
+    assert conn.ws_state is impl.WSState.HTTP
     y = client_frame(0x1, b"y")
     conn.ws_open(writer, tr, 1 << 20, 100, lambda c: None, client_frame(0x1, b"x") + y[:3])
     conn.data_received(y[3:])
@@ -168,6 +142,7 @@ async def test_close_frames(impl):
     conn, _, _ = make(impl, loop)
     conn.data_received(client_frame(0x8, b""))
     assert conn.events == [("close", 1005, "")]
+    assert conn.events[0][1] == impl.CloseCode.NO_STATUS
 
 
 BAD = [
@@ -195,7 +170,7 @@ async def test_violations_fail_once_and_silence_the_input(impl, data, code):
     conn.data_received(data + client_frame(0x1, b"after"))
     conn.data_received(client_frame(0x1, b"later"))
     assert conn.events == [("fail", code)]
-    assert conn.ws_state == 2
+    assert conn.ws_state is impl.WSState.DONE
 
 
 async def test_oversized_frame_is_refused_from_its_header(impl):
@@ -213,7 +188,7 @@ async def test_stop_input(impl):
     conn.data_received(client_frame(0x1, b"abc")[:4])
     conn.ws_stop_input()
     conn.data_received(client_frame(0x1, b"abc")[4:] + client_frame(0x1, b"x"))
-    assert conn.events == [] and conn.ws_state == 2
+    assert conn.events == [] and conn.ws_state is impl.WSState.DONE
 
 
 messages = st.lists(

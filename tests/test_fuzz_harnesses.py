@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-
 FUZZ_DIR = Path(__file__).resolve().parent / "fuzz"
 SECONDS = int(os.environ.get("FUZZ_SECONDS", "40"))
 

@@ -16,6 +16,11 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+
+from gateway import http, protocol
+from gateway.protocol import ProtocolError
+from gateway.records import Record
+from gateway.subjects import Pattern, SubjectError, parse_subject, subject_for_record
 from support import fanout_impls
 from support.fuzz_targets import (
     FrameParity,
@@ -28,11 +33,6 @@ from support.fuzz_targets import (
     valid_id,
 )
 from support.ws import client_frame
-
-from gateway import http, protocol
-from gateway.engines.base import Record
-from gateway.protocol import ProtocolError
-from gateway.subjects import Pattern, SubjectError, parse_subject, subject_for_record
 
 # ---- strategies ------------------------------------------------------------------------------------------
 
@@ -253,7 +253,8 @@ def test_text_content_round_trip(text):
 
 @given(st.binary(max_size=200))
 def test_binary_content_round_trip(content):
-    req = protocol.decode(orjson.dumps({"op": "publish", "subject": "/t", "content_b64": base64.b64encode(content).decode()}))
+    req = protocol.decode(orjson.dumps({"op": "publish", "subject": "/t",
+                                        "content_b64": base64.b64encode(content).decode()}))
     assert req.content == content
     out = orjson.loads(protocol.msg(Record("/t", content, "e", 1, 0, 5), snapshot=True))
     back = out["content"].encode() if "content" in out else base64.b64decode(out["content_b64"], validate=True)

@@ -13,10 +13,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import SCALE, ws_url
-from support.ws import close_code, connected, recv, send
 
+from conftest import SCALE, ws_url
 from gateway import cli, config
+from support.ws import close_code, connected, recv, send
 
 
 def _get(url: str) -> tuple[int, str, bytes]:
@@ -91,6 +91,8 @@ def test_help_documents_every_flag(capsys):
     ["serve", "--topics", "bad topic!", "--kafka", "127.0.0.1:1"],
     ["serve", "--workers", "2"],
     ["serve", "--workers", "2", "--kafka", "127.0.0.1:1", "--topics", "t", "--port", "0"],
+    ["serve", "--workers", "0"],
+    ["serve", "--workers", "many"],
     ["serve", "--jwt-public-key", "/does/not/exist.pem"],
     ["serve", "--tls-cert", "x.pem"],
     ["serve", "--max-pending-bytes", "2000000"],  # < 2 x --max-message-bytes (1 MiB)
@@ -114,6 +116,28 @@ def test_flags_win_over_environment_over_file(tmp_path):
     env = {"GATEWAY_HEARTBEAT_MS": "222", "GATEWAY_PORT": "2345", "GATEWAY_TOPICS": "a,b"}
     c = config.load({"port": "3456"}, env=env, file=str(f))
     assert (c.port, c.heartbeat_ms, c.history, c.topics) == (3456, 222, 7, ("a", "b"))
+
+
+def test_workers_auto_is_the_cpus_this_process_may_use_with_kafka_and_one_without(tmp_path):
+    cpus = len(os.sched_getaffinity(0))
+    kafka = {"kafka": "127.0.0.1:1", "topics": "t"}
+    assert config.load({"workers": "auto", **kafka}, env={}).workers == cpus
+    assert config.load({**kafka}, env={"GATEWAY_WORKERS": "AUTO"}).workers == cpus
+    f = tmp_path / "gw.toml"
+    f.write_text('workers = "auto"\n')
+    assert config.load(kafka, env={}, file=str(f)).workers == cpus
+    assert config.load({"workers": "auto"}, env={}).workers == 1  # standalone: one process holds the state
+    assert config.load({"workers": "3", **kafka}, env={}).workers == 3
+
+
+def test_workers_auto_follows_the_affinity_mask_not_the_machine():
+    """taskset / cgroup cpusets: a process allowed on one CPU gets one worker, whatever os.cpu_count() says."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        assert config.load({"workers": "auto", "kafka": "127.0.0.1:1", "topics": "t"}, env={}).workers == 1
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def _start_cli(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], int]:

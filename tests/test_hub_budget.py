@@ -20,9 +20,10 @@ import pytest
 
 from fanout import Conn, Writer, encode_text
 from gateway import protocol, recovery
-from gateway.engines.base import Engine, Record
+from gateway.engines.base import Engine
 from gateway.engines.standalone import StandaloneEngine
 from gateway.hub import ENTRY_OVERHEAD, SUBJECT_OVERHEAD, Hub, Pending
+from gateway.records import Record
 from gateway.subjects import parse_subject
 from support.fanout_ws import decode_stream
 from support.waits import wait_until

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
-from gateway.engines.base import EngineUnavailable, Record, UnknownTopic
+from gateway.engines.base import EngineUnavailable, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
+from gateway.records import Record
 from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker, free_port, start_tansu
-
 from support.waits import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.kafka
@@ -106,7 +106,8 @@ async def test_publish_is_read_back_by_plain_consumer(kafka_broker: KafkaBroker,
     assert {r.partition for r in records} == {partition_for_key(b"tennis/7", 4)}
     assert results == [(engine.epoch(s), r.offset + 1) for r in records]
     await wait_until(lambda: len(got) == 3, "own publishes in the sink")
-    assert [(r.subject, r.seq, r.content) for r in got] == [(s.text, seq, b"m%d" % i) for i, (_, seq) in enumerate(results)]
+    assert [(r.subject, r.seq, r.content) for r in got] == [(s.text, seq, b"m%d" % i)
+                                                            for i, (_, seq) in enumerate(results)]
     with pytest.raises(UnknownTopic):
         await engine.publish(parse_subject("/not-served/x"), b"x")
     with pytest.raises(UnknownTopic):
@@ -347,10 +348,12 @@ async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
                               if engine.partition_of(s) == p) for p in range(2)]
             for s in sentinels:
                 await engine.publish(s, b"sentinel")
-            held = await broker.read_topic(t, 2, direct=True, polls=200)   # what Kafka holds (maybe the failed publish too)
-            assert {r.value for r in held} >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after") for i in range(6)}
-            await wait_until(lambda: {r.subject for r in got if r.content == b"sentinel"} == {s.text for s in sentinels},
-                             "both partitions' sentinels in the sink")
+            # what Kafka holds (maybe the failed publish too)
+            held = await broker.read_topic(t, 2, direct=True, polls=200)
+            assert {r.value for r in held} >= {b"%s-%d" % (w, i) for w in (b"before", b"during", b"after")
+                                               for i in range(6)}
+            await wait_until(lambda: {r.subject for r in got if r.content == b"sentinel"}
+                             == {s.text for s in sentinels}, "both partitions' sentinels in the sink")
             by_epoch: dict[str, list[tuple[str, int, bytes]]] = {}
             for r in held:
                 s = parse_subject(f"/{t}/{r.key.decode()}")

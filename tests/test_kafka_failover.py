@@ -23,15 +23,15 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
 from conftest import SCALE, ws_url
+from gateway.engines.kafka import partition_for_key
 from support.kafka_broker import KafkaBroker
 from support.kafka_cluster import KafkaCluster, KafkaNode
 from support.waits import wait_until
 from support.ws import connected, recv, recv_until, send
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
-
-from gateway.engines.kafka import partition_for_key
 
 pytestmark = pytest.mark.kafka
 
@@ -345,7 +345,8 @@ async def test_rolling_restart_under_load(cluster: Cluster, gateway_factory: Any
         for node in cluster.c.nodes:   # one at a time: SIGTERM (controlled shutdown), start, in sync
             await cluster.kill(node.node_id, signal.SIGTERM)
             acked = len(pub.acks)
-            await wait_until(lambda: len(pub.acks) >= acked + 50, f"publishes acked with node {node.node_id} down",
+            await wait_until(lambda: len(pub.acks) >= acked + 50,  # noqa: B023 (awaited in this iteration)
+                             f"publishes acked with node {node.node_id} down",
                              6 * WAIT)
             await cluster.restart(node.node_id)
             await cluster.wait_in_sync(t)
@@ -397,7 +398,8 @@ async def test_partitions_added_while_running(cluster: Cluster, gateway_factory:
                      for p in (2, 3)]
         finally:
             await producer.stop()
-        await wait_until(lambda: all(sub.msgs.get(subjects[p]) and sub.msgs[subjects[p]][-1]["content"] == f"outside-{p}"
+        await wait_until(lambda: all(sub.msgs.get(subjects[p])
+                                     and sub.msgs[subjects[p]][-1]["content"] == f"outside-{p}"
                                      for p in (2, 3)), "records of the new partitions")
         for p, meta in zip((2, 3), metas):
             assert [(m["seq"], m["content"]) for m in sub.msgs[subjects[p]]][-1] == (meta.offset + 1, f"outside-{p}")

@@ -15,15 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import SCALE, ws_url
 from prometheus_client.parser import text_string_to_metric_families
-from support.kafka_broker import KafkaBroker
-from support.ws import connected, recv_until, send
 
+from conftest import SCALE, ws_url
 from gateway.engines.base import Engine
 from gateway.engines.kafka import partition_for_key
-
+from support.kafka_broker import KafkaBroker
 from support.waits import wait_until  # noqa: E402
+from support.ws import connected, recv_until, send
 
 WAIT = 10.0 * SCALE
 
@@ -67,10 +66,10 @@ async def poll(make: Callable[[], Any], pred: Callable[[Any], bool], what: str) 
         last[0] = await make()
         return pred(last[0])
 
-    deadline = asyncio.get_running_loop().time() + WAIT
-    while not await ok():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}: last {last[0]!r}"
-        await asyncio.sleep(0.05)
+    try:
+        await wait_until(ok, what, interval=0.05)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: last {last[0]!r}") from None
     return last[0]
 
 

@@ -21,13 +21,13 @@ import tempfile
 import urllib.request
 
 import pytest
-from conftest import SCALE, ws_url
-from support.waits import wait_until
-from support.ws import WAIT, client_frame, close_code, connected, raw_upgrade, read_frames, recv, recv_until, send
 
+from conftest import SCALE, ws_url
 from gateway import config as cfg
 from gateway.limits import Admission, TokenBucket, default_max_connections, normalize_origins, origin_allowed
 from gateway.session import close_reason
+from support.waits import wait_until
+from support.ws import WAIT, client_frame, close_code, connected, raw_upgrade, read_frames, recv, recv_until, send
 
 _KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -590,7 +590,7 @@ async def test_close_reason_cut_inside_a_character_still_closes(gateway_factory)
     ws = await connected(ws_url(gw))
     await wait_until(lambda: len(gw.sessions) == 1, "the session")
     session = next(iter(gw.sessions))
-    session.close(1008, "x" + "é" * 70)  # byte 120 falls inside an "é"
+    session.disconnect(1008, "x" + "é" * 70)  # byte 120 falls inside an "é"
     assert await close_code(ws) == 1008
     assert ws.close_reason == "x" + "é" * 61
 

@@ -11,14 +11,12 @@ import asyncio
 import csv
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from gateway import protocol
-from gateway.engines.base import Record
 from gateway.protocol import ProtocolError
+from gateway.records import Record
 
 
 def dec(obj):
@@ -53,7 +53,7 @@ def test_publish_forms():
 
 
 def test_msg_encoding():
-    rec = Record("/a/b", "1-0".encode(), "ep", 7, 6, 1700000000000)
+    rec = Record("/a/b", b"1-0", "ep", 7, 6, 1700000000000)
     assert orjson.loads(protocol.msg(rec)) == {"op": "msg", "subject": "/a/b", "content": "1-0", "epoch": "ep",
                                                "seq": 7, "prev": 6, "ts": 1700000000000}
     rec = Record("/a/b", b"\xff", "ep", 1, None, 5)
@@ -75,7 +75,7 @@ def test_ids_within_the_rule_are_kept_exactly(raw_id):
 _BAD_IDS = [
     b"1.5", b"3.0", b"1e3", b"true", b"false", b"null", b"{}", b"[1]",
     b"9007199254740993", b"-9007199254740993", b"18446744073709551616", b"1" + b"0" * 30,
-    b'"' + b"a" * 257 + b'"', '"' .encode() + "\u00e9".encode() * 129 + b'"',  # 258 bytes, 129 characters
+    b'"' + b"a" * 257 + b'"', b'"' + "\u00e9".encode() * 129 + b'"',  # 258 bytes, 129 characters
 ]
 
 

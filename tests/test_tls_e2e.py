@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from conftest import SCALE
 from support.fanout_tls import _cert_pem, contexts
 from support.ws import connected, recv, recv_until, send

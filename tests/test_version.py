@@ -15,10 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import SCALE
 
 import fanout
 import gateway
+from conftest import SCALE
 from gateway import cli, config
 
 DIST = "kafka-ws-gateway"
@@ -102,7 +102,7 @@ def _help_blocks(capsys: pytest.CaptureFixture[str]) -> dict[str, str]:
 def test_help_gives_each_flag_one_default_at_most(capsys):
     blocks = _help_blocks(capsys)
     assert set(blocks) >= {"--" + name.replace("_", "-") for name in config.FIELDS}
-    for flag, text in blocks.items():
+    for _flag, text in blocks.items():
         assert text.count("default") <= 1, text
     assert "(default: host-pid; env GATEWAY_NODE_ID)" in blocks["--node-id"]
     assert "(default: 8800; env GATEWAY_PORT)" in blocks["--port"]
@@ -164,7 +164,7 @@ def test_this_process_runs_the_fanout_it_was_asked_for():
 
     twins = os.environ.get("FANOUT_NO_EXTENSIONS") == "1"
     assert fanout.COMPILED is (not twins)
-    assert FANOUT_KIND == ("pure-Python" if twins else "compiled")
+    assert ("pure-Python" if twins else "compiled") == FANOUT_KIND
     assert fanout.Writer.__module__ == ("fanout._reference" if twins else "fanout._writer")
 
 

@@ -7,6 +7,16 @@
    `prev`) and its latency taken from the CLOCK_MONOTONIC nanoseconds that the publisher put at the
    start of the content. Pings are answered with pongs; `hb` frames only count.
 
+   Other protocols, for benchmarks/compare.py (lc_client.mode), same connections and same checks:
+     LC_NATS   the NATS text protocol over WebSocket: after the upgrade one frame with CONNECT, one
+               SUB per subject (sid = the subject's slot) and PING; the PONG says every SUB is in.
+               The server's frames carry a byte stream (a MSG may span frames): kept in sbuf.
+     LC_MQTT0/1  MQTT 3.1.1 over plain TCP: CONNECT and SUBSCRIBE (QoS 0 or 1) at once; ready after
+               CONNACK and SUBACK. At QoS 1 every PUBLISH is answered with a PUBACK (the PUBACKs of
+               one read go out in one send, as a buffered client library would).
+   The peers carry no seq of their own: the publisher writes "<ns>|<seq>|..." (seq per subject,
+   1, 2, 3 ...) as the payload, and duplicates, reordering and gaps are judged from that seq.
+
    JSON is not parsed in general: the fields the generator needs are found by key ("op", "subject",
    "seq", "prev", "content", "snapshot"), which is safe because a JSON string value can only contain a
    quote escaped (so `"seq"` never occurs inside one), and the content is the publisher's own digits. */
@@ -30,6 +40,8 @@
 #define LC_MAXS 16            /* subjects per connection */
 #define LC_MAXFRAME (1 << 20) /* a server frame larger than this is a protocol failure here */
 
+enum { LC_OURS = 0, LC_NATS = 1, LC_MQTT0 = 2, LC_MQTT1 = 3 };
+
 enum { ST_IDLE = 0, ST_CONNECTING, ST_UPGRADING, ST_SUBSCRIBING, ST_READY, ST_CLOSED, ST_FAILED };
 
 typedef struct {
@@ -41,6 +53,8 @@ typedef struct {
     int64_t last[LC_MAXS];
     char *buf; /* unparsed bytes carried over to the next read */
     uint32_t blen, bcap;
+    char *sbuf; /* LC_NATS: the protocol stream's unparsed tail (WebSocket frames are not its units) */
+    uint32_t slen, scap;
 } lc_conn;
 
 typedef struct {
@@ -52,10 +66,11 @@ typedef struct {
     int prefix_len;
     char host_header[64];
     int recording;
+    int mode; /* LC_OURS, LC_NATS, LC_MQTT0, LC_MQTT1 */
     /* counters */
     long ready, failed, closed;
     long long deliveries, dups, ooo, gaps, lost, unexpected, snapshots, hbs, pings, bad, errors, frames;
-    long long bytes_in;
+    long long bytes_in, acks_sent;
     int64_t *lat;        /* publish -> receive, ns */
     long long nlat, latcap, lat_dropped;
     double t_first_start, t_last_ready;
@@ -119,6 +134,9 @@ static void lc_close(lc_client *c, lc_conn *k, int state) {
     free(k->buf);
     k->buf = NULL;
     k->blen = k->bcap = 0;
+    free(k->sbuf);
+    k->sbuf = NULL;
+    k->slen = k->scap = 0;
 }
 
 static int lc_start(lc_client *c, lc_conn *k) {
@@ -143,12 +161,95 @@ fail:
     return -1;
 }
 
+/* Append n bytes to a growable buffer (k->buf, k->sbuf). */
+static int lc_append(char **buf, uint32_t *blen, uint32_t *bcap, const char *p, size_t n) {
+    if (*blen + n > *bcap) {
+        uint32_t cap = *bcap ? *bcap : 512;
+        while (cap < *blen + n) cap *= 2;
+        char *nb = realloc(*buf, cap);
+        if (nb == NULL) return -1;
+        *buf = nb;
+        *bcap = cap;
+    }
+    memcpy(*buf + *blen, p, n);
+    *blen += (uint32_t)n;
+    return 0;
+}
+
+/* MQTT remaining length (1..4 bytes, 7 bits each); returns the bytes written. */
+static int lc_mqtt_varint(unsigned char *out, uint32_t n) {
+    int i = 0;
+    do {
+        unsigned char b = n & 0x7f;
+        n >>= 7;
+        out[i++] = n ? (b | 0x80) : b;
+    } while (n && i < 4);
+    return i;
+}
+
+/* MQTT 3.1.1 CONNECT (clean session, no keep-alive: the benchmark's connections stay quiet otherwise)
+   and SUBSCRIBE of every subject at the mode's QoS, in one send. */
+static void lc_mqtt_hello(lc_client *c, lc_conn *k) {
+    unsigned char out[LC_MAXS * 140 + 128], body[LC_MAXS * 140 + 64];
+    char id[48];
+    int idlen = snprintf(id, sizeof id, "lc-%d-%ld", (int)getpid(), (long)(k - c->conns));
+    int o = 0, b = 0;
+    static const unsigned char vh[] = {0, 4, 'M', 'Q', 'T', 'T', 4, 0x02, 0, 0};
+    memcpy(body, vh, sizeof vh);
+    b = sizeof vh;
+    body[b++] = (unsigned char)(idlen >> 8);
+    body[b++] = (unsigned char)idlen;
+    memcpy(body + b, id, idlen);
+    b += idlen;
+    out[o++] = 0x10;
+    o += lc_mqtt_varint(out + o, (uint32_t)b);
+    memcpy(out + o, body, b);
+    o += b;
+    b = 0;
+    body[b++] = 0;
+    body[b++] = 1; /* packet id 1 */
+    for (int i = 0; i < k->nsub; i++) {
+        char topic[160];
+        int tl = snprintf(topic, sizeof topic, "%.*s%d", c->prefix_len, c->prefix, (int)k->subs[i]);
+        body[b++] = (unsigned char)(tl >> 8);
+        body[b++] = (unsigned char)tl;
+        memcpy(body + b, topic, tl);
+        b += tl;
+        body[b++] = c->mode == LC_MQTT1 ? 1 : 0;
+    }
+    out[o++] = 0x82;
+    o += lc_mqtt_varint(out + o, (uint32_t)b);
+    memcpy(out + o, body, b);
+    o += b;
+    if (send(k->fd, out, o, MSG_NOSIGNAL | MSG_DONTWAIT) != o) {
+        lc_close(c, k, ST_FAILED);
+        return;
+    }
+    k->state = ST_SUBSCRIBING;
+    struct epoll_event ev;
+    ev.events = EPOLLIN;
+    ev.data.u64 = (uint64_t)(k - c->conns);
+    epoll_ctl(c->epfd, EPOLL_CTL_MOD, k->fd, &ev);
+}
+
+static void lc_mark_ready(lc_client *c, lc_conn *k) {
+    k->state = ST_READY;
+    k->t_ready = lc_now();
+    c->t_last_ready = k->t_ready;
+    c->ready++;
+    c->inflight--;
+}
+
 static void lc_on_connected(lc_client *c, lc_conn *k) {
     int err = 0;
     socklen_t len = sizeof err;
     if (getsockopt(k->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0) {
         lc_note_error(c, "connect", strerror(err), strlen(strerror(err)));
         lc_close(c, k, ST_FAILED);
+        return;
+    }
+    if (c->mode == LC_MQTT0 || c->mode == LC_MQTT1) {
+        lc_mqtt_hello(c, k);
         return;
     }
     char req[256];
@@ -168,6 +269,16 @@ static void lc_on_connected(lc_client *c, lc_conn *k) {
 }
 
 static void lc_send_subscribe(lc_client *c, lc_conn *k) {
+    if (c->mode == LC_NATS) {
+        char cmd[LC_MAXS * 160 + 128];
+        int n = snprintf(cmd, sizeof cmd, "CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"loadgen\"}\r\n");
+        for (int i = 0; i < k->nsub; i++)
+            n += snprintf(cmd + n, sizeof cmd - n, "SUB %.*s%d %d\r\n", c->prefix_len, c->prefix, (int)k->subs[i], i);
+        n += snprintf(cmd + n, sizeof cmd - n, "PING\r\n");
+        if (lc_send_frame(k->fd, 1, cmd, n) != 0) lc_close(c, k, ST_FAILED);
+        else k->state = ST_SUBSCRIBING;
+        return;
+    }
     static const char hello[] = "{\"op\":\"connect\",\"client\":\"loadgen\"}";
     char sub[LC_MAXS * 176 + 64];
     int n = snprintf(sub, sizeof sub, "{\"op\":\"subscribe\",\"subjects\":[");
@@ -272,13 +383,7 @@ static void lc_on_text(lc_client *c, lc_conn *k, const char *p, size_t len, int6
         const char *v = lc_find(p, len, "\"seq\"", 5);
         if (slot < 0 || v == NULL) { c->unexpected++; return; }
         k->last[slot] = lc_int(v, end, &ok);
-        if (++k->nsubscribed == k->nsub && k->state == ST_SUBSCRIBING) {
-            k->state = ST_READY;
-            k->t_ready = lc_now();
-            c->t_last_ready = k->t_ready;
-            c->ready++;
-            c->inflight--;
-        }
+        if (++k->nsubscribed == k->nsub && k->state == ST_SUBSCRIBING) lc_mark_ready(c, k);
         return;
     }
     if (op + 11 <= end && memcmp(op, "\"connected\"", 11) == 0) return;
@@ -288,6 +393,162 @@ static void lc_on_text(lc_client *c, lc_conn *k, const char *p, size_t len, int6
         return;
     }
     c->bad++;
+}
+
+/* A peer's delivery on slot: payload "<ns>|<seq>|..." (the publisher's seq per subject). */
+static void lc_on_peer_msg(lc_client *c, lc_conn *k, int slot, const char *p, size_t len, int64_t now_ns) {
+    const char *end = p + len;
+    int ok, ok_seq;
+    c->frames++;
+    if (slot < 0 || slot >= k->nsub) { c->unexpected++; return; }
+    int64_t t = lc_int(p, end, &ok);
+    const char *bar = memchr(p, '|', len);
+    int64_t seq = bar ? lc_int(bar + 1, end, &ok_seq) : 0;
+    if (!ok || bar == NULL || !ok_seq) { c->bad++; return; }
+    c->deliveries++;
+    if (seq == k->last[slot]) { c->dups++; return; }
+    if (seq < k->last[slot]) { c->ooo++; return; }
+    if (seq != k->last[slot] + 1) {
+        c->gaps++;
+        c->lost += seq - k->last[slot] - 1;
+    }
+    k->last[slot] = seq;
+    if (c->recording) {
+        if (c->nlat < c->latcap) c->lat[c->nlat++] = now_ns - t;
+        else c->lat_dropped++;
+    }
+}
+
+/* The NATS protocol stream: whole operations from p; returns the bytes consumed, -1 to close. */
+static long lc_nats_ops(lc_client *c, lc_conn *k, const char *p, size_t avail, int64_t now_ns) {
+    size_t off = 0;
+    while (off < avail) {
+        const char *line = p + off;
+        const char *eol = memmem(line, avail - off, "\r\n", 2);
+        if (eol == NULL) break;
+        size_t ll = (size_t)(eol - line);
+        if (ll >= 4 && memcmp(line, "MSG ", 4) == 0) {
+            /* MSG <subject> <sid> [reply-to] <#bytes> */
+            const char *tok[5];
+            size_t tl[5];
+            int nt = 0;
+            const char *q = line + 4;
+            while (q < eol && nt < 5) {
+                while (q < eol && *q == ' ') q++;
+                if (q >= eol) break;
+                const char *s0 = q;
+                while (q < eol && *q != ' ') q++;
+                tok[nt] = s0;
+                tl[nt++] = (size_t)(q - s0);
+            }
+            if (nt < 3) { c->bad++; return -1; }
+            int ok1, ok2;
+            int64_t sid = lc_int(tok[1], tok[1] + tl[1], &ok1);
+            int64_t size = lc_int(tok[nt - 1], tok[nt - 1] + tl[nt - 1], &ok2);
+            if (!ok1 || !ok2 || size < 0 || size > LC_MAXFRAME) { c->bad++; return -1; }
+            if (avail - off < ll + 2 + (size_t)size + 2) break; /* the payload is not all here yet */
+            lc_on_peer_msg(c, k, (int)sid, eol + 2, (size_t)size, now_ns);
+            off += ll + 2 + (size_t)size + 2;
+            continue;
+        }
+        if (ll == 4 && memcmp(line, "PING", 4) == 0) {
+            c->pings++;
+            lc_send_frame(k->fd, 1, "PONG\r\n", 6);
+        } else if (ll == 4 && memcmp(line, "PONG", 4) == 0) {
+            if (k->state == ST_SUBSCRIBING) lc_mark_ready(c, k);
+        } else if (ll >= 4 && memcmp(line, "-ERR", 4) == 0) {
+            c->errors++;
+            lc_note_error(c, "nats", line, ll);
+        } else if (!(ll >= 3 && memcmp(line, "+OK", 3) == 0) && !(ll >= 4 && memcmp(line, "INFO", 4) == 0)) {
+            c->bad++;
+        }
+        off += ll + 2;
+    }
+    return (long)off;
+}
+
+/* A WebSocket data frame of the NATS stream: parsed in place when nothing is carried over. */
+static int lc_nats_data(lc_client *c, lc_conn *k, const char *p, size_t len, int64_t now_ns) {
+    if (k->slen == 0) {
+        long used = lc_nats_ops(c, k, p, len, now_ns);
+        if (used < 0) return -1;
+        if ((size_t)used < len && lc_append(&k->sbuf, &k->slen, &k->scap, p + used, len - used) != 0) return -1;
+        return 0;
+    }
+    if (lc_append(&k->sbuf, &k->slen, &k->scap, p, len) != 0) return -1;
+    long used = lc_nats_ops(c, k, k->sbuf, k->slen, now_ns);
+    if (used < 0) return -1;
+    memmove(k->sbuf, k->sbuf + used, k->slen - used);
+    k->slen -= (uint32_t)used;
+    return 0;
+}
+
+static unsigned char lc_acks[1 << 16];
+static size_t lc_nacks;
+
+static void lc_flush_acks(lc_client *c, lc_conn *k) {
+    if (lc_nacks && k->fd >= 0 && send(k->fd, lc_acks, lc_nacks, MSG_NOSIGNAL | MSG_DONTWAIT) != (ssize_t)lc_nacks)
+        lc_note_error(c, "puback", "short send", 10);
+    lc_nacks = 0;
+}
+
+/* MQTT packets from p; returns the bytes consumed, or -1 when the connection must be closed. */
+static long lc_mqtt_packets(lc_client *c, lc_conn *k, const char *p, size_t avail, int64_t now_ns) {
+    size_t off = 0;
+    while (avail - off >= 2) {
+        const unsigned char *h = (const unsigned char *)p + off;
+        uint32_t rl = 0;
+        size_t i = 1;
+        int shift = 0;
+        for (;;) {
+            if (off + i >= avail) return (long)off; /* the length is not all here yet */
+            rl |= (uint32_t)(h[i] & 0x7f) << shift;
+            if (!(h[i++] & 0x80)) break;
+            shift += 7;
+            if (shift > 21) { c->bad++; return -1; }
+        }
+        if (rl > LC_MAXFRAME) { c->bad++; return -1; }
+        if (avail - off < i + rl) break;
+        const unsigned char *v = h + i;
+        int type = h[0] >> 4;
+        if (type == 3) { /* PUBLISH */
+            int qos = (h[0] >> 1) & 3;
+            if (rl < 2) { c->bad++; return -1; }
+            size_t tl = ((size_t)v[0] << 8) | v[1];
+            size_t hdr = 2 + tl + (qos ? 2 : 0);
+            if (hdr > rl) { c->bad++; return -1; }
+            const char *topic = (const char *)v + 2;
+            const char *d = topic + tl;
+            while (d > topic && d[-1] >= '0' && d[-1] <= '9') d--;
+            int ok;
+            int64_t idx = lc_int(d, topic + tl, &ok);
+            lc_on_peer_msg(c, k, ok ? lc_slot(k, (int)idx) : -1, (const char *)v + hdr, rl - hdr, now_ns);
+            if (qos == 1) {
+                if (lc_nacks + 4 > sizeof lc_acks) lc_flush_acks(c, k);
+                lc_acks[lc_nacks++] = 0x40;
+                lc_acks[lc_nacks++] = 2;
+                lc_acks[lc_nacks++] = v[2 + tl];
+                lc_acks[lc_nacks++] = v[3 + tl];
+                c->acks_sent++;
+            }
+        } else if (type == 2) { /* CONNACK */
+            if (rl < 2 || v[1] != 0) {
+                lc_note_error(c, "connack refused", (const char *)v, rl);
+                return -1;
+            }
+        } else if (type == 9) { /* SUBACK: one return code per topic, 0x80 = refused */
+            for (size_t j = 2; j < rl; j++)
+                if (v[j] == 0x80) {
+                    lc_note_error(c, "suback", "subscription refused", 20);
+                    return -1;
+                }
+            if (k->state == ST_SUBSCRIBING) lc_mark_ready(c, k);
+        } else if (type != 13) { /* PINGRESP is harmless; nothing else is expected */
+            c->bad++;
+        }
+        off += i + rl;
+    }
+    return (long)off;
 }
 
 /* Parse whole frames from p; returns the bytes consumed, or -1 when the connection must be closed. */
@@ -312,7 +573,9 @@ static long lc_frames(lc_client *c, lc_conn *k, const char *p, size_t avail, int
         if (len > LC_MAXFRAME) { c->bad++; return -1; }
         if (avail - off < hl + len) break;
         const char *payload = p + off + hl;
-        if (opcode == 1) lc_on_text(c, k, payload, len, now_ns);
+        if (c->mode == LC_NATS && (opcode == 1 || opcode == 2)) {
+            if (lc_nats_data(c, k, payload, len, now_ns) != 0) return -1;
+        } else if (opcode == 1) lc_on_text(c, k, payload, len, now_ns);
         else if (opcode == 9) {
             c->pings++;
             lc_send_frame(k->fd, 0xA, payload, len);
@@ -325,19 +588,7 @@ static long lc_frames(lc_client *c, lc_conn *k, const char *p, size_t avail, int
     return (long)off;
 }
 
-static int lc_keep(lc_conn *k, const char *p, size_t len) {
-    if (k->blen + len > k->bcap) {
-        uint32_t cap = k->bcap ? k->bcap : 512;
-        while (cap < k->blen + len) cap *= 2;
-        char *nb = realloc(k->buf, cap);
-        if (nb == NULL) return -1;
-        k->buf = nb;
-        k->bcap = cap;
-    }
-    memcpy(k->buf + k->blen, p, len);
-    k->blen += len;
-    return 0;
-}
+static int lc_keep(lc_conn *k, const char *p, size_t len) { return lc_append(&k->buf, &k->blen, &k->bcap, p, len); }
 
 static void lc_on_readable(lc_client *c, lc_conn *k) {
     ssize_t r = recv(k->fd, lc_rbuf, sizeof lc_rbuf, MSG_DONTWAIT);
@@ -374,7 +625,13 @@ static void lc_on_readable(lc_client *c, lc_conn *k) {
         p += used;
         avail -= used;
     }
-    long used = lc_frames(c, k, p, avail, now_ns);
+    long used;
+    if (c->mode == LC_MQTT0 || c->mode == LC_MQTT1) {
+        used = lc_mqtt_packets(c, k, p, avail, now_ns);
+        lc_flush_acks(c, k);
+    } else {
+        used = lc_frames(c, k, p, avail, now_ns);
+    }
     if (used < 0) {
         lc_close(c, k, k->state == ST_READY ? ST_CLOSED : ST_FAILED);
         return;

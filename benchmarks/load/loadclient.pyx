@@ -12,6 +12,10 @@ cdef extern from "loadclient.h":
     enum:
         LC_MAXS
         ST_READY
+        LC_OURS
+        LC_NATS
+        LC_MQTT0
+        LC_MQTT1
     ctypedef struct sockaddr_in:
         pass
     ctypedef struct lc_conn:
@@ -30,9 +34,10 @@ cdef extern from "loadclient.h":
         int prefix_len
         char host_header[64]
         int recording
+        int mode
         long ready, failed, closed
         long long deliveries, dups, ooo, gaps, lost, unexpected, snapshots, hbs, pings, bad, errors, frames
-        long long bytes_in
+        long long bytes_in, acks_sent
         int64_t *lat
         long long nlat, latcap, lat_dropped
         double t_first_start, t_last_ready
@@ -60,17 +65,23 @@ cdef extern from *:
     int lc_init_addrs(lc_client *c, const char *dst, int port, const char *src) nogil
 
 
+#: protocol of the connections: ours (PROTOCOL.md over WebSocket), NATS over WebSocket, MQTT 3.1.1 over TCP
+MODES = {"ours": LC_OURS, "nats": LC_NATS, "mqtt0": LC_MQTT0, "mqtt1": LC_MQTT1}
+
+
 cdef class Client:
     cdef lc_client *c
 
     def __cinit__(self, str dst, int port, str src, int32_t[:, ::1] subjects, str prefix, long window,
-                  long long latcap):
+                  long long latcap, str mode="ours"):
         cdef long n = subjects.shape[0]
         cdef int s = subjects.shape[1]
         cdef long i
         cdef int j
         if s > LC_MAXS:
             raise ValueError(f"at most {LC_MAXS} subjects per connection")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
         pre = prefix.encode()
         if len(pre) >= 128:
             raise ValueError("subject prefix too long")
@@ -80,6 +91,7 @@ cdef class Client:
         if self.c.conns == NULL or self.c.lat == NULL:
             raise MemoryError()
         self.c.n = n
+        self.c.mode = MODES[mode]
         self.c.window = window
         self.c.latcap = latcap
         memcpy(self.c.prefix, <const char *>pre, len(pre))
@@ -114,7 +126,7 @@ cdef class Client:
         """Start a measurement: forget the deliveries, checks and latencies counted so far."""
         c = self.c
         c.deliveries = c.dups = c.ooo = c.gaps = c.lost = c.unexpected = c.snapshots = 0
-        c.bad = c.errors = c.frames = c.bytes_in = 0
+        c.bad = c.errors = c.frames = c.bytes_in = c.acks_sent = 0
         c.nlat = c.lat_dropped = 0
 
     def progress(self):
@@ -128,7 +140,7 @@ cdef class Client:
                 "deliveries": c.deliveries, "duplicates": c.dups, "out_of_order": c.ooo, "gaps": c.gaps,
                 "lost_in_gaps": c.lost, "unexpected": c.unexpected, "snapshots": c.snapshots,
                 "heartbeats": c.hbs, "pings": c.pings, "bad_frames": c.bad, "error_frames": c.errors,
-                "frames": c.frames, "bytes_in": c.bytes_in, "latencies_dropped": c.lat_dropped,
+                "frames": c.frames, "bytes_in": c.bytes_in, "acks_sent": c.acks_sent, "latencies_dropped": c.lat_dropped,
                 "t_first_start": c.t_first_start, "t_last_ready": c.t_last_ready,
                 "first_error": c.first_error.decode("utf-8", "replace")}
 

@@ -51,7 +51,14 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: _procs
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply  # noqa: E402
+from _procs import (  # noqa: E402
+    Child,
+    machine,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    reply,
+    require_installed_package,
+)
 
 RESULTS_DIR = os.path.join(os.path.dirname(HERE), "results")
 BUILD_ROOT = os.path.join(HERE, "_build")
@@ -123,7 +130,7 @@ def role_client() -> None:
         cfg = ctl.poll(60)
     subjects = np.ascontiguousarray(np.array(cfg["subjects"], dtype=np.int32))
     client = loadclient.Client(cfg["dst"], cfg["port"], cfg["src"], subjects, cfg["prefix"], cfg["window"],
-                               cfg["latcap"])
+                               cfg["latcap"], cfg.get("mode", "ours"))  # mode: benchmarks/compare.py's peers
     reply({"pid": os.getpid()})
     started = False
     while True:
@@ -277,7 +284,7 @@ def role_publisher() -> None:
         next_due = t0 + sent / rate
         read_ready(max(0.0, next_due - time.monotonic()))
     t_sent = time.monotonic()
-    deadline = t_sent + 15
+    deadline = t_sent + cmd.get("ack_timeout", 15)
     while acked + errors < total and time.monotonic() < deadline:
         read_ready(0.05)
     ok = ack_ns > 0
@@ -516,6 +523,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
 
 
 def main() -> None:
+    require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--role", choices=["client", "publisher"], help=argparse.SUPPRESS)
     ap.add_argument("--connections", default="10000", help="comma-separated N values (default 10000)")
@@ -552,7 +560,7 @@ def main() -> None:
     client_dir = build_client()
     results = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "argv": sys.argv[1:], "settings": {k: v for k, v in vars(args).items() if k != "role"}, "runs": []}
-    for i, n in enumerate(ns):
+    for _i, n in enumerate(ns):
         if time.monotonic() > deadline:
             print(f"budget of {args.budget:g} s used up, N={n} not run", file=sys.stderr)
             break

@@ -1,5 +1,6 @@
 """Message engines: where sequenced messages come from (standalone memory, or Kafka)."""
 
-from .base import Engine, EngineUnavailable, Record, UnknownTopic
+from ..records import Record
+from .base import Engine, EngineUnavailable, UnknownTopic
 
 __all__ = ["Engine", "EngineUnavailable", "Record", "UnknownTopic"]

@@ -13,22 +13,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..records import Record
 from ..subjects import Subject
 
-
-@dataclass(slots=True)
-class Record:
-    """One sequenced message of one subject."""
-
-    subject: str
-    content: bytes
-    epoch: str
-    seq: int          # >= 1, strictly increasing along the subject within the epoch
-    prev: int | None  # seq of the previous message of the subject in this epoch, 0 for the first, None unknown
-    ts: int           # ms since the Unix epoch
+__all__ = ["Engine", "EngineUnavailable", "Held", "Record", "Sink", "UnknownTopic"]  # Record: gateway/records.py
 
 
 class EngineUnavailable(Exception):
@@ -60,6 +50,10 @@ class Engine(abc.ABC):
     #: In the Kafka engine a recovery position ahead of what this gateway has read is valid
     #: (another gateway was faster); in the standalone engine it is not (recovered:false).
     accepts_positions_ahead: bool = False
+
+    #: True when publish_now() is supported: the engine sequences, stores and fans out a publish
+    #: before it returns (standalone), so the session acks it at once instead of awaiting publish().
+    publishes_now: bool = False
 
     def __init__(self) -> None:
         self._sink: Sink | None = None
@@ -117,6 +111,30 @@ class Engine(abc.ABC):
 
         The record also reaches the sink (possibly before this returns), like any other record.
         """
+
+    def publish_now(self, subject: Subject, content: bytes) -> tuple[str, int]:
+        """Sequence, store and fan out the message before returning; only where `publishes_now` is True.
+
+        Args:
+            subject: where the message goes (already checked with check_subject()).
+            content: the message's bytes.
+        Returns:
+            The message's (epoch, seq); the record reached the sink before this returns.
+        Raises:
+            EngineUnavailable: the engine is not running.
+            NotImplementedError: the engine has no synchronous publish (`publishes_now` is False); use
+                publish().
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no synchronous publish; await publish()")
+
+    def read_through(self, subject: Subject) -> int | None:
+        """The seq up to which the subject's partition has been handed to the sink; None when not known.
+
+        Recovery uses it to tell a position really ahead of this gateway from one whose messages this
+        gateway read before the hub held the subject (Kafka: older than the warmup window). The default
+        engine reads nothing ahead of the hub: None.
+        """
+        return None
 
     async def replay(self, subject: Subject, epoch: str, after_seq: int, upto_seq: int) -> list[Record] | None:
         """Records of `subject` with after_seq < seq <= upto_seq, read from durable storage, in order.

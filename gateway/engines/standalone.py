@@ -14,12 +14,14 @@ from __future__ import annotations
 import secrets
 import time
 
+from ..records import Record
 from ..subjects import Subject
-from .base import Engine, EngineUnavailable, Record
+from .base import Engine, EngineUnavailable
 
 
 class StandaloneEngine(Engine):
     accepts_positions_ahead = False
+    publishes_now = True
 
     def __init__(self) -> None:
         super().__init__()

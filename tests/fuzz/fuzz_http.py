@@ -9,6 +9,7 @@ with the right accept key).
 from __future__ import annotations
 
 import _harness
+
 from support.fuzz_targets import check_http
 
 

@@ -12,6 +12,7 @@ import base64
 import json
 
 import _harness  # noqa: F401  - instrumented imports first
+
 from support.fuzz_targets import check_decode, check_pattern, check_subject
 
 
@@ -44,7 +45,8 @@ def seeds() -> list[bytes]:
         {"op": "subscribe", "subjects": [{"subject": "/a", "epoch": "e", "seq": 0}, {"subject": "/a", "seq": 1}]},
         {"op": "unsubscribe", "subjects": ["/matches/football/5"]},
         {"op": "publish", "subject": "/matches/football/5", "content": "score_home", "id": "c-1"},
-        {"op": "publish", "subject": "/t", "content_b64": base64.b64encode(b"\xff\x00").decode(), "id": 9007199254740992},
+        {"op": "publish", "subject": "/t", "content_b64": base64.b64encode(b"\xff\x00").decode(),
+         "id": 9007199254740992},
         {"op": "publish", "subject": "/t/k", "content": "x", "content_b64": "eA=="},
         {"op": "ping", "id": 1},
         {"op": "refresh", "token": "eyJ.x.y"},

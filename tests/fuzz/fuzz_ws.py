@@ -11,6 +11,7 @@ close or failure code and write the same pongs; no message over the limit; nothi
 from __future__ import annotations
 
 import _harness
+
 from support import fanout_impls
 from support.fuzz_targets import FrameParity
 from support.ws import client_frame as frame

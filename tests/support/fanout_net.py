@@ -8,7 +8,6 @@ stall (pause_reading) so the kernel buffers fill and writes hit EAGAIN.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -18,9 +17,8 @@ import pytest
 import uvloop
 
 from support import fanout_tls
+from support.waits import WAIT
 
-SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
-WAIT = 10.0 * SCALE
 SMALL_BUF = 4096
 
 LOOP_PARAMS = [
@@ -42,7 +40,8 @@ def run(loop_factory: Callable[[], asyncio.AbstractEventLoop], main: Callable[[]
         return runner.run(bounded())
 
 
-async def wait_until(cond: Callable[[], bool], event: asyncio.Event, what: str) -> None:
+async def _wait_signalled(cond: Callable[[], bool], event: asyncio.Event, what: str) -> None:
+    """Wait for `cond`, tested again each time `event` is set (no polling); bounded by WAIT."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WAIT
     while not cond():
@@ -54,16 +53,6 @@ async def wait_until(cond: Callable[[], bool], event: asyncio.Event, what: str) 
             await asyncio.wait_for(event.wait(), remaining)
         except TimeoutError:
             pass
-
-
-async def poll_until(cond: Callable[[], bool], what: str) -> None:
-    """For conditions nothing signals; bounded by WAIT."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.001)
 
 
 class GatewayProtocol(asyncio.Protocol):
@@ -149,11 +138,11 @@ class Reader(asyncio.Protocol):
         self.transport.resume_reading()
 
     async def wait_bytes(self, n: int) -> None:
-        await wait_until(lambda: len(self.data) >= n or self.done, self.event, f"{n} bytes")
+        await _wait_signalled(lambda: len(self.data) >= n or self.done, self.event, f"{n} bytes")
         assert len(self.data) >= n, f"connection ended after {len(self.data)} of {n} bytes"
 
     async def wait_done(self) -> None:
-        await wait_until(lambda: self.done, self.event, "the end of the stream")
+        await _wait_signalled(lambda: self.done, self.event, "the end of the stream")
 
 
 class Net:

@@ -19,6 +19,7 @@ import orjson
 from gateway import http, protocol
 from gateway.protocol import ProtocolError
 from gateway.subjects import Pattern, PatternError, Subject, SubjectError, parse_subject, subject_for_record
+from support.fake_transport import FakeTransport
 
 # ---- protocol decoder (PROTOCOL.md "Session", "Subscribing", "Publishing", "Errors") ----------------
 
@@ -275,28 +276,6 @@ def check_http(pieces: list[bytes]) -> str:
 
 # ---- the WebSocket client-frame parser: compiled fanout._ws against its twin in fanout/_reference.py ---
 
-class _FakeTransport:
-    """No socket: every byte the Conn writes goes through write() (pongs)."""
-
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def set_write_buffer_limits(self, high: Any = None, low: Any = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def is_closing(self) -> bool:
-        return False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-
-
 class FrameParity:
     """One loop and one Writer per implementation, reused for every input (inputs are many)."""
 
@@ -332,7 +311,7 @@ class FrameParity:
     def _takes_caps(impl: Any, writer: Any, recorder: type) -> bool:
         conn = recorder()
         try:
-            conn.ws_open(writer, _FakeTransport(), 1 << 30, 100, lambda c: None, max_fragments=2, max_pongs=1)
+            conn.ws_open(writer, FakeTransport(), 1 << 30, 100, lambda c: None, max_fragments=2, max_pongs=1)
         except TypeError:
             return False
         impl.Conn.close(conn)
@@ -344,7 +323,7 @@ class FrameParity:
     def run(self, impl: Any, writer: Any, recorder: type, pieces: list[bytes], max_message: int,
             caps: dict[str, int] | None = None) -> tuple[list[tuple[Any, ...]], bytes, int]:
         conn = recorder()
-        tr = _FakeTransport()
+        tr = FakeTransport()
         conn.ws_open(writer, tr, 1 << 30, max_message, lambda c: None, **(caps or {}))
         for piece in pieces:
             conn.data_received(piece)

@@ -36,8 +36,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import BrokerMetadata
-from aiokafka.structs import TopicPartition
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.structs import TopicPartition
 
 from .kafka_cluster import KafkaCluster
 from .tcpproxy import TcpProxy
@@ -101,14 +101,13 @@ class KafkaBroker:
         if self.cluster is not None:
             self.cluster.stop()
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
         if self._log_path is not None:
             try:
                 os.unlink(self._log_path)

@@ -1,19 +1,35 @@
-"""Bounded waiting for tests: poll a condition, fail with what was awaited (no timing assertions)."""
+"""Bounded waiting for tests: poll a condition, fail with what was awaited (no timing assertions).
+
+The one polling helper of the suite (support.fanout_net waits on an asyncio.Event where something
+signals; everything else polls here).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
 WAIT = 10.0 * SCALE
 
 
-async def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+async def wait_until(cond: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT,
+                     interval: float = 0.01) -> None:
+    """Return once `cond()` (a function or a coroutine function) is true; test it every `interval` s.
+
+    Raises:
+        AssertionError: `cond()` was still false after `timeout` seconds ("timed out waiting for `what`").
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not cond():
+    while True:
+        ok = cond()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(interval)

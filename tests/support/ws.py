@@ -35,7 +35,8 @@ async def recv(ws: ClientConnection, timeout: float = WAIT) -> dict[str, Any]:
     return obj
 
 
-async def recv_until(ws: ClientConnection, op: str, timeout: float = WAIT, skip: tuple[str, ...] = ("hb",)) -> dict[str, Any]:
+async def recv_until(ws: ClientConnection, op: str, timeout: float = WAIT,
+                     skip: tuple[str, ...] = ("hb",)) -> dict[str, Any]:
     """The next frame with `op`, skipping heartbeats; any other frame fails the test."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -132,7 +133,7 @@ def read_frames(sock: socket.socket, timeout: float = WAIT) -> list[tuple[int, b
             if not chunk:
                 break
             buf += chunk
-    except (TimeoutError, socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     frames = []
     i = 0
