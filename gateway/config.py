@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .engines.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaSecurity
 from .subjects import is_topic_name
 
 
@@ -114,6 +116,26 @@ class Config:
     kafka_metadata_refresh_ms: int = field(default=5000, metadata={
         "help": "Kafka: how often topic metadata is fetched (new partitions, deleted or recreated topics); "
                 "also how soon /healthz notices that Kafka is unreachable"})
+    # ---- Kafka security (gateway/engines/kafka_security.py; README "Connecting to a secured cluster") ----
+    kafka_security_protocol: str = field(default="PLAINTEXT", metadata={
+        "help": "Kafka: how to reach the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)"})
+    kafka_sasl_mechanism: str | None = field(default=None, metadata={
+        "help": "Kafka: SASL mechanism with SASL_SSL or SASL_PLAINTEXT: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"})
+    kafka_sasl_username: str | None = field(default=None, metadata={
+        "help": "Kafka: SASL user name"})
+    kafka_sasl_password: str | None = field(default=None, repr=False, metadata={
+        "help": "Kafka: SASL password; refused as a flag (every user of the machine sees command lines in "
+                "`ps`): set the environment variable or use --kafka-sasl-password-file",
+        "secret": True})
+    kafka_sasl_password_file: str | None = field(default=None, metadata={
+        "help": "Kafka: file holding the SASL password (one line; a trailing newline is ignored)"})
+    kafka_ssl_cafile: str | None = field(default=None, metadata={
+        "help": "Kafka: PEM file of the CA certificates that signed the brokers' certificates, with SSL or "
+                "SASL_SSL (without it: the system's trusted CAs)"})
+    kafka_ssl_certfile: str | None = field(default=None, metadata={
+        "help": "Kafka: PEM client certificate for brokers that require mutual TLS (may hold the key too)"})
+    kafka_ssl_keyfile: str | None = field(default=None, metadata={
+        "help": "Kafka: PEM private key of --kafka-ssl-certfile, unencrypted"})
     healthz_unreachable_ms: int = field(default=0, metadata={
         "help": "Kafka: /healthz answers 503 once Kafka has been unreachable this long (0 = never: "
                 "an outage is reported as 200 `degraded` (docs/DESIGN.md \"Health\"))"})
@@ -150,6 +172,11 @@ _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unrea
                  "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s",
                  "coalesce_us"}
 _LISTS = {"topics", "allowed_origins"}
+#: the settings of gateway/engines/kafka_security.py (also demo-feed's, with --kafka)
+KAFKA_SECURITY = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
+                  "kafka_sasl_password_file", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+#: never from the command line (`ps` shows it to every user): the environment or --config only
+NOT_A_FLAG = {name for name, f in FIELDS.items() if f.metadata.get("secret")}
 # Given but empty is an error for these, never "not set" (an empty GATEWAY_JWT_SECRET must not turn auth off).
 _EMPTY_IS_AN_ERROR = {"jwt_secret", "jwt_public_key"}
 
@@ -215,11 +242,20 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
         value = str(value)
         if name == "kafka_idempotence" and value not in ("auto", "on", "off"):
             raise ValueError("must be on, off or auto")
+        if name == "kafka_security_protocol":
+            value = value.strip().upper()
+            if value not in SECURITY_PROTOCOLS:
+                raise ValueError(f"must be one of {', '.join(SECURITY_PROTOCOLS)}")
+        if name == "kafka_sasl_mechanism":
+            value = value.strip().upper()
+            if value not in SASL_MECHANISMS:
+                raise ValueError(f"must be one of {', '.join(SASL_MECHANISMS)}")
         if name == "log_level" and value.lower() not in ("debug", "info", "warning", "error"):
             raise ValueError("must be debug, info, warning or error")
         return value
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: bad value {value!r}: {exc}") from None
+        shown = "(hidden)" if name in NOT_A_FLAG else repr(value)
+        raise ConfigError(f"{source}: bad value {shown}: {exc}") from None
 
 
 def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: str | None = None) -> Config:
@@ -244,6 +280,9 @@ def load(flags: Mapping[str, Any], env: Mapping[str, str] | None = None, file: s
             values[name] = env[env_name(name)]
             sources[name] = env_name(name)
     for name, value in flags.items():
+        if value is not None and name in NOT_A_FLAG:
+            raise ConfigError(f"{flag_name(name)}: not accepted on the command line, where `ps` shows it to "
+                              f"every user of the machine: set {env_name(name)} or use {flag_name(name)}-file")
         if value is not None and name in FIELDS:
             values[name] = value
             sources[name] = flag_name(name)
@@ -291,9 +330,74 @@ def validate(config: Config) -> Config:
                           f"--max-message-bytes ({2 * config.max_message_bytes})")
     if config.max_fragments > 65535 or config.max_queued_pongs > 65535:
         raise ConfigError("--max-fragments and --max-queued-pongs: at most 65535")
+    config = _validate_kafka_security(config)
     if not config.node_id:
         config = dataclasses.replace(config, node_id=f"{os.uname().nodename}-{os.getpid()}")
     return dataclasses.replace(config, log_level=config.log_level.lower())
+
+
+def _either(name: str) -> str:
+    """How a setting is given, for errors about combinations: the flag and the variable."""
+    return f"{flag_name(name)} ({env_name(name)})"
+
+
+def _validate_kafka_security(config: Config) -> Config:
+    """Combinations of the Kafka security settings; reads the password file and checks the TLS files
+    now, so a mistake is one line and exit 2 at start, not a gateway that never connects."""
+    protocol = config.kafka_security_protocol
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    if config.kafka_sasl_mechanism and not sasl:
+        raise ConfigError(f"{_either('kafka_sasl_mechanism')} is {config.kafka_sasl_mechanism}, but "
+                          f"{_either('kafka_security_protocol')} is {protocol}: SASL needs SASL_SSL or SASL_PLAINTEXT")
+    if not sasl:
+        for name in ("kafka_sasl_username", "kafka_sasl_password", "kafka_sasl_password_file"):
+            if getattr(config, name) is not None:
+                raise ConfigError(f"{_either(name)} is set, but {_either('kafka_security_protocol')} is "
+                                  f"{protocol}: SASL credentials need SASL_SSL or SASL_PLAINTEXT")
+    if not tls:
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            if getattr(config, name) is not None:
+                raise ConfigError(f"{_either(name)} is set, but {_either('kafka_security_protocol')} is "
+                                  f"{protocol}: TLS settings need SSL or SASL_SSL")
+    if sasl:
+        if not config.kafka_sasl_mechanism:
+            raise ConfigError(f"{_either('kafka_security_protocol')} {protocol} needs "
+                              f"{_either('kafka_sasl_mechanism')}: one of {', '.join(SASL_MECHANISMS)}")
+        if not (config.kafka_sasl_username or "").strip():
+            raise ConfigError(f"{_either('kafka_security_protocol')} {protocol} needs a user name: "
+                              f"{_either('kafka_sasl_username')}")
+        if config.kafka_sasl_password is not None and config.kafka_sasl_password_file is not None:
+            raise ConfigError(f"{env_name('kafka_sasl_password')} and {_either('kafka_sasl_password_file')} "
+                              "exclude each other: give the password once")
+        if config.kafka_sasl_password_file is not None:
+            path = config.kafka_sasl_password_file
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    password = fh.read().rstrip("\r\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ConfigError(f"{flag_name('kafka_sasl_password_file')}: cannot read {path}: {reason}") from None
+            if not password:
+                raise ConfigError(f"{flag_name('kafka_sasl_password_file')}: {path} is empty")
+            config = dataclasses.replace(config, kafka_sasl_password=password)
+        if not config.kafka_sasl_password:
+            raise ConfigError(f"{_either('kafka_security_protocol')} {protocol} needs a password: set "
+                              f"{env_name('kafka_sasl_password')} or {_either('kafka_sasl_password_file')}")
+    if config.kafka_ssl_keyfile and not config.kafka_ssl_certfile:
+        raise ConfigError(f"{_either('kafka_ssl_keyfile')} needs {_either('kafka_ssl_certfile')}")
+    if tls:
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(config, name)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"{flag_name(name)}: no such file: {path}")
+        try:
+            KafkaSecurity.from_config(config).ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            files = ", ".join(f"{flag_name(n)} {getattr(config, n)}" for n in
+                              ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile") if getattr(config, n))
+            raise ConfigError(f"{files or 'the system CA certificates'}: not usable for TLS: {exc}") from None
+    return config
 
 
 def _check_public_key(path: str) -> None:

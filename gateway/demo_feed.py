@@ -9,7 +9,9 @@ Three ways out, one schedule:
 
     --url ws://HOST:PORT/ws   through a gateway, with the Python client (publishes acked)
     --kafka BOOTSTRAP         straight into topic `matches`, key `football/N`, with aiokafka's
-                              default (murmur2) partitioner, like any other producer of the topic
+                              default (murmur2) partitioner, like any other producer of the topic;
+                              TLS and SASL from the gateway's --kafka-security-protocol, --kafka-sasl-*
+                              and --kafka-ssl-* settings (flags or GATEWAY_* variables)
     serve --demo              inside a gateway, into its engine (no socket)
 
 The schedule (`schedule`) is pure and seeded; `run` plays it against any `Publish` callable and is
@@ -21,13 +23,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import random
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from . import config as cfg
 from .engines.base import Engine
+from .engines.kafka_security import KafkaSecurity, explain, probe
 from .subjects import parse_subject
 
 log = logging.getLogger("gateway.demo_feed")
@@ -137,12 +142,23 @@ async def _run_url(url: str, token: str | None, play: Play) -> FeedStats:
         return await play(client.publish)
 
 
-async def _run_kafka(bootstrap: str, play: Play) -> FeedStats:
+async def _run_kafka(bootstrap: str, play: Play, security: KafkaSecurity | None = None) -> FeedStats:
     from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaConnectionError
 
+    options = (security or KafkaSecurity()).client_options()
     # acks=all like the gateway's own producer; aiokafka's default partitioner is murmur2 of the key
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="gateway-demo-feed")
-    await producer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="gateway-demo-feed", **options)
+    try:
+        await producer.start()
+    except KafkaConnectionError:
+        await producer.stop()
+        # "Unable to bootstrap" says nothing of a wrong password or an untrusted certificate: ask directly
+        cause = await probe([(h, p) for h, p, _ in producer.client.hosts], options,
+                            client_id="gateway-demo-feed", timeout_ms=10_000)
+        if cause is None:
+            raise
+        raise cause from None
     try:
         async def publish(subject: str, content: str) -> object:
             s = parse_subject(subject)
@@ -159,6 +175,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--url", metavar="WS_URL", help="publish through this gateway, e.g. ws://127.0.0.1:8800/ws")
     out.add_argument("--kafka", metavar="BOOTSTRAP",
                      help="produce straight into topic `matches` of this Kafka cluster (host:port,...)")
+    for name in cfg.KAFKA_SECURITY:   # the gateway's own settings: same flags, variables and checks
+        if name in cfg.NOT_A_FLAG:
+            continue
+        parser.add_argument(cfg.flag_name(name), dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                            help=f"{cfg.FIELDS[name].metadata['help']} (env {cfg.env_name(name)}; with --kafka)")
     parser.add_argument("--token", metavar="JWT", default=None,
                         help="token for --url when the gateway requires one (needs pub_allow on /matches/>)")
     parser.add_argument("--rate", type=float, default=1.0, metavar="X",
@@ -179,6 +200,19 @@ def main(args: argparse.Namespace) -> int:
     if args.token and not args.url:
         print("python -m gateway demo-feed: error: --token goes with --url", file=sys.stderr)
         return 2
+    security = None
+    given = {name: getattr(args, name, None) for name in cfg.KAFKA_SECURITY if name not in cfg.NOT_A_FLAG}
+    if args.url and any(v is not None for v in given.values()):
+        print("python -m gateway demo-feed: error: the --kafka-* settings go with --kafka", file=sys.stderr)
+        return 2
+    if args.kafka:
+        names = {cfg.env_name(name) for name in cfg.KAFKA_SECURITY}
+        try:
+            loaded = cfg.load(given, env={k: v for k, v in os.environ.items() if k in names})
+        except cfg.ConfigError as exc:
+            print(f"python -m gateway demo-feed: error: {exc}", file=sys.stderr)
+            return 2
+        security = KafkaSecurity.from_config(loaded)
     stats = FeedStats()
 
     def play(publish: Publish) -> Awaitable[FeedStats]:
@@ -193,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, task.cancel)
         if args.url:
             return await _run_url(args.url, args.token, play)
-        return await _run_kafka(args.kafka, play)
+        return await _run_kafka(args.kafka, play, security)
 
     target = args.url or f"Kafka {args.kafka} topic matches"
     print(f"demo feed: publishing to {target} (1-{MAX_PER_TICK} updates every "
@@ -203,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         pass
     except Exception as exc:  # noqa: BLE001 - one line for an unreachable gateway or broker
-        print(f"python -m gateway demo-feed: error: {exc}", file=sys.stderr)
+        print(f"python -m gateway demo-feed: error: {explain(exc)}", file=sys.stderr)
         return 1
     print(f"demo feed: {stats.published} updates published, {stats.failed} failed", flush=True)
     return 1 if stats.failed and not stats.published else 0

@@ -41,6 +41,7 @@ log = logging.getLogger("gateway")
 def make_engine(config: Config) -> Engine:
     if config.kafka:
         from .engines.kafka import KafkaEngine
+        from .engines.kafka_security import KafkaSecurity
 
         idem = {"on": True, "off": False, "auto": None}[config.kafka_idempotence]
         return KafkaEngine(
@@ -52,6 +53,7 @@ def make_engine(config: Config) -> Engine:
             publish_timeout=config.kafka_publish_timeout_ms / 1000,
             metadata_refresh_s=config.kafka_metadata_refresh_ms / 1000,
             client_id=f"gateway-{config.node_id}",
+            security=KafkaSecurity.from_config(config),
         )
     from .engines.standalone import StandaloneEngine
 

@@ -45,6 +45,7 @@ from aiokafka.structs import TopicPartition
 
 from ..subjects import Subject, subject_for_record
 from .base import Engine, EngineUnavailable, Record, UnknownTopic
+from .kafka_security import KafkaSecurity, explain, probe
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,13 @@ class KafkaEngine(Engine):
         replay_timeout: float = 10.0,
         max_concurrent_replays: int = 8,
         start_timeout: float = 30.0,
+        security: KafkaSecurity | None = None,
     ) -> None:
         super().__init__()
         self._bootstrap = bootstrap
+        self._security = security or KafkaSecurity()
+        # TLS and SASL for every client this engine makes (one SSL context shared by all of them)
+        self._client_options = self._security.client_options()
         self._served = frozenset(topics)
         self._fetch_wait_ms = fetch_wait_ms
         self._warmup = max(0, warmup_records)
@@ -231,7 +236,8 @@ class KafkaEngine(Engine):
                 await self._start()
         except (KafkaError, OSError, TimeoutError) as exc:
             await self.stop()
-            raise EngineUnavailable(f"cannot start the Kafka engine on {self._bootstrap}: {exc!r}") from exc
+            raise EngineUnavailable(f"cannot start the Kafka engine on {self._bootstrap} "
+                                    f"({self._security.describe()}): {explain(exc)}") from exc
         except BaseException:
             await self.stop()
             raise
@@ -239,8 +245,17 @@ class KafkaEngine(Engine):
     async def _start(self) -> None:
         self._meta = AIOKafkaClient(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-metadata",
-            request_timeout_ms=_REQUEST_TIMEOUT_MS)
-        await self._meta.bootstrap()
+            request_timeout_ms=_REQUEST_TIMEOUT_MS, **self._client_options)
+        try:
+            await self._meta.bootstrap()
+        except KafkaConnectionError:
+            # aiokafka logs each server's error and raises "Unable to bootstrap": ask one directly,
+            # so a wrong password or an untrusted certificate is named in the start-up error
+            cause = await probe([(h, p) for h, p, _ in self._meta.hosts], self._client_options,
+                                client_id=self._client_id + "-probe", timeout_ms=_REQUEST_TIMEOUT_MS)
+            if cause is None:
+                raise
+            raise cause from None
         self._apply_metadata(*await self._fetch_metadata())
 
         await self._start_producer()
@@ -248,7 +263,8 @@ class KafkaEngine(Engine):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id, group_id=None,
             enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS,
+            **self._client_options)
         await self._consumer.start()
 
         # Warmup: the last `warmup_records` of each partition fill the hub's history. The end offset
@@ -271,8 +287,8 @@ class KafkaEngine(Engine):
             asyncio.create_task(self._consume_loop(), name="kafka-consume"),
             asyncio.create_task(self._refresh_loop(), name="kafka-metadata"),
         ]
-        log.info("Kafka engine started on %s (cluster %s): %d partitions of %d topics",
-                 self._bootstrap, self._cluster_id, len(tps), len(self._topic_meta))
+        log.info("Kafka engine started on %s (%s, cluster %s): %d partitions of %d topics",
+                 self._bootstrap, self._security.describe(), self._cluster_id, len(tps), len(self._topic_meta))
 
     async def _start_producer(self) -> None:
         want = True if self._idempotence is None else self._idempotence
@@ -306,7 +322,7 @@ class KafkaEngine(Engine):
         return AIOKafkaProducer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id, acks="all",
             enable_idempotence=idempotent, linger_ms=0,
-            request_timeout_ms=max(1000, int(self._publish_timeout * 1000)))
+            request_timeout_ms=max(1000, int(self._publish_timeout * 1000)), **self._client_options)
 
     async def stop(self) -> None:
         if self._stopped:
@@ -729,7 +745,7 @@ class KafkaEngine(Engine):
             return None
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-end", group_id=None,
-            enable_auto_commit=False, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+            enable_auto_commit=False, request_timeout_ms=_REQUEST_TIMEOUT_MS, **self._client_options)
         try:
             async with self._replay_slots, asyncio.timeout(self._replay_timeout):
                 try:
@@ -750,7 +766,8 @@ class KafkaEngine(Engine):
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-replay", group_id=None,
             enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS)
+            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS,
+            **self._client_options)
         try:
             await consumer.start()
             consumer.assign([tp])

@@ -7,13 +7,18 @@ straight from that classpath. Every node is broker and controller (a voter quoru
 fastest realistic layout on a small machine (3 JVMs instead of 6), and killing one node kills a
 broker and a controller, as a lost machine would.
 
-Each node has three listeners on 127.0.0.1:
+Each node has four listeners on 127.0.0.1:
     PLAINTEXT   clients and replication (advertised as is)         -> `bootstrap`
     PROXIED     clients that must go through a TcpProxy per node   -> `proxied_bootstrap`
                 (advertised as the proxy's port: a client that bootstraps through a proxy is
                 told to reach every broker through its proxy, as with an advertised load balancer)
+    SECURE      SASL_SSL: TLS with a certificate for 127.0.0.1 signed by a CA made at start
+                (`ca_file`), SASL PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for the users in
+                SASL_USERS (SCRAM credentials bootstrapped by `StorageTool format --add-scram`)
+                                                                   -> `secure_bootstrap`
     CONTROLLER  the KRaft quorum
 so an outage test cuts the proxies and nothing else: replication and plain test clients go on.
+The key and certificates live in the cluster's work dir and go with it.
 
 By hand (what the README shows):
     scripts/kafka-cluster.sh                 # 3 nodes on 127.0.0.1:19092-19094, Ctrl-C stops them
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
@@ -42,6 +49,10 @@ KAFKA_VERSION = "4.1.1"   # keep in step with tests/support/kafka/pom.xml
 POM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kafka")
 HEAP = os.environ.get("KAFKA_TEST_HEAP", "384m")
 START_TIMEOUT_S = float(os.environ.get("KAFKA_TEST_START_TIMEOUT", "120"))
+
+#: SASL users of the SECURE listener: name -> password (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 alike)
+SASL_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 
 T = TypeVar("T")
 
@@ -126,6 +137,7 @@ class KafkaNode:
     proxied_listen: int  # PROXIED, the port the broker itself listens on
     proxy_port: int      # PROXIED, advertised: a TcpProxy in front of proxied_listen goes here
     controller_port: int
+    secure_port: int     # SECURE (SASL_SSL)
     dir: str
     proc: subprocess.Popen[bytes] | None = None
     log_file: Any = field(default=None, repr=False)
@@ -154,9 +166,11 @@ class KafkaCluster:
         self.cluster_id = _kafka_cluster_id()
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="kafka-cluster-")
-        ports = ([base_port + i for i in range(4 * n)] if base_port else free_ports(4 * n))
-        self.nodes = [KafkaNode(i + 1, ports[i], ports[n + i], ports[2 * n + i], ports[3 * n + i],
+        ports = ([base_port + i for i in range(5 * n)] if base_port else free_ports(5 * n))
+        self.nodes = [KafkaNode(i + 1, ports[i], ports[n + i], ports[2 * n + i], ports[3 * n + i], ports[4 * n + i],
                                 os.path.join(self.workdir, f"node-{i + 1}")) for i in range(n)]
+        self.ca_file = os.path.join(self.workdir, "ca.pem")           # trust this for SECURE
+        self._broker_pem = os.path.join(self.workdir, "broker.pem")   # its key and certificate
         self.extra = dict(extra or {})
         self.start_seconds = 0.0
 
@@ -168,6 +182,11 @@ class KafkaCluster:
     @property
     def proxied_bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{node.proxy_port}" for node in self.nodes)
+
+    @property
+    def secure_bootstrap(self) -> str:
+        """The SASL_SSL listeners (trust `ca_file`; users and passwords in SASL_USERS)."""
+        return ",".join(f"127.0.0.1:{node.secure_port}" for node in self.nodes)
 
     def node(self, node_id: int) -> KafkaNode:
         return self.nodes[node_id - 1]
@@ -182,11 +201,21 @@ class KafkaCluster:
             "controller.quorum.voters": voters,
             "controller.listener.names": "CONTROLLER",
             "listeners": (f"PLAINTEXT://127.0.0.1:{node.port},PROXIED://127.0.0.1:{node.proxied_listen},"
-                          f"CONTROLLER://127.0.0.1:{node.controller_port}"),
+                          f"SECURE://127.0.0.1:{node.secure_port},CONTROLLER://127.0.0.1:{node.controller_port}"),
             "advertised.listeners": (f"PLAINTEXT://127.0.0.1:{node.port},"
-                                     f"PROXIED://127.0.0.1:{node.proxy_port}"),
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                                     f"PROXIED://127.0.0.1:{node.proxy_port},SECURE://127.0.0.1:{node.secure_port}"),
+            "listener.security.protocol.map": ("PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,SECURE:SASL_SSL,"
+                                               "CONTROLLER:PLAINTEXT"),
             "inter.broker.listener.name": "PLAINTEXT",
+            # SECURE: the broker's key and certificate chain as one PEM file (no JKS, no keytool)
+            "listener.name.secure.ssl.keystore.type": "PEM",
+            "listener.name.secure.ssl.keystore.location": self._broker_pem,
+            "listener.name.secure.sasl.enabled.mechanisms": "PLAIN," + ",".join(SCRAM_MECHANISMS),
+            "listener.name.secure.plain.sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                + " ".join(f'user_{user}="{password}"' for user, password in SASL_USERS.items()) + ";"),
+            **{f"listener.name.secure.{m.lower()}.sasl.jaas.config":
+               "org.apache.kafka.common.security.scram.ScramLoginModule required;" for m in SCRAM_MECHANISMS},
             "log.dirs": os.path.join(node.dir, "data"),
             # topics are created on purpose (a test of an absent topic must find it absent)
             "auto.create.topics.enable": "false",
@@ -229,9 +258,13 @@ class KafkaCluster:
         os.makedirs(node.dir, exist_ok=True)
         with open(node.props_path, "w") as f:
             f.write(self._properties(node))
+        # SCRAM credentials live in the cluster metadata: written into the bootstrap checkpoint here,
+        # so they exist before any broker accepts a client (no admin call, no race at start)
+        scram = [arg for m in SCRAM_MECHANISMS for user, password in SASL_USERS.items()
+                 for arg in ("--add-scram", f"{m}=[name={user},password={password}]")]
         proc = subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", self.cluster_id, "-c", node.props_path,
-                       "--ignore-formatted", heap="128m"),
+                       "--ignore-formatted", *scram, heap="128m"),
             stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"formatting node {node.node_id} failed:\n{proc.stdout}{proc.stderr}")
@@ -247,6 +280,8 @@ class KafkaCluster:
     def start(self) -> KafkaCluster:
         started = time.monotonic()
         try:
+            if not os.path.exists(self._broker_pem):
+                write_tls_files(self.ca_file, self._broker_pem)
             formats = [threading.Thread(target=self._format, args=(node,)) for node in self.nodes]
             for t in formats:
                 t.start()
@@ -351,6 +386,68 @@ class KafkaCluster:
         return out
 
 
+def make_ca(common_name: str = "kafka-ws-gateway test CA") -> tuple[Any, Any]:
+    """A self-signed CA: (certificate, private key) as `cryptography` objects; valid for 2 days."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def pem(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def write_tls_files(ca_path: str, server_pem_path: str) -> None:
+    """A new CA (its certificate to `ca_path`) and a server certificate for 127.0.0.1 and localhost
+    signed by it: PKCS#8 key, certificate and CA certificate in one PEM file at `server_pem_path`,
+    as Kafka's `ssl.keystore.type=PEM` reads it. EC P-256: generated in milliseconds."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert, ca_key = make_ca()
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    os.makedirs(os.path.dirname(server_pem_path), exist_ok=True)
+    with open(ca_path, "wb") as f:
+        f.write(pem(ca_cert))
+    fd = os.open(server_pem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem + pem(cert) + pem(ca_cert))
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -375,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "for trying the gateway's Kafka mode; Ctrl-C stops it.")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--base-port", type=int, default=19092,
-                    help="PLAINTEXT ports are base..base+nodes-1; the other listeners follow (0: free ports)")
+                    help="PLAINTEXT ports are base..base+nodes-1; PROXIED, its proxies, CONTROLLER and SASL_SSL "
+                         "follow in blocks of nodes (base 19092: SASL_SSL on 19104-19106; 0: free ports)")
     ap.add_argument("--heap", default=HEAP, help="-Xmx of each node")
     ap.add_argument("--topics", default="", metavar="NAME:PARTITIONS,...",
                     help="topics to create once the cluster is up (replication factor 3, min.insync.replicas=2)")
@@ -395,7 +493,11 @@ def main(argv: list[str] | None = None) -> int:
             name, _, parts = spec.partition(":")
             run_async(lambda: cluster.create_topic(name, int(parts or 1)))  # noqa: B023 (runs at once)
             print(f"created topic {name} ({parts or 1} partitions)", flush=True)
-        print(f"bootstrap: {cluster.bootstrap}\nCtrl-C stops the cluster and deletes its data.", flush=True)
+        users = ", ".join(f"{u}/{p}" for u, p in SASL_USERS.items())
+        print(f"bootstrap: {cluster.bootstrap}\n"
+              f"SASL_SSL bootstrap: {cluster.secure_bootstrap} (CA {cluster.ca_file}; "
+              f"PLAIN, SCRAM-SHA-256, SCRAM-SHA-512; users {users})\n"
+              "Ctrl-C stops the cluster and deletes its data.", flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
