@@ -21,7 +21,13 @@ from typing import Any
 
 import pytest
 from aiokafka.structs import TopicPartition
+
 from conftest import SCALE, ws_url
+from gateway import cli
+from gateway import config as cfg
+from gateway.config import ConfigError
+from gateway.engines.base import EngineUnavailable
+from gateway.engines.kafka_security import KafkaSecurity
 from support.kafka_broker import KafkaBroker, free_port
 from support.kafka_cluster import (
     SASL_USERS,
@@ -32,12 +38,6 @@ from support.kafka_cluster import (
 )
 from support.waits import wait_until
 from support.ws import connected, recv, recv_until, send
-
-from gateway import cli
-from gateway import config as cfg
-from gateway.config import ConfigError
-from gateway.engines.base import EngineUnavailable
-from gateway.engines.kafka_security import KafkaSecurity
 
 WAIT = 10.0 * SCALE
 USER, PASSWORD = "alice", SASL_USERS["alice"]
