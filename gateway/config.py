@@ -98,6 +98,8 @@ class Config:
         "help": "Kafka: deepest recovery read from Kafka itself, in records"})
     kafka_fetch_wait_ms: int = field(default=5, metadata={
         "help": "Kafka: fetch long-poll wait; keep it small on brokers whose fetch does not wake on new data"})
+    kafka_linger_ms: int = field(default=0, metadata={
+        "help": "Kafka: producer linger before a batch of publishes is sent"})
     kafka_idempotence: str = field(default="auto", metadata={
         "help": "Kafka: idempotent producer: on, off, or auto (try, fall back to acks=all without it)"})
     kafka_publish_timeout_ms: int = field(default=5000, metadata={
@@ -126,7 +128,7 @@ FIELDS = {f.name: f for f in fields(Config)}
 _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message_bytes", "max_pending_bytes",
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
              "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments", "max_queued_pongs", "history_total_bytes"}
-_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unreachable_ms", "max_connections",
+_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "kafka_linger_ms", "healthz_unreachable_ms", "max_connections",
                  "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s"}
 _LISTS = {"topics", "allowed_origins"}
 # Given but empty is an error for these, never "not set" (an empty GATEWAY_JWT_SECRET must not turn auth off).
