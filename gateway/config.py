@@ -96,10 +96,15 @@ class Config:
         "help": "Kafka: records read back per partition at start (snapshots, recovery window)"})
     max_recovery_records: int = field(default=100000, metadata={
         "help": "Kafka: deepest recovery read from Kafka itself, in records"})
-    kafka_fetch_wait_ms: int = field(default=5, metadata={
-        "help": "Kafka: fetch long-poll wait; keep it small on brokers whose fetch does not wake on new data"})
+    kafka_fetch_wait_ms: int = field(default=500, metadata={
+        "help": "Kafka: fetch long-poll wait. Apache Kafka answers a fetch as soon as a record arrives, so "
+                "this only sets how often an idle gateway asks: 500 (Kafka's own default) costs no latency "
+                "and a third of the idle broker CPU of 5 (BENCHMARKS.md). Brokers whose fetch does not "
+                "wake on new data (Tansu) need a small value, e.g. 5: it then bounds publish -> msg latency"})
     kafka_linger_ms: int = field(default=0, metadata={
-        "help": "Kafka: producer linger before a batch of publishes is sent"})
+        "help": "Kafka: producer linger before a batch of publishes is sent. 0: a publish goes out at once; "
+                "under load publishes still share batches (one request in flight per broker), and any "
+                "linger adds itself to publish -> ack and publish -> msg at low rates (BENCHMARKS.md)"})
     kafka_idempotence: str = field(default="auto", metadata={
         "help": "Kafka: idempotent producer: on, off, or auto (try, fall back to acks=all without it)"})
     kafka_publish_timeout_ms: int = field(default=5000, metadata={

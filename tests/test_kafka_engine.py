@@ -20,7 +20,7 @@ from gateway.engines import kafka_records
 from gateway.engines.base import EngineUnavailable, Record, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
 from gateway.subjects import parse_subject
-from support.kafka_broker import KafkaBroker, free_port, start_tansu
+from support.kafka_broker import KafkaBroker, free_port, start_tansu, tansu_fetch_wait
 
 from support.waits import wait_until  # noqa: E402
 
@@ -46,6 +46,8 @@ async def make_engine(kafka_broker: KafkaBroker) -> AsyncIterator[Make]:
         bootstrap = kw.pop("bootstrap", kafka_broker.bootstrap)
         kw.setdefault("idempotence", kafka_broker.idempotence)
         kw.setdefault("metadata_refresh_s", 0.2)
+        for key, value in tansu_fetch_wait().items():
+            kw.setdefault(key, value)
         engine = KafkaEngine(bootstrap, topics, **kw)
         got: list[Record] = []
         engine.bind(got.append)
@@ -311,7 +313,7 @@ async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
     async with kafka_broker.behind_proxy() as net:
         broker = net.broker   # direct access, around the proxies
         engine = KafkaEngine(net.bootstrap, [t], idempotence=broker.idempotence, publish_timeout=1.0,
-                             metadata_refresh_s=0.2)
+                             metadata_refresh_s=0.2, **tansu_fetch_wait())
         got: list[Record] = []
         engine.bind(got.append)
         direct = broker.direct_producer()
@@ -428,7 +430,8 @@ async def test_engine_hands_runs_to_the_hub(kafka_broker: KafkaBroker, topic) ->
 
     t = topic()
     await kafka_broker.create_topic(t, 2)
-    engine = KafkaEngine(kafka_broker.bootstrap, [t], idempotence=kafka_broker.idempotence, metadata_refresh_s=0.2)
+    engine = KafkaEngine(kafka_broker.bootstrap, [t], idempotence=kafka_broker.idempotence, metadata_refresh_s=0.2,
+                         **tansu_fetch_wait())
     hub = Hub(lambda s: engine.epoch(parse_subject(s)), 1000, 1 << 24)
     engine.bind(hub.deliver, hub, hub.deliver_run)
     await engine.start()

@@ -169,7 +169,7 @@ class KafkaEngine(Engine):
         bootstrap: str,
         topics: Sequence[str],
         *,
-        fetch_wait_ms: int = 5,
+        fetch_wait_ms: int = 500,
         linger_ms: int = 0,
         warmup_records: int = 10_000,
         max_recovery_records: int = 100_000,
