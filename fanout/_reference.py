@@ -21,7 +21,7 @@ from ._enums import CloseCode, WSState
 __all__ = [
     "OP_CONT", "OP_TEXT", "OP_BINARY", "OP_CLOSE", "OP_PING", "OP_PONG",
     "encode_frame", "encode_text", "encode_close",
-    "Ring", "Writer", "Conn", "Channel", "WSConn", "WSState", "CloseCode",
+    "Ring", "Writer", "Conn", "Channel", "WSConn", "WSState", "CloseCode", "publish_run",
 ]
 
 OP_CONT = 0x0
@@ -657,6 +657,46 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel conns={len(self._conns)}>"
+
+
+# ---- _msgs: msg frames of a run of one subject's records -------------------------------------------
+
+#: each ASCII byte inside a JSON string as orjson writes it (DEL stays as it is)
+_JSON_ASCII = [bytes([c]) if c >= 0x20 else b"\\u%04x" % c for c in range(128)]
+for _c, _e in ((0x22, b'\\"'), (0x5C, b"\\\\"), (0x08, b"\\b"), (0x09, b"\\t"), (0x0A, b"\\n"), (0x0C, b"\\f"),
+               (0x0D, b"\\r")):
+    _JSON_ASCII[_c] = _e
+
+
+def publish_run(ring: Ring, channel: Channel, head: bytes, epoch: bytes, records: list[Any], start: int,
+                prev: int, now_ms: int, content_member: Callable[[bytes], bytes],
+                entry_overhead: int = 0) -> tuple[int, int]:
+    """Twin of fanout._msgs.publish_run: encode, keep and publish records[start:] (see there)."""
+    if not isinstance(ring, Ring) or not isinstance(channel, Channel):
+        raise TypeError("publish_run needs a Ring and a Channel")
+    if not isinstance(head, bytes) or not isinstance(epoch, bytes) or not isinstance(records, list):
+        raise TypeError("head and epoch must be bytes, records a list")
+    before = ring._nbytes + len(ring._entries) * entry_overhead
+    deliveries = 0
+    for r in records[max(0, start):]:
+        seq = r.offset + 1
+        ts = now_ms if r.timestamp is None or r.timestamp < 0 else r.timestamp
+        content = b"" if r.value is None else r.value
+        if not isinstance(content, bytes):
+            raise TypeError(f"record value must be bytes, not {type(content).__name__}")
+        if content.isascii():
+            member = b'"content":"' + b"".join([_JSON_ASCII[c] for c in content]) + b'"'
+        else:
+            member = content_member(content)
+            if not isinstance(member, bytes):
+                raise TypeError("content_member must return bytes")
+        payload = (head + member + b',"epoch":"' + epoch + b'","seq":' + b"%d" % seq
+                   + (b',"prev":%d' % prev if prev >= 0 else b"") + b',"ts":%d}' % ts)
+        frame = encode_text(payload)
+        ring._append(seq, prev, ts, frame)
+        deliveries += channel.publish(frame)
+        prev = seq
+    return ring._nbytes + len(ring._entries) * entry_overhead - before, deliveries
 
 
 def _valid_peer_code(code: int) -> bool:

@@ -107,8 +107,15 @@ class Config:
         "help": "Kafka: records read back per partition at start (snapshots, recovery window)"})
     max_recovery_records: int = field(default=100000, metadata={
         "help": "Kafka: deepest recovery read from Kafka itself, in records"})
-    kafka_fetch_wait_ms: int = field(default=5, metadata={
-        "help": "Kafka: fetch long-poll wait; keep it small on brokers whose fetch does not wake on new data"})
+    kafka_fetch_wait_ms: int = field(default=500, metadata={
+        "help": "Kafka: fetch long-poll wait. Apache Kafka answers a fetch as soon as a record arrives, so "
+                "this only sets how often an idle gateway asks: 500 (Kafka's own default) costs no latency "
+                "and a third of the idle broker CPU of 5 (BENCHMARKS.md). Brokers whose fetch does not "
+                "wake on new data (Tansu) need a small value, e.g. 5: it then bounds publish -> msg latency"})
+    kafka_linger_ms: int = field(default=0, metadata={
+        "help": "Kafka: producer linger before a batch of publishes is sent. 0: a publish goes out at once; "
+                "under load publishes still share batches (one request in flight per broker), and any "
+                "linger adds itself to publish -> ack and publish -> msg at low rates (BENCHMARKS.md)"})
     kafka_idempotence: str = field(default="auto", metadata={
         "help": "Kafka: idempotent producer: on, off, or auto (try, fall back to acks=all without it)"})
     kafka_publish_timeout_ms: int = field(default=5000, metadata={
@@ -168,9 +175,9 @@ _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message
              "max_inflight_publishes", "connect_timeout_ms", "max_recovery_records", "kafka_publish_timeout_ms",
              "kafka_metadata_refresh_ms", "max_subscriptions", "handshake_timeout_ms", "max_fragments",
              "max_queued_pongs", "history_total_bytes", "coalesce_min_conns"}
-_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "healthz_unreachable_ms", "max_connections",
-                 "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms", "jwt_max_lifetime_s",
-                 "coalesce_us"}
+_NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "kafka_linger_ms", "healthz_unreachable_ms",
+                 "max_connections", "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms",
+                 "jwt_max_lifetime_s", "coalesce_us"}
 _LISTS = {"topics", "allowed_origins"}
 #: the settings of gateway/engines/kafka_security.py (also demo-feed's, with --kafka)
 KAFKA_SECURITY = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",

@@ -344,6 +344,16 @@ def content_fields(content: bytes) -> dict[str, str]:
         return {"content_b64": base64.b64encode(content).decode("ascii")}
 
 
+def msg_head(subject: str) -> bytes:
+    """What every `msg` payload of `subject` starts with (fanout.publish_run adds the rest, as msg())."""
+    return b'{"op":"msg","subject":' + orjson.dumps(subject) + b","
+
+
+def content_member(content: bytes) -> bytes:
+    """The `"content":...` (or `"content_b64":...`) member of a `msg` payload, as msg() writes it."""
+    return orjson.dumps(content_fields(content))[1:-1]
+
+
 def msg(record: Record, *, snapshot: bool = False) -> bytes:
     """The `msg` payload of a record: encoded once per message, shared by every subscriber."""
     obj: dict[str, Any] = {"op": "msg", "subject": record.subject}

@@ -47,6 +47,7 @@ def make_engine(config: Config) -> Engine:
         return KafkaEngine(
             config.kafka, config.topics,
             fetch_wait_ms=config.kafka_fetch_wait_ms,
+            linger_ms=config.kafka_linger_ms,
             warmup_records=config.warmup_records,
             max_recovery_records=config.max_recovery_records,
             idempotence=idem,
@@ -86,7 +87,7 @@ class Gateway:
         self.node_id: str = config.node_id or "gateway"
         self.engine = engine or make_engine(config)
         self.hub = Hub(self._epoch_of, config.history, config.history_bytes, config.history_total_bytes)
-        self.engine.bind(self.hub.deliver, self.hub)
+        self.engine.bind(self.hub.deliver, self.hub, self.hub.deliver_run)
         self.auth = make_authenticator(config)
         if not self.auth.enabled:
             log.warning("auth is off: no --jwt-secret or --jwt-public-key, every client may subscribe and "

@@ -20,7 +20,7 @@ run mypy "$bin/mypy" --no-incremental --cache-dir=/dev/null
 # stubtest imports the modules: from a directory that is not the checkout (which has no compiled modules);
 # it reads the .pyi stubs installed next to them, the same files as the checkout's (the wheel carries them)
 run stubtest bash -c "cd / && '$bin/python' -m mypy.stubtest --mypy-config-file '$root/pyproject.toml' \
-    fanout._frame fanout._ring fanout._writer fanout._ws"
+    fanout._frame fanout._ring fanout._writer fanout._ws fanout._msgs"
 # cython-lint runs pycodestyle from PATH
 run cython-lint env PATH="$bin:$PATH" "$bin/cython-lint" "$root"/fanout/*.pyx "$root"/fanout/*.pxd
 if ((${#failed[@]})); then

@@ -60,18 +60,19 @@ PATH="$ci/build-venv/bin:$PATH" auditwheel repair --wheel-dir "$ci/wheelhouse" "
     >"$ci/auditwheel.log" 2>&1 || { cat "$ci/auditwheel.log"; echo "scripts/test.sh: auditwheel failed" >&2; exit 1; }
 sdist=$(echo "$ci"/dist/*.tar.gz)
 wheel=$(echo "$ci"/wheelhouse/*.whl)
-# the wheel holds the four compiled modules and no C; the sdist the Cython sources and no C
+# the wheel holds the five compiled modules and no C; the sdist the Cython sources and no C
 "$ci/build-venv/bin/python" - "$wheel" "$sdist" <<'PY'
 import sys, tarfile, zipfile
 wheel, sdist = sys.argv[1:]
 names = zipfile.ZipFile(wheel).namelist()
-for mod in ("_frame", "_ring", "_writer", "_ws"):
+for mod in ("_frame", "_ring", "_writer", "_ws", "_msgs"):
     assert [n for n in names if n.startswith(f"fanout/{mod}.") and n.endswith(".so")], (mod, wheel)
 assert not [n for n in names if n.endswith(".c")], wheel
 assert "manylinux" in wheel, wheel
 members = [m.split("/", 1)[-1] for m in tarfile.open(sdist).getnames()]
-for mod in ("_frame", "_ring", "_writer", "_ws"):
-    assert {f"fanout/{mod}.{ext}" for ext in ("pyx", "pxd", "pyi")} <= set(members), (mod, sdist)
+for mod in ("_frame", "_ring", "_writer", "_ws", "_msgs"):
+    exts = ("pyx", "pyi") if mod == "_msgs" else ("pyx", "pxd", "pyi")   # _msgs declares nothing to cimport
+    assert {f"fanout/{mod}.{ext}" for ext in exts} <= set(members), (mod, sdist)
 assert not [m for m in members if m.endswith(".c")], sdist
 PY
 echo "scripts/test.sh: built ${sdist##*/} and ${wheel##*/} ($((SECONDS - started)) s)"

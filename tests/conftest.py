@@ -44,6 +44,9 @@ async def gateway_factory() -> AsyncIterator[Any]:
     async def make(engine: Any = None, **settings: Any) -> Gateway:
         settings.setdefault("port", 0)
         settings.setdefault("node_id", f"test-{len(started)}")
+        if settings.get("kafka"):
+            for key, value in tansu_fetch_wait().items():   # a short fetch wait on Tansu only
+                settings.setdefault("kafka_" + key, value)
         gw = Gateway(validate(Config(**settings)), engine=engine)
         await gw.start()
         started.append(gw)
@@ -78,6 +81,6 @@ async def gateway_processes() -> AsyncIterator[list[Any]]:
 
 # One Kafka-protocol broker per session (Tansu started on a free port, or KAFKA_BOOTSTRAP): only the
 # tests that ask for it start it. Each test gives its topics names of its own.
-from support.kafka_broker import kafka_broker_fixture  # noqa: E402
+from support.kafka_broker import kafka_broker_fixture, tansu_fetch_wait  # noqa: E402
 
 kafka_broker = pytest.fixture(scope="session")(kafka_broker_fixture)

@@ -18,7 +18,7 @@ import fanout
 import gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILED_MODULES = ("_frame", "_ring", "_writer", "_ws")
+COMPILED_MODULES = ("_frame", "_ring", "_writer", "_ws", "_msgs")
 INSTALLED = os.environ.get("GATEWAY_TEST_INSTALLED") == "1"
 
 
@@ -36,7 +36,8 @@ def test_fanout_runs_the_implementation_asked_for() -> None:
         assert all(_is_extension(name) for name in COMPILED_MODULES)
         # what the package exports is the compiled classes, not only importable next to them
         assert (fanout.Writer.__module__, fanout.Ring.__module__, fanout.WSConn.__module__,
-                fanout.encode_text.__module__) == ("fanout._writer", "fanout._ring", "fanout._ws", "fanout._frame")
+                fanout.encode_text.__module__, fanout.publish_run.__module__) == (
+            "fanout._writer", "fanout._ring", "fanout._ws", "fanout._frame", "fanout._msgs")
 
 
 @pytest.mark.skipif(not INSTALLED, reason="scripts/test.sh sets GATEWAY_TEST_INSTALLED=1 (a venv with the wheel)")

@@ -12,14 +12,16 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
+from gateway.engines import kafka_records
 from gateway.engines.base import EngineUnavailable, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
 from gateway.records import Record
 from gateway.subjects import parse_subject
-from support.kafka_broker import KafkaBroker, free_port, start_tansu
+from support.kafka_broker import KafkaBroker, free_port, start_tansu, tansu_fetch_wait
 from support.waits import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.kafka
@@ -44,6 +46,8 @@ async def make_engine(kafka_broker: KafkaBroker) -> AsyncIterator[Make]:
         bootstrap = kw.pop("bootstrap", kafka_broker.bootstrap)
         kw.setdefault("idempotence", kafka_broker.idempotence)
         kw.setdefault("metadata_refresh_s", 0.2)
+        for key, value in tansu_fetch_wait().items():
+            kw.setdefault(key, value)
         engine = KafkaEngine(bootstrap, topics, **kw)
         got: list[Record] = []
         engine.bind(got.append)
@@ -310,7 +314,7 @@ async def test_outage_through_proxy(kafka_broker: KafkaBroker, topic) -> None:
     async with kafka_broker.behind_proxy() as net:
         broker = net.broker   # direct access, around the proxies
         engine = KafkaEngine(net.bootstrap, [t], idempotence=broker.idempotence, publish_timeout=1.0,
-                             metadata_refresh_s=0.2)
+                             metadata_refresh_s=0.2, **tansu_fetch_wait())
         got: list[Record] = []
         engine.bind(got.append)
         direct = broker.direct_producer()
@@ -377,3 +381,83 @@ async def test_start_without_broker_raises_unavailable() -> None:
     with pytest.raises(EngineUnavailable):
         await engine.publish(parse_subject("/t/x"), b"x")
     await engine.stop()
+
+
+def test_raw_records_hook_fits_this_aiokafka() -> None:
+    """The reader's shortcut around ConsumerRecord leans on aiokafka internals (kafka_records): it must
+    install on every aiokafka version pyproject allows, or the gateway silently reads slower."""
+    from aiokafka.consumer import fetcher
+
+    assert kafka_records.install()
+    assert fetcher.PartitionRecords is kafka_records._PartitionRecords
+
+
+async def test_raw_records_match_consumer_records(kafka_broker: KafkaBroker, topic) -> None:
+    """A consumer with key_deserializer=raw_records reads the same offsets, keys, values and timestamps
+    as a plain one (which still gets ConsumerRecords), null key and value included."""
+    from aiokafka.structs import ConsumerRecord, TopicPartition
+
+    assert kafka_records.install()
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    items: list[tuple[bytes | None, bytes | None]] = [(b"a", b"1"), (None, b"2"), (b"b", None), (b"a", b"x" * 5000)]
+    metas = await produce(kafka_broker, t, items, partition=0)
+    got: dict[str, list[Any]] = {}
+    for name, kw in (("plain", {}), ("raw", {"key_deserializer": kafka_records.raw_records})):
+        consumer = kafka_broker.consumer(**kw)
+        await consumer.start()
+        try:
+            tp = TopicPartition(t, 0)
+            consumer.assign([tp])
+            consumer.seek(tp, 0)
+            records: list[Any] = []
+            for _ in range(200):
+                if len(records) >= len(items):
+                    break
+                for rs in (await consumer.getmany(timeout_ms=50)).values():
+                    records.extend(rs)
+            assert await consumer.position(tp) == len(items)
+        finally:
+            await consumer.stop()
+        got[name] = records
+    assert all(isinstance(r, ConsumerRecord) for r in got["plain"])
+    assert not any(isinstance(r, ConsumerRecord) for r in got["raw"])
+    fields = [[(r.offset, r.key, r.value, r.timestamp) for r in got[name]] for name in ("plain", "raw")]
+    assert fields[0] == fields[1] == [(m.offset, k, v, m.timestamp) for m, (k, v) in zip(metas, items)]
+
+
+async def test_engine_hands_runs_to_the_hub(kafka_broker: KafkaBroker, topic) -> None:
+    """Bound as the server binds it (deliver_run), interleaved subjects of one partition reach the hub
+    with their own seq/prev chains, in order, each once; a sentinel last proves nothing more comes."""
+    from gateway.hub import Hub
+
+    t = topic()
+    await kafka_broker.create_topic(t, 2)
+    engine = KafkaEngine(kafka_broker.bootstrap, [t], idempotence=kafka_broker.idempotence, metadata_refresh_s=0.2,
+                         **tansu_fetch_wait())
+    hub = Hub(lambda s: engine.epoch(parse_subject(s)), 1000, 1 << 24)
+    engine.bind(hub.deliver, hub, hub.deliver_run)
+    await engine.start()
+    try:
+        keys = [b"k%d" % i for i in range(5)]
+        metas = await produce(kafka_broker, t, [(keys[i % 5], b"v%d" % i) for i in range(60)])
+        sentinel = await engine.publish(parse_subject(f"/{t}/k0"), b"sentinel")
+        await wait_until(lambda: hub.position(f"/{t}/k0") == sentinel, "the sentinel in the hub")
+        await wait_until(lambda: all(hub.position(f"/{t}/{k.decode()}") is not None for k in keys), "every subject")
+        for k in keys:
+            subject = f"/{t}/{k.decode()}"
+            mine = [m for i, m in enumerate(metas) if keys[i % 5] == k]
+            seqs = [m.offset + 1 for m in mine] + ([sentinel[1]] if k == b"k0" else [])
+            st_ = hub.get(subject)
+            assert st_ is not None and st_.ring is not None
+            frames = st_.ring.since(0)
+            assert frames is not None
+            msgs = [orjson.loads(f[2:] if f[1] < 126 else f[4:]) for f in frames]
+            assert [m["seq"] for m in msgs] == seqs
+            assert [m["prev"] for m in msgs] == [0, *seqs[:-1]]
+            assert {m["epoch"] for m in msgs} == {engine.epoch(parse_subject(subject))}
+            assert [m["content"] for m in msgs[:len(mine)]] == [f"v{keys.index(k) + 5 * i}" for i in range(12)]
+        assert hub.stats.records == 61 and hub.stats.duplicates == 0
+        assert engine.stats()["records_consumed"] == 61
+    finally:
+        await engine.stop()

@@ -26,7 +26,7 @@ from conftest import SCALE, ws_url
 from gateway.client import Client, Message
 from gateway.engines.kafka import partition_for_key
 from gateway.subjects import parse_subject
-from support.kafka_broker import KafkaBroker, free_port
+from support.kafka_broker import KafkaBroker, free_port, tansu_fetch_wait
 from support.waits import wait_until  # noqa: E402
 from support.ws import close_code, connected, open_ws, recv, recv_until, send
 
@@ -144,7 +144,8 @@ class GatewayProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--kafka", broker.bootstrap,
                  "--topics", ",".join(topics), "--port", str(self.port), "--node-id", node_id,
-                 "--kafka-idempotence", idem(broker), "--log-level", "warning", *extra],
+                 "--kafka-idempotence", idem(broker), "--log-level", "warning",
+                 *(f"--kafka-{k.replace('_', '-')}={v}" for k, v in tansu_fetch_wait().items()), *extra],
                 # not the checkout: the installed package (with its compiled fanout) must run
                 cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 

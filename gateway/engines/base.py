@@ -30,6 +30,9 @@ class UnknownTopic(Exception):
 
 
 Sink = Callable[[Record], None]
+#: The batch sink (Hub.deliver_run): (subject, epoch, records of that subject in offset order with
+#: .offset/.value/.timestamp, seq of the subject's message before the first (0 none, None unknown), now in ms)
+RunSink = Callable[[str, str, list[Any], "int | None", int], None]
 
 
 class Held(Protocol):
@@ -58,12 +61,15 @@ class Engine(abc.ABC):
     def __init__(self) -> None:
         self._sink: Sink | None = None
         self._held: Held | None = None
+        self._run_sink: RunSink | None = None
 
-    def bind(self, sink: Sink, held: Held | None = None) -> None:
+    def bind(self, sink: Sink, held: Held | None = None, run_sink: RunSink | None = None) -> None:
         """Set where sequenced records go (the hub's deliver) and what the hub holds. Called once,
-        before start()."""
+        before start(). An engine that reads records in batches hands them to `run_sink` (the hub's
+        deliver_run), one run per subject, when given, instead of a Record each to `sink`."""
         self._sink = sink
         self._held = held
+        self._run_sink = run_sink
 
     @abc.abstractmethod
     async def start(self) -> None:

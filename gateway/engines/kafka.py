@@ -3,7 +3,9 @@
     publish(/T/k) -> producer, acks=all, key "k" (murmur2 partition) or keyless -> partition 0
                   -> (epoch of the partition, offset + 1)
     consumer      -> manual assign of EVERY partition of the served topics (no group, no commits)
-                  -> sink(Record) per record, in offset order per partition, seq = offset + 1
+                  -> per fetched batch of a partition, grouped by subject: the hub's deliver_run once
+                     per subject (records in offset order, seq = offset + 1; subjects of one batch
+                     in order of their first record), or sink(Record) per record in offset order
     metadata      -> refreshed periodically: new topics and partitions are assigned; a recreated
                      topic (new topic id) gets a new epoch and is read from its start
     replay()      -> a short-lived consumer: assign + seek, read the range, keep the subject's key
@@ -21,6 +23,7 @@ import asyncio
 import bisect
 import hashlib
 import logging
+import operator
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,6 +47,7 @@ from aiokafka.protocol.types import Boolean, CompactArray, CompactString, Int16,
 from aiokafka.structs import TopicPartition
 
 from ..subjects import Subject, subject_for_record
+from . import kafka_records
 from .base import Engine, EngineUnavailable, Record, UnknownTopic
 from .kafka_security import KafkaSecurity, explain, probe
 
@@ -58,6 +62,7 @@ _SUBJECT_CACHE_MAX = 100_000
 #: keys must not grow the engine without limit; a subject not remembered gets prev unknown (absent)
 _LAST_SEQS_MAX = 200_000
 _UNKNOWN_TOPIC_OR_PARTITION = 3
+_by_seq = operator.attrgetter("seq")
 #: publish -> ack latency histogram bounds (seconds); acks=all on a healthy cluster is a few ms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, RequestTimedOutError, KafkaTimeoutError, TimeoutError)
@@ -165,7 +170,8 @@ class KafkaEngine(Engine):
         bootstrap: str,
         topics: Sequence[str],
         *,
-        fetch_wait_ms: int = 5,
+        fetch_wait_ms: int = 500,
+        linger_ms: int = 0,
         warmup_records: int = 10_000,
         max_recovery_records: int = 100_000,
         idempotence: bool | None = None,
@@ -184,6 +190,7 @@ class KafkaEngine(Engine):
         self._client_options = self._security.client_options()
         self._served = frozenset(topics)
         self._fetch_wait_ms = fetch_wait_ms
+        self._linger_ms = linger_ms
         self._warmup = max(0, warmup_records)
         self._max_recovery = max_recovery_records
         self._idempotence = idempotence
@@ -260,11 +267,12 @@ class KafkaEngine(Engine):
 
         await self._start_producer()
 
+        kafka_records.install()   # getmany() then returns aiokafka's decoded records (see there)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id, group_id=None,
             enable_auto_commit=False, auto_offset_reset="earliest",
             fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS,
-            **self._client_options)
+            key_deserializer=kafka_records.raw_records, **self._client_options)
         await self._consumer.start()
 
         # Warmup: the last `warmup_records` of each partition fill the hub's history. The end offset
@@ -321,7 +329,7 @@ class KafkaEngine(Engine):
         # its publisher was told `unavailable`, instead of landing long after.
         return AIOKafkaProducer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id, acks="all",
-            enable_idempotence=idempotent, linger_ms=0,
+            enable_idempotence=idempotent, linger_ms=self._linger_ms,
             request_timeout_ms=max(1000, int(self._publish_timeout * 1000)), **self._client_options)
 
     async def stop(self) -> None:
@@ -583,28 +591,52 @@ class KafkaEngine(Engine):
         log.debug("Kafka consumer assigned %d partitions", len(self._parts))
 
     def _deliver(self, tp: TopicPartition, records: list[Any]) -> None:
+        """Hand one fetched batch of a partition (offsets increasing) to the sink, grouped by subject:
+        the key is decoded, the subject mapped and its prev looked up once per subject and batch, and
+        with a run sink (the hub) the per-record work is fanout's loop. Records of one subject keep
+        their offset order; records of different subjects of one batch may be handed over in another
+        order (they are independent streams)."""
         p = self._parts.get(tp)
-        if p is None:   # unassigned meanwhile
+        if p is None or not records:   # unassigned meanwhile
             return
-        if p.next is None and records:   # found after start: the consumer began at its log start
+        if p.next is None:   # found after start: the consumer began at its log start
             p.next, p.complete = records[0].offset, True
-        sink = self._sink
         n = self._n
+        nxt = p.next
+        if records[0].offset < nxt:   # already handed over (a reset to an earlier offset)
+            start = 1
+            while start < len(records) and records[start].offset < nxt:
+                start += 1
+            n["records_duplicate"] += start
+            if start == len(records):
+                return
+            records = records[start:]
+        count = len(records)
+        first, end = records[0].offset, records[-1].offset
+        if first > nxt:   # compaction, transaction markers, or retention while away
+            n["offset_gaps"] += 1
+        if end - first + 1 != count:   # holes inside the batch
+            n["offset_gaps"] += sum(1 for i in range(1, count) if records[i].offset > records[i - 1].offset + 1)
+        p.next = end + 1
+        p.consumed += count
+
+        groups: dict[bytes | None, list[Any]] = {}
+        get = groups.get
+        for r in records:
+            group = get(r.key)
+            if group is None:
+                groups[r.key] = [r]
+            else:
+                group.append(r)
+
+        sink, run_sink = self._sink, self._run_sink
         cache = self._subjects
         topic = tp.topic
         last = p.last
         last_max = max(1024, _LAST_SEQS_MAX // max(1, len(self._parts)))
-        p.consumed += len(records)
-        for r in records:
-            offset = r.offset
-            if offset < p.next:   # already handed over (a reset to an earlier offset)
-                n["records_duplicate"] += 1
-                p.consumed -= 1
-                continue
-            if offset > p.next:   # compaction, transaction markers, or retention while away
-                n["offset_gaps"] += 1
-            p.next = offset + 1
-            key = r.key
+        now_ms = int(time.time() * 1000)
+        out: list[Record] = []
+        for key, group in groups.items():
             ck = (topic, key)
             if ck in cache:
                 subject = cache[ck]
@@ -613,15 +645,14 @@ class KafkaEngine(Engine):
                     cache.clear()
                 subject = cache[ck] = subject_for_record(topic, key)
             if subject is None:
-                n["records_skipped_bad_key"] += 1
+                n["records_skipped_bad_key"] += len(group)
                 continue
             if key is None and tp.partition != 0:
-                n["records_skipped_keyless"] += 1
+                n["records_skipped_keyless"] += len(group)
                 continue
-            seq = offset + 1
             text = subject.text
             prev = last.get(text)
-            last[text] = seq
+            last[text] = group[-1].offset + 1
             if prev is not None:
                 last.move_to_end(text)
             else:
@@ -630,15 +661,30 @@ class KafkaEngine(Engine):
                 if len(last) > last_max:
                     last.popitem(last=False)
                     p.complete = False
-            ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else int(time.time() * 1000)
-            n["records_consumed"] += 1
+            n["records_consumed"] += len(group)
+            if run_sink is not None:
+                try:
+                    run_sink(text, p.epoch, group, prev, now_ms)
+                except Exception:  # noqa: BLE001 - one bad record must not stop the partition
+                    n["sink_errors"] += 1
+                    log.exception("sink failed on %s seqs %d..%d", text, group[0].offset + 1, group[-1].offset + 1)
+                continue
             if sink is None:
                 continue
-            try:
-                sink(Record(text, r.value if r.value is not None else b"", p.epoch, seq, prev, ts))
-            except Exception:  # noqa: BLE001 - one bad record must not stop the partition
-                n["sink_errors"] += 1
-                log.exception("sink failed on %s seq %d", text, seq)
+            for r in group:
+                seq = r.offset + 1
+                ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else now_ms
+                out.append(Record(text, r.value if r.value is not None else b"", p.epoch, seq, prev, ts))
+                prev = seq
+        if out:   # a Record sink gets the partition's records in offset order, across subjects too
+            assert sink is not None
+            out.sort(key=_by_seq)
+            for rec in out:
+                try:
+                    sink(rec)
+                except Exception:  # noqa: BLE001 - one bad record must not stop the partition
+                    n["sink_errors"] += 1
+                    log.exception("sink failed on %s seq %d", rec.subject, rec.seq)
 
     async def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
         for tp, target in list(self._waiting.items()):

@@ -280,6 +280,13 @@ def start_tansu(port: int | None = None, *, advertised_port: int | None = None,
     return broker
 
 
+def tansu_fetch_wait() -> dict[str, int]:
+    """Engine settings for the broker under test: Tansu's fetch does not wake on new data, so with it
+    (KAFKA_TEST_BROKER=tansu) the fetch long-poll must be short; on Apache Kafka the gateway's default
+    (chosen for it, BENCHMARKS.md) is used. `fetch_wait_ms` for KafkaEngine(...) keyword arguments."""
+    return {"fetch_wait_ms": 5} if os.environ.get("KAFKA_TEST_BROKER") == "tansu" else {}
+
+
 def external_broker() -> KafkaBroker | None:
     """The cluster named by KAFKA_BOOTSTRAP, if set."""
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
