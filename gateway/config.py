@@ -109,7 +109,7 @@ class Config:
         "help": "Kafka: deepest recovery read from Kafka itself, in records"})
     kafka_fetch_wait_ms: int = field(default=500, metadata={
         "help": "Kafka: fetch long-poll wait. Apache Kafka answers a fetch as soon as a record arrives, so "
-                "this only sets how often an idle gateway asks: 500 (Kafka's own default) costs no latency "
+                "this only sets how often an idle gateway asks: 500 (as in Kafka's own consumers) costs no latency "
                 "and a third of the idle broker CPU of 5 (BENCHMARKS.md). Brokers whose fetch does not "
                 "wake on new data (Tansu) need a small value, e.g. 5: it then bounds publish -> msg latency"})
     kafka_linger_ms: int = field(default=0, metadata={
