@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -112,6 +113,25 @@ class Child:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def stop_children(children: list[Child | None]) -> None:
+    """Orchestrator side: Child.stop() each child in turn (None: one that was never started)."""
+    for child in children:
+        if child is not None:
+            child.stop()
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Orchestrator side: send `sig` to a process this script started, wait up to `grace` s for it to
+    exit, then SIGKILL it (by its pid) if it is still there."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def cpu_model() -> str:

@@ -48,7 +48,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -61,9 +60,18 @@ ROOT = os.path.dirname(HERE)
 LOAD = os.path.join(HERE, "load")
 sys.path[:0] = [HERE, LOAD]
 import loadgen  # noqa: E402 (after the sys.path insert above)
-from loadgen import Control, gateway_cpu, gateway_rss, percentiles_ms  # noqa: E402 (after the sys.path insert above)
+from loadgen import (  # noqa: E402 (after the sys.path insert above)
+    Control,
+    await_run,
+    connect_progress,
+    gateway_cpu,
+    gateway_rss,
+    mqtt_packet,
+    percentiles_ms,
+    ws_client_frame,
+)
 
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply  # noqa: E402 (after the sys.path insert above)
+from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply, stop_children, stop_process  # noqa: E402 (after the sys.path insert above)
 
 HOST = "127.0.0.1"
 PEERS = ("gateway", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
@@ -114,27 +122,6 @@ def _payload(ns: int, seq: int, size: int) -> bytes:
     return (head + "x" * max(0, size - len(head))).encode()
 
 
-def _ws_frame(payload: bytes, opcode: int = 1) -> bytes:
-    """Masked client frame, mask key 0 (the payload bytes stay as they are)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
-
-
-def _mqtt_packet(first: int, body: bytes) -> bytes:
-    n, rl = len(body), bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        rl.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes([first]) + bytes(rl) + body
-
-
 def _mqtt_str(s: str) -> bytes:
     b = s.encode()
     return len(b).to_bytes(2, "big") + b
@@ -164,6 +151,15 @@ class _Pacer:
         return time.monotonic() - t0
 
 
+def _await_pacer(ctl: Control) -> tuple[_Pacer, str, float] | None:
+    """loadgen.await_run, then what its "run" command asks for: the pacer, the subject prefix and how long
+    to wait for the server's confirmation at the end (None: told to quit)."""
+    cmd = await_run(ctl)
+    if cmd is None:
+        return None
+    return _Pacer(cmd["rate"], cmd["seconds"], cmd["subjects"], cmd["size"]), cmd["prefix"], cmd["ack_timeout"]
+
+
 def _recv_into(sock: socket.socket, buf: bytearray, timeout: float) -> bool:
     sock.settimeout(timeout)
     try:
@@ -179,9 +175,7 @@ def _recv_into(sock: socket.socket, buf: bytearray, timeout: float) -> bool:
 def role_nats_publisher() -> None:
     """NATS over WebSocket: CONNECT, PUB ... ; at the end PING -> PONG (the server has read every PUB)."""
     ctl = Control()
-    cfg = None
-    while cfg is None:
-        cfg = ctl.poll(60)
+    cfg = ctl.next(60)
     sock = socket.create_connection((HOST, cfg["port"]), timeout=10)
     sock.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}:{cfg['port']}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
@@ -191,7 +185,7 @@ def role_nats_publisher() -> None:
     if not head.startswith(b"HTTP/1.1 101"):
         raise ConnectionError(f"upgrade refused: {head[:200]!r}")
     rest = bytearray(head.split(b"\r\n\r\n", 1)[1])
-    sock.sendall(_ws_frame(b'CONNECT {"verbose":false,"pedantic":false,"name":"publisher"}\r\n'))
+    sock.sendall(ws_client_frame(b'CONNECT {"verbose":false,"pedantic":false,"name":"publisher"}\r\n'))
     stream = bytearray()
     errors: list[str] = []
     pongs = 0
@@ -214,24 +208,20 @@ def role_nats_publisher() -> None:
             line = bytes(stream[:i])
             del stream[:i + 2]
             if line == b"PING":
-                sock.sendall(_ws_frame(b"PONG\r\n"))
+                sock.sendall(ws_client_frame(b"PONG\r\n"))
             elif line == b"PONG":
                 pongs += 1
             elif line.startswith(b"-ERR"):
                 errors.append(line.decode(errors="replace"))
 
-    reply({"pid": os.getpid()})
-    cmd = None
-    while cmd is None:
-        cmd = ctl.poll(600)
-    if cmd["op"] != "run":
+    run = _await_pacer(ctl)
+    if run is None:
         return
-    pacer = _Pacer(cmd["rate"], cmd["seconds"], cmd["subjects"], cmd["size"])
-    prefix = cmd["prefix"]
+    pacer, prefix, ack_timeout = run
 
     def send(batch) -> None:
         sock.settimeout(30)
-        sock.sendall(b"".join(_ws_frame(f"PUB {prefix}{s} {len(p)}\r\n".encode() + p + b"\r\n")
+        sock.sendall(b"".join(ws_client_frame(f"PUB {prefix}{s} {len(p)}\r\n".encode() + p + b"\r\n")
                               for s, _, p in batch))
 
     def idle(seconds: float) -> None:
@@ -239,8 +229,8 @@ def role_nats_publisher() -> None:
             time.sleep(seconds)
 
     seconds = pacer.run(send, idle)
-    sock.sendall(_ws_frame(b"PING\r\n"))  # its PONG comes after every PUB before it was handled
-    deadline = time.monotonic() + cmd["ack_timeout"]
+    sock.sendall(ws_client_frame(b"PING\r\n"))  # its PONG comes after every PUB before it was handled
+    deadline = time.monotonic() + ack_timeout
     while not pongs and time.monotonic() < deadline:
         pump(0.2)
     reply({"sent": pacer.sent, "acked": pacer.sent if pongs else 0, "errors": len(errors) + (0 if pongs else 1),
@@ -253,13 +243,11 @@ def role_nats_publisher() -> None:
 def role_mqtt_publisher() -> None:
     """MQTT 3.1.1 over TCP at the given QoS; at QoS 1 every PUBACK is waited for, at QoS 0 one PINGRESP."""
     ctl = Control()
-    cfg = None
-    while cfg is None:
-        cfg = ctl.poll(60)
+    cfg = ctl.next(60)
     qos = cfg["qos"]
     sock = socket.create_connection((HOST, cfg["port"]), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(_mqtt_packet(0x10, b"\0\4MQTT\4\2\0\0" + _mqtt_str(f"pub-{os.getpid()}")))
+    sock.sendall(mqtt_packet(0x10, b"\0\4MQTT\4\2\0\0" + _mqtt_str(f"pub-{os.getpid()}")))
     buf = bytearray()
     while len(buf) < 4:
         _recv_into(sock, buf, 10)
@@ -281,23 +269,19 @@ def role_mqtt_publisher() -> None:
                 pingresp = True
             del buf[:2 + rl]
 
-    reply({"pid": os.getpid()})
-    cmd = None
-    while cmd is None:
-        cmd = ctl.poll(600)
-    if cmd["op"] != "run":
+    run = _await_pacer(ctl)
+    if run is None:
         return
-    pacer = _Pacer(cmd["rate"], cmd["seconds"], cmd["subjects"], cmd["size"])
-    prefix = cmd["prefix"]
+    pacer, prefix, ack_timeout = run
 
     def send(batch) -> None:
         out = []
         for s, _, p in batch:
             if qos:
                 pid = (pacer.sent - len(batch) + len(out)) % 65535 + 1
-                out.append(_mqtt_packet(0x32, _mqtt_str(f"{prefix}{s}") + pid.to_bytes(2, "big") + p))
+                out.append(mqtt_packet(0x32, _mqtt_str(f"{prefix}{s}") + pid.to_bytes(2, "big") + p))
             else:
-                out.append(_mqtt_packet(0x30, _mqtt_str(f"{prefix}{s}") + p))
+                out.append(mqtt_packet(0x30, _mqtt_str(f"{prefix}{s}") + p))
         sock.settimeout(30)
         sock.sendall(b"".join(out))
 
@@ -308,7 +292,7 @@ def role_mqtt_publisher() -> None:
             time.sleep(seconds)
 
     seconds = pacer.run(send, idle)
-    deadline = time.monotonic() + cmd["ack_timeout"]
+    deadline = time.monotonic() + ack_timeout
     if qos:
         while acked < pacer.sent and time.monotonic() < deadline:
             pump(0.2)
@@ -413,13 +397,7 @@ class Server:
             return fh.read()[-600:].decode(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.log.close()
 
 
@@ -466,14 +444,7 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
         for c in children:
             c.call({"op": "connect"})
         with tqdm(total=n, desc=f"{peer} connect", unit="conn", leave=False, disable=args.quiet) as bar:
-            while True:
-                prog = [c.call({"op": "progress"}) for c in children]
-                done = sum(p["ready"] + p["failed"] for p in prog)
-                bar.n = done
-                bar.refresh()
-                if done >= n or time.monotonic() > t0 + args.connect_timeout:
-                    break
-                time.sleep(0.1)
+            prog = connect_progress(children, n, bar, t0 + args.connect_timeout, 0.1)
         ready = sum(p["ready"] for p in prog)
         result["connect"] = {"ready": ready, "failed": sum(p["failed"] for p in prog),
                              "seconds": round(time.monotonic() - t0, 3),
@@ -548,10 +519,7 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
         result["failed"] = f"{type(exc).__name__}: {exc}; server log: {server.log_tail()}"
         return result
     finally:
-        if publisher is not None:
-            publisher.stop()
-        for c in children:
-            c.stop()
+        stop_children([publisher, *children])
         server.stop()
 
 

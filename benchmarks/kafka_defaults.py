@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from typing import Any
@@ -112,18 +111,7 @@ def main() -> int:
     parser.add_argument("--load", default="6000@2000", help="N@R: N publishes at R per second")
     parser.add_argument("--json", default=RESULTS_JSON)
     args = parser.parse_args()
-    try:
-        import uvloop
-        result = uvloop.run(run(args))
-    except ImportError:
-        result = asyncio.run(run(args))
-    print()
-    print(table(result))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwritten to {os.path.relpath(args.json, kl.ROOT)}")
-    return 0
+    return kl.run_and_write(run, table, args)
 
 
 if __name__ == "__main__":

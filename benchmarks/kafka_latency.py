@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +56,7 @@ sys.path[:0] = [os.path.join(ROOT, "tests")]  # tests/support: the Tansu broker 
 
 from aiokafka.structs import TopicPartition  # noqa: E402
 
-from _procs import machine_busy_seconds, require_installed_package  # noqa: E402
+from _procs import machine_busy_seconds, require_installed_package, stop_process  # noqa: E402
 from support.kafka_broker import (  # noqa: E402
     KafkaBroker,
     external_broker,
@@ -160,12 +161,7 @@ class GatewayProcess:
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)   # in case it is still paused
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process(self.proc)
         self.log.close()
         os.unlink(self.log.name)
 
@@ -493,13 +489,8 @@ def start_profiler(pid: int, out: str) -> subprocess.Popen[bytes] | None:
 
 
 def stop_profiler(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is not None and proc.poll() is None:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+    if proc is not None:
+        stop_process(proc, signal.SIGINT, 30)   # SIGINT: py-spy writes its flame graph
 
 
 async def throughput_round(broker: KafkaBroker, gw: GatewayProcess, topic: str, subs: list[RawSubscriber],
@@ -675,6 +666,23 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def run_and_write(run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+                  table: Callable[[dict[str, Any]], str], args: argparse.Namespace) -> int:
+    """A benchmark's main: run(args) on uvloop (asyncio without it), print table(result), write args.json."""
+    try:
+        import uvloop
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    print()
+    print(table(result))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwritten to {os.path.relpath(args.json, ROOT)}")
+    return 0
+
+
 def main() -> int:
     require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -695,18 +703,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.records, args.messages, args.rounds = 50_000, 1000, 2
-    try:
-        import uvloop
-        result = uvloop.run(run(args))
-    except ImportError:
-        result = asyncio.run(run(args))
-    print()
-    print(table(result))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    print(f"\nwritten to {os.path.relpath(args.json, ROOT)}")
-    return 0
+    return run_and_write(run, table, args)
 
 
 if __name__ == "__main__":

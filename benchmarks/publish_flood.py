@@ -31,27 +31,18 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "load")]  # benchmarks/: _procs; benchmarks/load/: loadgen
+from loadgen import ws_client_frame  # noqa: E402 (after the sys.path insert above)
+
 from _procs import machine, proc_cpu_seconds, require_installed_package  # noqa: E402
 
 HOST = "127.0.0.1"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def frame(opcode: int, payload: bytes) -> bytes:
-    """A masked client frame (mask 0: the XOR is the identity; the server unmasks all the same)."""
-    n = len(payload)
-    if n < 126:
-        head = bytes([0x80 | opcode, 0x80 | n])
-    elif n < 65536:
-        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
-    return head + b"\0\0\0\0" + payload
+ROOT = os.path.dirname(HERE)
 
 
 def text(obj: dict) -> bytes:
-    return frame(0x1, json.dumps(obj, separators=(",", ":")).encode())
+    return ws_client_frame(json.dumps(obj, separators=(",", ":")).encode())
 
 
 def open_ws(port: int) -> socket.socket:

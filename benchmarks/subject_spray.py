@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
-from _procs import require_installed_package
+from _procs import require_installed_package, stop_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "subject_spray.json")
@@ -80,16 +79,6 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> None:
             pass
         time.sleep(0.1)
     raise SystemExit("gateway not healthy in time")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(5)
 
 
 # ---------------------------------------------------------------------------------- spray clients
@@ -254,8 +243,8 @@ def run_standalone(args: argparse.Namespace) -> dict:
                 "samples": samples}
     finally:
         for c in clients:
-            stop(c)
-        stop(gw)
+            stop_process(c)
+        stop_process(gw)
 
 
 def tansu_path() -> str:
@@ -302,10 +291,10 @@ def run_kafka(args: argparse.Namespace) -> dict:
                 "samples": samples}
     finally:
         for p in producers:
-            stop(p)
+            stop_process(p)
         if gw is not None:
-            stop(gw)
-        stop(broker)
+            stop_process(gw)
+        stop_process(broker)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from aiokafka.structs import TopicPartition
 from conftest import SCALE, ws_url
 from gateway import demo_feed
 from gateway.client import Client, Message
+from support.kafka_broker import read_after
 from support.waits import wait_until
 
 SUBJECTS = [f"/matches/football/{n}" for n in range(1, 11)]
@@ -223,16 +224,7 @@ async def test_demo_feed_into_kafka_keys_and_partitions(kafka_broker):
                                        "--rate", "20", "--seed", "11")
         assert proc.returncode == 0, proc.stderr
         assert "30 updates published, 0 failed" in proc.stdout
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, start[tp])
-        records: list[Any] = []
-        for _ in range(400):
-            batches = await consumer.getmany(timeout_ms=50)
-            for recs in batches.values():
-                records.extend(recs)
-            if len(records) >= 30:
-                break
+        records = await read_after(consumer, start, 30)
     finally:
         await consumer.stop()
     assert len(records) == 30

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import socket
 import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,14 +17,14 @@ from typing import Any
 import orjson
 import pytest
 
-from fanout import Conn, Writer, encode_text
+from fanout import encode_text
 from gateway import protocol, recovery
 from gateway.engines.base import Engine
 from gateway.engines.standalone import StandaloneEngine
 from gateway.hub import ENTRY_OVERHEAD, SUBJECT_OVERHEAD, Hub, Pending
 from gateway.records import Record
 from gateway.subjects import parse_subject
-from support.fanout_ws import decode_stream
+from support.fanout_peers import SocketpairPeer, socketpair_peers
 from support.waits import wait_until
 
 EPOCH = "e1"
@@ -41,47 +40,21 @@ def fill(hub: Hub, subjects: list[str], seqs: range = range(1, 2), content: byte
             hub.deliver(record(s, seq, content))
 
 
-class Peer:
-    """A real Conn on one end of a socketpair; `messages()` decodes what reached the other end."""
-
-    def __init__(self, conn: Conn, sock: socket.socket) -> None:
-        self.conn = conn
-        self.sock = sock
-        self._buf = b""
-        self.received: list[dict[str, Any]] = []
+class Peer(SocketpairPeer):
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """Every message received so far, decoded."""
+        return [orjson.loads(p) for p in self.payloads]
 
     def messages(self) -> list[dict[str, Any]]:
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            self._buf += data
-        frames, self._buf = decode_stream(self._buf)
-        self.received += [orjson.loads(f.payload) for f in frames]
+        self.read()
         return self.received
 
 
 @pytest.fixture
 async def peers() -> AsyncIterator[Any]:
-    loop = asyncio.get_running_loop()
-    writer = Writer(loop)
-    made: list[tuple[Peer, asyncio.BaseTransport]] = []
-
-    async def make() -> Peer:
-        a, b = socket.socketpair()
-        b.setblocking(False)
-        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
-        peer = Peer(Conn(writer, transport, 1 << 30, lambda conn: None), b)  # type: ignore[arg-type]
-        made.append((peer, transport))
-        return peer
-
-    yield make
-    for peer, transport in made:
-        transport.close()
-        peer.sock.close()
+    async with socketpair_peers(Peer) as make:
+        yield make
 
 
 def cost(hub: Hub, subject: str) -> int:

@@ -9,7 +9,6 @@ Subscribers are real fanout Conns on socketpairs; the hubs are driven directly.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +17,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fanout import Channel, Conn, Ring, Writer, encode_text, publish_run
+from fanout import Channel, Ring, encode_text, publish_run
 from gateway import protocol
 from gateway.engines.base import Record
 from gateway.hub import ENTRY_OVERHEAD, Hub, Pending
-from support.fanout_ws import decode_stream
+from support.fanout_peers import SocketpairPeer, socketpair_peers
 
 NOW = 1_700_000_123_456
 
@@ -91,45 +90,21 @@ def test_publish_run_refuses_what_is_not_bytes() -> None:
                     protocol.content_member)
 
 
-class Peer:
-    def __init__(self, conn: Conn, sock: socket.socket) -> None:
-        self.conn = conn
-        self.sock = sock
-        self._buf = b""
-        self.frames: list[bytes] = []
+class Peer(SocketpairPeer):
+    @property
+    def frames(self) -> list[bytes]:
+        """Every frame received so far, as its text frame (byte for byte what the hub wrote)."""
+        return [encode_text(p) for p in self.payloads]
 
     def received(self) -> list[bytes]:
-        while True:
-            try:
-                data = self.sock.recv(1 << 20)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            self._buf += data
-        frames, self._buf = decode_stream(self._buf)
-        self.frames += [encode_text(f.payload) for f in frames]
+        self.read()
         return self.frames
 
 
 @pytest.fixture
 async def peers() -> AsyncIterator[Any]:
-    loop = asyncio.get_running_loop()
-    writer = Writer(loop)
-    made: list[tuple[Peer, asyncio.BaseTransport]] = []
-
-    async def make() -> Peer:
-        a, b = socket.socketpair()
-        b.setblocking(False)
-        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, a)
-        peer = Peer(Conn(writer, transport, 1 << 30, lambda conn: None), b)  # type: ignore[arg-type]
-        made.append((peer, transport))
-        return peer
-
-    yield make
-    for peer, transport in made:
-        transport.close()
-        peer.sock.close()
+    async with socketpair_peers(Peer) as make:
+        yield make
 
 
 def ring_entries(hub: Hub, subject: str) -> tuple[Any, ...] | None:

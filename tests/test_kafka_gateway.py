@@ -54,17 +54,6 @@ async def kafka_gateway(gateway_factory: Any, broker: KafkaBroker, topics: list[
     return gw
 
 
-async def produce(broker: KafkaBroker, topic: str, items: list[tuple[bytes | None, bytes]]) -> list[Any]:
-    """Produce (key, value) pairs in order (one producer, pipelined); their RecordMetadata."""
-    producer = broker.producer(linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, v, key=k) for k, v in items]
-        return [await f for f in futures]
-    finally:
-        await producer.stop()
-
-
 async def http_status(port: int, path: str = "/healthz") -> int:
     reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
     try:
@@ -196,7 +185,7 @@ async def test_kafka_record_reaches_subscriber_and_publish_reaches_kafka(
     epoch = sub["epoch"]
 
     # Produced straight to Kafka by another producer: seq = offset + 1, the partition's epoch.
-    (meta,) = await produce(kafka_broker, t, [(b"football/5", b"goal")])
+    (meta,) = await kafka_broker.produce(t, [(b"football/5", b"goal")])
     assert meta.partition == partition_for_key(b"football/5", 3)
     m = await recv_until(ws, "msg")
     assert (m["subject"], m["content"], m["epoch"], m["seq"], m["prev"], m["ts"]) == (
@@ -247,7 +236,7 @@ async def test_healthz_503_until_caught_up(kafka_broker: KafkaBroker, gateway_fa
     t = topic()
     await kafka_broker.create_topic(t, 2)
     n = 30_000
-    await produce(kafka_broker, t, [(b"s/%d" % (i % 50), b"%d" % i) for i in range(n)])
+    await kafka_broker.produce(t, [(b"s/%d" % (i % 50), b"%d" % i) for i in range(n)])
     gw = await kafka_gateway(gateway_factory, kafka_broker, [t], warmup_records=n, wait_ready=False)
     statuses = [await http_status(gw.port)]
     while statuses[-1] != 200 and len(statuses) < 2000:
@@ -273,7 +262,7 @@ async def test_two_gateways_agree(kafka_broker: KafkaBroker, gateway_factory: An
         for _ in subjects:
             await recv_until(ws, "subscribed")
         collectors.append(Collector(ws))
-    await produce(kafka_broker, t, [(b"x", b"k1"), (b"y/1", b"k2"), (b"x", b"k3")])
+    await kafka_broker.produce(t, [(b"x", b"k1"), (b"y/1", b"k2"), (b"x", b"k3")])
     pub = await connected(ws_url(gw_a))
     for i, s in enumerate(subjects * 2):
         await send(pub, {"op": "publish", "subject": s, "content": f"a{i}", "id": i})
@@ -366,7 +355,7 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
     items = [(b"a" if i % 2 == 0 else b"b", b"%d" % i) for i in range(600)]
     items[300:300] = [(b"c", b"c%d" % i) for i in range(5)]
     # The last record alone: Tansu's ListOffsets answers the base offset of the last batch.
-    metas = await produce(kafka_broker, t, items[:-1]) + await produce(kafka_broker, t, items[-1:])
+    metas = await kafka_broker.produce(t, items[:-1]) + await kafka_broker.produce(t, items[-1:])
     seqs = {k: [m.offset + 1 for (key, _), m in zip(items, metas) if key == k] for k in (b"a", b"b", b"c")}
     value = {m.offset + 1: v for (_, v), m in zip(items, metas)}
     gw = await kafka_gateway(gateway_factory, kafka_broker, [t], history=10, max_recovery_records=350,
@@ -390,7 +379,7 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
         sub = await recv_until(ws, "subscribed")
         assert (sub["subject"], sub["epoch"], sub["recovered"]) == (subject, epoch, recovered), sub
         key = subject.rsplit("/", 1)[1].encode()
-        (meta,) = await produce(kafka_broker, t, [(key, b"sentinel")])
+        (meta,) = await kafka_broker.produce(t, [(key, b"sentinel")])
         seqs[key].append(meta.offset + 1)   # later expectations include it, like any record of the subject
         value[meta.offset + 1] = b"sentinel"
         out = [await recv_until(ws, "msg")]
@@ -433,7 +422,7 @@ async def test_recovery_deeper_than_the_ring(kafka_broker: KafkaBroker, gateway_
     assert (sub["recovered"], sub["seq"]) == (False, seqs[b"a"][-1])
     snap = await recv_until(ws2, "msg")
     assert (snap["seq"], snap.get("snapshot")) == (seqs[b"a"][-1], True)
-    more = await produce(kafka_broker, t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3"), (b"a", b"x4")])
+    more = await kafka_broker.produce(t, [(b"a", b"x1"), (b"a", b"x2"), (b"a", b"x3"), (b"a", b"x4")])
     assert [m.offset + 1 for m in more] == [end + 1, end + 2, end + 3, end + 4]
     got2 = [await recv_until(ws2, "msg") for _ in range(4)]
     assert [(m["seq"], m["content"]) for m in got2] == [(end + i, f"x{i}") for i in range(1, 5)]
@@ -514,7 +503,7 @@ async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, 
     await kafka_broker.create_topic(t, 1)
     subject = f"/{t}/live"
     n = 20_000
-    await produce(kafka_broker, t, [(b"live", b"old-%d" % i) for i in range(n)])
+    await kafka_broker.produce(t, [(b"live", b"old-%d" % i) for i in range(n)])
     gw = await kafka_gateway(gateway_factory, kafka_broker, [t], history=10, warmup_records=100)
     pub = await connected(ws_url(gw))
     acks: list[dict[str, Any]] = []

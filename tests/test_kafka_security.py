@@ -28,7 +28,7 @@ from gateway import config as cfg
 from gateway.config import ConfigError
 from gateway.engines.base import EngineUnavailable
 from gateway.engines.kafka_security import KafkaSecurity
-from support.kafka_broker import KafkaBroker, free_port
+from support.kafka_broker import KafkaBroker, free_port, read_after
 from support.kafka_cluster import (
     SASL_USERS,
     KafkaCluster,
@@ -60,17 +60,6 @@ def secure_settings(cluster: KafkaCluster, mechanism: str, **kw: Any) -> dict[st
         "kafka_idempotence": "on"}
     settings.update(kw)
     return settings
-
-
-async def produce(broker: KafkaBroker, topic: str, items: list[tuple[bytes, bytes]]) -> list[Any]:
-    """Through the PLAINTEXT listener: an outside producer."""
-    producer = broker.producer(linger_ms=5)
-    await producer.start()
-    try:
-        futures = [await producer.send(topic, v, key=k) for k, v in items]
-        return [await f for f in futures]
-    finally:
-        await producer.stop()
 
 
 def serve_command(bootstrap: str, topics: list[str], port: int, *extra: str) -> list[str]:
@@ -121,7 +110,7 @@ async def pub_sub_round(url: str, broker: KafkaBroker, t: str) -> None:
         assert set(frames) == {"ack", "msg"}, frames
         ack = frames["ack"]
         assert ack["id"] == "p1" and frames["msg"]["seq"] == ack["seq"]
-        (meta,) = await produce(broker, t, [(b"k", b"from an outside producer")])
+        (meta,) = await broker.produce(t, [(b"k", b"from an outside producer")])
         got_a = [frames["msg"], await recv_until(a, "msg")]
         got_b = [await recv_until(b, "msg") for _ in range(2)]
         for got in (got_a, got_b):
@@ -149,7 +138,7 @@ async def test_scram_over_tls_end_to_end(mechanism: str, secure_cluster: KafkaCl
     an open finding, see the branch's report."""
     t = topic()
     await kafka_broker.create_topic(t, 1)
-    await produce(kafka_broker, t, [(b"old", str(i).encode()) for i in range(40)])
+    await kafka_broker.produce(t, [(b"old", str(i).encode()) for i in range(40)])
     gw = await gateway_factory(**secure_settings(secure_cluster, mechanism), topics=(t,), history=5,
                                warmup_records=40)
     await wait_until(lambda: gw.engine.ready, "the Kafka engine caught up over SASL_SSL")
@@ -266,15 +255,7 @@ async def test_demo_feed_into_a_secured_cluster(secure_cluster: KafkaCluster, ka
             capture_output=True, text=True, timeout=60 * SCALE)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "12 updates published, 0 failed" in proc.stdout
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, start[tp])
-        records: list[Any] = []
-        for _ in range(400):
-            for recs in (await consumer.getmany(timeout_ms=50)).values():
-                records.extend(recs)
-            if len(records) >= 12:
-                break
+        records = await read_after(consumer, start, 12)
     finally:
         await consumer.stop()
     assert len(records) == 12

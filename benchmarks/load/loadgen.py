@@ -42,7 +42,6 @@ import os
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +57,8 @@ from _procs import (  # noqa: E402
     proc_cpu_seconds,
     reply,
     require_installed_package,
+    stop_children,
+    stop_process,
 )
 
 RESULTS_DIR = os.path.join(os.path.dirname(HERE), "results")
@@ -117,6 +118,20 @@ class Control:
         line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
+    def next(self, timeout: float) -> dict:
+        """The next line, however long it takes (polling `timeout` s at a time)."""
+        msg = None
+        while msg is None:
+            msg = self.poll(timeout)
+        return msg
+
+
+def await_run(ctl: Control) -> dict | None:
+    """Publisher side: tell the orchestrator our pid, then wait for its "run" command (None: told to quit)."""
+    reply({"pid": os.getpid()})
+    cmd = ctl.next(600)
+    return cmd if cmd["op"] == "run" else None
+
 
 def role_client() -> None:
     import numpy as np
@@ -125,9 +140,7 @@ def role_client() -> None:
     import loadclient  # noqa: PLC0415
 
     ctl = Control()
-    cfg = None
-    while cfg is None:
-        cfg = ctl.poll(60)
+    cfg = ctl.next(60)
     subjects = np.ascontiguousarray(np.array(cfg["subjects"], dtype=np.int32))
     client = loadclient.Client(cfg["dst"], cfg["port"], cfg["src"], subjects, cfg["prefix"], cfg["window"],
                                cfg["latcap"], cfg.get("mode", "ours"))  # mode: benchmarks/compare.py's peers
@@ -178,15 +191,30 @@ def _ws_open(port: int) -> socket.socket:
         head += chunk
     if not head.startswith(b"HTTP/1.1 101"):
         raise ConnectionError(f"upgrade refused: {head[:200]!r}")
-    sock.sendall(_client_frame(b'{"op":"connect","client":"loadgen-publisher"}'))
+    sock.sendall(ws_client_frame(b'{"op":"connect","client":"loadgen-publisher"}'))
     return sock
 
 
-def _client_frame(payload: bytes) -> bytes:
-    """Masked text frame, mask key 0 (the payload bytes stay as they are)."""
+def ws_client_frame(payload: bytes, opcode: int = 1) -> bytes:
+    """Masked client frame (text by default), mask key 0 (the payload bytes stay as they are)."""
     n = len(payload)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126, n >> 8, n & 0xFF])
+    if n < 126:
+        head = bytes([0x80 | opcode, 0x80 | n])
+    elif n < 65536:
+        head = bytes([0x80 | opcode, 0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head = bytes([0x80 | opcode, 0x80 | 127]) + n.to_bytes(8, "big")
     return head + b"\0\0\0\0" + payload
+
+
+def mqtt_packet(first: int, body: bytes) -> bytes:
+    """An MQTT control packet: the first byte, the remaining length (variable-length integer), the body."""
+    n, rl = len(body), bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        rl.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes([first]) + bytes(rl) + body
 
 
 def _server_frames(buf: bytearray) -> list[tuple[int, bytes]]:
@@ -212,19 +240,14 @@ def role_publisher() -> None:
     import numpy as np
 
     ctl = Control()
-    cfg = None
-    while cfg is None:
-        cfg = ctl.poll(60)
+    cfg = ctl.next(60)
     socks = [_ws_open(cfg["port"]) for _ in range(cfg["connections"])]
     bufs = [bytearray() for _ in socks]
     for s in socks:
         s.setblocking(False)
     fd_index = {s.fileno(): i for i, s in enumerate(socks)}
-    reply({"pid": os.getpid()})
-    cmd = None
-    while cmd is None:
-        cmd = ctl.poll(600)
-    if cmd["op"] != "run":
+    cmd = await_run(ctl)
+    if cmd is None:
         return
     rate, seconds, subjects, size = cmd["rate"], cmd["seconds"], cmd["subjects"], cmd["size"]
     total = int(rate * seconds)
@@ -275,7 +298,7 @@ def role_publisher() -> None:
             sent_at[sent] = ns
             payload = (f'{{"op":"publish","subject":"{PREFIX}{subject}","content":"{ns}|{pad}","id":{sent}}}'
                        .encode())
-            batches.setdefault(sent % len(socks), []).append(_client_frame(payload))
+            batches.setdefault(sent % len(socks), []).append(ws_client_frame(payload))
             sent += 1
         for i, frames in batches.items():
             socks[i].setblocking(True)
@@ -369,13 +392,7 @@ class Gateway:
             sys.exit(f"the gateway did not start: {line!r}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def percentiles_ms(ns) -> dict:
@@ -387,6 +404,19 @@ def percentiles_ms(ns) -> dict:
     vals = np.percentile(ns, qs) / 1e6
     return {("max" if q == 100 else f"p{q:g}"): round(float(v), 3) for q, v in zip(qs, vals)} | \
         {"mean": round(float(np.mean(ns)) / 1e6, 3), "count": int(len(ns))}
+
+
+def connect_progress(children: list[Child], n: int, bar, until: float, step: float) -> list[dict]:
+    """Poll the client processes every `step` s (showing it on the tqdm bar) until all n connections are
+    ready or failed, or the monotonic clock passes `until`; returns each client's last progress."""
+    while True:
+        prog = [c.call({"op": "progress"}) for c in children]
+        done = sum(p["ready"] + p["failed"] for p in prog)
+        bar.n = done
+        bar.refresh()
+        if done >= n or time.monotonic() > until:
+            return prog
+        time.sleep(step)
 
 
 def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dict:
@@ -429,14 +459,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         for c in children:
             c.call({"op": "connect"})
         with tqdm(total=n, desc=f"N={n} connect", unit="conn", position=bar_pos, leave=True) as bar:
-            while True:
-                prog = [c.call({"op": "progress"}) for c in children]
-                done = sum(p["ready"] + p["failed"] for p in prog)
-                bar.n = done
-                bar.refresh()
-                if done >= n or time.monotonic() > min(deadline, t0 + args.connect_timeout):
-                    break
-                time.sleep(0.25)
+            prog = connect_progress(children, n, bar, min(deadline, t0 + args.connect_timeout), 0.25)
         t_conn = time.monotonic() - t0
         cpu_conn = gateway_cpu(gpid) - cpu0
         ready = sum(p["ready"] for p in prog)
@@ -513,10 +536,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         result["first_errors"] = sorted({s["first_error"] for s in stats if s["first_error"]})[:5]
         return result
     finally:
-        if publisher is not None:
-            publisher.stop()
-        for c in children:
-            c.stop()
+        stop_children([publisher, *children])
         if gateway is not None:
             gateway.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -158,15 +158,6 @@ def test_nats_mode_subscribes_reads_a_split_stream_and_answers_ping() -> None:
         thread.join(10)
 
 
-def _mqtt(first: int, body: bytes) -> bytes:
-    n, rl = len(body), bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        rl.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes([first]) + bytes(rl) + body
-
-
 async def _read_mqtt(reader) -> tuple[int, bytes]:
     first = (await reader.readexactly(1))[0]
     n, shift = 0, 0
@@ -196,9 +187,9 @@ def test_mqtt_qos1_mode_connects_subscribes_and_acknowledges_every_publish() -> 
             got["subscribe"] = (first, body)
             writer.write(b"\x90\x04" + body[:2] + b"\x01\x01")
             topic = b"\x00\x12matches/football/1"
-            packets = [_mqtt(0x32, topic + (10 + i).to_bytes(2, "big") + _peer_payload(seq))
+            packets = [loadgen.mqtt_packet(0x32, topic + (10 + i).to_bytes(2, "big") + _peer_payload(seq))
                        for i, seq in enumerate(PEER_SEQS)]
-            packets.append(_mqtt(0x30, b"\x00\x12matches/football/2" + _peer_payload(1)))
+            packets.append(loadgen.mqtt_packet(0x30, b"\x00\x12matches/football/2" + _peer_payload(1)))
             stream = b"".join(packets)
             writer.write(stream[:30])
             await writer.drain()

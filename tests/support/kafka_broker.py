@@ -188,6 +188,17 @@ class KafkaBroker:
         kwargs.setdefault("acks", "all")
         return AIOKafkaProducer(bootstrap_servers=self.bootstrap, **kwargs)
 
+    async def produce(self, topic: str, items: list[tuple[bytes | None, bytes]]) -> list[Any]:
+        """Produce (key, value) pairs in order (one producer, pipelined) through the advertised
+        (PLAINTEXT) address, as an outside producer would; their RecordMetadata."""
+        producer = self.producer(linger_ms=5)
+        await producer.start()
+        try:
+            futures = [await producer.send(topic, v, key=k) for k, v in items]
+            return [await f for f in futures]
+        finally:
+            await producer.stop()
+
     def consumer(self, **kwargs: Any) -> AIOKafkaConsumer:
         kwargs.setdefault("group_id", None)
         kwargs.setdefault("enable_auto_commit", False)
@@ -293,6 +304,22 @@ def external_broker() -> KafkaBroker | None:
     if not bootstrap:
         return None
     return KafkaBroker(bootstrap, listen_port=None, cluster_id=None, idempotence=True)
+
+
+async def read_after(consumer: AIOKafkaConsumer, start: dict[TopicPartition, int], count: int, *,
+                     polls: int = 400) -> list[Any]:
+    """The records after the offsets in `start` (the consumer is assigned those partitions here), until
+    `count` of them arrived or `polls` fetches of 50 ms went by: what a test wrote after it read `start`."""
+    consumer.assign(list(start))
+    for tp, offset in start.items():
+        consumer.seek(tp, offset)
+    records: list[Any] = []
+    for _ in range(polls):
+        for recs in (await consumer.getmany(timeout_ms=50)).values():
+            records.extend(recs)
+        if len(records) >= count:
+            break
+    return records
 
 
 class ProxiedKafka:
