@@ -131,20 +131,45 @@ async def pub_sub_round(url: str, broker: KafkaBroker, t: str) -> None:
 async def test_scram_over_tls_end_to_end(mechanism: str, secure_cluster: KafkaCluster, kafka_broker: KafkaBroker,
                                          gateway_factory: Any, topic: Callable[[str], str]) -> None:
     """Every client of the engine talks SASL_SSL (it is given only the SECURE listener): the warmup
-    and live consumer, the producer (publish acked), the metadata client.
-    Not here: a recovery deeper than the ring, read by the engine's replay consumer over SASL_SSL. It
-    stalled in 3 of 4 runs on uvloop (replay timed out after 10 s and 30 s; then the test loop's
-    close hung on an SSL transport left open), while the same reads with plain asyncio took 0.2-2.7 s:
-    an open finding, see the branch's report."""
+    and live consumer, the producer (publish acked), the metadata client, and the replay reader
+    (a recovery deeper than the in-memory ring is read from Kafka). The replay reader is stopped
+    without waiting for the broker's answer to TLS close_notify (engines/kafka.py _close_reader):
+    waiting for it stalled one replay in four until the replay's timeout."""
     t = topic()
     await kafka_broker.create_topic(t, 1)
-    await kafka_broker.produce(t, [(b"old", str(i).encode()) for i in range(40)])
+    old = await kafka_broker.produce(t, [(b"old", str(i).encode()) for i in range(40)])
     gw = await gateway_factory(**secure_settings(secure_cluster, mechanism), topics=(t,), history=5,
                                warmup_records=40)
     await wait_until(lambda: gw.engine.ready, "the Kafka engine caught up over SASL_SSL")
     assert gw.engine.idempotent
     assert gw.hub.get(f"/{t}/old") is not None   # the warmup read the old records over SASL_SSL
+    # A replay opens connections of its own (TLS and SCRAM handshakes with each broker it needs); the
+    # engine gives it 10 s, which a shared 2-core box under a load of 50 can exceed: scaled here.
+    gw.engine._replay_timeout = 3 * WAIT
     await pub_sub_round(ws_url(gw), kafka_broker, t)
+
+    # Three recoveries 30 records back: beyond the ring of 5, so the replay consumer reads them from Kafka.
+    replays = gw.engine.stats()["replays"]
+    ws = await connected(ws_url(gw))
+    try:
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": f"/{t}/old"}]})
+        fresh = await recv_until(ws, "subscribed")
+        snap = await recv_until(ws, "msg")
+        assert (snap["snapshot"], snap["seq"]) == (True, old[-1].offset + 1)
+        after = old[9].offset + 1
+        for _ in range(3):
+            await send(ws, {"op": "unsubscribe", "subjects": [f"/{t}/old"]})
+            await recv_until(ws, "unsubscribed")
+            await send(ws, {"op": "subscribe",
+                            "subjects": [{"subject": f"/{t}/old", "epoch": fresh["epoch"], "seq": after}]})
+            sub = await recv_until(ws, "subscribed", timeout=3 * WAIT)
+            assert sub["recovered"] is True, sub
+            got = [await recv_until(ws, "msg") for _ in range(30)]
+            assert [(m["seq"], m["content"], m.get("snapshot")) for m in got] == [
+                (r.offset + 1, str(i), None) for i, r in enumerate(old) if i >= 10]
+    finally:
+        await ws.close()
+    assert gw.engine.stats()["replays"] == replays + 3
 
 
 @pytest.mark.kafka

@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 _REQUEST_TIMEOUT_MS = 15_000   # consumer/metadata requests; fetches themselves wait fetch_wait_ms
 _POLL_MS = 100                 # getmany wait: also how soon a new assignment is applied
+#: a replay or snapshot read knows its records are there: its fetches need no long poll, and a long one
+#: costs its full wait again when the reader stops (aiokafka waits for the fetch in flight)
+_READ_RANGE_FETCH_WAIT_MS = 10
+#: how long a short-lived reader's stop may wait for its connections to close gracefully (see _close_reader)
+_READER_CLOSE_GRACE_S = 0.5
 _MAX_BATCH = 2000              # records handed to the sink per loop turn: a catch-up of 100k records
                                # must not hold the loop (clients, heartbeats, /healthz) for a second
 _SUBJECT_CACHE_MAX = 100_000
@@ -798,7 +803,7 @@ class KafkaEngine(Engine):
                     await consumer.start()
                     end = int((await consumer.end_offsets([tp]))[tp])
                 finally:
-                    await consumer.stop()
+                    await _close_reader(consumer)
         except (KafkaError, OSError, TimeoutError) as exc:
             log.warning("end offset of %s from Kafka failed: %r", subject.text, exc)
             return None
@@ -812,8 +817,8 @@ class KafkaEngine(Engine):
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-replay", group_id=None,
             enable_auto_commit=False, auto_offset_reset="earliest",
-            fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS,
-            **self._client_options)
+            fetch_max_wait_ms=min(self._fetch_wait_ms, _READ_RANGE_FETCH_WAIT_MS),
+            request_timeout_ms=_REQUEST_TIMEOUT_MS, **self._client_options)
         try:
             await consumer.start()
             consumer.assign([tp])
@@ -848,7 +853,7 @@ class KafkaEngine(Engine):
                     break   # nothing more in the partition (upto_seq beyond its end)
             return out
         finally:
-            await consumer.stop()
+            await _close_reader(consumer)
 
     # ----------------------------------------------------------------------------- metrics
 
@@ -911,6 +916,25 @@ class KafkaEngine(Engine):
         if reasons:
             head["reason"] = "; ".join(reasons)
         return {**head, "lag": lag, **out}
+
+
+async def _close_reader(consumer: AIOKafkaConsumer) -> None:
+    """Stop a short-lived consumer (a replay, snapshot or end-offset read) without waiting on TLS.
+
+    aiokafka's stop() waits until every connection is lost; a TLS connection is lost only once the
+    broker has answered our close_notify, which Apache Kafka may leave unanswered, and the loop then
+    waits its SSL shutdown timeout (30 s) while the recovering client waits with it. After a short
+    grace the connections are aborted instead (aiokafka internals: the client's connections and
+    their transports; on a plaintext connection stop() is done long before)."""
+    client = getattr(consumer, "_client", None)
+    conns = list(getattr(client, "_conns", {}).values())
+    transports = [w.transport for w in (getattr(c, "_writer", None) for c in conns) if w is not None]
+    stop = asyncio.ensure_future(consumer.stop())
+    done, _ = await asyncio.wait({stop}, timeout=_READER_CLOSE_GRACE_S)
+    if not done:
+        for transport in transports:
+            transport.abort()
+    await stop
 
 
 def _iso(wall: float) -> str:
