@@ -139,18 +139,15 @@ class GatewayProcess:
                 cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
     async def healthy(self, timeout: float = 3 * WAIT) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
+        async def ok() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway {self.node_id} exited {self.proc.returncode}: {self.log()}")
             try:
-                if await http_status(self.port) == 200:
-                    return
+                return await http_status(self.port) == 200
             except (TimeoutError, OSError, ValueError, IndexError):
-                pass
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"gateway {self.node_id} not healthy in time: {self.log()}")
+                return False
+
+        await wait_until(ok, lambda: f"gateway {self.node_id} to be healthy: {self.log()}", timeout, interval=0.05)
 
     def log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -672,14 +669,18 @@ async def _healthz_node(port: int) -> str:
 async def _serving_nodes(gw: GatewayProcess, want: set[str]) -> None:
     """Wait until every node in `want` has answered /healthz on the shared port (all listen, caught up)."""
     nodes: set[str] = set()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 3 * WAIT
-    while not want <= nodes:
-        assert loop.time() < deadline and gw.proc.poll() is None, f"nodes seen: {nodes}; {gw.log()}"
+
+    async def all_answered() -> bool:
+        assert gw.proc.poll() is None, f"nodes seen: {nodes}; {gw.log()}"
         try:
             nodes.add(await _healthz_node(gw.port))
         except (TimeoutError, OSError, ValueError):
             await asyncio.sleep(0.05)
+            return False
+        return want <= nodes
+
+    await wait_until(all_answered, lambda: f"nodes {sorted(want)}; nodes seen: {nodes}; {gw.log()}", 3 * WAIT,
+                     interval=0)
     assert nodes - {""} == want, f"nodes seen: {nodes}"
 
 

@@ -15,12 +15,13 @@ SCALE = float(os.environ.get("TEST_TIMEOUT_SCALE", "1"))
 WAIT = 10.0 * SCALE
 
 
-async def wait_until(cond: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT,
-                     interval: float = 0.01) -> None:
+async def wait_until(cond: Callable[[], bool | Awaitable[bool]], what: str | Callable[[], str],
+                     timeout: float = WAIT, interval: float = 0.01) -> None:
     """Return once `cond()` (a function or a coroutine function) is true; test it every `interval` s.
 
     Raises:
-        AssertionError: `cond()` was still false after `timeout` seconds ("timed out waiting for `what`").
+        AssertionError: `cond()` was still false after `timeout` seconds ("timed out waiting for `what`";
+            a callable `what` is called then, so the message can tell the state at the timeout).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -31,5 +32,5 @@ async def wait_until(cond: Callable[[], bool | Awaitable[bool]], what: str, time
         if ok:
             return
         if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(interval)
