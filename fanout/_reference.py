@@ -367,6 +367,8 @@ class Conn:
         elif isinstance(q, list):
             q.append(frame)
         else:
+            # The compiled Conn untracks this list from the cyclic GC (see "Queues and the cyclic GC"
+            # in _writer.pxd); Python code has no way to, so here it stays tracked (same behaviour).
             self._queue = [q, frame]
         self._qbytes += len(frame)
         if self._qbytes + self._tbuf > self._max_pending:

@@ -41,6 +41,9 @@ cdef extern from *:
     const int MSG_DONTWAIT
     const int FANOUT_IOV_MAX
 
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
+
 __all__ = ["Writer", "Conn", "Channel"]
 
 
@@ -280,7 +283,14 @@ cdef class Conn:
         elif PyList_CheckExact(q):
             (<list>q).append(frame)
         else:
-            self._queue = [q, frame]
+            # Untracked by the cyclic GC: it only ever holds bytes, so it can be in no cycle. Tracked,
+            # the lists of frames piling up between flushes (coalescing, bursts: one per subscriber)
+            # outlive young collections, are promoted to the old generation by the thousand and soon
+            # trigger full collections that walk every connection's objects (see "Queues and the
+            # cyclic GC" in _writer.pxd).
+            q = [q, frame]
+            PyObject_GC_UnTrack(<PyObject*>q)
+            self._queue = q
         self._qbytes += n
         if self._qbytes + self._tbuf > self._max_pending:
             self._tbuf = self._transport_size()
