@@ -619,6 +619,36 @@ def test_idle_conn_owns_no_containers(impl: SimpleNamespace, loop_factory: LoopF
 
 
 @pytest.mark.skipif(fanout_impls.NO_EXTENSIONS, reason="FANOUT_NO_EXTENSIONS=1")
+def test_queue_lists_are_untracked_by_the_cyclic_gc() -> None:
+    """A compiled conn's queue list (2+ frames) holds only bytes: untracked, it is never walked nor
+    promoted by the collector, however many pile up (the twin cannot untrack from Python)."""
+    import gc
+
+    impl = fanout_impls.load("compiled")
+    loop = asyncio.new_event_loop()
+    try:
+        writer = impl.Writer(loop)
+        channel = impl.Channel()
+        conns = [impl.Conn(writer, FakeTransport(), BIG, lambda conn: None) for _ in range(1000)]
+        for conn in conns:
+            channel.add(conn)
+        frames = [impl.encode_text(b"%d" % i) for i in range(3)]
+        for frame in frames:
+            assert channel.publish(frame) == len(conns)
+        queues = [o for conn in conns for o in gc.get_referents(conn) if type(o) is list]
+        assert len(queues) == len(conns)
+        assert all(q == frames for q in queues)
+        assert not any(gc.is_tracked(q) for q in queues)
+        ids = {id(q) for q in queues}
+        gc.collect()
+        assert not any(id(o) in ids for o in gc.get_objects())  # in no generation
+        conns[0].close()  # a closed conn drops its queue (reference counting frees it)
+        assert not [o for o in gc.get_referents(conns[0]) if type(o) is list]
+    finally:
+        loop.close()
+
+
+@pytest.mark.skipif(fanout_impls.NO_EXTENSIONS, reason="FANOUT_NO_EXTENSIONS=1")
 def test_bytes_per_idle_conn() -> None:
     """An idle compiled conn in one channel costs its own object plus one slot in the channel and the
     writer (the pure-Python twin has a __dict__ per conn; its size is not the point)."""
