@@ -236,6 +236,42 @@ def _server_frames(buf: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
+def publish_plan(rate: float, seconds: float, subjects: int, pattern: str = "steady",
+                 seed: int = 0) -> tuple[list[float], list[int]]:
+    """When each publish is due (seconds from the start) and on which subject (1..subjects).
+
+    steady  int(rate x seconds) publishes, evenly spaced, round-robin over the subjects.
+    demo    the live-scores demo's schedule (gateway.demo_feed.schedule): every 2 s a burst of 1 to 5
+            updates on random matches (1.5 msgs/s on average), `rate` multiplies the pace (10: ten
+            times the demo); seeded, so a run repeats. Needs subjects == demo_feed.MATCHES."""
+    if rate <= 0 or seconds <= 0:
+        raise ValueError("rate and seconds must be > 0")
+    if pattern == "steady":
+        total = int(rate * seconds)
+        return [i / rate for i in range(total)], [i % subjects + 1 for i in range(total)]
+    if pattern != "demo":
+        raise ValueError(f"unknown publish pattern {pattern!r} (steady or demo)")
+    import random
+
+    from gateway import demo_feed
+
+    if subjects != demo_feed.MATCHES:
+        raise ValueError(f"the demo pattern publishes on {demo_feed.MATCHES} matches, not {subjects} subjects")
+    due, subj = [], []
+    for tick in demo_feed.schedule(random.Random(seed), rate=rate, duration=seconds):
+        for subject, _event in tick.updates:
+            due.append(tick.at)
+            subj.append(int(subject.rsplit("/", 1)[1]))
+    return due, subj
+
+
+def expected_deliveries(per_subject, acked_per_subject: dict) -> int:
+    """Deliveries owed for one round: every acked publish goes once to each subscriber of its subject.
+    Counted from the acks, not from the newest seq, which on a reused (Kafka) topic or a subject with
+    earlier traffic is no count of this round's publishes."""
+    return int(sum(int(per_subject[int(k)]) * int(v) for k, v in acked_per_subject.items()))
+
+
 def role_publisher() -> None:
     import numpy as np
 
@@ -250,10 +286,12 @@ def role_publisher() -> None:
     if cmd is None:
         return
     rate, seconds, subjects, size = cmd["rate"], cmd["seconds"], cmd["subjects"], cmd["size"]
-    total = int(rate * seconds)
+    due_at, subject_of = publish_plan(rate, seconds, subjects, cmd.get("pattern", "steady"), cmd.get("seed", 0))
+    total = len(due_at)
     sent_at = np.zeros(total, dtype=np.int64)
     ack_ns = np.zeros(total, dtype=np.int64)
     final: dict[int, int] = {}
+    acked_per_subject: dict[int, int] = {}
     errors, first_error, acked, sent, connected = 0, "", 0, 0, 0
 
     def read_ready(timeout: float) -> None:
@@ -281,6 +319,7 @@ def role_publisher() -> None:
                     acked += 1
                     idx = int(frame["subject"].rsplit("/", 1)[1])
                     final[idx] = max(final.get(idx, 0), frame["seq"])
+                    acked_per_subject[idx] = acked_per_subject.get(idx, 0) + 1
                 elif frame["op"] == "error":
                     errors += 1
                     first_error = first_error or payload.decode()[:300]
@@ -290,10 +329,10 @@ def role_publisher() -> None:
     t0 = time.monotonic()
     pad = "x" * max(0, size - 20)
     while sent < total:
-        due = min(total, int((time.monotonic() - t0) * rate) + 1)
+        elapsed = time.monotonic() - t0
         batches: dict[int, list[bytes]] = {}
-        while sent < due:
-            subject = sent % subjects + 1
+        while sent < total and due_at[sent] <= elapsed:
+            subject = subject_of[sent]
             ns = time.monotonic_ns()
             sent_at[sent] = ns
             payload = (f'{{"op":"publish","subject":"{PREFIX}{subject}","content":"{ns}|{pad}","id":{sent}}}'
@@ -304,7 +343,7 @@ def role_publisher() -> None:
             socks[i].setblocking(True)
             socks[i].sendall(b"".join(frames))
             socks[i].setblocking(False)
-        next_due = t0 + sent / rate
+        next_due = t0 + (due_at[sent] if sent < total else 0.0)
         read_ready(max(0.0, next_due - time.monotonic()))
     t_sent = time.monotonic()
     deadline = t_sent + cmd.get("ack_timeout", 15)
@@ -315,6 +354,7 @@ def role_publisher() -> None:
     reply({"sent": sent, "acked": acked, "errors": errors, "first_error": first_error,
            "send_seconds": t_sent - t0, "rate_achieved": sent / max(1e-9, t_sent - t0),
            "final": {str(k): v for k, v in final.items()},
+           "acked_per_subject": {str(k): v for k, v in acked_per_subject.items()},
            "ack_ms": {p: float(np.percentile(ack_ms, q)) for p, q in (("p50", 50), ("p99", 99), ("max", 100))}
            if len(ack_ms) else {}})
     ctl.poll(30)  # quit
@@ -488,7 +528,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), runqueue_wait_seconds(gpid)
         ours_wait1 = sum(runqueue_wait_seconds(p) for p in ours)
         publisher.send({"op": "run", "rate": args.rate, "seconds": args.duration, "subjects": args.subjects,
-                        "size": args.size})
+                        "size": args.size, "pattern": args.pattern, "seed": args.seed})
         with tqdm(total=round(args.duration), desc=f"N={n} publish {args.rate:g}/s", unit="s",
                   position=bar_pos, leave=True) as bar:
             while time.monotonic() - t1 < args.duration:
@@ -510,7 +550,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         lat = np.concatenate([np.load(f["latencies"]) for f in finals]) if finals else np.zeros(0)
         setup = np.concatenate([np.load(f["setup_times"]) for f in finals]) if finals else np.zeros(0)
         deliveries = sum(s["deliveries"] for s in stats)
-        expected = int(sum(per_subject[int(k)] * v for k, v in final.items()))  # fresh subjects start at seq 0
+        expected = expected_deliveries(per_subject, pub.pop("acked_per_subject"))
         total = {k: sum(s[k] for s in stats) for k in ("deliveries", "duplicates", "out_of_order", "gaps",
                                                        "lost_in_gaps", "unexpected", "snapshots", "bad_frames",
                                                        "error_frames", "closed", "latencies_dropped")}
@@ -518,7 +558,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         result["setup_ms"] = percentiles_ms(setup * 1e9)
         result["publisher"] = pub | {"connections": pub_conns}
         result["delivery"] = total | {
-            "expected": expected if not args.url else None,
+            "expected": expected,
             "missing_at_end": sum(f["missing_at_end"] for f in finals),
             "connections_behind_at_end": sum(f["connections_behind"] for f in finals),
             "seconds": round(wall, 3), "deliveries_per_s": round(deliveries / wall, 1),
@@ -551,6 +591,9 @@ def main() -> None:
     ap.add_argument("--subjects-per-connection", type=int, default=3, help="S (default 3, at most 16)")
     ap.add_argument("--rate", type=float, default=100.0, help="R: published messages per second (default 100)")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds of publishing (default 15)")
+    ap.add_argument("--pattern", choices=["steady", "demo"], default="steady",
+                    help="steady: R msgs/s evenly, round-robin over the subjects; demo: the live-scores demo's "
+                         "bursts (1-5 updates on random matches every 2 s / R; R = 1 is the demo's 1.5 msgs/s)")
     ap.add_argument("--size", type=int, default=64, help="content bytes (default 64; at least the timestamp)")
     ap.add_argument("--per-process", type=int, default=10000, help="connections per client process (< 19,000)")
     ap.add_argument("--window", type=int, default=256, help="handshakes in flight per client process")
