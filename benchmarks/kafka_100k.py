@@ -33,6 +33,11 @@ In one run, one step after the other:
            every worker). Lost / duplicated / out of order across all N, expected deliveries counted
            from the acks; publish -> receive p50/p99/max; gateway CPU (all workers), broker CPU, the
            other processes' CPU and the load average; met / not met against 1.5 x floor + Kafka RTT.
+           The demo writes its bursts (up to 5 updates at once) as one batch: each round also gives its
+           largest burst's sends and their floor (CPU per send x sends). Then per --steady-rates value
+           a round of single messages evenly spaced (loadgen's steady pattern), one message in flight
+           at a time: the situation the issue's floor describes. Before the rounds, 5 s idle: the CPU
+           of the gateway and the brokers with N users connected and nothing published.
 
 Everything this script starts is stopped by its pid at the end (also on error or Ctrl-C); every phase
 has a timeout and the whole run --budget seconds. Output: benchmarks/results/kafka_100k.json (--out).
@@ -304,11 +309,25 @@ class Clients:
         lg.stop_children(self.children)
 
 
-def run_round(gw: Workers, clients: Clients, brokers: list[int], mult: float, duration: float, seed: int,
-              drain_timeout: float, tmp: str) -> dict:
+def largest_burst(per_subject, pattern: str, value: float, duration: float, seed: int) -> dict:
+    """The publishes due at one instant that cost the most sends (their subjects' subscribers summed):
+    a burst of the demo is written as one batch, so its last delivery waits for all of them."""
+    due, subj = lg.publish_plan(value, duration, SUBJECTS, pattern, seed)
+    sends: dict[float, int] = {}
+    count: dict[float, int] = {}
+    for at, k in zip(due, subj):
+        sends[at] = sends.get(at, 0) + int(per_subject[k])
+        count[at] = count.get(at, 0) + 1
+    at = max(sends, key=lambda t: sends[t])
+    return {"messages": count[at], "sends": sends[at]}
+
+
+def run_round(gw: Workers, clients: Clients, brokers: list[int], pattern: str, value: float, duration: float,
+              seed: int, drain_timeout: float, tmp: str) -> dict:
+    """One round of `pattern` (loadgen.publish_plan: demo x value, or steady at value msgs/s)."""
     import numpy as np
 
-    rate = 1.5 * mult
+    rate = 1.5 * value if pattern == "demo" else value
     pub_conns = max(1, math.ceil(rate / 500))
     publisher = Child([sys.executable, os.path.join(HERE, "load", "loadgen.py"), "--role", "publisher"],
                       env=clients.env, name="publisher")
@@ -323,8 +342,8 @@ def run_round(gw: Workers, clients: Clients, brokers: list[int], mult: float, du
         per_worker1 = [proc_cpu_seconds(p) for p in gw.worker_pids]
         ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), lg.runqueue_wait_seconds(gw.pid)
         brk1 = sum(proc_cpu_seconds(p) for p in brokers)
-        publisher.send({"op": "run", "rate": mult, "seconds": duration, "subjects": SUBJECTS, "size": 64,
-                        "pattern": "demo", "seed": seed, "ack_timeout": 30})
+        publisher.send({"op": "run", "rate": value, "seconds": duration, "subjects": SUBJECTS, "size": 64,
+                        "pattern": pattern, "seed": seed, "ack_timeout": 30})
         pub = publisher.recv(duration + 90)
         finals = [c.call({"op": "finish", "final": pub["final"], "timeout": drain_timeout, "dir": tmp},
                          timeout=drain_timeout + 90) for c in clients.children]
@@ -348,7 +367,8 @@ def run_round(gw: Workers, clients: Clients, brokers: list[int], mult: float, du
                                                    "lost_in_gaps", "unexpected", "bad_frames", "error_frames",
                                                    "closed", "latencies_dropped")}
     deliveries = total["deliveries"]
-    return {"multiplier": mult, "average_rate": rate, "duration": duration,
+    return {"pattern": pattern, "multiplier" if pattern == "demo" else "rate": value, "average_rate": rate,
+            "duration": duration,
             "publisher": {k: v for k, v in pub.items() if k not in ("final", "acked_per_subject")}
             | {"connections": pub_conns, "acked_per_subject": pub["acked_per_subject"]},
             **total, "expected": expected, "missing_at_end": sum(f["missing_at_end"] for f in finals),
@@ -380,6 +400,9 @@ def main() -> int:
     ap.add_argument("--window", type=int, default=256, help="handshakes in flight per client process")
     ap.add_argument("--rates", default="1,10",
                     help="multipliers of the demo's traffic, one round each (default 1,10: 1.5 and 15 msgs/s)")
+    ap.add_argument("--steady-rates", default="1.5",
+                    help="then rounds of evenly spaced single messages at these msgs/s, round-robin over the "
+                         "matches: one message at a time, the floor's own situation (default 1.5; '' for none)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of publishing per round (default 30)")
     ap.add_argument("--partitions", type=int, default=4, help="partitions of topic matches (default 4)")
     ap.add_argument("--floor-sockets", type=int, default=15_000,
@@ -400,9 +423,13 @@ def main() -> int:
     workers = args.workers or workers_needed(n, args.max_per_worker)
     if args.floor_sockets >= 19_000:
         sys.exit("--floor-sockets must stay under 19,000 (one sender process holds them)")
-    mults = [float(x) for x in args.rates.split(",") if x.strip()]
-    if not mults or any(m <= 0 for m in mults):
-        sys.exit("--rates: positive multipliers of the demo's traffic, e.g. 1,10")
+    try:
+        plan = [("demo", float(x)) for x in args.rates.split(",") if x.strip()] + \
+               [("steady", float(x)) for x in args.steady_rates.split(",") if x.strip()]
+    except ValueError:
+        sys.exit("--rates, --steady-rates: comma-separated numbers, e.g. 1,10")
+    if not plan or any(m <= 0 for _, m in plan):
+        sys.exit("--rates, --steady-rates: positive numbers, e.g. --rates 1,10 --steady-rates 1.5")
     check_machine(n, procs, args.per_process, workers)
     t_start = time.monotonic()
     deadline = t_start + args.budget
@@ -456,15 +483,27 @@ def main() -> int:
         if ready != n:
             raise RuntimeError(f"only {ready} of {n} connections ready ({failed} failed); "
                                f"gateway log:\n{open(gw.log_path, encoding='utf-8').read()[-3000:]}")
+        cpu_i, brk_i, t_i = lg.gateway_cpu(gw.pid), sum(proc_cpu_seconds(p) for p in brokers), time.monotonic()
+        time.sleep(5.0)
+        wall_i = time.monotonic() - t_i
+        doc["idle"] = {"seconds": round(wall_i, 2),
+                       "gateway_cpu_share": round((lg.gateway_cpu(gw.pid) - cpu_i) / wall_i, 3),
+                       "broker_cpu_share": round((sum(proc_cpu_seconds(p) for p in brokers) - brk_i) / wall_i, 3)}
+        print(f"  idle, {ready:,} connected: gateway {doc['idle']['gateway_cpu_share']:.1%} of a CPU, brokers "
+              f"{doc['idle']['broker_cpu_share']:.1%}", flush=True)
         doc["rounds"] = []
-        for mult in mults:
+        for pattern, value in plan:
+            what = f"the demo's traffic x {value:g}" if pattern == "demo" else f"{value:g} msgs/s, one at a time"
             if time.monotonic() + args.duration + 120 > deadline:
-                print(f"budget of {args.budget:g} s used up: round x{mult:g} not run", flush=True)
+                print(f"budget of {args.budget:g} s used up: round {what} not run", flush=True)
                 break
-            print(f"round: the demo's traffic x {mult:g} for {args.duration:g} s ...", flush=True)
-            r = run_round(gw, clients, brokers, mult, args.duration, args.seed, args.drain_timeout, tmp)
+            print(f"round: {what} for {args.duration:g} s ...", flush=True)
+            r = run_round(gw, clients, brokers, pattern, value, args.duration, args.seed, args.drain_timeout, tmp)
             r["verdict"] = verdict(r["latency_ms"].get("p99", math.inf), doc["floor"]["floor_ms_one_core"],
                                    doc["kafka_rtt"]["deliver"]["p99"])
+            r["largest_burst"] = largest_burst(clients.per_subject, pattern, value, args.duration, args.seed)
+            r["largest_burst"]["floor_ms_one_core"] = round(
+                doc["floor"]["cpu_ns_per_send"] * r["largest_burst"]["sends"] / 1e6, 3)
             r["gateway_alive"] = gw.alive()
             doc["rounds"].append(r)
             lat, v = r["latency_ms"], r["verdict"]

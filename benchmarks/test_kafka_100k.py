@@ -79,3 +79,13 @@ def test_demo_plan_is_the_demo_feeds_bursts() -> None:
         loadgen.publish_plan(1.0, 10.0, 5, "demo")
     with pytest.raises(ValueError, match="unknown publish pattern"):
         loadgen.publish_plan(1.0, 10.0, 10, "bursty")
+
+
+def test_largest_burst_sums_the_subscribers_of_a_ticks_updates() -> None:
+    per_subject = np.array([0] + [100 * i for i in range(1, 11)])  # subject i has 100 x i subscribers
+    due, subj = loadgen.publish_plan(1.0, 60.0, 10, "demo", seed=5)
+    worst = max({t: sum(per_subject[s] for d, s in zip(due, subj) if d == t) for t in set(due)}.values())
+    burst = k.largest_burst(per_subject, "demo", 1.0, 60.0, 5)
+    assert burst["sends"] == worst and 1 <= burst["messages"] <= 5
+    # steady: one message per instant, the busiest subject's subscribers
+    assert k.largest_burst(per_subject, "steady", 1.5, 10.0, 0) == {"messages": 1, "sends": 1000}
