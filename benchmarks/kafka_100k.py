@@ -322,8 +322,19 @@ def largest_burst(per_subject, pattern: str, value: float, duration: float, seed
     return {"messages": count[at], "sends": sends[at]}
 
 
+def start_profiler(pid: int, seconds: float, out: str) -> subprocess.Popen:
+    import sweep  # noqa: PLC0415
+
+    if sweep.PY_SPY is None:
+        sys.exit("--profile needs py-spy (pip install py-spy)")
+    # --native (Cython and C frames) stops the process for each sample: 100 Hz keeps that small.
+    return subprocess.Popen([sweep.PY_SPY, "record", "--native", "--format", "raw", "--rate", "100",
+                             "--duration", str(max(1, int(seconds))), "--pid", str(pid), "--output", out],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run_round(gw: Workers, clients: Clients, brokers: list[int], pattern: str, value: float, duration: float,
-              seed: int, drain_timeout: float, tmp: str) -> dict:
+              seed: int, drain_timeout: float, tmp: str, profile: str | None = None) -> dict:
     """One round of `pattern` (loadgen.publish_plan: demo x value, or steady at value msgs/s)."""
     import numpy as np
 
@@ -342,9 +353,16 @@ def run_round(gw: Workers, clients: Clients, brokers: list[int], pattern: str, v
         per_worker1 = [proc_cpu_seconds(p) for p in gw.worker_pids]
         ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), lg.runqueue_wait_seconds(gw.pid)
         brk1 = sum(proc_cpu_seconds(p) for p in brokers)
+        spy = start_profiler(gw.worker_pids[0], duration, profile) if profile else None
         publisher.send({"op": "run", "rate": value, "seconds": duration, "subjects": SUBJECTS, "size": 64,
                         "pattern": pattern, "seed": seed, "ack_timeout": 30})
         pub = publisher.recv(duration + 90)
+        if spy is not None:
+            try:
+                spy.wait(60)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(5)
         finals = [c.call({"op": "finish", "final": pub["final"], "timeout": drain_timeout, "dir": tmp},
                          timeout=drain_timeout + 90) for c in clients.children]
         wall = time.monotonic() - t1
@@ -415,6 +433,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--budget", type=float, default=1200.0, help="stop starting new phases after this many seconds")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra `gateway serve` flag (repeatable)")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="py-spy --native on gateway worker 1 during the last round: a self/inclusive summary "
+                         "to FILE (py-spy must be installed next to this python or on PATH)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "kafka_100k.json"))
     args = ap.parse_args()
     n = args.connections
@@ -498,7 +519,18 @@ def main() -> int:
                 print(f"budget of {args.budget:g} s used up: round {what} not run", flush=True)
                 break
             print(f"round: {what} for {args.duration:g} s ...", flush=True)
-            r = run_round(gw, clients, brokers, pattern, value, args.duration, args.seed, args.drain_timeout, tmp)
+            last = (pattern, value) == plan[-1]
+            raw = os.path.join(tmp, "profile.raw") if args.profile and last else None
+            r = run_round(gw, clients, brokers, pattern, value, args.duration, args.seed, args.drain_timeout, tmp,
+                          raw)
+            if raw:
+                import sweep  # noqa: PLC0415
+
+                with open(args.profile, "w", encoding="utf-8") as fh:
+                    fh.write(f"py-spy --native, gateway worker 1 of {workers} (pid {gw.worker_pids[0]}, "
+                             f"{per_worker[0]:,} sockets), N={n:,}, round: {what}\n"
+                             + sweep.profile_summary(raw))
+                r["profile"] = os.path.relpath(args.profile, ROOT)
             r["verdict"] = verdict(r["latency_ms"].get("p99", math.inf), doc["floor"]["floor_ms_one_core"],
                                    doc["kafka_rtt"]["deliver"]["p99"])
             r["largest_burst"] = largest_burst(clients.per_subject, pattern, value, args.duration, args.seed)
