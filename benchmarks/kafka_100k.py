@@ -15,6 +15,8 @@ In one run, one step after the other:
            100k, more than one process may hold (20,000 open files), so the floor is that per-send
            CPU time x the subscribers of the busiest match: the time one core needs to write them all
            (issue 12's definition). The same x 1/2 is the ideal with the work split over both cores.
+           Then the same loop with readers that sleep in epoll_wait (as the load clients do), so that
+           each send also wakes a reader: what co-located clients add to a sender's cost.
   rtt      the Kafka round trip alone, no gateway: an aiokafka producer (acks=all, the gateway's linger)
            to an aiokafka consumer (the gateway's fetch wait) on the same cluster
            (benchmarks/kafka_latency.py's baseline), --rtt-messages at --rtt-rate.
@@ -187,6 +189,13 @@ def measure_floor(sockets: int, repeats: int, busiest_match: int) -> dict:
     try:
         sweep.fs.build_sendref(tmp)
         f = sweep.measure_floor(sockets, sockets, repeats, tmp)["subject"]
+        # The same loop with readers that sleep in epoll_wait, as the load clients do: every send then
+        # also wakes a reader on the other CPU. Not the issue's floor; what this box's clients cost a sender.
+        sweep.fs.DRAIN_WAIT_MS = 100
+        try:
+            w = sweep.measure_floor(sockets, sockets, repeats, tmp)["subject"]
+        finally:
+            sweep.fs.DRAIN_WAIT_MS = 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     per_send_ms = f["cpu_ns_per_delivery_median"] / 1e6
@@ -195,7 +204,10 @@ def measure_floor(sockets: int, repeats: int, busiest_match: int) -> dict:
             "busiest_match_subscribers": busiest_match,
             "floor_ms_one_core": round(per_send_ms * busiest_match, 3),
             "floor_ms_both_cores": round(per_send_ms * busiest_match / 2, 3),
-            "rule": "CPU time per send(2) over measured_sockets x the busiest match's subscribers (one core)"}
+            "rule": "CPU time per send(2) over measured_sockets x the busiest match's subscribers (one core)",
+            "sleeping_readers": {"cpu_ns_per_send": round(w["cpu_ns_per_delivery_median"], 1),
+                                 "measured_e2e_ms_median": round(w["e2e_ms_median"], 3),
+                                 "ms_one_core": round(w["cpu_ns_per_delivery_median"] / 1e6 * busiest_match, 3)}}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,6 +232,7 @@ class Workers:
              "--workers", str(workers), "--port", str(self.port), "--log-level", "warning", *extra],
             cwd="/", stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
+        self.worker_pids: list[int] = []
         deadline = time.monotonic() + 90
         text = ""
         while time.monotonic() < deadline:
@@ -228,11 +241,11 @@ class Workers:
             if text.count(" serving on ") >= workers or self.proc.poll() is not None:
                 break
             time.sleep(0.2)
-        m = re.search(r"workers on port \d+ \(pids ([\d, ]+)\)", text)
-        if text.count(" serving on ") < workers or not m:
+        m = re.search(r"workers on port \d+ \(pids ([\d, ]+)\)", text)  # one worker: no supervisor
+        if text.count(" serving on ") < workers or (workers > 1 and not m):
             self.stop()
             sys.exit(f"the gateway's {workers} workers did not all start:\n{text[-3000:]}")
-        self.worker_pids = [int(p) for p in m.group(1).split(",")]
+        self.worker_pids = [int(p) for p in m.group(1).split(",")] if m else [self.pid]
         ncpu = os.cpu_count() or 1
         self.pinning = {}
         for i, pid in enumerate(self.worker_pids):
@@ -260,6 +273,8 @@ class Workers:
     def stop(self) -> None:
         lg.stop_process(self.proc, grace=30)  # SIGTERM: the supervisor forwards it to every worker
         for pid in self.worker_pids:  # a worker left behind (the supervisor was killed): by its pid
+            if pid == self.pid:
+                continue
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
@@ -475,7 +490,8 @@ def main() -> int:
         print(f"floor: C send loop over {args.floor_sockets:,} sockets, scaled to {busiest:,} ...", flush=True)
         doc["floor"] = measure_floor(args.floor_sockets, args.floor_repeats, busiest)
         print(f"  {doc['floor']['cpu_ns_per_send']:.0f} ns per send: floor {doc['floor']['floor_ms_one_core']:.1f} ms "
-              f"on one core ({doc['floor']['floor_ms_both_cores']:.1f} ms over both)", flush=True)
+              f"on one core ({doc['floor']['floor_ms_both_cores']:.1f} ms over both); with sleeping readers "
+              f"{doc['floor']['sleeping_readers']['cpu_ns_per_send']:.0f} ns per send", flush=True)
         print(f"rtt: {args.rtt_messages} Kafka round trips at {args.rtt_rate:g}/s, no gateway ...", flush=True)
         doc["kafka_rtt"] = kafka_rtt(broker, args.rtt_messages, args.rtt_rate)
         d = doc["kafka_rtt"]["deliver"]
