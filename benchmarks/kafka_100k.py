@@ -455,8 +455,11 @@ def main() -> int:
     args = ap.parse_args()
     n = args.connections
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    procs = client_processes(n, args.per_process, soft)
-    workers = args.workers or workers_needed(n, args.max_per_worker)
+    try:
+        procs = client_processes(n, args.per_process, soft)
+        workers = args.workers or workers_needed(n, args.max_per_worker)
+    except ValueError as e:
+        sys.exit(f"kafka_100k.py: {e}")
     if args.floor_sockets >= 19_000:
         sys.exit("--floor-sockets must stay under 19,000 (one sender process holds them)")
     try:
