@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import datetime
 import ipaddress
 import os
@@ -278,7 +279,10 @@ class KafkaCluster:
                                      stdin=subprocess.DEVNULL, stdout=node.log_file, stderr=subprocess.STDOUT)
 
     def start(self) -> KafkaCluster:
+        """Format and start every node and wait until the cluster is ready. Until `stop()`, the nodes
+        are also stopped when this process exits or gets SIGTERM (`_stop_at_exit`)."""
         started = time.monotonic()
+        _stop_at_exit(self)
         try:
             if not os.path.exists(self._broker_pem):
                 write_tls_files(self.ca_file, self._broker_pem)
@@ -317,14 +321,18 @@ class KafkaCluster:
 
     def stop(self) -> None:
         """Kill every node (its data is thrown away with the work dir: no need for a controlled
-        shutdown, which takes seconds per node once the quorum shrinks)."""
+        shutdown, which takes seconds per node once the quorum shrinks). Idempotent."""
+        _running.discard(self)
+        self._kill_nodes()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _kill_nodes(self) -> None:
         for node in self.nodes:
             try:
                 self.kill_node(node, signal.SIGKILL)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def rss_mib(self) -> float:
         return sum(rss_kib(node.pid) for node in self.nodes if node.pid) / 1024
@@ -384,6 +392,46 @@ class KafkaCluster:
             finally:
                 await admin.close()
         return out
+
+
+#: clusters started and not stopped yet, stopped by `_stop_running` when the process exits
+_running: set[KafkaCluster] = set()
+_exit_hooks = False
+
+
+def _stop_running() -> None:
+    for cluster in list(_running):
+        cluster.stop()
+
+
+def _stop_at_exit(cluster: KafkaCluster) -> None:
+    """Stop `cluster` (its JVMs, by PID) when this process exits, normally or on SIGTERM, if nothing
+    stopped it before. SIGTERM needs a handler: by default it ends Python at once, without finally
+    blocks, fixture teardowns or atexit, and a SIGTERMed pytest used to leave its brokers running.
+    The handler stops the clusters, then does what SIGTERM did before (the previous handler, or the
+    default: the process dies of SIGTERM). Installed once, from the main thread only (Python's rule);
+    atexit covers a normal exit either way."""
+    global _exit_hooks
+    _running.add(cluster)
+    if _exit_hooks:
+        return
+    _exit_hooks = True
+    atexit.register(_stop_running)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _stop_running()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_ca(common_name: str = "kafka-ws-gateway test CA") -> tuple[Any, Any]:
