@@ -1,10 +1,12 @@
 """The tests' own Apache Kafka cluster (tests/support/kafka_cluster.py), one node each to stay cheap:
-its JVMs go when the process that started them exits or gets SIGTERM."""
+its JVMs go when the process that started them exits or gets SIGTERM, and a port taken between
+picking it and binding it costs a new try, not the start."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SCALE
+from support.kafka_cluster import START_TIMEOUT_S, KafkaCluster
 
 pytestmark = pytest.mark.kafka
 
@@ -72,3 +75,20 @@ def test_the_cluster_jvms_stop_when_the_process_that_started_them_ends(ending: s
             for p in pids:  # whatever the outcome, nothing of this test stays behind
                 if _kafka_jvm(p):
                     os.kill(p, signal.SIGKILL)
+
+
+def test_a_port_taken_before_the_node_binds_it_costs_a_new_try_on_fresh_ports() -> None:
+    cluster = KafkaCluster(1)
+    taken = cluster.nodes[0].port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", taken))  # as a parallel cluster would, after free_ports() let it go
+        squatter.listen()
+        try:
+            cluster.start()
+            assert cluster.start_attempts == 2
+            assert taken not in {cluster.nodes[0].port, cluster.nodes[0].controller_port}
+            with socket.create_connection(("127.0.0.1", cluster.nodes[0].port), timeout=START_TIMEOUT_S):
+                pass
+        finally:
+            cluster.stop()
+    assert not os.path.exists(cluster.workdir)
