@@ -265,6 +265,8 @@ def frames():
 
 
 async def wait_for_count(get, n: int, timeout: float) -> None:
+    # Not tests/support/waits.wait_until, the suite's polling helper: benchmarks import no tests code
+    # (these children run as `python benchmarks/fanout_sockets.py`, without tests/ on sys.path).
     deadline = time.monotonic() + timeout
     while get() < n:
         if time.monotonic() > deadline:

@@ -21,7 +21,7 @@ import orjson
 
 from fanout import COMPILED, Writer, WSState
 
-from . import __version__, http, protocol
+from . import __version__, http, protocol, tls
 from .auth import Authenticator, ExpiryQueue
 from .config import Config
 from .engines.base import Engine
@@ -104,6 +104,7 @@ class Gateway:
         self._unconnected: set[Session] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -128,16 +129,13 @@ class Gateway:
         self.writer = Writer(self.loop, coalesce_window=self.config.coalesce_us / 1e6,
                              coalesce_min_conns=self.config.coalesce_min_conns)
         await self.engine.start()
-        ctx = None
-        if self.config.tls_cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        if self.config.tls_cert:  # started per connection, after the accept (gateway/tls.py says why)
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         self._server = await self.loop.create_server(
             self._new_session,
             self.config.host,
             self.config.port,
-            ssl=ctx,
-            ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000 if ctx else None,
             reuse_port=reuse_port or None,
             backlog=4096,
         )
@@ -203,6 +201,8 @@ class Gateway:
         if not self.admission.opened(session.address):
             return False
         self._unconnected.add(session)  # until its connect: the sweep enforces the timeouts
+        if self._tls is not None:
+            tls.start(self, session, self._tls)  # in connection_made, before the first read
         return True
 
     def session_opened(self, session: Session) -> None:
