@@ -623,8 +623,9 @@ class Channel:
             if last._ch is self:
                 last._chidx = idx
             else:
-                assert last._chidxs is not None
-                last._chidxs[last._find(self)] = idx
+                pos = last._find(self)
+                if pos >= 0 and last._chidxs is not None:  # always, while `last` is in our list
+                    last._chidxs[pos] = idx
 
     def add(self, conn: Conn) -> bool:
         if not isinstance(conn, Conn):

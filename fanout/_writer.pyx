@@ -660,12 +660,15 @@ cdef class Channel:
 
     cdef void _remove_at(self, Py_ssize_t idx):
         cdef Conn last = self._conns.pop()
+        cdef Py_ssize_t pos
         if idx < PyList_GET_SIZE(self._conns):
             self._conns[idx] = last
             if last._ch is self:
                 last._chidx = <int>idx
             else:
-                last._chidxs[last._find(self)] = <int>idx
+                pos = last._find(self)
+                if pos >= 0:  # always, while `last` is in our list (never a write outside its array)
+                    last._chidxs[pos] = <int>idx
 
     def add(self, Conn conn not None):
         """Subscribe ``conn``.
