@@ -101,7 +101,9 @@ class Gateway:
         self.admission = Admission(config)
         self._origins = normalize_origins(config.allowed_origins)
         self.sessions: set[Session] = set()
-        self._unconnected: set[Session] = set()
+        # sessions not connected yet -> when they were accepted (the sweep enforces the timeouts); a
+        # connected session keeps no such time
+        self._unconnected: dict[Session, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         self._tls: ssl.SSLContext | None = None
@@ -162,14 +164,14 @@ class Gateway:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for session in list(self.sessions | self._unconnected):
+        for session in list(self.sessions | self._unconnected.keys()):
             session.disconnect(protocol.CloseCode.GOING_AWAY, "gateway shutting down")
         if self.writer is not None:
             self.writer.flush()
         deadline = self.loop.time() + 2.0
         while (self.sessions or self._unconnected) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for session in list(self.sessions | self._unconnected):
+        for session in list(self.sessions | self._unconnected.keys()):
             session._abort()
         for task in list(self._tasks):
             task.cancel()
@@ -200,7 +202,7 @@ class Gateway:
         """A TCP connection was accepted; False: close it at once (the process is out of descriptors)."""
         if not self.admission.opened(session.address):
             return False
-        self._unconnected.add(session)  # until its connect: the sweep enforces the timeouts
+        self._unconnected[session] = self.loop.time()
         if self._tls is not None:
             tls.start(self, session, self._tls)  # in connection_made, before the first read
         return True
@@ -211,12 +213,12 @@ class Gateway:
         self.sessions.add(session)
 
     def session_connected(self, session: Session) -> None:
-        self._unconnected.discard(session)
+        self._unconnected.pop(session, None)
 
     def session_closed(self, session: Session) -> None:
         """The connection is gone (its connection_lost), whatever state it reached."""
         self.sessions.discard(session)
-        self._unconnected.discard(session)
+        self._unconnected.pop(session, None)
         self.admission.closed(session.address)
 
     def _new_session(self) -> asyncio.Protocol:
@@ -253,14 +255,14 @@ class Gateway:
                 session.ping(now)
         limit = self.config.connect_timeout_ms / 1000
         handshake = self.config.handshake_timeout_ms / 1000
-        for session in list(self._unconnected):
-            age = now - session.created
+        for session, created in list(self._unconnected.items()):
+            age = now - created
             if session.ws_state == WSState.HTTP and age >= min(handshake, limit):  # still in its HTTP request
-                self._unconnected.discard(session)
+                del self._unconnected[session]
                 self.admission.refused("handshake_timeout")
                 session.disconnect()  # before the upgrade: no response, the socket is just closed
             elif age >= limit:
-                self._unconnected.discard(session)
+                del self._unconnected[session]
                 session.disconnect(protocol.CloseCode.POLICY, "no connect in time")
         if len(self.expiries):
             self.expire_tokens(time.time())

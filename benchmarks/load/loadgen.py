@@ -407,6 +407,48 @@ def gateway_rss(pid: int) -> int:
     return total
 
 
+#: the slab caches a connected TCP socket takes objects from (its sock, inode, file, dentry, epoll entry)
+SOCKET_SLABS = ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi")
+
+
+def kernel_socket_memory() -> dict:
+    """The machine's kernel memory for sockets now: active objects and object size of SOCKET_SLABS
+    (/proc/slabinfo, readable by root only; {} otherwise) and the TCP line of /proc/net/sockstat
+    (sockets in use, buffer memory in pages)."""
+    out: dict = {"slabs": {}}
+    try:
+        with open("/proc/slabinfo", encoding="ascii") as fh:
+            for line in fh:
+                f = line.split()
+                if f and f[0] in SOCKET_SLABS:
+                    out["slabs"][f[0]] = {"active": int(f[1]), "objsize": int(f[3])}
+    except OSError:
+        pass
+    with open("/proc/net/sockstat", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("TCP:"):
+                f = line.split()
+                out["tcp"] = {k: int(v) for k, v in zip(f[1::2], f[2::2])}
+    return out
+
+
+def kernel_memory_delta(before: dict, after: dict) -> dict:
+    """Kernel memory added between two kernel_socket_memory() readings, per TCP socket added. Client and
+    gateway run on this machine, so both ends of every connection are counted: per socket is what one
+    gateway-side socket costs (the ends are alike)."""
+    sockets = after["tcp"]["inuse"] - before["tcp"]["inuse"]
+    slabs = {name: (after["slabs"][name]["active"] - before["slabs"][name]["active"]) * after["slabs"][name]["objsize"]
+             for name in after["slabs"] if name in before["slabs"]}
+    page = os.sysconf("SC_PAGE_SIZE")
+    per = max(1, sockets)
+    return {"tcp_sockets_added": sockets,
+            "slab_bytes_per_socket": {k: round(v / per) for k, v in slabs.items()},
+            "slab_bytes_per_socket_total": round(sum(slabs.values()) / per) if slabs else None,
+            "slab_object_sizes": {k: v["objsize"] for k, v in after["slabs"].items()},
+            "tcp_buffer_bytes_per_socket": round((after["tcp"]["mem"] - before["tcp"]["mem"]) * page / per),
+            "tcp_buffer_pages_after": after["tcp"]["mem"]}
+
+
 class Gateway:
     def __init__(self, extra: list[str], cpus: set[int] | None) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", "0", "--log-level",
@@ -486,6 +528,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
     try:
         time.sleep(0.5)
         rss0 = gateway_rss(gpid)
+        kernel0 = kernel_socket_memory()
         for k, chunk in enumerate(np.array_split(subs, procs)):
             child = Child([sys.executable, me, "--role", "client"], env=env, name=f"client-{k}")
             if client_cpus:
@@ -505,11 +548,13 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         ready = sum(p["ready"] for p in prog)
         time.sleep(1.0)  # let the gateway settle before reading memory
         rss1 = gateway_rss(gpid)
+        kernel1 = kernel_socket_memory()
         result["connect"] = {"ready": ready, "failed": sum(p["failed"] for p in prog), "seconds": round(t_conn, 3),
                              "setups_per_s": round(ready / t_conn, 1),
                              "gateway_cpu_us_per_connection": round(cpu_conn / max(1, ready) * 1e6, 1)}
         result["memory"] = {"gateway_rss_before": rss0, "gateway_rss_connected": rss1,
-                            "bytes_per_connection": round((rss1 - rss0) / max(1, ready))}
+                            "bytes_per_connection": round((rss1 - rss0) / max(1, ready)),
+                            "kernel": kernel_memory_delta(kernel0, kernel1)}
         # -- idle CPU of the connected gateway (heartbeats and pings), 2 s
         cpu_i0, t_i0 = gateway_cpu(gpid), time.monotonic()
         time.sleep(2.0)
@@ -631,7 +676,9 @@ def main() -> None:
         r = results["runs"][-1]
         d, lat = r["delivery"], r["latency_ms"]
         print(f"N={n}: {r['connect']['ready']} ready ({r['connect']['setups_per_s']:g}/s), "
-              f"{r['memory']['bytes_per_connection']} B/conn; {d['deliveries']} deliveries "
+              f"{r['memory']['bytes_per_connection']} B/conn (kernel: slab "
+              f"{r['memory']['kernel']['slab_bytes_per_socket_total']} B, buffers "
+              f"{r['memory']['kernel']['tcp_buffer_bytes_per_socket']} B per socket); {d['deliveries']} deliveries "
               f"({d['deliveries_per_s']:g}/s), lost {d['lost_in_gaps'] + d['missing_at_end']}, "
               f"dup {d['duplicates']}, ooo {d['out_of_order']}; latency ms p50 {lat.get('p50')} "
               f"p99 {lat.get('p99')} max {lat.get('max')}; gateway {d['gateway_cpu_us_per_delivery']} us/delivery, "
