@@ -27,10 +27,19 @@ from gateway import config as cfg
 from gateway.limits import Admission, TokenBucket, default_max_connections, normalize_origins, origin_allowed
 from gateway.session import close_reason
 from support.waits import wait_until
-from support.ws import WAIT, client_frame, close_code, connected, raw_upgrade, read_frames, recv, recv_until, send
-
-_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
-
+from support.ws import (
+    WAIT,
+    client_frame,
+    close_code,
+    connected,
+    raw_upgrade,
+    read_frames,
+    read_head,
+    recv,
+    recv_until,
+    send,
+    upgrade_request,
+)
 
 # ---- a well-behaved client, there during every attack ----------------------------------------------
 
@@ -92,15 +101,8 @@ def _upgrade(port: int, headers: str = "", source: str | None = None) -> tuple[s
         sock.bind((source, 0))
     sock.settimeout(WAIT)
     sock.connect(("127.0.0.1", port))
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {_KEY}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return sock, data
+    sock.sendall(upgrade_request(port, headers=headers))
+    return sock, read_head(sock)
 
 
 def _raw_http(port: int, request: bytes) -> bytes:

@@ -13,7 +13,7 @@ import pytest
 from conftest import SCALE
 from support.fanout_tls import _cert_pem, contexts
 from support.waits import wait_until
-from support.ws import WAIT, connected, recv, recv_until, send
+from support.ws import WAIT, connected, read_head, recv, recv_until, send, upgrade_request
 
 pytestmark = pytest.mark.both_loops
 
@@ -71,15 +71,8 @@ def _wss_upgrade(port: int, source: str) -> bytes:
     """A whole TLS handshake and WebSocket upgrade request from `source`; the response head (then closed)."""
     _, client_ctx = contexts()
     with client_ctx.wrap_socket(_tcp(port, source), server_hostname="127.0.0.1") as tls:
-        tls.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = tls.recv(4096)
-            if not chunk:
-                break
-            head += chunk
+        tls.sendall(upgrade_request(port))
+        head = read_head(tls)
     return head
 
 

@@ -86,6 +86,26 @@ async def no_frame(ws: ClientConnection, skip: tuple[str, ...] = ("hb",)) -> Non
 _sentinels = itertools.count(1)
 
 
+UPGRADE_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def upgrade_request(port: int, path: str = "/ws", headers: str = "") -> bytes:
+    """A WebSocket upgrade request head for 127.0.0.1:`port`; `headers`: extra lines, each ending in CRLF."""
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {UPGRADE_KEY}\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n").encode()
+
+
+def read_head(sock: Any) -> bytes:
+    """Read a response head (up to its blank line, or what came before the peer closed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def raw_upgrade(port: int, path: str = "/ws", rcvbuf: int | None = None) -> socket.socket:
     """A raw TCP socket that did the HTTP upgrade by hand (for frames no library would send).
     `rcvbuf` is set before connecting, so the TCP window really is that small."""
@@ -94,15 +114,9 @@ def raw_upgrade(port: int, path: str = "/ws", rcvbuf: int | None = None) -> sock
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(WAIT)
     sock.connect(("127.0.0.1", port))
-    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, "server closed during the handshake"
-        data += chunk
-    assert data.startswith(b"HTTP/1.1 101"), data
+    sock.sendall(upgrade_request(port, path))
+    data = read_head(sock)
+    assert data.startswith(b"HTTP/1.1 101"), data or "server closed during the handshake"
     return sock
 
 
