@@ -69,6 +69,9 @@ DRAIN_MAX = 5000          # sockets per drain process (well under the 20k fd lim
 RUN_BUDGET = 8 * 60       # the whole run, seconds
 CMD_TIMEOUT = 120.0       # one command to a child, seconds
 ROUND_TIMEOUT = 30.0      # one drain round, seconds
+#: 0: the drains poll (the floor: no wake-up per send); > 0: they sleep in epoll_wait up to this many ms,
+#: as clients on the same machine do, so every send also wakes a reader (kafka_100k.py measures both)
+DRAIN_WAIT_MS = 0
 MAX_RETRIES = 4           # a disturbed round (see disturbed()) is run again at most this often
 
 # 60-byte JSON payload -> 62-byte frame (2-byte header, unmasked server frame)
@@ -127,10 +130,12 @@ cdef extern from *:
         return bad;
     }
 
-    /* Read every ready socket until `expected` bytes came or the deadline passed. It polls
-       (epoll_wait with timeout 0) instead of sleeping: a sleeping reader makes every send()
-       on the sender's CPU pay for a cross-CPU wake-up, a cost remote clients never cause. */
-    static long long ref_drain(int epfd, long long expected, double timeout, double* t_last, long* eofs) {
+    /* Read every ready socket until `expected` bytes came or the deadline passed. By default it
+       polls (epoll_wait with timeout 0) instead of sleeping: a sleeping reader makes every send()
+       on the sender's CPU pay for a cross-CPU wake-up, a cost remote clients never cause.
+       wait_ms > 0 sleeps in epoll_wait as ordinary clients on the same machine do (DRAIN_WAIT_MS). */
+    static long long ref_drain(int epfd, long long expected, double timeout, int wait_ms, double* t_last,
+                               long* eofs) {
         static char buf[1 << 18];
         struct epoll_event ev[1024];
         long long got = 0;
@@ -138,10 +143,10 @@ cdef extern from *:
         *t_last = 0.0;
         *eofs = 0;
         while (got < expected) {
-            int n = epoll_wait(epfd, ev, 1024, 0);
+            int n = epoll_wait(epfd, ev, 1024, wait_ms);
             if (n == 0) {
                 if (ref_now() > deadline) break;
-                sched_yield();  /* share the drain CPU with the other drains of this round */
+                if (!wait_ms) sched_yield();  /* share the drain CPU with the other drains of this round */
                 continue;
             }
             if (n < 0) {
@@ -164,7 +169,8 @@ cdef extern from *:
     double ref_now() nogil
     long ref_send_each(const int* fds, long n, const char* buf, size_t len) nogil
     long ref_sendmsg_each(const int* fds, long n, iovec* iov, int cnt, size_t total) nogil
-    long long ref_drain(int epfd, long long expected, double timeout, double* t_last, long* eofs) nogil
+    long long ref_drain(int epfd, long long expected, double timeout, int wait_ms, double* t_last,
+                        long* eofs) nogil
 
 
 def now():
@@ -212,13 +218,13 @@ def sendmsg_each(int[::1] fds, list frames):
     return bad
 
 
-def drain(int epfd, long long expected, double timeout):
+def drain(int epfd, long long expected, double timeout, int wait_ms=0):
     """-> (bytes received, CLOCK_MONOTONIC time of the last read, sockets that hit EOF)."""
     cdef double t_last = 0.0
     cdef long eofs = 0
     cdef long long got
     with nogil:
-        got = ref_drain(epfd, expected, timeout, &t_last, &eofs)
+        got = ref_drain(epfd, expected, timeout, wait_ms, &t_last, &eofs)
     return got, t_last, eofs
 '''
 
@@ -259,6 +265,8 @@ def frames():
 
 
 async def wait_for_count(get, n: int, timeout: float) -> None:
+    # Not tests/support/waits.wait_until, the suite's polling helper: benchmarks import no tests code
+    # (these children run as `python benchmarks/fanout_sockets.py`, without tests/ on sys.path).
     deadline = time.monotonic() + timeout
     while get() < n:
         if time.monotonic() > deadline:
@@ -460,7 +468,7 @@ def role_drain() -> None:
             reply({"n": len(socks)})
         elif op == "drain":
             expected = cmd["per_sock"] * len(socks)
-            got, t_last, eofs = ref.drain(ep.fileno(), expected, cmd["timeout"])
+            got, t_last, eofs = ref.drain(ep.fileno(), expected, cmd["timeout"], cmd.get("wait_ms", 0))
             reply({"got": got, "expected": expected, "t_last": t_last, "eofs": eofs})
 
 
@@ -513,7 +521,7 @@ def run_round(variant: str, n: int, senders: dict, drains: dict) -> dict:
     sender, group = senders[key], drains[key]
     msgs = MSGS[variant]
     for d in group:
-        d.send({"op": "drain", "per_sock": FRAME_LEN * msgs, "timeout": ROUND_TIMEOUT})
+        d.send({"op": "drain", "per_sock": FRAME_LEN * msgs, "timeout": ROUND_TIMEOUT, "wait_ms": DRAIN_WAIT_MS})
     s = sender.call({"op": "run", "variant": variant})
     ds = [d.recv(ROUND_TIMEOUT + 10) for d in group]
     got = sum(d["got"] for d in ds)

@@ -20,7 +20,8 @@ subjects /matches/football/1..10, as benchmarks/load/loadgen.py does):
            (delivered < 90 % of offered, a p99 over --max-p99-ms, or messages missing at the end).
            Per round: publish -> receive latency percentiles, deliveries/s, gateway CPU (share of one
            core, per delivery) and its wait for a CPU, lost / duplicated / out-of-order, other
-           processes' CPU. The gateway runs on CPU 0, clients and publisher on CPU 1.
+           processes' CPU, the gateway's cyclic-GC collections per generation (from its /metrics).
+           The gateway runs on CPU 0, clients and publisher on CPU 1.
   profile  (unless --no-profile) py-spy --native on the gateway during one more round at the knee of
            the largest N, coalescing off: the functions that dominate there.
 
@@ -128,6 +129,19 @@ def sockstat_tcp_bytes() -> int:
     return 0
 
 
+def gc_collections(port: int) -> list[float] | None:
+    """The gateway's cyclic-GC collections so far per generation (its /metrics), None if it has none."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{lg.HOST}:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    found = dict(re.findall(r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', text, re.M))
+    return [float(found[g]) for g in "012"] if len(found) == 3 else None
+
+
 class Loaded:
     """One gateway with N connected, subscribed C clients; rounds of publishing at given rates."""
 
@@ -199,6 +213,7 @@ class Loaded:
             for c in self.children:
                 c.call({"op": "record"})
             ours = [c.pid for c in self.children] + [publisher.pid]
+            gc1 = gc_collections(self.port)
             cpu1, busy1, t1 = lg.gateway_cpu(self.pid), machine_busy_seconds(), time.monotonic()
             ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), lg.runqueue_wait_seconds(self.pid)
             if profile:
@@ -217,6 +232,7 @@ class Loaded:
             busy = machine_busy_seconds() - busy1
             ours_cpu = sum(proc_cpu_seconds(p) for p in ours) - ours1
             wait = lg.runqueue_wait_seconds(self.pid) - wait1
+            gc2 = gc_collections(self.port)
         finally:
             publisher.stop()
             if spy is not None:
@@ -242,6 +258,8 @@ class Loaded:
                 "gateway_runqueue_wait_share": round(wait / wall, 3),
                 "clients_and_publisher_cpu_share": round(ours_cpu / wall, 3),
                 "other_processes_cpu_share": round(max(0.0, busy - cpu - ours_cpu) / wall, 3),
+                # full collections walk every connection's objects: they should stay at 0 in steady state
+                "gc_collections": None if gc1 is None or gc2 is None else [round(b - a) for a, b in zip(gc1, gc2)],
                 "latency_ms": lg.percentiles_ms(lat)}
 
     def close(self) -> None:
@@ -293,6 +311,7 @@ def summarize(mode: dict, floor: dict) -> dict:
             "knee_gateway_cpu_us_per_delivery": knee["gateway_cpu_us_per_delivery"],
             "knee_gateway_runqueue_wait_share": knee["gateway_runqueue_wait_share"],
             "knee_other_processes_cpu_share": knee["other_processes_cpu_share"],
+            "gen2_collections": sum((r.get("gc_collections") or [0, 0, 0])[2] for r in rounds),
             "half_gateway_runqueue_wait_share": half["gateway_runqueue_wait_share"],
             "half_other_processes_cpu_share": half["other_processes_cpu_share"],
             "lost": sum(r["lost_in_gaps"] + r["missing_at_end"] for r in rounds),
@@ -472,7 +491,8 @@ def main() -> int:
                               f"{lat.get('max')} ms; gateway {r['gateway_cpu_share']:.0%} CPU "
                               f"(waiting {r['gateway_runqueue_wait_share']:.0%}), "
                               f"{r['gateway_cpu_us_per_delivery']} us/delivery; "
-                              f"others {r['other_processes_cpu_share']:.0%}"
+                              f"others {r['other_processes_cpu_share']:.0%}; "
+                              f"GC collections per generation {r['gc_collections']}"
                               f"{'; SATURATED' if r['saturated'] else ''}", flush=True)
                         if r["saturated"]:
                             done.add(mode)

@@ -316,10 +316,12 @@ class Conn:
                  on_overflow: Callable[[Conn], object]) -> None:
         # None | the only frame | a list of 2+ frames (oldest first)
         self._queue: bytes | list[bytes] | None = None
-        # the only channel and this conn's index in it; a dict from two channels on
+        # the only channel and this conn's index in it; from two channels on, a tuple of the
+        # channels and a list of the indices in the same order (the compiled Conn: a C array)
         self._ch: Channel | None = None
         self._chidx = -1
-        self._chans: dict[Channel, int] | None = None
+        self._chans: tuple[Channel, ...] | None = None
+        self._chidxs: list[int] | None = None
         self._widx = -1
         self._fd = -1
         self._qbytes = 0
@@ -334,7 +336,6 @@ class Conn:
         self._transport = transport
         self._max_pending = max_pending
         self._on_overflow = _shared_callback(writer, on_overflow)
-        self.session: object = None
         now = writer._loop.time()
         self.last_send: float = now
         self.last_recv: float = now
@@ -367,6 +368,8 @@ class Conn:
         elif isinstance(q, list):
             q.append(frame)
         else:
+            # The compiled Conn untracks this list from the cyclic GC (see "Queues and the cyclic GC"
+            # in _writer.pxd); Python code has no way to, so here it stays tracked (same behaviour).
             self._queue = [q, frame]
         self._qbytes += len(frame)
         if self._qbytes + self._tbuf > self._max_pending:
@@ -387,43 +390,54 @@ class Conn:
         self._closed = True
         self._queue = None
         self._qbytes = 0
-        ch, chans = self._ch, self._chans
-        self._ch = self._chans = None
+        ch, chans, idxs = self._ch, self._chans, self._chidxs
+        self._ch = self._chans = self._chidxs = None
         if ch is not None:
             ch._remove_at(self._chidx)
-        elif chans is not None:
-            for c, idx in chans.items():
+        elif chans is not None and idxs is not None:
+            for c, idx in zip(chans, idxs):
                 c._remove_at(idx)
         self._chidx = -1
         self._writer._unregister(self)
 
+    def _find(self, ch: Channel) -> int:
+        chans = self._chans
+        if chans is not None:
+            for i, c in enumerate(chans):
+                if c is ch:
+                    return i
+        return -1
+
     def _member(self, ch: Channel) -> bool:
-        return self._ch is ch or (self._chans is not None and ch in self._chans)
+        return self._ch is ch or self._find(ch) >= 0
 
     def _join(self, ch: Channel, idx: int) -> None:
-        if self._chans is not None:
-            self._chans[ch] = idx
-        elif self._ch is None:
+        if self._chans is None and self._ch is None:
             self._ch, self._chidx = ch, idx
-        else:
-            self._chans = {self._ch: self._chidx, ch: idx}
-            self._ch, self._chidx = None, -1
+            return
+        if self._chans is None or self._chidxs is None:  # the second channel: from the fields to the tuple
+            assert self._ch is not None
+            self._chans, self._chidxs = (self._ch,), [self._chidx]
+        self._chans += (ch,)
+        self._chidxs.append(idx)
+        self._ch, self._chidx = None, -1
 
     def _leave(self, ch: Channel) -> int:
         if self._ch is ch:
             idx = self._chidx
             self._ch, self._chidx = None, -1
             return idx
-        chans = self._chans
-        if chans is None:
+        i = self._find(ch)
+        chans, idxs = self._chans, self._chidxs
+        if i < 0 or chans is None or idxs is None:
             return -1
-        found = chans.pop(ch, None)
-        if found is None:
-            return -1
-        if len(chans) == 1:
-            self._ch, self._chidx = chans.popitem()
-            self._chans = None
-        return found
+        idx = idxs.pop(i)
+        if len(idxs) == 1:  # back to one channel: the fields
+            self._ch, self._chidx = chans[1 - i], idxs[0]
+            self._chans = self._chidxs = None
+            return idx
+        self._chans = chans[:i] + chans[i + 1:]
+        return idx
 
     def _flush(self, now: float) -> None:
         if self._queue is None:
@@ -611,8 +625,9 @@ class Channel:
             if last._ch is self:
                 last._chidx = idx
             else:
-                assert last._chans is not None
-                last._chans[self] = idx
+                pos = last._find(self)
+                if pos >= 0 and last._chidxs is not None:  # always, while `last` is in our list
+                    last._chidxs[pos] = idx
 
     def add(self, conn: Conn) -> bool:
         if not isinstance(conn, Conn):
@@ -745,8 +760,11 @@ class WSConn(Conn):
         self._max_pongs = 0
         self._in_paused = False
         # what Conn.__init__ sets, for a conn not yet opened
-        self._queue = []
-        self._chans = {}
+        self._queue = None
+        self._ch = None
+        self._chidx = -1
+        self._chans = None
+        self._chidxs = None
         self._widx = -1
         self._fd = -1
         self._qbytes = 0
@@ -755,7 +773,6 @@ class WSConn(Conn):
         self._paused = False
         self._tbuf = 0
         self._transport = None  # type: ignore[assignment]  # set by ws_open
-        self.session = None
         self.last_send = self.last_recv = 0.0
         return self
 

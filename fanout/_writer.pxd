@@ -75,7 +75,22 @@
 # one send(2)), a list only from the second frame on. The channels a conn is
 # in (each with the conn's index in that channel's list, for O(1)
 # swap-remove) are one (_ch, _chidx) pair held in fields while there are at
-# most one, a dict {Channel: index} only while there are two or more.
+# most one; from two on, a tuple of the channels (_chans) and a C array of
+# the indices in the same order (_chidxs). Three channels so cost 64 + 16
+# bytes where a dict {Channel: index} cost about 280 (its table and an int
+# object per index). Finding a channel in the tuple is a scan of pointers:
+# a few ns per channel, and --max-subscriptions bounds the length.
+#
+# Queues and the cyclic GC: a queue's list (created by _enqueue at a conn's
+# second pending frame) is untracked by the garbage collector, as CPython
+# untracks tuples and dicts of atomic values itself: it holds only bytes, so it
+# cannot be part of a cycle and the collector has nothing to find in it. Tracked,
+# those lists (one per subscriber whenever two messages for it arrive between
+# two flushes: coalescing, bursts, a loaded CPU) survive the young collections
+# that their own allocation triggers, so every flush promoted thousands of them
+# to the old generation, and CPython runs a full collection once the promoted
+# objects exceed a quarter of the old generation: at 19,000 connections a walk
+# of ~180,000 objects (~0.1 s) every few flushes, collecting nothing.
 
 from posix.uio cimport iovec
 
@@ -115,8 +130,8 @@ cdef class Conn:
     cdef object _on_overflow
     cdef object _queue            # None | bytes (the only frame) | list (2+ frames, shared, oldest first)
     cdef Channel _ch              # the only channel while in <= 1, else None
-    cdef dict _chans              # Channel -> index, only while in >= 2 channels, else None
-    cdef public object session
+    cdef tuple _chans             # the channels, only while in >= 2, else None
+    cdef int* _chidxs             # this conn's index in each of _chans (same order), else NULL
     cdef public double last_send
     cdef public double last_recv
     cdef Py_ssize_t _max_pending
@@ -142,6 +157,7 @@ cdef class Conn:
     cdef int _overflow(self) except -1
     cdef void _drop(self)
     cdef int _write_failed(self) except -1
+    cdef Py_ssize_t _find(self, Channel ch)
     cdef bint _member(self, Channel ch)
     cdef int _join(self, Channel ch, Py_ssize_t idx) except -1
     cdef Py_ssize_t _leave(self, Channel ch) except -2

@@ -83,8 +83,6 @@ class Conn:
     last_send: float
     #: the loop time of the last bytes received (set by fanout.WSConn, or by the owner)
     last_recv: float
-    #: free for the owner's use (None at first)
-    session: object
     def __init__(
         self,
         writer: Writer,

@@ -5,12 +5,13 @@ once, in _writer.pxd.
 """
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_CheckExact, PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.method cimport PyMethod_Check, PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.number cimport PyNumber_Index
 from cpython.ref cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, ENOBUFS, ENOMEM, errno
-from libc.string cimport memset
+from libc.string cimport memmove, memset
 from posix.stat cimport S_ISSOCK, fstat, struct_stat
 from posix.uio cimport iovec
 
@@ -40,6 +41,9 @@ cdef extern from *:
     const int MSG_NOSIGNAL
     const int MSG_DONTWAIT
     const int FANOUT_IOV_MAX
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
 
 __all__ = ["Writer", "Conn", "Channel"]
 
@@ -211,6 +215,9 @@ cdef class Conn:
         self._fd = -1
         self._closed = True  # until __init__ has registered us
 
+    def __dealloc__(self):
+        PyMem_Free(self._chidxs)
+
     def __init__(self, Writer writer not None, transport, max_pending, on_overflow):
         """Register a new open conn with ``writer``; sets the transport's write buffer limits.
 
@@ -237,7 +244,6 @@ cdef class Conn:
         self._transport = transport
         self._max_pending = max_pending
         self._on_overflow = _shared_callback(writer, on_overflow)
-        self.session = None
         now = writer._loop.time()
         self.last_send = now
         self.last_recv = now
@@ -280,7 +286,14 @@ cdef class Conn:
         elif PyList_CheckExact(q):
             (<list>q).append(frame)
         else:
-            self._queue = [q, frame]
+            # Untracked by the cyclic GC: it only ever holds bytes, so it can be in no cycle. Tracked,
+            # the lists of frames piling up between flushes (coalescing, bursts: one per subscriber)
+            # outlive young collections, are promoted to the old generation by the thousand and soon
+            # trigger full collections that walk every connection's objects (see "Queues and the
+            # cyclic GC" in _writer.pxd).
+            q = [q, frame]
+            PyObject_GC_UnTrack(<PyObject*>q)
+            self._queue = q
         self._qbytes += n
         if self._qbytes + self._tbuf > self._max_pending:
             self._tbuf = self._transport_size()
@@ -299,8 +312,10 @@ cdef class Conn:
         return 0
 
     cdef void _drop(self):
-        cdef dict chans = self._chans
+        cdef tuple chans = self._chans
+        cdef int* idxs = self._chidxs
         cdef Channel ch = self._ch
+        cdef Py_ssize_t i
         if self._closed:
             return
         self._closed = True
@@ -309,54 +324,87 @@ cdef class Conn:
         self._qbytes = 0
         self._ch = None
         self._chans = None
+        self._chidxs = NULL
         if ch is not None:
             ch._remove_at(self._chidx)
         elif chans is not None:
-            for ch, idx in chans.items():
-                ch._remove_at(idx)
+            # (_remove_at moves another conn, never this one: our arrays stay as they were)
+            for i in range(PyTuple_GET_SIZE(chans)):
+                (<Channel><object>PyTuple_GET_ITEM(chans, i))._remove_at(idxs[i])
+            PyMem_Free(idxs)
         self._chidx = -1
         self._writer._unregister(self)
 
-    # Channel membership: one (_ch, _chidx) pair, or the dict _chans from two channels on.
+    # Channel membership: one (_ch, _chidx) pair, or from two channels on the tuple _chans and the
+    # array _chidxs (see the end of the header comment in _writer.pxd).
+
+    cdef Py_ssize_t _find(self, Channel ch):
+        """The position of ``ch`` in _chans, or -1."""
+        cdef tuple chans = self._chans
+        cdef Py_ssize_t i
+        if chans is not None:
+            for i in range(PyTuple_GET_SIZE(chans)):
+                if PyTuple_GET_ITEM(chans, i) == <PyObject*>ch:
+                    return i
+        return -1
 
     cdef bint _member(self, Channel ch):
-        if self._ch is ch:
-            return True
-        return self._chans is not None and ch in self._chans
+        return self._ch is ch or self._find(ch) >= 0
 
     cdef int _join(self, Channel ch, Py_ssize_t idx) except -1:
         """Enter ``ch`` (not a member yet) at index ``idx`` of its list."""
-        if self._chans is not None:
-            self._chans[ch] = idx
-        elif self._ch is None:
+        cdef Py_ssize_t n
+        cdef int* idxs
+        cdef tuple chans
+        if self._chans is None and self._ch is None:
             self._ch = ch
             self._chidx = <int>idx
+            return 0
+        if self._chans is None:  # the second channel: from the fields to the tuple and the array
+            n = 1
+            chans = (self._ch,)
+            idxs = <int*>PyMem_Malloc(2 * sizeof(int))
+            if idxs == NULL:
+                raise MemoryError()
+            idxs[0] = self._chidx
         else:
-            self._chans = {self._ch: self._chidx, ch: idx}
-            self._ch = None
-            self._chidx = -1
+            n = PyTuple_GET_SIZE(self._chans)
+            chans = self._chans
+            idxs = <int*>PyMem_Realloc(self._chidxs, (n + 1) * sizeof(int))
+            if idxs == NULL:
+                raise MemoryError()
+        idxs[n] = <int>idx
+        self._chidxs = idxs
+        self._chans = chans + (ch,)
+        self._ch = None
+        self._chidx = -1
         return 0
 
     cdef Py_ssize_t _leave(self, Channel ch) except -2:
         """Forget ``ch``; its index for this conn, or -1 when not a member."""
-        cdef Py_ssize_t idx
-        cdef dict chans = self._chans
+        cdef Py_ssize_t idx, i, n
+        cdef tuple chans = self._chans
+        cdef int* idxs = self._chidxs
         if self._ch is ch:
             idx = self._chidx
             self._ch = None
             self._chidx = -1
             return idx
-        if chans is None:
+        i = self._find(ch)
+        if i < 0:
             return -1
-        found = chans.pop(ch, None)
-        if found is None:
-            return -1
-        if len(chans) == 1:
-            last_ch, last_idx = chans.popitem()
+        idx = idxs[i]
+        n = PyTuple_GET_SIZE(chans) - 1
+        if n == 1:  # back to one channel: the fields
+            self._ch = <Channel><object>PyTuple_GET_ITEM(chans, 1 - i)
+            self._chidx = idxs[1 - i]
             self._chans = None
-            self._ch = <Channel>last_ch
-            self._chidx = <int>last_idx
-        return <Py_ssize_t>found
+            self._chidxs = NULL
+            PyMem_Free(idxs)
+            return idx
+        memmove(&idxs[i], &idxs[i + 1], (n - i) * sizeof(int))
+        self._chans = chans[:i] + chans[i + 1:]
+        return idx
 
     cdef int _flush(self, double now) except -1:
         # Only for an open, unpaused conn, and without asking the transport
@@ -622,12 +670,15 @@ cdef class Channel:
 
     cdef void _remove_at(self, Py_ssize_t idx):
         cdef Conn last = self._conns.pop()
+        cdef Py_ssize_t pos
         if idx < PyList_GET_SIZE(self._conns):
             self._conns[idx] = last
             if last._ch is self:
                 last._chidx = <int>idx
             else:
-                last._chans[self] = idx
+                pos = last._find(self)
+                if pos >= 0:  # always, while `last` is in our list (never a write outside its array)
+                    last._chidxs[pos] = <int>idx
 
     def add(self, Conn conn not None):
         """Subscribe ``conn``.

@@ -94,7 +94,8 @@ class Config:
         "help": "token bucket size of --publish-rate: publishes a connection may send at once "
                 "(0 = 2 x --publish-rate)"})
     handshake_timeout_ms: int = field(default=5000, metadata={
-        "help": "close without a response a connection whose HTTP request head is not complete within this time"})
+        "help": "close without a response a connection whose HTTP request head (with --tls-cert: TLS handshake "
+                "included) is not complete within this time of its accept"})
     allowed_origins: tuple[str, ...] = field(default=(), metadata={
         "help": "comma-separated Origins allowed to open a WebSocket besides the gateway's own "
                 "(an Origin matching Host); requests without Origin are accepted; '*' allows all; others get 403"})

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -163,6 +163,10 @@ def engine_metrics(gw: Gateway) -> Iterator[GaugeMetricFamily | CounterMetricFam
 def make_renderer(gw: Gateway) -> Callable[[], bytes]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gw))
+    # python_gc_collections_total{generation} etc. from gc.get_stats() at scrape time (free on the hot
+    # path): full collections (generation 2) walk every connection's objects, so a rising count is
+    # the first thing to look at when CPU per delivery grows with the number of connections.
+    GCCollector(registry)
 
     def render() -> bytes:
         return generate_latest(registry)

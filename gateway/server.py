@@ -21,7 +21,7 @@ import orjson
 
 from fanout import COMPILED, Writer, WSState
 
-from . import __version__, http, protocol
+from . import __version__, http, protocol, tls
 from .auth import Authenticator, ExpiryQueue
 from .config import Config
 from .engines.base import Engine
@@ -101,9 +101,12 @@ class Gateway:
         self.admission = Admission(config)
         self._origins = normalize_origins(config.allowed_origins)
         self.sessions: set[Session] = set()
-        self._unconnected: set[Session] = set()
+        # sessions not connected yet -> when they were accepted (the sweep enforces the timeouts); a
+        # connected session keeps no such time
+        self._unconnected: dict[Session, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -128,16 +131,13 @@ class Gateway:
         self.writer = Writer(self.loop, coalesce_window=self.config.coalesce_us / 1e6,
                              coalesce_min_conns=self.config.coalesce_min_conns)
         await self.engine.start()
-        ctx = None
-        if self.config.tls_cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        if self.config.tls_cert:  # started per connection, after the accept (gateway/tls.py says why)
+            self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self._tls.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         self._server = await self.loop.create_server(
             self._new_session,
             self.config.host,
             self.config.port,
-            ssl=ctx,
-            ssl_handshake_timeout=self.config.handshake_timeout_ms / 1000 if ctx else None,
             reuse_port=reuse_port or None,
             backlog=4096,
         )
@@ -164,14 +164,14 @@ class Gateway:
             self._server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for session in list(self.sessions | self._unconnected):
+        for session in list(self.sessions | self._unconnected.keys()):
             session.disconnect(protocol.CloseCode.GOING_AWAY, "gateway shutting down")
         if self.writer is not None:
             self.writer.flush()
         deadline = self.loop.time() + 2.0
         while (self.sessions or self._unconnected) and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for session in list(self.sessions | self._unconnected):
+        for session in list(self.sessions | self._unconnected.keys()):
             session._abort()
         for task in list(self._tasks):
             task.cancel()
@@ -202,7 +202,9 @@ class Gateway:
         """A TCP connection was accepted; False: close it at once (the process is out of descriptors)."""
         if not self.admission.opened(session.address):
             return False
-        self._unconnected.add(session)  # until its connect: the sweep enforces the timeouts
+        self._unconnected[session] = self.loop.time()
+        if self._tls is not None:
+            tls.start(self, session, self._tls)  # in connection_made, before the first read
         return True
 
     def session_opened(self, session: Session) -> None:
@@ -211,12 +213,12 @@ class Gateway:
         self.sessions.add(session)
 
     def session_connected(self, session: Session) -> None:
-        self._unconnected.discard(session)
+        self._unconnected.pop(session, None)
 
     def session_closed(self, session: Session) -> None:
         """The connection is gone (its connection_lost), whatever state it reached."""
         self.sessions.discard(session)
-        self._unconnected.discard(session)
+        self._unconnected.pop(session, None)
         self.admission.closed(session.address)
 
     def _new_session(self) -> asyncio.Protocol:
@@ -253,14 +255,14 @@ class Gateway:
                 session.ping(now)
         limit = self.config.connect_timeout_ms / 1000
         handshake = self.config.handshake_timeout_ms / 1000
-        for session in list(self._unconnected):
-            age = now - session.created
+        for session, created in list(self._unconnected.items()):
+            age = now - created
             if session.ws_state == WSState.HTTP and age >= min(handshake, limit):  # still in its HTTP request
-                self._unconnected.discard(session)
+                del self._unconnected[session]
                 self.admission.refused("handshake_timeout")
                 session.disconnect()  # before the upgrade: no response, the socket is just closed
             elif age >= limit:
-                self._unconnected.discard(session)
+                del self._unconnected[session]
                 session.disconnect(protocol.CloseCode.POLICY, "no connect in time")
         if len(self.expiries):
             self.expire_tokens(time.time())

@@ -37,6 +37,8 @@ log = logging.getLogger("gateway.session")
 
 PING_FRAME = encode_frame(OP_PING, b"")
 HEARTBEAT_FRAME = encode_text(protocol.HEARTBEAT)
+#: subscriptions a connection keeps in a tuple; more go to a set (see Session._add_subject)
+SMALL_SUBJECTS = 8
 #: a close frame's reason: at most 123 bytes of UTF-8 (RFC 6455 5.5: control payloads <= 125 bytes)
 MAX_CLOSE_REASON = 123
 
@@ -101,7 +103,7 @@ def close_reason(text: str) -> bytes:
 
 class Session(WSConn):
     # Few fields, and None until needed: this object is most of what an idle connection costs.
-    __slots__ = ("host", "transport", "principal", "connected", "_subjects", "created", "last_ping",
+    __slots__ = ("host", "transport", "principal", "connected", "_subjects", "last_ping",
                  "_http", "_backlog", "_busy", "_inflight", "_closing", "_replays", "_pump_scheduled",
                  "address", "_bucket")
 
@@ -111,9 +113,8 @@ class Session(WSConn):
         self.transport: asyncio.Transport | None = None  # type: ignore[assignment]
         self.principal: Principal | None = None
         self.connected = False
-        # None, one subject (str), or a set from the second subscription on
-        self._subjects: str | set[str] | None = None
-        self.created = 0.0
+        # None, one subject (str), a tuple of 2..SMALL_SUBJECTS, or a set beyond (see _add_subject)
+        self._subjects: str | tuple[str, ...] | set[str] | None = None
         self.last_ping = 0.0
         self._http: http.Request | None = None
         self._backlog: deque[Any] | None = None
@@ -130,7 +131,6 @@ class Session(WSConn):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.created = self.host.loop.time()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.address = sys.intern(str(peer[0]))
@@ -213,15 +213,21 @@ class Session(WSConn):
         s = self._subjects
         if s is None:
             return ()
-        return (s,) if isinstance(s, str) else set(s)
+        return (s,) if isinstance(s, str) else s if isinstance(s, tuple) else set(s)
 
     def _add_subject(self, subject: str) -> None:
+        # A set costs 216 bytes from its first element, a tuple of three 64: most connections hold a
+        # few subscriptions, and a scan of a few strings is as fast as a hash. Only past SMALL_SUBJECTS
+        # does a set keep a connection's many subscribe / unsubscribe requests O(1) each.
         s = self._subjects
         if s is None:
             self._subjects = subject
         elif isinstance(s, str):
             if s != subject:
-                self._subjects = {s, subject}
+                self._subjects = (s, subject)
+        elif isinstance(s, tuple):
+            if subject not in s:
+                self._subjects = s + (subject,) if len(s) < SMALL_SUBJECTS else {*s, subject}
         else:
             s.add(subject)
 
@@ -234,6 +240,10 @@ class Session(WSConn):
         if isinstance(s, str):
             if s == subject:
                 self._subjects = None
+        elif isinstance(s, tuple):
+            if subject in s:
+                rest = tuple(x for x in s if x != subject)
+                self._subjects = rest[0] if len(rest) == 1 else rest
         elif s is not None:
             s.discard(subject)
 

@@ -71,7 +71,7 @@ def ws_url(gw: Any) -> str:
 
 @pytest.fixture
 async def gateway_processes() -> AsyncIterator[list[Any]]:
-    """A list the test appends its gateway subprocesses to (test_kafka_gateway.GatewayProcess); each is
+    """A list the test appends its gateway subprocesses to (support.kafka_gateway.GatewayProcess); each is
     closed (SIGTERM, by its own PID) at the end of the test."""
     procs: list[Any] = []
     yield procs

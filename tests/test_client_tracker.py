@@ -36,6 +36,7 @@ from gateway.client_tracker import (
     SubscriptionTracker,
     Unsubscribed,
 )
+from support.node import client_module, node
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tracker_cases.json"
@@ -112,22 +113,9 @@ def test_python_tracker_follows_the_shared_cases(case: dict[str, Any]) -> None:
     check(case, run_python(case))
 
 
-def node() -> str:
-    path = shutil.which("node")
-    if path is None:
-        pytest.fail("no `node` on PATH: client.js's tests need Node.js (scripts/test.sh installs Debian's "
-                    "nodejs; by hand: apt-get install nodejs)", pytrace=False)
-    return path
-
-
 @pytest.fixture(scope="module")
 def client_mjs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """client.js as served (from the installed package), named .mjs so node loads it as an ES module."""
-    import importlib.resources
-
-    dest = tmp_path_factory.mktemp("clientjs") / "client.mjs"
-    dest.write_bytes(importlib.resources.files("gateway").joinpath("static", "client.js").read_bytes())
-    return dest
+    return client_module(tmp_path_factory.mktemp("clientjs"))
 
 
 @pytest.fixture(scope="module")

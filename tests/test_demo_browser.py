@@ -30,10 +30,10 @@ from conftest import SCALE, ws_url
 from gateway import demo_feed
 from gateway.client import Client
 from support.client_fakegw import FakeGateway
+from support.kafka_gateway import GatewayProcess, kafka_gateway
 from support.tcpproxy import TcpProxy
 from support.waits import wait_until
 from support.ws import connected, recv, send
-from test_kafka_gateway import GatewayProcess, kafka_gateway
 
 #: every Playwright wait (expect, wait_for_function, goto, clicks), in milliseconds
 T = 10_000 * SCALE

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fanout import OP_CLOSE, OP_TEXT, Writer
+from fanout import COMPILED, OP_CLOSE, OP_TEXT, Writer
 from gateway import http
 from gateway.auth import Authenticator
 from gateway.config import Config
@@ -159,3 +159,105 @@ async def test_disconnect_sends_the_named_code_after_what_is_queued(code: CloseC
     assert json.loads(frames[0][1])["op"] == "connected"
     assert frames[1:] == [(OP_CLOSE, struct.pack("!H", code) + b"bye")]
     session.connection_lost(None)
+
+
+async def test_subscriptions_held_as_str_tuple_then_set_behave_the_same() -> None:
+    """A session keeps one subject as a str, up to SMALL_SUBJECTS in a tuple, more in a set (memory per
+    connection): subscribing up past that and unsubscribing back down must answer, join and leave the
+    channels, and deliver exactly as one set would."""
+    from gateway.session import SMALL_SUBJECTS
+
+    host = MinimalHost(asyncio.get_running_loop())
+    await host.engine.start()
+    session = Session(Strict(host))
+    transport = FakeTransport(peername=("127.0.0.9", 40000))
+    session.connection_made(transport)
+    session.data_received(_upgrade_request() + _text({"op": "connect"}))
+    names = [f"/s/{i}" for i in range(SMALL_SUBJECTS + 3)]
+    model: set[str] = set()
+    kinds: list[str] = []
+
+    def check() -> None:
+        assert set(session.subjects) == model and session.subscription_count == len(model)
+        for name in names:
+            assert (session in host.hub.state(name).channel) is (name in model)
+        kinds.append(type(session._subjects).__name__)
+
+    # up to 4 (a repeat changes nothing) and down to none; then up past SMALL_SUBJECTS and down again
+    up4 = [("subscribe", n) for n in names[:4]] + [("subscribe", names[2])]
+    down4 = [("unsubscribe", names[i]) for i in (1, 3, 0, 2)]
+    up_all = [("subscribe", n) for n in names]
+    down = [("unsubscribe", n) for n in names[:-3]] + [("unsubscribe", names[0])]
+    for op, name in up4 + down4 + up_all + down:
+        entry = {"subject": name} if op == "subscribe" else name
+        session.data_received(_text({"op": op, "subjects": [entry]}))
+        (model.add if op == "subscribe" else model.discard)(name)
+        check()
+    assert kinds[:9] == ["str", "tuple", "tuple", "tuple", "tuple", "tuple", "tuple", "str", "NoneType"]
+    assert kinds[9:9 + len(names)] == ["str"] + ["tuple"] * (SMALL_SUBJECTS - 1) + ["set"] * 3
+    assert model == set(names[-3:])
+
+    # each subscribed subject delivers once, an unsubscribed one not at all
+    for name in names:
+        host.engine.publish_now(parse_subject(name), name.encode())
+    host.writer.flush()
+    msgs = [json.loads(p) for op, p in _frames_after_101(bytes(transport.out)) if op == OP_TEXT]
+    assert sorted(m["subject"] for m in msgs if m["op"] == "msg" and not m.get("snapshot")) == sorted(model)
+    session.connection_lost(None)
+    assert all(session not in host.hub.state(name).channel for name in names)
+
+
+class _ForgetfulTransport(FakeTransport):
+    """Keeps nothing it is written (so that only the sessions' own objects are counted)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+
+class _NoEvents(list[str]):
+    def append(self, event: str) -> None:
+        pass
+
+
+@pytest.mark.skipif(not COMPILED, reason="the pure-Python fanout twins (a __dict__ per conn)")
+async def test_bytes_per_connected_session_with_three_subscriptions() -> None:
+    """What the gateway allocates per connection besides its transport, as issue 12's load runs it
+    (connected, 3 of 10 subjects): the Session, its subjects and its slots in the channels and the
+    writer. tracemalloc counts the bytes; the uvloop transport (about 1.2 KB) comes on top."""
+    import gc
+    import tracemalloc
+
+    host = MinimalHost(asyncio.get_running_loop())
+    host.events = _NoEvents()
+    await host.engine.start()
+    n, warm = 1000, 10
+    transports = [_ForgetfulTransport(peername=("127.0.0.9", 40000 + i)) for i in range(n + warm)]
+    requests = [_upgrade_request() + _text({"op": "connect"}) + _text(
+        {"op": "subscribe", "subjects": [{"subject": f"/matches/football/{(i + 3 * j) % 10 + 1}"}
+                                         for j in range(3)]}) for i in range(n + warm)]
+    sessions: list[Session] = []
+
+    def open_session(i: int) -> None:
+        session = Session(host)
+        session.connection_made(transports[i])
+        session.data_received(requests[i])
+        sessions.append(session)
+
+    for i in range(n, n + warm):  # the subjects' own state (hub, channels) is made by their first subscriber
+        open_session(i)
+    host.writer.flush()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            open_session(i)
+        host.writer.flush()
+        gc.collect()
+        per_session = (tracemalloc.get_traced_memory()[0] - before) / n
+    finally:
+        tracemalloc.stop()
+    assert len(sessions) == n + warm and all(s.subscription_count == 3 and s.connected for s in sessions)
+    # Session 344 (GC header included), subjects tuple 64, channels tuple 64 + index array 12, 3 + 1
+    # list slots (about 36): about 530; a set of subjects and a dict of channels made it about 900
+    assert per_session <= 600, per_session

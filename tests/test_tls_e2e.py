@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -11,7 +12,8 @@ import pytest
 
 from conftest import SCALE
 from support.fanout_tls import _cert_pem, contexts
-from support.ws import connected, recv, recv_until, send
+from support.waits import wait_until
+from support.ws import WAIT, connected, recv, recv_until, send
 
 pytestmark = pytest.mark.both_loops
 
@@ -47,3 +49,84 @@ async def test_tls_publish_subscribe_and_https(gateway_factory, tmp_path):
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         await asyncio.to_thread(lambda: urllib.request.urlopen(
             f"https://127.0.0.1:{gw.port}/healthz", context=ssl.create_default_context(), timeout=5 * SCALE))
+
+
+def _tls_files(tmp_path) -> dict[str, str]:
+    cert_pem, key_pem = _cert_pem()
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    return {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
+
+
+def _tcp(port: int, source: str) -> socket.socket:
+    """A TCP connection from `source` that has not begun its TLS handshake."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.settimeout(WAIT)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _wss_upgrade(port: int, source: str) -> bytes:
+    """A whole TLS handshake and WebSocket upgrade request from `source`; the response head (then closed)."""
+    _, client_ctx = contexts()
+    with client_ctx.wrap_socket(_tcp(port, source), server_hostname="127.0.0.1") as tls:
+        tls.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return head
+
+
+async def test_tls_connections_count_toward_the_connection_limits_from_their_accept(gateway_factory, tmp_path):
+    """A TLS connection obeys --max-connections and --max-connections-per-address from its TCP accept on,
+    like a plain one, not only once its handshake is done: connections that never finish a handshake
+    hold their place, and give it back when they go (a failed handshake too)."""
+    gw = await gateway_factory(**_tls_files(tmp_path), max_connections=3, max_connections_per_address=2)
+    port = gw.port
+    stuck = [await asyncio.to_thread(_tcp, port, "127.0.0.2") for _ in range(2)]
+    await wait_until(lambda: gw.admission.by_address.get("127.0.0.2") == 2,
+                     lambda: f"2 connections in their handshake counted, not {dict(gw.admission.by_address)}")
+    head = await asyncio.to_thread(_wss_upgrade, port, "127.0.0.2")
+    assert head.startswith(b"HTTP/1.1 429 "), head  # the per-address cap, reached by handshaking ones
+    await wait_until(lambda: gw.admission.open == 2, "the refused connection counted out")
+    assert (await asyncio.to_thread(_wss_upgrade, port, "127.0.0.3")).startswith(b"HTTP/1.1 101")
+    await wait_until(lambda: gw.admission.open == 2, "the upgraded one's close counted out")
+    kept = _tcp(port, "127.0.0.4")  # the third connection: at --max-connections, none over it
+    await wait_until(lambda: gw.admission.open == 3, "the third connection counted")
+    head = await asyncio.to_thread(_wss_upgrade, port, "127.0.0.3")
+    assert head.startswith(b"HTTP/1.1 503 "), head  # --max-connections, reached by handshaking ones
+    assert gw.admission.hits["max_connections"] == 1 and gw.admission.hits["max_connections_per_address"] == 1
+    # their places come back: one closes before its handshake, one fails it with bytes that are not TLS
+    stuck[0].close()
+    stuck[1].sendall(b"GET / HTTP/1.1\r\n\r\n")
+    await wait_until(lambda: "127.0.0.2" not in gw.admission.by_address,
+                     lambda: f"the failed handshakes counted out, not {dict(gw.admission.by_address)}")
+    assert stuck[1].recv(4096) == b""  # closed without an HTTP answer in plain text
+    kept.close()
+    await wait_until(lambda: gw.admission.open == 0, lambda: f"every connection counted out ({gw.admission.open})")
+    assert (await asyncio.to_thread(_wss_upgrade, port, "127.0.0.2")).startswith(b"HTTP/1.1 101")
+    stuck[1].close()
+    # and a well-behaved TLS client is served end to end meanwhile
+    _, client_ctx = contexts()
+    ws = await connected(f"wss://127.0.0.1:{port}/ws", ssl=client_ctx)
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/tls/limits"}]})
+    assert (await recv_until(ws, "subscribed"))["seq"] == 0
+    await ws.close()
+
+
+async def test_tls_handshake_that_never_starts_gets_the_handshake_timeout(gateway_factory, tmp_path):
+    """A TCP connection to the TLS port that sends nothing is closed by the same handshake timeout as a
+    plain connection whose HTTP request never ends, and counted as such."""
+    gw = await gateway_factory(**_tls_files(tmp_path), handshake_timeout_ms=300)
+    sock = await asyncio.to_thread(_tcp, gw.port, "127.0.0.1")
+    await wait_until(lambda: gw.admission.open == 1, "the connection counted")
+    assert await asyncio.to_thread(sock.recv, 4096) == b""  # closed by the gateway, no answer
+    sock.close()
+    await wait_until(lambda: gw.admission.open == 0, "the connection counted out")
+    assert gw.admission.hits["handshake_timeout"] == 1

@@ -236,6 +236,42 @@ def _server_frames(buf: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
+def publish_plan(rate: float, seconds: float, subjects: int, pattern: str = "steady",
+                 seed: int = 0) -> tuple[list[float], list[int]]:
+    """When each publish is due (seconds from the start) and on which subject (1..subjects).
+
+    steady  int(rate x seconds) publishes, evenly spaced, round-robin over the subjects.
+    demo    the live-scores demo's schedule (gateway.demo_feed.schedule): every 2 s a burst of 1 to 5
+            updates on random matches (1.5 msgs/s on average), `rate` multiplies the pace (10: ten
+            times the demo); seeded, so a run repeats. Needs subjects == demo_feed.MATCHES."""
+    if rate <= 0 or seconds <= 0:
+        raise ValueError("rate and seconds must be > 0")
+    if pattern == "steady":
+        total = int(rate * seconds)
+        return [i / rate for i in range(total)], [i % subjects + 1 for i in range(total)]
+    if pattern != "demo":
+        raise ValueError(f"unknown publish pattern {pattern!r} (steady or demo)")
+    import random
+
+    from gateway import demo_feed
+
+    if subjects != demo_feed.MATCHES:
+        raise ValueError(f"the demo pattern publishes on {demo_feed.MATCHES} matches, not {subjects} subjects")
+    due, subj = [], []
+    for tick in demo_feed.schedule(random.Random(seed), rate=rate, duration=seconds):
+        for subject, _event in tick.updates:
+            due.append(tick.at)
+            subj.append(int(subject.rsplit("/", 1)[1]))
+    return due, subj
+
+
+def expected_deliveries(per_subject, acked_per_subject: dict) -> int:
+    """Deliveries owed for one round: every acked publish goes once to each subscriber of its subject.
+    Counted from the acks, not from the newest seq, which on a reused (Kafka) topic or a subject with
+    earlier traffic is no count of this round's publishes."""
+    return int(sum(int(per_subject[int(k)]) * int(v) for k, v in acked_per_subject.items()))
+
+
 def role_publisher() -> None:
     import numpy as np
 
@@ -250,10 +286,12 @@ def role_publisher() -> None:
     if cmd is None:
         return
     rate, seconds, subjects, size = cmd["rate"], cmd["seconds"], cmd["subjects"], cmd["size"]
-    total = int(rate * seconds)
+    due_at, subject_of = publish_plan(rate, seconds, subjects, cmd.get("pattern", "steady"), cmd.get("seed", 0))
+    total = len(due_at)
     sent_at = np.zeros(total, dtype=np.int64)
     ack_ns = np.zeros(total, dtype=np.int64)
     final: dict[int, int] = {}
+    acked_per_subject: dict[int, int] = {}
     errors, first_error, acked, sent, connected = 0, "", 0, 0, 0
 
     def read_ready(timeout: float) -> None:
@@ -281,6 +319,7 @@ def role_publisher() -> None:
                     acked += 1
                     idx = int(frame["subject"].rsplit("/", 1)[1])
                     final[idx] = max(final.get(idx, 0), frame["seq"])
+                    acked_per_subject[idx] = acked_per_subject.get(idx, 0) + 1
                 elif frame["op"] == "error":
                     errors += 1
                     first_error = first_error or payload.decode()[:300]
@@ -290,10 +329,10 @@ def role_publisher() -> None:
     t0 = time.monotonic()
     pad = "x" * max(0, size - 20)
     while sent < total:
-        due = min(total, int((time.monotonic() - t0) * rate) + 1)
+        elapsed = time.monotonic() - t0
         batches: dict[int, list[bytes]] = {}
-        while sent < due:
-            subject = sent % subjects + 1
+        while sent < total and due_at[sent] <= elapsed:
+            subject = subject_of[sent]
             ns = time.monotonic_ns()
             sent_at[sent] = ns
             payload = (f'{{"op":"publish","subject":"{PREFIX}{subject}","content":"{ns}|{pad}","id":{sent}}}'
@@ -304,7 +343,7 @@ def role_publisher() -> None:
             socks[i].setblocking(True)
             socks[i].sendall(b"".join(frames))
             socks[i].setblocking(False)
-        next_due = t0 + sent / rate
+        next_due = t0 + (due_at[sent] if sent < total else 0.0)
         read_ready(max(0.0, next_due - time.monotonic()))
     t_sent = time.monotonic()
     deadline = t_sent + cmd.get("ack_timeout", 15)
@@ -315,6 +354,7 @@ def role_publisher() -> None:
     reply({"sent": sent, "acked": acked, "errors": errors, "first_error": first_error,
            "send_seconds": t_sent - t0, "rate_achieved": sent / max(1e-9, t_sent - t0),
            "final": {str(k): v for k, v in final.items()},
+           "acked_per_subject": {str(k): v for k, v in acked_per_subject.items()},
            "ack_ms": {p: float(np.percentile(ack_ms, q)) for p, q in (("p50", 50), ("p99", 99), ("max", 100))}
            if len(ack_ms) else {}})
     ctl.poll(30)  # quit
@@ -365,6 +405,48 @@ def gateway_rss(pid: int) -> int:
         except (OSError, StopIteration):
             pass
     return total
+
+
+#: the slab caches a connected TCP socket takes objects from (its sock, inode, file, dentry, epoll entry)
+SOCKET_SLABS = ("TCP", "sock_inode_cache", "filp", "dentry", "eventpoll_epi")
+
+
+def kernel_socket_memory() -> dict:
+    """The machine's kernel memory for sockets now: active objects and object size of SOCKET_SLABS
+    (/proc/slabinfo, readable by root only; {} otherwise) and the TCP line of /proc/net/sockstat
+    (sockets in use, buffer memory in pages)."""
+    out: dict = {"slabs": {}}
+    try:
+        with open("/proc/slabinfo", encoding="ascii") as fh:
+            for line in fh:
+                f = line.split()
+                if f and f[0] in SOCKET_SLABS:
+                    out["slabs"][f[0]] = {"active": int(f[1]), "objsize": int(f[3])}
+    except OSError:
+        pass
+    with open("/proc/net/sockstat", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("TCP:"):
+                f = line.split()
+                out["tcp"] = {k: int(v) for k, v in zip(f[1::2], f[2::2])}
+    return out
+
+
+def kernel_memory_delta(before: dict, after: dict) -> dict:
+    """Kernel memory added between two kernel_socket_memory() readings, per TCP socket added. Client and
+    gateway run on this machine, so both ends of every connection are counted: per socket is what one
+    gateway-side socket costs (the ends are alike)."""
+    sockets = after["tcp"]["inuse"] - before["tcp"]["inuse"]
+    slabs = {name: (after["slabs"][name]["active"] - before["slabs"][name]["active"]) * after["slabs"][name]["objsize"]
+             for name in after["slabs"] if name in before["slabs"]}
+    page = os.sysconf("SC_PAGE_SIZE")
+    per = max(1, sockets)
+    return {"tcp_sockets_added": sockets,
+            "slab_bytes_per_socket": {k: round(v / per) for k, v in slabs.items()},
+            "slab_bytes_per_socket_total": round(sum(slabs.values()) / per) if slabs else None,
+            "slab_object_sizes": {k: v["objsize"] for k, v in after["slabs"].items()},
+            "tcp_buffer_bytes_per_socket": round((after["tcp"]["mem"] - before["tcp"]["mem"]) * page / per),
+            "tcp_buffer_pages_after": after["tcp"]["mem"]}
 
 
 class Gateway:
@@ -446,6 +528,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
     try:
         time.sleep(0.5)
         rss0 = gateway_rss(gpid)
+        kernel0 = kernel_socket_memory()
         for k, chunk in enumerate(np.array_split(subs, procs)):
             child = Child([sys.executable, me, "--role", "client"], env=env, name=f"client-{k}")
             if client_cpus:
@@ -465,11 +548,13 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         ready = sum(p["ready"] for p in prog)
         time.sleep(1.0)  # let the gateway settle before reading memory
         rss1 = gateway_rss(gpid)
+        kernel1 = kernel_socket_memory()
         result["connect"] = {"ready": ready, "failed": sum(p["failed"] for p in prog), "seconds": round(t_conn, 3),
                              "setups_per_s": round(ready / t_conn, 1),
                              "gateway_cpu_us_per_connection": round(cpu_conn / max(1, ready) * 1e6, 1)}
         result["memory"] = {"gateway_rss_before": rss0, "gateway_rss_connected": rss1,
-                            "bytes_per_connection": round((rss1 - rss0) / max(1, ready))}
+                            "bytes_per_connection": round((rss1 - rss0) / max(1, ready)),
+                            "kernel": kernel_memory_delta(kernel0, kernel1)}
         # -- idle CPU of the connected gateway (heartbeats and pings), 2 s
         cpu_i0, t_i0 = gateway_cpu(gpid), time.monotonic()
         time.sleep(2.0)
@@ -488,7 +573,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), runqueue_wait_seconds(gpid)
         ours_wait1 = sum(runqueue_wait_seconds(p) for p in ours)
         publisher.send({"op": "run", "rate": args.rate, "seconds": args.duration, "subjects": args.subjects,
-                        "size": args.size})
+                        "size": args.size, "pattern": args.pattern, "seed": args.seed})
         with tqdm(total=round(args.duration), desc=f"N={n} publish {args.rate:g}/s", unit="s",
                   position=bar_pos, leave=True) as bar:
             while time.monotonic() - t1 < args.duration:
@@ -510,7 +595,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         lat = np.concatenate([np.load(f["latencies"]) for f in finals]) if finals else np.zeros(0)
         setup = np.concatenate([np.load(f["setup_times"]) for f in finals]) if finals else np.zeros(0)
         deliveries = sum(s["deliveries"] for s in stats)
-        expected = int(sum(per_subject[int(k)] * v for k, v in final.items()))  # fresh subjects start at seq 0
+        expected = expected_deliveries(per_subject, pub.pop("acked_per_subject"))
         total = {k: sum(s[k] for s in stats) for k in ("deliveries", "duplicates", "out_of_order", "gaps",
                                                        "lost_in_gaps", "unexpected", "snapshots", "bad_frames",
                                                        "error_frames", "closed", "latencies_dropped")}
@@ -518,7 +603,7 @@ def run_one(args, n: int, client_dir: str, bar_pos: int, deadline: float) -> dic
         result["setup_ms"] = percentiles_ms(setup * 1e9)
         result["publisher"] = pub | {"connections": pub_conns}
         result["delivery"] = total | {
-            "expected": expected if not args.url else None,
+            "expected": expected,
             "missing_at_end": sum(f["missing_at_end"] for f in finals),
             "connections_behind_at_end": sum(f["connections_behind"] for f in finals),
             "seconds": round(wall, 3), "deliveries_per_s": round(deliveries / wall, 1),
@@ -551,6 +636,9 @@ def main() -> None:
     ap.add_argument("--subjects-per-connection", type=int, default=3, help="S (default 3, at most 16)")
     ap.add_argument("--rate", type=float, default=100.0, help="R: published messages per second (default 100)")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds of publishing (default 15)")
+    ap.add_argument("--pattern", choices=["steady", "demo"], default="steady",
+                    help="steady: R msgs/s evenly, round-robin over the subjects; demo: the live-scores demo's "
+                         "bursts (1-5 updates on random matches every 2 s / R; R = 1 is the demo's 1.5 msgs/s)")
     ap.add_argument("--size", type=int, default=64, help="content bytes (default 64; at least the timestamp)")
     ap.add_argument("--per-process", type=int, default=10000, help="connections per client process (< 19,000)")
     ap.add_argument("--window", type=int, default=256, help="handshakes in flight per client process")
@@ -588,7 +676,9 @@ def main() -> None:
         r = results["runs"][-1]
         d, lat = r["delivery"], r["latency_ms"]
         print(f"N={n}: {r['connect']['ready']} ready ({r['connect']['setups_per_s']:g}/s), "
-              f"{r['memory']['bytes_per_connection']} B/conn; {d['deliveries']} deliveries "
+              f"{r['memory']['bytes_per_connection']} B/conn (kernel: slab "
+              f"{r['memory']['kernel']['slab_bytes_per_socket_total']} B, buffers "
+              f"{r['memory']['kernel']['tcp_buffer_bytes_per_socket']} B per socket); {d['deliveries']} deliveries "
               f"({d['deliveries_per_s']:g}/s), lost {d['lost_in_gaps'] + d['missing_at_end']}, "
               f"dup {d['duplicates']}, ooo {d['out_of_order']}; latency ms p50 {lat.get('p50')} "
               f"p99 {lat.get('p99')} max {lat.get('max')}; gateway {d['gateway_cpu_us_per_delivery']} us/delivery, "

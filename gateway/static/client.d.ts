@@ -126,7 +126,7 @@ export class GatewayClient {
   readonly urls: string[];
   readonly connected: boolean;
   readonly tracker: SubscriptionTracker;
-  /** The tracker's positions. */
+  /** The tracker's positions; a refused or ended subscription keeps its own (unsubscribe forgets it). */
   readonly positions: Map<string, Position>;
   readonly handlers: Map<string, Set<(message: Message) => void>>;
   readonly stats: ClientStats;

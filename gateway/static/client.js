@@ -493,9 +493,8 @@ export class GatewayClient {
         for (const cb of this.handlers.get(ev.message.subject) || []) {
           try { cb(ev.message); } catch (e) { console.error(e); }
         }
-      } else if (ev.type === "refused") {
-        this.handlers.delete(ev.subject);
-        this.positions.delete(ev.subject);
+      } else if (ev.type === "refused") {  // its position stays (as in the Python client): a later
+        this.handlers.delete(ev.subject);   // subscribe asks from there; unsubscribe() forgets it
       }
     }
     this._flush();  // e.g. the resubscription after a gap

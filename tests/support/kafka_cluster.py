@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import datetime
 import ipaddress
 import os
@@ -53,6 +54,9 @@ START_TIMEOUT_S = float(os.environ.get("KAFKA_TEST_START_TIMEOUT", "120"))
 #: SASL users of the SECURE listener: name -> password (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 alike)
 SASL_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
+#: starts with fresh free ports when a node could not bind one of its own: free_ports() releases the
+#: ports it found, so another process (a parallel cluster) may take one before the JVM binds it
+START_ATTEMPTS = 3
 
 T = TypeVar("T")
 
@@ -166,13 +170,19 @@ class KafkaCluster:
         self.cluster_id = _kafka_cluster_id()
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="kafka-cluster-")
-        ports = ([base_port + i for i in range(5 * n)] if base_port else free_ports(5 * n))
-        self.nodes = [KafkaNode(i + 1, ports[i], ports[n + i], ports[2 * n + i], ports[3 * n + i], ports[4 * n + i],
-                                os.path.join(self.workdir, f"node-{i + 1}")) for i in range(n)]
+        self._fixed_ports = bool(base_port)
+        self.nodes = self._place_nodes(base_port)
         self.ca_file = os.path.join(self.workdir, "ca.pem")           # trust this for SECURE
         self._broker_pem = os.path.join(self.workdir, "broker.pem")   # its key and certificate
         self.extra = dict(extra or {})
         self.start_seconds = 0.0
+        self.start_attempts = 0  # how many tries start() took (more than 1: a port was taken)
+
+    def _place_nodes(self, base_port: int | None) -> list[KafkaNode]:
+        n = self.n
+        ports = ([base_port + i for i in range(5 * n)] if base_port else free_ports(5 * n))
+        return [KafkaNode(i + 1, ports[i], ports[n + i], ports[2 * n + i], ports[3 * n + i], ports[4 * n + i],
+                          os.path.join(self.workdir, f"node-{i + 1}")) for i in range(n)]
 
     # ------------------------------------------------------------------------------ addresses
     @property
@@ -278,25 +288,46 @@ class KafkaCluster:
                                      stdin=subprocess.DEVNULL, stdout=node.log_file, stderr=subprocess.STDOUT)
 
     def start(self) -> KafkaCluster:
+        """Format and start every node and wait until the cluster is ready. A node that could not bind
+        one of its ports (taken since free_ports() found it) makes a new try on fresh ports, up to
+        START_ATTEMPTS in all (not with a fixed `base_port`). Until `stop()`, the nodes are also
+        stopped when this process exits or gets SIGTERM (`_stop_at_exit`)."""
         started = time.monotonic()
-        try:
-            if not os.path.exists(self._broker_pem):
-                write_tls_files(self.ca_file, self._broker_pem)
-            formats = [threading.Thread(target=self._format, args=(node,)) for node in self.nodes]
-            for t in formats:
-                t.start()
-            for t in formats:
-                t.join()
-            for node in self.nodes:
-                if not os.path.exists(os.path.join(node.dir, "data", "meta.properties")):
-                    self._format(node)   # raises with the tool's output
-                self.start_node(node)
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        _stop_at_exit(self)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            self.start_attempts = attempt
+            try:
+                self._start_nodes()
+                break
+            except BaseException as exc:
+                clash = isinstance(exc, Exception) and self._bind_failed()
+                if not clash or self._fixed_ports or attempt == START_ATTEMPTS:
+                    self.stop()
+                    raise
+                self._kill_nodes()
+                for node in self.nodes:
+                    shutil.rmtree(node.dir, ignore_errors=True)
+                self.nodes = self._place_nodes(None)
         self.start_seconds = time.monotonic() - started
         return self
+
+    def _start_nodes(self) -> None:
+        if not os.path.exists(self._broker_pem):
+            write_tls_files(self.ca_file, self._broker_pem)
+        formats = [threading.Thread(target=self._format, args=(node,)) for node in self.nodes]
+        for t in formats:
+            t.start()
+        for t in formats:
+            t.join()
+        for node in self.nodes:
+            if not os.path.exists(os.path.join(node.dir, "data", "meta.properties")):
+                self._format(node)   # raises with the tool's output
+            self.start_node(node)
+        self.wait_ready()
+
+    def _bind_failed(self) -> bool:
+        """Whether a node's log says one of its listeners found its port taken."""
+        return any("Address already in use" in self.log_tail(node, 20_000) for node in self.nodes)
 
     def kill_node(self, node: KafkaNode, sig: int = signal.SIGKILL) -> None:
         """Stop one node by its PID (SIGKILL: a crash; SIGTERM: a controlled shutdown)."""
@@ -317,14 +348,18 @@ class KafkaCluster:
 
     def stop(self) -> None:
         """Kill every node (its data is thrown away with the work dir: no need for a controlled
-        shutdown, which takes seconds per node once the quorum shrinks)."""
+        shutdown, which takes seconds per node once the quorum shrinks). Idempotent."""
+        _running.discard(self)
+        self._kill_nodes()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _kill_nodes(self) -> None:
         for node in self.nodes:
             try:
                 self.kill_node(node, signal.SIGKILL)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def rss_mib(self) -> float:
         return sum(rss_kib(node.pid) for node in self.nodes if node.pid) / 1024
@@ -384,6 +419,46 @@ class KafkaCluster:
             finally:
                 await admin.close()
         return out
+
+
+#: clusters started and not stopped yet, stopped by `_stop_running` when the process exits
+_running: set[KafkaCluster] = set()
+_exit_hooks = False
+
+
+def _stop_running() -> None:
+    for cluster in list(_running):
+        cluster.stop()
+
+
+def _stop_at_exit(cluster: KafkaCluster) -> None:
+    """Stop `cluster` (its JVMs, by PID) when this process exits, normally or on SIGTERM, if nothing
+    stopped it before. SIGTERM needs a handler: by default it ends Python at once, without finally
+    blocks, fixture teardowns or atexit, and a SIGTERMed pytest used to leave its brokers running.
+    The handler stops the clusters, then does what SIGTERM did before (the previous handler, or the
+    default: the process dies of SIGTERM). Installed once, from the main thread only (Python's rule);
+    atexit covers a normal exit either way."""
+    global _exit_hooks
+    _running.add(cluster)
+    if _exit_hooks:
+        return
+    _exit_hooks = True
+    atexit.register(_stop_running)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _stop_running()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_ca(common_name: str = "kafka-ws-gateway test CA") -> tuple[Any, Any]:

@@ -1,0 +1,39 @@
+"""client.js's GatewayClient (gateway/static/client.js) under node, against a real gateway over real
+sockets (node's WebSocket: `--experimental-websocket` on node 20, built in from 22)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from conftest import SCALE, ws_url
+from support.node import client_module, node
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _run_node(script: str, *args: str) -> dict[str, object]:
+    proc = await asyncio.create_subprocess_exec(
+        node(), "--experimental-websocket", "--no-warnings", str(ROOT / "tests" / "js" / script), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60 * SCALE)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+async def test_a_refused_subscription_keeps_its_position_and_a_later_subscribe_asks_from_it(
+        gateway_factory, tmp_path):
+    """As the Python client does: the gateway refuses /js/b (--max-subscriptions 1) after the caller
+    set its position; the position stays, and subscribing again once a slot is free replays after it."""
+    gw = await gateway_factory(max_subscriptions=1)
+    seen = await _run_node("refused_keeps_position.mjs", str(client_module(tmp_path)), ws_url(gw))
+    assert seen["code"] == "limit_exceeded"
+    assert seen["kept"] == seen["first"]  # {epoch, seq 1}
+    assert seen["got"] == ["two", "three"]  # "two" replayed from the position, then the sentinel
