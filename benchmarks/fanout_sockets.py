@@ -72,6 +72,10 @@ ROUND_TIMEOUT = 30.0      # one drain round, seconds
 #: 0: the drains poll (the floor: no wake-up per send); > 0: they sleep in epoll_wait up to this many ms,
 #: as clients on the same machine do, so every send also wakes a reader (kafka_100k.py measures both)
 DRAIN_WAIT_MS = 0
+#: idle seconds before each round, so that every socket is quiet that long between two messages (as a
+#: connection on 3 of 10 subjects at a few msgs/s is): after > RTO of quiet, the reader's kernel ACKs each
+#: segment at once, on loopback inside the sender's send (BENCHMARKS.md, "the clients' ACKs")
+ROUND_SLEEP_S = 0.0
 MAX_RETRIES = 4           # a disturbed round (see disturbed()) is run again at most this often
 
 # 60-byte JSON payload -> 62-byte frame (2-byte header, unmasked server frame)
@@ -517,6 +521,8 @@ def split(n: int, parts: int) -> list[int]:
 
 
 def run_round(variant: str, n: int, senders: dict, drains: dict) -> dict:
+    if ROUND_SLEEP_S:
+        time.sleep(ROUND_SLEEP_S)
     key = "ws" if variant == "websockets" else "raw"
     sender, group = senders[key], drains[key]
     msgs = MSGS[variant]
@@ -638,6 +644,13 @@ def plot(summary: dict, ns: list[int]) -> None:
     plt.close(fig)
 
 
+def set_options(drain_wait_ms: int, round_sleep_s: float, out: str) -> None:
+    """The module's knobs, from the command line (sweep.py and kafka_100k.py set them in-process)."""
+    global DRAIN_WAIT_MS, ROUND_SLEEP_S, RESULTS_JSON, RESULTS_PNG
+    DRAIN_WAIT_MS, ROUND_SLEEP_S = drain_wait_ms, round_sleep_s
+    RESULTS_JSON, RESULTS_PNG = out, os.path.splitext(out)[0] + ".png"
+
+
 def main() -> int:
     require_installed_package()  # the installed package's fanout and gateway, never the checkout's
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -646,7 +659,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9, help="rounds per variant and N (median; default 9)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="subset, for profiling")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--drain-wait-ms", type=int, default=DRAIN_WAIT_MS,
+                    help="0: drains poll (the floor); > 0: they sleep in epoll_wait up to this long, as clients do")
+    ap.add_argument("--round-sleep", type=float, default=ROUND_SLEEP_S,
+                    help="idle seconds before each round (each socket quiet that long between messages)")
+    ap.add_argument("--out", default=RESULTS_JSON, help="JSON results (the plot goes next to it, .png)")
     args = ap.parse_args()
+    set_options(args.drain_wait_ms, args.round_sleep, args.out)
     if args.role == "drain":
         role_drain()
         return 0
@@ -665,7 +684,7 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs 2 CPUs: the sender is pinned to CPU 0 and the drains to CPU 1")
     os.sched_setaffinity(0, {OTHER_CPU})
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(RESULTS_JSON)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="fanout-sendref-")
     children: list[Child] = []
     try:
@@ -713,7 +732,8 @@ def main() -> int:
     import websockets  # noqa: PLC0415
 
     doc = {
-        "config": {"ns": ns, "repeats": args.repeats, "frame_bytes": FRAME_LEN, "sender_cpu": SENDER_CPU,
+        "config": {"ns": ns, "repeats": args.repeats, "drain_wait_ms": DRAIN_WAIT_MS, "round_sleep_s": ROUND_SLEEP_S,
+                   "frame_bytes": FRAME_LEN, "sender_cpu": SENDER_CPU,
                    "drain_cpu": OTHER_CPU, "drain_max_sockets": DRAIN_MAX, **mach,
                    "loadavg_at_end": os.getloadavg(),
                    "versions": {"uvloop": uvloop.__version__, "websockets": websockets.__version__},

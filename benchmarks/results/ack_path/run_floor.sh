@@ -8,10 +8,11 @@ PY=${PY:-$REPO/.venv/bin/python}
 OUT=${ACK_PATH_OUT:-/tmp/ack_path}
 O=$OUT/$TAG; mkdir -p $O
 uptime > $O/uptime.txt
-GAP_ROUND_SLEEP=${ROUND_SLEEP:-0} GAP_DRAIN_WAIT_MS=$WAIT $PY $HERE/fanout_sockets_spaced.py --ns $NS --variants c-send --repeats ${REPEATS:-120} --no-plot > $O/out.log 2>&1 &
+$PY $REPO/benchmarks/fanout_sockets.py --ns $NS --variants c-send --repeats ${REPEATS:-120} --no-plot \
+    --drain-wait-ms $WAIT --round-sleep ${ROUND_SLEEP:-0} --out $O/fanout_sockets.json > $O/out.log 2>&1 &
 FPID=$!
 for i in $(seq 1 400); do grep -q "c-send round 2" $O/out.log 2>/dev/null && break; sleep 0.25; done
-S=$(pgrep -f "fanout_sockets_spaced.py --role sender-raw" | head -1)
+S=$(pgrep -f "fanout_sockets.py --role sender-raw" | head -1)
 echo "sender $S fds $(ls /proc/$S/fd | wc -l)" > $O/info.txt
 EV=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_sendto,syscalls:sys_enter_sendmsg,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_pwait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_read,syscalls:sys_enter_recvfrom,syscalls:sys_enter_write,syscalls:sys_enter_writev,sched:sched_wakeup,irq:softirq_entry,ipi:ipi_send_cpu,ipi:ipi_send_cpumask,net:net_dev_xmit,tcp:tcp_probe
 $PY $HERE/snap.py $O/s0.json $S
