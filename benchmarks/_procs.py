@@ -11,6 +11,7 @@ import os
 import platform
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -177,6 +178,13 @@ def wait_quiet(limit: float = 0.15, max_wait: float = 60.0) -> float:
 
 
 _TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port free on HOST now (released: a server started next binds it)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
 
 
 def machine_busy_seconds() -> float:

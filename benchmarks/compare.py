@@ -71,7 +71,16 @@ from loadgen import (  # noqa: E402 (after the sys.path insert above)
     ws_client_frame,
 )
 
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, reply, stop_children, stop_process  # noqa: E402 (after the sys.path insert above)
+from _procs import (  # noqa: E402 (after the sys.path insert above)
+    Child,
+    free_port,
+    machine,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    reply,
+    stop_children,
+    stop_process,
+)
 
 HOST = "127.0.0.1"
 PEERS = ("gateway", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
@@ -311,12 +320,6 @@ def role_mqtt_publisher() -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Servers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def _pinned(cpus: set[int] | None):

@@ -54,7 +54,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,7 +65,14 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "load"))
 import loadgen as lg  # noqa: E402 (after the sys.path insert above)
 
-from _procs import Child, machine, machine_busy_seconds, proc_cpu_seconds, require_installed_package  # noqa: E402
+from _procs import (  # noqa: E402
+    Child,
+    free_port,
+    machine,
+    machine_busy_seconds,
+    proc_cpu_seconds,
+    require_installed_package,
+)
 
 RESULTS = os.path.join(HERE, "results")
 SUBJECTS, PER_CONN = 10, 3
@@ -212,12 +218,6 @@ def measure_floor(sockets: int, repeats: int, busiest_match: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # The gateway and its clients
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Workers:

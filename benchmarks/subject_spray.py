@@ -30,17 +30,11 @@ import time
 import urllib.request
 from collections.abc import Callable
 
-from _procs import require_installed_package, stop_process
+from _procs import free_port, require_installed_package, stop_process
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "subject_spray.json")
 HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def rss_bytes(pid: int) -> int:
