@@ -204,6 +204,20 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TCK
 
 
+def schedstat_seconds(pid: int, field: int) -> float | None:
+    """A sum over a process's live threads from /proc/<pid>/task/*/schedstat, in seconds at ns resolution
+    (utime + stime count 10 ms ticks): field 0 is time on a CPU, 1 time runnable but waiting for one.
+    None when it cannot be read (the process is gone, or the kernel has no schedstat)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as fh:
+                total += int(fh.read().split()[field])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / 1e9
+
+
 def rss_bytes(pid: int) -> dict:
     """VmRSS and its anonymous part, in bytes, from /proc/<pid>/status."""
     out = {}

@@ -56,7 +56,7 @@ sys.path[:0] = [os.path.join(ROOT, "tests")]  # tests/support: the Tansu broker 
 
 from aiokafka.structs import TopicPartition  # noqa: E402
 
-from _procs import machine_busy_seconds, require_installed_package, stop_process  # noqa: E402
+from _procs import machine_busy_seconds, require_installed_package, schedstat_seconds, stop_process  # noqa: E402
 from support.kafka_broker import (  # noqa: E402
     KafkaBroker,
     external_broker,
@@ -83,14 +83,8 @@ def threads_cpu_seconds(pid: int) -> float:
     """CPU time of a process's live threads in ns resolution (/proc/<pid>/task/*/schedstat): a
     long-lived process like the gateway, where utime + stime's 10 ms ticks would round a short round
     to 0. Falls back to cpu_seconds() where schedstat is missing."""
-    total = 0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
-                total += int(f.read().split()[0])
-    except (OSError, IndexError, ValueError):
-        return cpu_seconds(pid)
-    return total / 1e9
+    on_cpu = schedstat_seconds(pid, 0)
+    return cpu_seconds(pid) if on_cpu is None else on_cpu
 
 
 def per_cpu_second(count: float, cpu_s: float) -> float:

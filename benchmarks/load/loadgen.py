@@ -57,6 +57,7 @@ from _procs import (  # noqa: E402
     proc_cpu_seconds,
     reply,
     require_installed_package,
+    schedstat_seconds,
     stop_children,
     stop_process,
 )
@@ -385,15 +386,7 @@ def gateway_cpu(pid: int) -> float:
 
 def runqueue_wait_seconds(pid: int) -> float:
     """Time the process tree's threads spent runnable but waiting for a CPU (/proc/<tid>/schedstat)."""
-    total = 0
-    for p in tree_pids(pid):
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{tid}/schedstat", encoding="ascii") as fh:
-                    total += int(fh.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / 1e9
+    return sum(schedstat_seconds(p, 1) or 0.0 for p in tree_pids(pid))
 
 
 def gateway_rss(pid: int) -> int:
