@@ -179,7 +179,17 @@ def test_mqtt_qos1_mode_connects_subscribes_and_acknowledges_every_publish() -> 
     got: dict = {"pubacks": []}
 
     async def main(ready, box, stop) -> None:
+        handlers: set[asyncio.Task] = set()
+
         async def handle(reader, writer) -> None:
+            handlers.add(asyncio.current_task())  # awaited below: the loop must not close under it
+            try:
+                await serve(reader, writer)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+        async def serve(reader, writer) -> None:
             first, body = await _read_mqtt(reader)
             got["connect"] = (first, body[:8])
             writer.write(b"\x20\x02\x00\x00")
@@ -199,7 +209,6 @@ def test_mqtt_qos1_mode_connects_subscribes_and_acknowledges_every_publish() -> 
                 got["pubacks"].append(await _read_mqtt(reader))
             while not stop.is_set():
                 await asyncio.sleep(0.02)
-            writer.close()
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         box.append(server.sockets[0].getsockname()[1])
@@ -207,6 +216,8 @@ def test_mqtt_qos1_mode_connects_subscribes_and_acknowledges_every_publish() -> 
         while not stop.is_set():
             await asyncio.sleep(0.02)
         server.close()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
 
     _, box, stop, thread = _serve_in_thread(main)
     try:
