@@ -4,29 +4,20 @@ every subscriber, in order, exactly once (the fake-clock unit tests are in test_
 from __future__ import annotations
 
 import asyncio
-import re
-import urllib.request
 
 import pytest
 
-from conftest import SCALE, ws_url
+from conftest import ws_url
 from gateway.cli import build_parser
 from gateway.config import FIELDS, ConfigError
 from gateway.config import load as load_config
+from support.metrics import metric
 from support.ws import connected, recv_until, send
 
 pytestmark = pytest.mark.both_loops
 
 SUBSCRIBERS = 8
 MESSAGES = 300
-
-
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5 * SCALE) as resp:
-        body = resp.read().decode()
-    m = re.search(rf"^{re.escape(name)} (\S+)$", body, re.MULTILINE)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
 
 
 async def test_coalesced_flushes_keep_order_and_completeness(gateway_factory):
@@ -56,7 +47,7 @@ async def test_coalesced_flushes_keep_order_and_completeness(gateway_factory):
     for got in await asyncio.gather(*(read_all(ws) for ws in subs)):
         assert got == want
     assert gw.writer.held_flushes > 0
-    held = await asyncio.to_thread(_metric, gw.port, "gateway_write_flushes_held_total")
+    held = await asyncio.to_thread(metric, gw.port, "gateway_write_flushes_held_total")
     assert held >= gw.writer.held_flushes > 0
     # Sentinel: nothing beyond the messages published follows (no duplicate from a held flush).
     await send(pub, {"op": "publish", "subject": "/c/x", "content": "end", "id": "end"})

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import re
-import urllib.request
 
 import pytest
 
-from conftest import SCALE, ws_url
+from conftest import ws_url
 from gateway.session import Session
+from support.metrics import metric
 from support.waits import wait_until
 from support.ws import connected, recv_until, send
 
@@ -33,11 +32,7 @@ def live_sessions() -> int:
 
 
 def gc_collections(port: int, generation: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5 * SCALE) as resp:
-        body = resp.read().decode()
-    m = re.search(rf'^python_gc_collections_total{{generation="{generation}"}} (\S+)$', body, re.MULTILINE)
-    assert m, "python_gc_collections_total not in /metrics"
-    return float(m.group(1))
+    return metric(port, "python_gc_collections_total", f'{{generation="{generation}"}}')
 
 
 async def test_connections_with_piled_up_queues_are_freed_after_close(gateway_factory):

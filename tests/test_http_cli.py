@@ -16,6 +16,7 @@ import pytest
 
 from conftest import SCALE, ws_url
 from gateway import cli, config
+from support.metrics import sample
 from support.ws import close_code, connected, recv, send
 
 
@@ -43,19 +44,13 @@ async def test_http_endpoints(gateway_factory):
     assert status == 404
 
 
-def _metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.M)
-    assert m, f"{name}{labels} not in /metrics"
-    return float(m.group(1))
-
-
 async def test_metrics_count_real_traffic(gateway_factory):
     gw = await gateway_factory()
     url = f"http://127.0.0.1:{gw.port}/metrics"
     _, ctype, before = await asyncio.to_thread(_get, url)
     assert ctype.startswith("text/plain")
     before_text = before.decode()
-    assert _metric(before_text, "gateway_messages_out_total") == 0
+    assert sample(before_text, "gateway_messages_out_total") == 0
     ws = await connected(ws_url(gw))
     await send(ws, {"op": "subscribe", "subjects": [{"subject": "/m/1"}]})
     await recv(ws)
@@ -67,12 +62,12 @@ async def test_metrics_count_real_traffic(gateway_factory):
     await recv(ws)
     _, _, after = await asyncio.to_thread(_get, url)
     text = after.decode()
-    assert _metric(text, "gateway_connections") == 1
-    assert _metric(text, "gateway_subscriptions") == 1
-    assert _metric(text, "gateway_messages_in_total") == 3
-    assert _metric(text, "gateway_messages_out_total") == 3
-    assert _metric(text, "gateway_bytes_out_total") > 0
-    assert _metric(text, "gateway_errors_total", '{code="bad_request"}') == 1
+    assert sample(text, "gateway_connections") == 1
+    assert sample(text, "gateway_subscriptions") == 1
+    assert sample(text, "gateway_messages_in_total") == 3
+    assert sample(text, "gateway_messages_out_total") == 3
+    assert sample(text, "gateway_bytes_out_total") > 0
+    assert sample(text, "gateway_errors_total", '{code="bad_request"}') == 1
 
 
 def test_help_documents_every_flag(capsys):

@@ -26,6 +26,7 @@ from conftest import SCALE, ws_url
 from gateway import config as cfg
 from gateway.limits import Admission, TokenBucket, default_max_connections, normalize_origins, origin_allowed
 from gateway.session import close_reason
+from support.metrics import metric
 from support.waits import wait_until
 from support.ws import (
     WAIT,
@@ -88,10 +89,7 @@ def _get(url: str) -> tuple[int, bytes]:
 
 
 async def _metric(port: int, name: str, labels: str = "") -> float:
-    _, body = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
-    m = re.search(rf"^{re.escape(name + labels)} (\S+)$", body.decode(), re.M)
-    assert m, f"{name}{labels} not in /metrics"
-    return float(m.group(1))
+    return await asyncio.to_thread(metric, port, name, labels)
 
 
 def _upgrade(port: int, headers: str = "", source: str | None = None) -> tuple[socket.socket, bytes]:
