@@ -35,17 +35,12 @@ import tracemalloc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _procs import machine, require_installed_package  # noqa: E402
+from _procs import machine, require_installed_package, rss_bytes  # noqa: E402
+from gateway_vs_websockets import mask_frame  # noqa: E402 (the raw client side of that benchmark)
 
 SUBJECTS = 10
 PER_CONNECTION = 3
 WARM = 100
-
-
-def _masked(payload: bytes) -> bytes:
-    key, n = os.urandom(4), len(payload)
-    head = bytes((0x81, 0x80 | n)) if n <= 125 else bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def client(port: int, k: int, src: str, first: int) -> None:
@@ -57,8 +52,8 @@ def client(port: int, k: int, src: str, first: int) -> None:
         subs = [{"subject": f"/matches/football/{(i + 3 * j) % SUBJECTS + 1}"} for j in range(PER_CONNECTION)]
         s.sendall(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-                  + _masked(b'{"op":"connect"}')
-                  + _masked(json.dumps({"op": "subscribe", "subjects": subs}).encode()))
+                  + mask_frame(0x1, b'{"op":"connect"}')
+                  + mask_frame(0x1, json.dumps({"op": "subscribe", "subjects": subs}).encode()))
         buf = b""
         while buf.count(b'"subscribed"') < PER_CONNECTION:
             data = s.recv(65536)
@@ -82,8 +77,7 @@ async def open_clients(port: int, k: int, src: str, first: int) -> asyncio.subpr
 
 
 def rss() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmRSS:"))
+    return rss_bytes(os.getpid())["VmRSS"]
 
 
 def _where(trace: tracemalloc.Traceback) -> str:

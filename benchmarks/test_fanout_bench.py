@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import struct
 
 import pytest
 
 import fanout
 from fanout import _reference
+from gateway_vs_websockets import mask_frame  # benchmarks/ is on the path (conftest.py)
 from support.fake_transport import FakeTransport  # tests/ is on the path (pyproject pythonpath)
 
 # Warm up each benchmark first: on this shared VM the first rounds of a run are often slower.
@@ -109,13 +109,6 @@ def test_ring_since(benchmark, record, impl, back):
     record(benchmark, benchmark.group, impl)
 
 
-def _masked(payload: bytes) -> bytes:
-    key = os.urandom(4)
-    n = len(payload)
-    head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 WSCONNS = {"ours": fanout.WSConn, "pure-python": _reference.WSConn}
 WRITERS = {"ours": fanout.Writer, "pure-python": _reference.Writer}
 
@@ -124,7 +117,7 @@ WRITERS = {"ours": fanout.Writer, "pure-python": _reference.Writer}
 @pytest.mark.parametrize("shape", ["100 x 64 B", "1 x 64 KiB"])
 def test_inbound_frames(benchmark, record, impl, shape):
     count, size = (100, 64) if shape == "100 x 64 B" else (1, 65000)
-    read = b"".join(_masked(b"x" * size) for _ in range(count))
+    read = b"".join(mask_frame(0x1, b"x" * size) for _ in range(count))
 
     class Counting(WSCONNS[impl]):
         n = 0
