@@ -18,15 +18,20 @@ from support.ws import WAIT, connected, read_head, recv, recv_until, send, upgra
 pytestmark = pytest.mark.both_loops
 
 
+def _tls_files(tmp_path) -> dict[str, str]:
+    """A certificate and key for 127.0.0.1 in `tmp_path`, as the gateway's --tls-cert / --tls-key."""
+    cert_pem, key_pem = _cert_pem()
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    return {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
+
+
 async def _seqs(ws, n: int) -> list[int]:
     return [(await recv_until(ws, "msg", timeout=10 * SCALE))["seq"] for _ in range(n)]
 
 
 async def test_tls_publish_subscribe_and_https(gateway_factory, tmp_path):
-    cert_pem, key_pem = _cert_pem()
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(key_pem)
-    gw = await gateway_factory(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"))
+    gw = await gateway_factory(**_tls_files(tmp_path))
     _, client_ctx = contexts()
     url = f"wss://127.0.0.1:{gw.port}/ws"
     sub = await connected(url, ssl=client_ctx, max_queue=None)
@@ -49,13 +54,6 @@ async def test_tls_publish_subscribe_and_https(gateway_factory, tmp_path):
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         await asyncio.to_thread(lambda: urllib.request.urlopen(
             f"https://127.0.0.1:{gw.port}/healthz", context=ssl.create_default_context(), timeout=5 * SCALE))
-
-
-def _tls_files(tmp_path) -> dict[str, str]:
-    cert_pem, key_pem = _cert_pem()
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(key_pem)
-    return {"tls_cert": str(tmp_path / "cert.pem"), "tls_key": str(tmp_path / "key.pem")}
 
 
 def _tcp(port: int, source: str) -> socket.socket:
