@@ -2,7 +2,7 @@
 """100,000 WebSocket users through Kafka on this box, by one command (issue 12's first target).
 
     pip install ".[bench]"
-    python benchmarks/kafka_100k.py                     # about 6 minutes on 2 cores; bounded by --budget
+    python benchmarks/kafka_100k.py                     # about 5 minutes on 2 cores; bounded by --budget
     python benchmarks/kafka_100k.py --connections 20000 --rates 1 --duration 10   # a quick trial
 
 In one run, one step after the other:
