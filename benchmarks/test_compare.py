@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = ("gateway", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
+PEERS = ("gateway", "gateway-coalesced", "websockets", "nats", "mqtt-qos0", "mqtt-qos1")
 
 
 def test_every_peer_delivers_everything_once(tmp_path) -> None:
@@ -33,5 +33,5 @@ def test_every_peer_delivers_everything_once(tmp_path) -> None:
         assert (d["duplicates"], d["out_of_order"], d["lost"], d["bad_frames"]) == (0, 0, 0, 0), (r["peer"], d)
         assert r["latency_ms"]["count"] == 240, r["latency_ms"]
     acks = {r["peer"]: r["delivery"]["acks_sent"] for r in doc["runs"]}
-    assert acks == {"gateway": 0, "websockets": 0, "nats": 0, "mqtt-qos0": 0, "mqtt-qos1": 240}
+    assert acks == {"gateway": 0, "gateway-coalesced": 0, "websockets": 0, "nats": 0, "mqtt-qos0": 0, "mqtt-qos1": 240}
     assert "| mqtt-qos1 |" in proc.stdout  # the markdown table
