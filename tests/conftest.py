@@ -101,8 +101,11 @@ def _whole_kafka_cluster(request: pytest.FixtureRequest) -> None:
             reporter.write_line(f"\n{request.node.nodeid}: before it, the Kafka cluster was not whole: {done}")
 
 
-# The hard limit of every test, setup to teardown (pytest-timeout's is only a soft one): support/hard_timeout.py
+# The hard limit of every test, setup to teardown (pytest-timeout's is only a soft one), and of the exit
+# after the last: support/hard_timeout.py
 from support.hard_timeout import (  # noqa: E402, F401 (hooks of this conftest)
     pytest_runtest_logreport,
     pytest_runtest_protocol,
+    pytest_sessionfinish,
+    pytest_unconfigure,
 )

@@ -1,5 +1,5 @@
 """The tests' own Apache Kafka cluster (tests/support/kafka_cluster.py), one node each to stay cheap:
-its JVMs go when the process that started them exits, gets SIGTERM or hits the hard timeout; a port
+its JVMs go when the process that started them exits or gets SIGTERM (test_hard_timeout.py: or hangs); a port
 taken between picking it and binding it costs a new try, not the start; a killed node comes back
 (at once, again and again, after a port it needs was held for a while); and the session's broker
 (support/kafka_broker.py) is whole before each test: a node left down is brought back, a cluster that
@@ -22,8 +22,7 @@ import support.kafka_broker as kafka_broker_module
 import support.kafka_cluster as kafka_cluster_module
 from conftest import SCALE
 from support.kafka_broker import KafkaBroker, start_apache_kafka
-from support.kafka_cluster import START_TIMEOUT_S, KafkaCluster, NodeStartError, PortTaken
-from support.waits import wait_until_sync
+from support.kafka_cluster import START_TIMEOUT_S, KafkaCluster, NodeStartError, PortTaken, is_kafka_jvm
 
 pytestmark = pytest.mark.kafka
 
@@ -42,18 +41,6 @@ sys.exit(0)
 """
 
 
-def _kafka_jvm(pid: int) -> bool:
-    """Whether `pid` is (still) a running Kafka broker JVM (a reused pid or a zombie is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"kafka.Kafka" in f.read()
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.mark.parametrize("ending", ["sigterm", "exit"])
 def test_the_cluster_jvms_stop_when_the_process_that_started_them_ends(ending: str) -> None:
     """SIGTERM used to end the test process without any cleanup, leaving the brokers running; a
@@ -67,7 +54,7 @@ def test_the_cluster_jvms_stop_when_the_process_that_started_them_ends(ending: s
             assert line, f"the child exited {child.wait(10)}: {child.stderr.read()}"
             *jvms, workdir = line.split()
             pids = [int(p) for p in jvms]
-            assert pids and all(_kafka_jvm(p) for p in pids)
+            assert pids and all(is_kafka_jvm(p) for p in pids)
             if ending == "sigterm":
                 os.kill(child.pid, signal.SIGTERM)
             else:
@@ -75,14 +62,14 @@ def test_the_cluster_jvms_stop_when_the_process_that_started_them_ends(ending: s
                 child.stdin.flush()
             code = child.wait(60 * SCALE)
             assert code == (-signal.SIGTERM if ending == "sigterm" else 0)  # it still ends as it would have
-            assert [p for p in pids if _kafka_jvm(p)] == [], "broker JVMs left running"
+            assert [p for p in pids if is_kafka_jvm(p)] == [], "broker JVMs left running"
             assert not os.path.exists(workdir)
         finally:
             if child.poll() is None:
                 child.kill()
                 child.wait(10)
             for p in pids:  # whatever the outcome, nothing of this test stays behind
-                if _kafka_jvm(p):
+                if is_kafka_jvm(p):
                     os.kill(p, signal.SIGKILL)
 
 
@@ -136,7 +123,7 @@ def test_a_node_comes_back_right_after_a_sigkill_again_and_again(one_node: Kafka
         os.kill(old, signal.SIGKILL)
         one_node.restart_node(node)   # waits until the cluster answers metadata with the node in it
         assert node.pid is not None and node.pid != old
-        assert not _kafka_jvm(old)
+        assert not is_kafka_jvm(old)
         assert node.starts == i + 2 and _starts_logged(one_node) == i + 2   # one JVM per restart, each logged
         with socket.create_connection(("127.0.0.1", node.port), timeout=10 * SCALE):
             pass
@@ -255,68 +242,3 @@ def test_a_cluster_that_cannot_be_healed_is_replaced_and_one_that_cannot_be_repl
     # every later test that needs the cluster fails at once, with the same reason (no new try)
     with pytest.raises(RuntimeError, match="(?s)broken: node\\(s\\) \\[1\\] down.*no room for a fresh cluster"):
         broker.ensure_whole()
-
-
-#: a test run (pytest, in a child) on uvloop that starts a 1-node cluster as it begins (its JVM's pid into a
-#: file), then hangs: in the test itself, where pytest-timeout's SIGALRM is dropped by the loop, or in a
-#: fixture's teardown after the test failed, where pytest-timeout has cancelled its timer
-HUNG_RUN_CONFTEST = """
-import asyncio
-import uvloop
-from support.kafka_cluster import KafkaCluster
-
-def pytest_sessionstart(session):
-    cluster = KafkaCluster(1).start()
-    with open("pid", "w") as f:
-        f.write(str(cluster.nodes[0].pid))
-
-def pytest_asyncio_loop_factories(config, item):
-    return {"uvloop": uvloop.new_event_loop}
-"""
-HUNG_RUN_TESTS = """
-import asyncio
-import threading
-import pytest
-
-async def test_hangs_in_its_call():
-    print("about to hang", flush=True)
-    await asyncio.Event().wait()
-
-@pytest.fixture
-async def teardown_that_hangs():
-    yield
-    await asyncio.get_running_loop().run_in_executor(None, threading.Event().wait)
-
-async def test_fails_then_its_teardown_hangs(teardown_that_hangs):
-    print("about to fail", flush=True)
-    assert False
-"""
-
-
-@pytest.mark.parametrize("where", ["test_hangs_in_its_call", "test_fails_then_its_teardown_hangs"])
-def test_the_hard_timeout_ends_a_hung_run_and_its_cluster_jvms(where: str, tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text(HUNG_RUN_CONFTEST)
-    (tmp_path / "test_hung.py").write_text(HUNG_RUN_TESTS)
-    env = {**os.environ, "TEST_HARD_TIMEOUT_GRACE": "1", "PYTHONPATH": str(TESTS)}
-    pid = 0
-    try:
-        run = subprocess.run([sys.executable, "-m", "pytest", "-p", "support.hard_timeout", "-p", "no:cacheprovider",
-                              "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function",
-                              "-o", "timeout=1", f"test_hung.py::{where}"],
-                             cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=2 * START_TIMEOUT_S)
-    finally:
-        if (tmp_path / "pid").exists():
-            pid = int((tmp_path / "pid").read_text())
-        if pid and _kafka_jvm(pid):
-            wait_until_sync(lambda: not _kafka_jvm(pid), "the JVM gone", 10 * SCALE)   # SIGKILLed: dying
-    out = run.stdout + run.stderr
-    assert pid, out
-    assert run.returncode == 1, out
-    assert f"hard timeout: test_hung.py::{where} still running" in out, out
-    dump = out.split("hard timeout:", 1)[1]
-    assert "about to " in dump   # what the test printed is shown, its failure if it failed ...
-    assert ("assert False" in dump) == (where == "test_fails_then_its_teardown_hangs")
-    assert "Stack of MainThread" in dump   # ... and every thread's stack, and the task that waits:
-    assert "Stack of task" in dump and ("await asyncio.Event().wait()" if where == "test_hangs_in_its_call"
-                                        else "run_in_executor(None, threading.Event().wait)") in dump, dump

@@ -12,6 +12,11 @@ stack, every pending task's (an asyncio test waits in a task: the main thread sh
 the test's failure if it failed (its report is never printed otherwise) and what it printed, SIGKILLs
 the Kafka JVMs this process started (os._exit skips atexit), and ends the process with os._exit(1).
 scripts/test.sh then goes on with its next pass.
+
+The same for the end of the run: Python joins every non-daemon thread before it exits (an executor's
+worker among them) and runs atexit only after that, so a thread that never returns hung the process after
+its summary. EXIT_GRACE_S after pytest is done, the stacks are dumped, the JVMs killed, and the process
+ends with the run's exit status.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import pytest_timeout
 
 #: seconds after the soft limit (TEST_HARD_TIMEOUT_GRACE overrides; its own tests use 1)
 HARD_GRACE_S = float(os.environ.get("TEST_HARD_TIMEOUT_GRACE", "60"))
+#: seconds the process may take to exit once pytest is done (TEST_EXIT_GRACE overrides)
+EXIT_GRACE_S = float(os.environ.get("TEST_EXIT_GRACE", "60"))
 #: the reports of the phases (setup, call) of the running test done so far
 _reports: list[pytest.TestReport] = []
 
@@ -55,6 +62,46 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _reports.append(report)
+
+
+_exit_status = 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    timer = threading.Timer(EXIT_GRACE_S, _exit_hung, (_exit_status,))
+    timer.name = "hard timeout of the exit"
+    timer.daemon = True   # not joined at exit: it is what ends a process that does not
+    timer.start()
+
+
+def _exit_hung(status: int) -> None:
+    try:
+        sys.stderr.write(f"\n+++ hard timeout: the test process did not exit {EXIT_GRACE_S:.0f} s after pytest was "
+                         f"done; the threads it waits for:\n")
+        for ident, frame in sys._current_frames().items():
+            if ident != threading.get_ident():
+                name = next((t.name for t in threading.enumerate() if t.ident == ident), "?")
+                sys.stderr.write(f"--- thread {name} ({ident}):\n{''.join(traceback.format_stack(frame))}")
+        sys.stderr.write(f"+++ hard timeout: the Kafka JVMs are killed, exit status {status} (the run's)\n")
+    finally:
+        _kill_jvms_and_exit(status)
+
+
+def _kill_jvms_and_exit(status: int) -> None:
+    try:
+        from support.kafka_cluster import kill_all_now
+
+        kill_all_now()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _expire(item: pytest.Item, limit: float) -> None:
@@ -84,15 +131,8 @@ def _expire(item: pytest.Item, limit: float) -> None:
     except Exception:  # noqa: BLE001 - the exit below matters more than the report
         traceback.print_exc()
     finally:
-        try:
-            from support.kafka_cluster import kill_all_now
-
-            kill_all_now()
-        finally:
-            terminal.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)
+        terminal.flush()
+        _kill_jvms_and_exit(1)
 
 
 def _dump_tasks(terminal: Any) -> None:

@@ -660,6 +660,18 @@ def kill_all_now() -> None:
                     pass
 
 
+def is_kafka_jvm(pid: int) -> bool:
+    """Whether `pid` is (still) a running Kafka broker JVM (a reused pid or a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"kafka.Kafka" in f.read()
+    except (OSError, IndexError):
+        return False
+
+
 def _bindable(port: int) -> bool:
     """Whether a listener could bind 127.0.0.1:`port` now (with SO_REUSEADDR, as the JVM binds: a
     connection of the old JVM in TIME_WAIT does not stop it, any live socket on the port does)."""
