@@ -20,6 +20,10 @@ Each node has four listeners on 127.0.0.1:
 so an outage test cuts the proxies and nothing else: replication and plain test clients go on.
 The key and certificates live in the cluster's work dir and go with it.
 
+A node killed by a test comes back with `restart_node` (or `heal`: every node that is down): its old JVM
+is reaped first, a port another socket holds is waited for, and a start that fails is tried again, then
+reported with the node's log of that start (each start is marked in node.log).
+
 By hand (what the README shows):
     scripts/kafka-cluster.sh                 # 3 nodes on 127.0.0.1:19092-19094, Ctrl-C stops them
     python3 tests/support/kafka_cluster.py --resolve-only
