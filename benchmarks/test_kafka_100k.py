@@ -36,6 +36,11 @@ def test_workers_needed_keeps_the_busiest_worker_under_the_limit() -> None:
         k.workers_needed(0, 18_000)
 
 
+def test_client_sched_modes_are_a_policy_and_an_optional_pace() -> None:
+    assert all(k.client_mode_ok(m) for m in ("other", "batch", "batch:1000", "other:0"))
+    assert not any(k.client_mode_ok(m) for m in ("idle", "batch:", "batch:1ms", ":1000", "batch:-1", ""))
+
+
 def test_client_processes_refuse_more_than_the_open_files_limit() -> None:
     assert k.client_processes(100_000, 12_500, 20_000) == 8
     assert k.client_processes(100_001, 12_500, 20_000) == 9

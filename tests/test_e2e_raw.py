@@ -8,9 +8,11 @@ import json
 import os
 import socket
 import struct
+import time
 
 import pytest
 
+from conftest import SCALE
 from support.ws import client_frame, raw_upgrade, read_frames
 
 pytestmark = pytest.mark.both_loops
@@ -56,6 +58,56 @@ async def test_peer_that_never_answers_pings_is_closed_1011(gateway_factory):
     assert any(op == 0x1 and json.loads(p) == {"op": "hb"} for op, p in frames)
     assert _close_code(frames) == 1011
     sock.close()
+
+
+def _answer_pings(sock, answers: int, timeout: float) -> tuple[list[float], list[tuple[int, bytes]]]:
+    """Read server frames; answer the first `answers` pings with a pong, then go silent until the server
+    closes. Returns, per ping, the seconds since our last frame to the server, and every frame after."""
+    sock.settimeout(timeout)
+    last_sent = time.monotonic()
+    _connect(sock)
+    gaps: list[float] = []
+    after: list[tuple[int, bytes]] = []
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 2:  # server frames are unmasked; ours here are all under 64 KiB
+            op, n, head = buf[0] & 0x0F, buf[1] & 0x7F, 2
+            if n == 126:
+                n, head = (int.from_bytes(buf[2:4], "big") if len(buf) >= 4 else 1 << 20), 4
+            if len(buf) < head + n:
+                break
+            payload, buf = buf[head:head + n], buf[head + n:]
+            if op == 0x9:
+                gaps.append(time.monotonic() - last_sent)
+                if len(gaps) <= answers:
+                    last_sent = time.monotonic()  # before the send: the server hears it no earlier
+                    sock.sendall(client_frame(0xA, payload))
+                    continue
+            if len(gaps) >= answers:
+                after.append((op, payload))
+    return gaps, after
+
+
+async def test_pings_come_after_twice_heartbeat_of_input_silence_and_silence_is_closed_1011(gateway_factory):
+    """A peer that only reads (a subscriber) is pinged once per 2 x heartbeat_ms of its silence, and a
+    pong starts that over; once it stops answering it is closed 1011 (3 x after its last frame)."""
+    hb = 0.3
+    gw = await gateway_factory(heartbeat_ms=int(hb * 1000))
+    sock = await asyncio.to_thread(raw_upgrade, gw.port)
+    gaps, after = await asyncio.to_thread(_answer_pings, sock, 3, 20 * hb * SCALE)
+    sock.close()
+    assert len(gaps) >= 4, f"3 pings answered, then one more before the close: {gaps}"
+    # the sweep runs every heartbeat_ms/4 and its clock is the loop's: a little slack below, none needed above
+    assert all(g >= 2 * hb - 0.05 for g in gaps), f"a ping before 2 x heartbeat_ms of silence: {gaps}"
+    assert _close_code(after) == 1011, after
+    assert all(op != 0x8 for op, _ in after[:-1]), "closed only at the end"
 
 
 async def test_client_close_is_answered(gateway_factory):

@@ -35,6 +35,7 @@ cdef extern from "loadclient.h":
         char host_header[64]
         int recording
         int mode
+        long pace_us
         long ready, failed, closed
         long long deliveries, dups, ooo, gaps, lost, unexpected, snapshots, hbs, pings, bad, errors, frames
         long long bytes_in, acks_sent
@@ -118,6 +119,12 @@ cdef class Client:
     def run(self, double seconds):
         with nogil:
             lc_run(self.c, seconds)
+
+    def set_pace(self, long pace_us):
+        """Sleep pace_us after each wake-up that found work (0: never; loadclient.h, lc_run)."""
+        if pace_us < 0:
+            raise ValueError("pace_us must be >= 0")
+        self.c.pace_us = pace_us
 
     def set_recording(self, bint on):
         self.c.recording = on

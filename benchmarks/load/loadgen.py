@@ -161,6 +161,9 @@ def role_client() -> None:
             reply({"ok": True})
         elif op == "progress":
             reply(client.progress())
+        elif op == "pace":
+            client.set_pace(int(cmd["us"]))
+            reply({"ok": True})
         elif op == "record":
             client.reset_counters()
             client.set_recording(True)

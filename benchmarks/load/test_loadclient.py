@@ -14,6 +14,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -52,7 +53,9 @@ def _fake_gateway(ready: threading.Event, port_box: list[int], stop: threading.E
     asyncio.run(main())
 
 
-def test_client_counts_duplicate_gap_and_out_of_order() -> None:
+@pytest.mark.parametrize("pace_us", [0, 2000])
+def test_client_counts_duplicate_gap_and_out_of_order(pace_us: int) -> None:
+    """Also paced (kafka_100k.py --client-sched batch:PACE_US): sleeping after work loses nothing."""
     sys.path.insert(0, loadgen.build_client())
     import loadclient
 
@@ -63,6 +66,9 @@ def test_client_counts_duplicate_gap_and_out_of_order() -> None:
         assert ready.wait(10)
         subjects = np.array([[1, 2]], dtype=np.int32)
         client = loadclient.Client("127.0.0.1", port_box[0], "127.0.0.2", subjects, "/matches/football/", 8, 100)
+        with pytest.raises(ValueError):
+            client.set_pace(-1)
+        client.set_pace(pace_us)
         client.set_recording(True)
         deadline = time.monotonic() + 10
         while client.stats()["deliveries"] < 5 and time.monotonic() < deadline:
