@@ -84,3 +84,28 @@ async def gateway_processes() -> AsyncIterator[list[Any]]:
 from support.kafka_broker import kafka_broker_fixture, tansu_fetch_wait  # noqa: E402
 
 kafka_broker = pytest.fixture(scope="session")(kafka_broker_fixture)
+
+
+@pytest.fixture(autouse=True)
+def _whole_kafka_cluster(request: pytest.FixtureRequest) -> None:
+    """Each test that uses the session's broker starts on a whole cluster (KafkaBroker.ensure_whole): one
+    that killed a broker and could not bring it back does not fail every Kafka test after it. What was
+    done goes to the terminal (it is worth knowing in a CI log)."""
+    if "kafka_broker" not in request.fixturenames:
+        return
+    done = request.getfixturevalue("kafka_broker").ensure_whole()
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if done and reporter is not None and capman is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line(f"\n{request.node.nodeid}: before it, the Kafka cluster was not whole: {done}")
+
+
+# The hard limit of every test, setup to teardown (pytest-timeout's is only a soft one), and of the exit
+# after the last: support/hard_timeout.py
+from support.hard_timeout import (  # noqa: E402, F401 (hooks of this conftest)
+    pytest_runtest_logreport,
+    pytest_runtest_protocol,
+    pytest_sessionfinish,
+    pytest_unconfigure,
+)

@@ -29,7 +29,7 @@ from websockets.exceptions import ConnectionClosed
 from conftest import SCALE, ws_url
 from gateway.engines.kafka import partition_for_key
 from support.kafka_broker import KafkaBroker
-from support.kafka_cluster import KafkaCluster, KafkaNode
+from support.kafka_cluster import KafkaCluster
 from support.waits import wait_until
 from support.ws import connected, recv, recv_until, send
 
@@ -66,41 +66,35 @@ class Cluster:
         await asyncio.to_thread(self.c.kill_node, self.c.node(node_id), sig)
 
     async def restart(self, node_id: int) -> None:
-        """Start the node again (same config, same log dir) and wait until every broker is back."""
-        node = self.c.node(node_id)
-        self.c.start_node(node)
-        await asyncio.to_thread(self.c.wait_ready)
+        """Start the node again (same config, same log dir) and wait until every broker is back
+        (KafkaCluster.restart_node: a start that fails is tried again, then fails with the node's log)."""
+        await asyncio.to_thread(self.c.restart_node, self.c.node(node_id))
 
     async def wait_in_sync(self, topic: str, timeout: float = 6 * WAIT) -> None:
         """Until every partition of `topic` has a leader and all its replicas in sync."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            try:
-                parts = await self.describe(topic)
-                if parts and all(p["leader"] >= 0 and len(p["isr"]) == len(p["replicas"]) for p in parts):
-                    return
-            except Exception:  # noqa: BLE001 - a node is still coming back
-                if loop.time() > deadline:
-                    raise
-            if loop.time() > deadline:
-                raise AssertionError(f"{topic}: replicas not in sync in {timeout} s: {parts}")
-            await asyncio.sleep(0.2)
+        last: list[Any] = [None]
 
-    def down(self) -> list[KafkaNode]:
-        return [n for n in self.c.nodes if n.pid is None]
+        async def in_sync() -> bool:
+            try:
+                parts = last[0] = await self.describe(topic)
+            except Exception as exc:  # noqa: BLE001 - a node is still coming back
+                last[0] = exc
+                return False
+            return bool(parts) and all(p["leader"] >= 0 and len(p["isr"]) == len(p["replicas"]) for p in parts)
+
+        await wait_until(in_sync, lambda: f"every replica of {topic} in sync (last: {last[0]!r})", timeout,
+                         interval=0.2)
 
 
 @pytest.fixture
 async def cluster(kafka_broker: KafkaBroker) -> AsyncIterator[Cluster]:
     if kafka_broker.cluster is None:
         pytest.skip("needs the Apache Kafka cluster started here (not Tansu, not KAFKA_BOOTSTRAP)")
-    c = Cluster(kafka_broker, kafka_broker.cluster)
+    c = Cluster(kafka_broker, kafka_broker.cluster)   # whole: conftest's _whole_kafka_cluster saw to it
     yield c
-    # leave the cluster as found: every node running and registered
-    for node in c.down():
-        c.c.start_node(node)
-    await asyncio.to_thread(c.c.wait_ready)
+    # leave the cluster as found: every node running and registered (if this fails, the next test that
+    # uses the cluster finds it not whole and brings it back or replaces it)
+    await asyncio.to_thread(c.c.heal)
 
 
 class Subscriber:

@@ -85,6 +85,59 @@ class KafkaBroker:
         self._log_path = log_path
         self.replication = replication    # of the topics create_topic() makes
         self.cluster: KafkaCluster | None = None   # set for the Apache Kafka cluster started here
+        self._checked_generation = -1     # the cluster's generation ensure_whole() last found whole
+        self.broken: str | None = None    # why the cluster could be neither healed nor replaced
+        self.replaced = 0                 # how many times ensure_whole() replaced the cluster
+
+    def ensure_whole(self) -> str | None:
+        """Make sure the Apache Kafka cluster started here has every node running and ready, as every
+        test expects (conftest calls this before each test that uses the broker). A test that killed a
+        node and failed before it restarted it, or whose restart failed, must not fail the tests after
+        it: the nodes that are down are brought back (KafkaCluster.heal); when that fails, the cluster is
+        replaced by a fresh one (on fresh ports; its topics are gone, and each test makes its own). When
+        even a fresh cluster does not start, this and every later call raise at once with the reason,
+        instead of each test waiting for brokers that are not there. Costs nothing when no node was
+        killed or started since the last check. Returns what it did (None: nothing), for the test's log.
+
+        Raises:
+            RuntimeError: the cluster could be neither healed nor replaced (`broken` says why).
+        """
+        cluster = self.cluster
+        if cluster is None:
+            return None
+        if self.broken is not None:
+            raise RuntimeError(f"the session's Kafka cluster is broken: {self.broken}")
+        if cluster.whole() and cluster.generation == self._checked_generation:
+            return None
+        down = [node.node_id for node in cluster.nodes if node.pid is None]
+        try:
+            back = cluster.heal()
+            self._checked_generation = cluster.generation
+            return f"brought back node(s) {back}" if back else None
+        except Exception as exc:  # noqa: BLE001 - replaced below, the reason kept
+            why = f"node(s) {down} down and not brought back: {exc}"
+        except BaseException as exc:   # a timeout of the test (pytest-timeout) or ^C: later tests fail fast
+            self.broken = f"node(s) {down} down, and bringing them back was interrupted ({exc!r})"
+            raise
+        cluster.stop()
+        try:
+            fresh = KafkaCluster(cluster.n, heap=cluster.heap, extra=cluster.extra).start()
+        except Exception as exc:
+            self.broken = f"{why}\nand a fresh cluster did not start: {exc}"
+            raise RuntimeError(f"the session's Kafka cluster is broken: {self.broken}") from exc
+        except BaseException as exc:
+            self.broken = f"{why}\nand starting a fresh cluster was interrupted ({exc!r})"
+            raise
+        self._adopt(fresh)
+        self.replaced += 1
+        self._checked_generation = fresh.generation
+        return f"replaced the cluster by a fresh one ({why.splitlines()[0]})"
+
+    def _adopt(self, cluster: KafkaCluster) -> None:
+        self.cluster = cluster
+        self.bootstrap = cluster.bootstrap
+        self.listen_port = cluster.nodes[0].port
+        self.cluster_id = cluster.cluster_id
 
     @property
     def pid(self) -> int | None:
@@ -344,7 +397,7 @@ def start_apache_kafka(nodes: int = 3) -> KafkaBroker:
     cluster = KafkaCluster(nodes).start()
     broker = KafkaBroker(cluster.bootstrap, listen_port=cluster.nodes[0].port, cluster_id=cluster.cluster_id,
                          idempotence=True, replication=min(3, nodes))
-    broker.cluster = cluster
+    broker._adopt(cluster)
     broker.external = False
     return broker
 

@@ -20,6 +20,10 @@ Each node has four listeners on 127.0.0.1:
 so an outage test cuts the proxies and nothing else: replication and plain test clients go on.
 The key and certificates live in the cluster's work dir and go with it.
 
+A node killed by a test comes back with `restart_node` (or `heal`: every node that is down): its old JVM
+is reaped first, a port another socket holds is waited for, and a start that fails is tried again, then
+reported with the node's log of that start (each start is marked in node.log).
+
 By hand (what the README shows):
     scripts/kafka-cluster.sh                 # 3 nodes on 127.0.0.1:19092-19094, Ctrl-C stops them
     python3 tests/support/kafka_cluster.py --resolve-only
@@ -46,6 +50,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+if __package__:
+    from .waits import wait_until_sync
+else:  # run as a script (scripts/kafka-cluster.sh): tests/support is sys.path[0]
+    from waits import wait_until_sync
+
 KAFKA_VERSION = "4.1.1"   # keep in step with tests/support/kafka/pom.xml
 POM_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kafka")
 HEAP = os.environ.get("KAFKA_TEST_HEAP", "384m")
@@ -57,6 +66,13 @@ SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
 #: starts with fresh free ports when a node could not bind one of its own: free_ports() releases the
 #: ports it found, so another process (a parallel cluster) may take one before the JVM binds it
 START_ATTEMPTS = 3
+#: a node brought back (restart_node, heal) gets this many tries, each of at most RESTART_TIMEOUT_S until the
+#: cluster is ready with it: a restart takes 3-6 s on a loaded 2-core machine. Small enough that a node that
+#: cannot come back costs less than a test's timeout (pyproject), so the next test can replace the cluster.
+RESTART_ATTEMPTS = 2
+RESTART_TIMEOUT_S = float(os.environ.get("KAFKA_TEST_RESTART_TIMEOUT", "30"))
+#: how long a node brought back waits for a port of its own that another socket holds
+PORT_WAIT_S = 10.0
 
 T = TypeVar("T")
 
@@ -145,6 +161,11 @@ class KafkaNode:
     dir: str
     proc: subprocess.Popen[bytes] | None = None
     log_file: Any = field(default=None, repr=False)
+    starts: int = 0      # how many JVMs start_node started for this node
+    log_offset: int = 0  # where the output of the last start begins in node.log
+    # kill_node and start_node of one node, one at a time: a kill still running in a worker thread (a test
+    # that failed while `await asyncio.to_thread(kill_node)` ran) must not forget the JVM started after it
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def pid(self) -> int | None:
@@ -157,6 +178,19 @@ class KafkaNode:
     @property
     def log_path(self) -> str:
         return os.path.join(self.dir, "node.log")
+
+    @property
+    def listen_ports(self) -> tuple[int, ...]:
+        """The ports the node's JVM binds (not proxy_port: a TcpProxy binds that one)."""
+        return (self.port, self.proxied_listen, self.secure_port, self.controller_port)
+
+
+class NodeStartError(RuntimeError):
+    """A node could not be started or brought back; the message says why, with its log of that start."""
+
+
+class PortTaken(NodeStartError):
+    """A port of the node is bound by another socket (`describe_port` says whose)."""
 
 
 class KafkaCluster:
@@ -177,6 +211,8 @@ class KafkaCluster:
         self.extra = dict(extra or {})
         self.start_seconds = 0.0
         self.start_attempts = 0  # how many tries start() took (more than 1: a port was taken)
+        #: counts kills and starts of nodes: a caller that checked the cluster can tell whether it changed since
+        self.generation = 0
 
     def _place_nodes(self, base_port: int | None) -> list[KafkaNode]:
         n = self.n
@@ -279,13 +315,41 @@ class KafkaCluster:
         if proc.returncode != 0:
             raise RuntimeError(f"formatting node {node.node_id} failed:\n{proc.stdout}{proc.stderr}")
 
-    def start_node(self, node: KafkaNode) -> None:
-        """Start (or restart, same config and log dir) one node; does not wait for it."""
-        if node.pid is not None:
-            raise RuntimeError(f"node {node.node_id} is running (pid {node.pid})")
-        node.log_file = open(node.log_path, "ab")
-        node.proc = subprocess.Popen(self._java("kafka.Kafka", node.props_path),
-                                     stdin=subprocess.DEVNULL, stdout=node.log_file, stderr=subprocess.STDOUT)
+    def start_node(self, node: KafkaNode, *, port_wait: float | None = None) -> None:
+        """Start (or restart, same config and log dir) one node; does not wait for it to be ready.
+
+        What is left of an earlier JVM of the node is reaped first (kill_node): its ports and its log dir
+        lock are free once it is gone. A listener port still bound by another socket (a process that took
+        the port while the node was down) is waited for up to `port_wait` s (PORT_WAIT_S), then PortTaken
+        says who holds it. Each start writes a line of its own into node.log, so the log shows every start."""
+        with node.lock:
+            if node.pid is not None:
+                raise RuntimeError(f"node {node.node_id} is running (pid {node.pid})")
+            self.kill_node(node)   # an earlier JVM that exited by itself: reaped, its log closed
+            self._wait_ports_free(node, PORT_WAIT_S if port_wait is None else port_wait)
+            node.log_file = open(node.log_path, "ab")
+            node.log_offset = node.log_file.tell()
+            node.starts += 1
+            stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+            node.log_file.write(f"---- kafka_cluster.py: start {node.starts} of node {node.node_id} "
+                                f"at {stamp} ----\n".encode())
+            node.log_file.flush()
+            self.generation += 1
+            node.proc = subprocess.Popen(self._java("kafka.Kafka", node.props_path), stdin=subprocess.DEVNULL,
+                                         stdout=node.log_file, stderr=subprocess.STDOUT)
+
+    def _wait_ports_free(self, node: KafkaNode, timeout: float) -> None:
+        taken: list[int] = []
+
+        def free() -> bool:
+            taken[:] = [port for port in node.listen_ports if not _bindable(port)]
+            return not taken
+
+        try:
+            wait_until_sync(free, f"the ports of node {node.node_id}", timeout, interval=0.1)
+        except AssertionError:
+            raise PortTaken(f"node {node.node_id} cannot start: " + "; ".join(
+                f"127.0.0.1:{port} is taken ({describe_port(port)})" for port in taken)) from None
 
     def start(self) -> KafkaCluster:
         """Format and start every node and wait until the cluster is ready. A node that could not bind
@@ -300,7 +364,7 @@ class KafkaCluster:
                 self._start_nodes()
                 break
             except BaseException as exc:
-                clash = isinstance(exc, Exception) and self._bind_failed()
+                clash = isinstance(exc, PortTaken) or (isinstance(exc, Exception) and self._bind_failed())
                 if not clash or self._fixed_ports or attempt == START_ATTEMPTS:
                     self.stop()
                     raise
@@ -322,29 +386,82 @@ class KafkaCluster:
         for node in self.nodes:
             if not os.path.exists(os.path.join(node.dir, "data", "meta.properties")):
                 self._format(node)   # raises with the tool's output
-            self.start_node(node)
+            self.start_node(node, port_wait=0)   # a port taken now: a new try on fresh ports, not a wait
         self.wait_ready()
 
     def _bind_failed(self) -> bool:
         """Whether a node's log says one of its listeners found its port taken."""
         return any("Address already in use" in self.log_tail(node, 20_000) for node in self.nodes)
 
-    def kill_node(self, node: KafkaNode, sig: int = signal.SIGKILL) -> None:
-        """Stop one node by its PID (SIGKILL: a crash; SIGTERM: a controlled shutdown)."""
-        proc = node.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.kill(proc.pid, sig)
+    def kill_node(self, node: KafkaNode, sig: int = signal.SIGKILL, timeout: float = 60.0) -> None:
+        """Stop one node by its PID (SIGKILL: a crash; SIGTERM: a controlled shutdown) and reap it: when
+        this returns, its JVM is gone, with its sockets and its lock on the log dir. A JVM still there
+        `timeout` s after the signal gets SIGKILL; one still there 30 s after that raises NodeStartError
+        and stays the node's (so that nothing is started over it)."""
+        with node.lock:
+            proc = node.proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                self.generation += 1
+                proc.send_signal(sig)   # not to a pid reaped (and perhaps reused) meanwhile
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        raise NodeStartError(f"node {node.node_id}: its JVM (pid {proc.pid}) is still there 30 s "
+                                             f"after SIGKILL ({_proc_state(proc.pid)})") from None
+            node.proc = None
+            if node.log_file is not None:
+                node.log_file.close()
+                node.log_file = None
+
+    def restart_node(self, node: KafkaNode, timeout: float | None = None) -> None:
+        """Bring one node back (its old JVM killed and reaped first, if any) and wait until the cluster
+        is ready with it; see `bring_back`."""
+        self.bring_back([node], timeout)
+
+    def whole(self) -> bool:
+        """Whether the JVM of every node runs (no request made: a cheap check before each test)."""
+        return all(node.pid is not None for node in self.nodes)
+
+    def heal(self, timeout: float | None = None) -> list[int]:
+        """Bring back every node that is not running and wait until the cluster is ready with all of
+        them (also when none was down); the ids of the nodes brought back."""
+        down = [node for node in self.nodes if node.pid is None]
+        if down:
+            self.bring_back(down, timeout)
+        else:
+            self.wait_ready(RESTART_TIMEOUT_S if timeout is None else timeout)
+        return [node.node_id for node in down]
+
+    def bring_back(self, nodes: list[KafkaNode], timeout: float | None = None, attempts: int | None = None) -> None:
+        """Start `nodes` again (all of them before waiting: two nodes of three down have no quorum one at a
+        time) and wait until the cluster is ready with them. A try that fails (a port still taken, a JVM
+        that exits, not ready in `timeout` s: RESTART_TIMEOUT_S) kills them and starts them again, up to
+        `attempts` tries (RESTART_ATTEMPTS); then NodeStartError with each try's reason and the nodes' log
+        of the last start."""
+        timeout = RESTART_TIMEOUT_S if timeout is None else timeout
+        attempts = RESTART_ATTEMPTS if attempts is None else attempts
+        reasons: list[str] = []
+        for attempt in range(1, attempts + 1):
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        node.proc = None
-        if node.log_file is not None:
-            node.log_file.close()
-            node.log_file = None
+                for node in nodes:
+                    self.kill_node(node)   # what is left of it: reaped before it starts again
+                    self.start_node(node)
+                self.wait_ready(timeout)
+                return
+            except Exception as exc:  # noqa: BLE001 - one more try, then all of them in the error
+                reasons.append(f"try {attempt}: {str(exc).splitlines()[0] if str(exc) else repr(exc)}")
+        logs = "\n".join(f"--- node {node.node_id}, start {node.starts}:\n{self.log_tail(node, since_start=True)}"
+                         for node in nodes)
+        for node in nodes:   # left down, not half started: whoever looks next sees them down
+            self.kill_node(node)
+        ids = ", ".join(str(node.node_id) for node in nodes)
+        raise NodeStartError(f"node(s) {ids} did not come back in {attempts} tries: {'; '.join(reasons)}\n{logs}")
 
     def stop(self) -> None:
         """Kill every node (its data is thrown away with the work dir: no need for a controlled
@@ -364,36 +481,47 @@ class KafkaCluster:
     def rss_mib(self) -> float:
         return sum(rss_kib(node.pid) for node in self.nodes if node.pid) / 1024
 
-    def log_tail(self, node: KafkaNode, chars: int = 4000) -> str:
+    def log_tail(self, node: KafkaNode, chars: int = 4000, *, since_start: bool = False) -> str:
+        """The end of the node's log (since_start: of its last start only)."""
         try:
-            with open(node.log_path, encoding="utf-8", errors="replace") as f:
-                return f.read()[-chars:]
+            with open(node.log_path, "rb") as f:
+                end = f.seek(0, os.SEEK_END)
+                f.seek(max(node.log_offset if since_start else 0, end - 4 * chars))   # UTF-8: <= 4 bytes a char
+                return f.read().decode("utf-8", errors="replace")[-chars:]
         except OSError:
             return ""
 
     # ------------------------------------------------------------------------------ readiness
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Until every running node answers metadata naming every running broker."""
-        deadline = time.monotonic() + timeout
-        want = {node.node_id for node in self.nodes if node.pid is not None}
-        last: Any = None
-        while time.monotonic() < deadline:
+        """Until every running node answers metadata naming every running broker. Raises NodeStartError
+        at once when a node's JVM exits, and at the timeout, with the log of the node(s) concerned."""
+        want = [node for node in self.nodes if node.pid is not None]
+        ids = {node.node_id for node in want}
+        last: list[Any] = [None]
+
+        def ready() -> bool:
             for node in self.nodes:
                 if node.proc is not None and node.proc.poll() is not None:
-                    raise RuntimeError(f"kafka node {node.node_id} exited with {node.proc.returncode}:\n"
-                                       f"{self.log_tail(node)}")
-            if not all(_listening(n.port) for n in self.nodes if n.node_id in want):
-                time.sleep(0.1)
-                continue
+                    raise NodeStartError(f"kafka node {node.node_id} exited with {node.proc.returncode} "
+                                         f"(start {node.starts}):\n{self.log_tail(node, since_start=True)}")
+            deaf = [node for node in want if not _listening(node.port)]
+            if deaf:
+                last[0] = f"not listening yet: node(s) {[node.node_id for node in deaf]}"
+                return False
             try:
-                seen = run_async(lambda: self._brokers_seen([n for n in self.nodes if n.node_id in want]))
-                if all(s == want for s in seen):
-                    return
-                last = seen
+                seen = run_async(lambda: self._brokers_seen(want))
             except Exception as exc:  # noqa: BLE001 - not up yet
-                last = exc
-            time.sleep(0.2)
-        raise RuntimeError(f"kafka cluster not ready in {timeout} s (last: {last!r})")
+                last[0] = exc
+                return False
+            last[0] = f"brokers seen by node(s) {sorted(ids)}: {seen}"
+            return all(s == ids for s in seen)
+
+        try:
+            wait_until_sync(ready, "the cluster", timeout, interval=0.1)
+        except AssertionError:
+            logs = "\n".join(f"--- node {node.node_id}, start {node.starts}:\n"
+                             f"{self.log_tail(node, 1500, since_start=True)}" for node in want)
+            raise NodeStartError(f"kafka cluster not ready in {timeout} s (last: {last[0]!r})\n{logs}") from None
 
     async def create_topic(self, name: str, partitions: int) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -521,6 +649,85 @@ def write_tls_files(ca_path: str, server_pem_path: str) -> None:
     fd = os.open(server_pem_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key_pem + pem(cert) + pem(ca_cert))
+
+
+def kill_all_now() -> None:
+    """SIGKILL every JVM of every cluster started here and not stopped, without waiting or taking a lock:
+    for a process about to end with os._exit (a hung test run, conftest's hard timeout), which skips atexit."""
+    for cluster in list(_running):
+        for node in cluster.nodes:
+            proc = node.proc
+            if proc is not None and proc.returncode is None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+
+def is_kafka_jvm(pid: int) -> bool:
+    """Whether `pid` is (still) a running Kafka broker JVM (a reused pid or a zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"kafka.Kafka" in f.read()
+    except (OSError, IndexError):
+        return False
+
+
+def _bindable(port: int) -> bool:
+    """Whether a listener could bind 127.0.0.1:`port` now (with SO_REUSEADDR, as the JVM binds: a
+    connection of the old JVM in TIME_WAIT does not stop it, any live socket on the port does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+               "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
+               "0B": "CLOSING"}
+
+
+def describe_port(port: int) -> str:
+    """Who has local port `port` (TCP sockets in /proc/net/tcp and tcp6: their state and the processes
+    that hold them), for an error message."""
+    found: dict[str, str] = {}   # socket inode -> its state
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                for line in list(f)[1:]:
+                    fields = line.split()
+                    if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        found[fields[9]] = _TCP_STATES.get(fields[3], fields[3])
+        except (OSError, ValueError, IndexError):
+            continue
+    if not found:
+        return "no TCP socket on it now"
+    holders: dict[str, list[str]] = {inode: [] for inode in found}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in holders:
+                    with open(f"/proc/{pid}/comm") as c:
+                        holders[target[8:-1]].append(f"pid {pid} ({c.read().strip()})")
+        except OSError:
+            continue
+    return ", ".join(f"{state} held by {' and '.join(holders[inode]) or 'no process (the kernel)'}"
+                     for inode, state in found.items())
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((line.strip() for line in f if line.startswith("State:")), "State: ?")
+    except OSError:
+        return "gone from /proc"
 
 
 def _listening(port: int) -> bool:
