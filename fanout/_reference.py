@@ -11,6 +11,7 @@ import operator
 import os
 import stat
 import struct
+import time
 import types
 from collections import deque
 from collections.abc import Callable
@@ -197,15 +198,25 @@ def _iov_max() -> int:
 _IOV_MAX = _iov_max()
 
 
+BUSY_PERIOD = 0.1
+
+
 class Writer:
     def __init__(self, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0,
-                 coalesce_min_conns: int = 1000) -> None:
+                 coalesce_min_conns: int = 1000, coalesce_busy: float = 0.0,
+                 clock: Callable[[], float] | None = None) -> None:
         self._loop = loop
         self._conns: list[Conn] = []
         self._dirty: list[Conn] = []
         self._scheduled = False
         self.coalesce_window = float(coalesce_window)
         self.coalesce_min_conns = int(coalesce_min_conns)
+        self.coalesce_busy = float(coalesce_busy)
+        self._clock = clock if clock is not None else time.monotonic
+        self._busy_t0 = 0.0
+        self._busy_acc = 0.0
+        self._busy_share = 0.0
+        self._busy = False
         self._hold_until = 0.0
         self._held_flushes = 0
         self._iov_max = _IOV_MAX
@@ -224,6 +235,7 @@ class Writer:
     overflows = property(lambda self: self._overflows)
     write_errors = property(lambda self: self._write_errors)
     held_flushes = property(lambda self: self._held_flushes)
+    busy_share = property(lambda self: self._busy_share)
 
     def _mark_dirty(self, conn: Conn) -> None:
         conn._dirty = True
@@ -255,6 +267,8 @@ class Writer:
         self._scheduled = False
         if not dirty:
             return
+        timed = self.coalesce_window > 0.0 and self.coalesce_busy > 0.0
+        t_start = self._clock() if timed else 0.0
         self._dirty = []
         now = self._loop.time()
         touched = 0
@@ -272,10 +286,28 @@ class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
-        if self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
+        if timed and not self._still_busy(t_start):
+            self._hold_until = 0.0
+        elif self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
             self._hold_until = self._loop.time() + self.coalesce_window
         else:
             self._hold_until = 0.0
+
+    def _still_busy(self, t_start: float) -> bool:
+        t_end = self._clock()
+        if self._busy_t0 == 0.0:
+            self._busy_t0 = t_start
+        self._busy_acc += t_end - t_start
+        elapsed = t_end - self._busy_t0
+        if elapsed >= BUSY_PERIOD:
+            self._busy_share = self._busy_acc / elapsed
+            self._busy_acc = 0.0
+            self._busy_t0 = t_end
+            if self._busy_share >= self.coalesce_busy:
+                self._busy = True
+            elif self._busy_share < self.coalesce_busy / 2:
+                self._busy = False
+        return self._busy
 
     def idle(self, now: float, send_idle: float, recv_idle: float) -> tuple[list[Conn], list[Conn]]:
         quiet = [c for c in self._conns if now - c.last_send >= send_idle]

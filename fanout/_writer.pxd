@@ -69,6 +69,14 @@
 # order on the wire is unchanged (the same queues, written later). uvloop's
 # timers have 1 ms resolution: call_at rounds the wait to whole milliseconds
 # (under 0.5 ms it is the next iteration, as without coalescing).
+# With coalesce_busy > 0 (the gateway's default, 0.5) a big flush holds the
+# next one only while the writer is busy: while its flushes took at least
+# that share of the wall time over the last BUSY_PERIOD (0.1 s) of its own
+# clock (CLOCK_MONOTONIC; the loop's time is cached per iteration, so it
+# cannot time a flush), until they take under half of it. At low rates a
+# window saves nothing (each message leaves alone anyway) and would only add
+# latency; holds that chain after every big flush even made each message wait
+# about a window and a flush (BENCHMARKS.md, peers at 40 msgs/s).
 #
 # Idle conns own no Python objects besides themselves: _queue is None until
 # a frame is queued, the frame itself while it is the only one (written with
@@ -106,6 +114,12 @@ cdef class Writer:
     cdef public double coalesce_window      # seconds to hold the next flush after a big one
     cdef public Py_ssize_t coalesce_min_conns  # a flush that wrote to this many conns is "big"
     cdef double _hold_until       # loop time before which a new flush waits (after a big flush)
+    cdef public double coalesce_busy  # hold only while flushing takes >= this share of the time (0: always)
+    cdef object _clock            # None: CLOCK_MONOTONIC (seconds); tests give a fake
+    cdef double _busy_t0          # start of the current busy period (clock seconds)
+    cdef double _busy_acc         # seconds spent in flush() since _busy_t0
+    cdef readonly double busy_share  # the share of the last complete busy period spent in flush()
+    cdef bint _busy               # hysteresis: set at >= coalesce_busy, cleared under half of it
     cdef readonly unsigned long long held_flushes  # flushes scheduled for _hold_until, not call_soon
     cdef iovec* _iov
     cdef Py_ssize_t _iov_max
@@ -121,6 +135,8 @@ cdef class Writer:
     cdef int _mark_dirty(self, Conn conn) except -1
     cdef void _register(self, Conn conn)
     cdef void _unregister(self, Conn conn)
+    cdef double _clock_now(self) except? -1.0
+    cdef bint _still_busy(self, double t_start) except -1
 
 
 cdef class Conn:

@@ -6,6 +6,9 @@ from typing_extensions import disjoint_base
 
 __all__ = ["Writer", "Conn", "Channel"]
 
+#: seconds over which the writer's busy share is measured (coalesce_busy, _writer.pxd "Coalescing")
+BUSY_PERIOD: float
+
 # cdef classes: one C layout each (PEP 800); Writer is constructed by __cinit__ (hence __new__)
 
 @disjoint_base
@@ -16,8 +19,15 @@ class Writer:
     coalesce_window: float
     #: conns a flush must write to before the next one is held for coalesce_window
     coalesce_min_conns: int
+    #: hold only while flushing took >= this share of the wall time over BUSY_PERIOD (0 = after every big flush)
+    coalesce_busy: float
     def __new__(
-        cls, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0, coalesce_min_conns: int = 1000
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        coalesce_window: float = 0.0,
+        coalesce_min_conns: int = 1000,
+        coalesce_busy: float = 0.0,
+        clock: Callable[[], float] | None = None,
     ) -> Self:
         """``Writer(loop)``: a writer whose flushes run on ``loop`` (scheduled with call_soon, once per iteration).
 
@@ -27,6 +37,9 @@ class Writer:
                 flush scheduled within this many seconds runs at that deadline (call_at), not at the
                 next iteration; 0 turns it off.
             coalesce_min_conns: what makes a flush big enough to hold the next one.
+            coalesce_busy: hold only while the flushes took at least this share of the wall time over
+                the last BUSY_PERIOD, until under half of it (0: after every big flush).
+            clock: seconds, monotonic, for timing the flushes (default CLOCK_MONOTONIC; tests fake it).
         Raises:
             MemoryError: the iovec array could not be allocated.
         """
@@ -66,6 +79,9 @@ class Writer:
     @property
     def held_flushes(self) -> int:
         """Flushes scheduled for a coalescing deadline (call_at) instead of the next iteration."""
+    @property
+    def busy_share(self) -> float:
+        """The share of the last complete BUSY_PERIOD spent in flush() (measured while coalesce_busy > 0)."""
     #: pings not answered because the connection already owed max_pongs pongs (fanout.WSConn)
     pongs_dropped: int
     #: messages refused for spanning more than max_fragments frames (fanout.WSConn)

@@ -13,6 +13,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, ENOBUFS, ENOMEM, errno
 from libc.string cimport memmove, memset
 from posix.stat cimport S_ISSOCK, fstat, struct_stat
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.uio cimport iovec
 
 cdef extern from *:
@@ -47,6 +48,10 @@ cdef extern from "Python.h":
 
 __all__ = ["Writer", "Conn", "Channel"]
 
+cdef double _BUSY_PERIOD = 0.1
+#: seconds over which the writer's busy share is measured (coalesce_busy, _writer.pxd "Coalescing")
+BUSY_PERIOD = _BUSY_PERIOD
+
 
 cdef class Writer:
     """Writes the queues of every Conn that became dirty in one loop iteration (the pipeline: _writer.pxd).
@@ -59,14 +64,20 @@ cdef class Writer:
             flush scheduled within this many seconds runs at that deadline (call_at), not at the
             next iteration; 0 turns it off.
         coalesce_min_conns: what makes a flush big enough to hold the next one.
+        coalesce_busy: hold only while the flushes took at least this share of the wall time over
+            the last BUSY_PERIOD, until under half of it (0: after every big flush).
+        clock: seconds, monotonic, for timing the flushes (default CLOCK_MONOTONIC; tests fake it).
     Raises:
         MemoryError: the iovec array could not be allocated.
     """
 
-    def __cinit__(self, loop, double coalesce_window=0.0, Py_ssize_t coalesce_min_conns=1000):
+    def __cinit__(self, loop, double coalesce_window=0.0, Py_ssize_t coalesce_min_conns=1000,
+                  double coalesce_busy=0.0, clock=None):
         self._loop = loop
         self.coalesce_window = coalesce_window
         self.coalesce_min_conns = coalesce_min_conns
+        self.coalesce_busy = coalesce_busy
+        self._clock = clock
         self._conns = []
         self._dirty = []
         self._iov_max = FANOUT_IOV_MAX
@@ -116,9 +127,13 @@ cdef class Writer:
         cdef Conn conn
         cdef double now
         cdef Py_ssize_t touched = 0
+        cdef double t_start = 0.0
+        cdef bint timed = self.coalesce_window > 0.0 and self.coalesce_busy > 0.0
         self._scheduled = False
         if not dirty:
             return
+        if timed:
+            t_start = self._clock_now()
         # Swap first: a conn made dirty again while we write lands in the next round.
         self._dirty = []
         now = self._loop.time()
@@ -137,11 +152,38 @@ cdef class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
-        if self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
+        if timed and not self._still_busy(t_start):
+            self._hold_until = 0.0  # not busy: each message may leave alone, a window adds only latency
+        elif self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
             # From the end of this flush: a big flush takes long, messages arrive during it.
             self._hold_until = self._loop.time() + self.coalesce_window
         else:
             self._hold_until = 0.0
+
+    cdef double _clock_now(self) except? -1.0:
+        cdef timespec ts
+        if self._clock is not None:
+            return self._clock()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return ts.tv_sec + ts.tv_nsec * 1e-9
+
+    cdef bint _still_busy(self, double t_start) except -1:
+        """Account one flush that began at t_start; whether the writer counts as busy (hysteresis)."""
+        cdef double t_end = self._clock_now()
+        cdef double elapsed
+        if self._busy_t0 == 0.0:
+            self._busy_t0 = t_start  # the first period starts with the first timed flush
+        self._busy_acc += t_end - t_start
+        elapsed = t_end - self._busy_t0
+        if elapsed >= _BUSY_PERIOD:
+            self.busy_share = self._busy_acc / elapsed
+            self._busy_acc = 0.0
+            self._busy_t0 = t_end
+            if self.busy_share >= self.coalesce_busy:
+                self._busy = True
+            elif self.busy_share < self.coalesce_busy / 2:
+                self._busy = False
+        return self._busy
 
     def idle(self, double now, double send_idle, double recv_idle):
         """The registered conns that have been quiet, for the liveness sweep.

@@ -76,6 +76,10 @@ class Config:
                 "it to whole milliseconds; 0 = off)"})
     coalesce_min_conns: int = field(default=1000, metadata={
         "help": "--coalesce-us: a flush that wrote to this many connections holds the next one"})
+    coalesce_busy_pct: int = field(default=50, metadata={
+        "help": "--coalesce-us: hold only while writing took at least this percentage of the time over the "
+                "last 0.1 s (until under half of it), so that a window never delays messages that would each "
+                "leave alone anyway; 0 = after every big flush"})
     connect_timeout_ms: int = field(default=10000, metadata={
         "help": "close 1008 a connection that sends no connect within this time"})
     # ---- resource limits (PROTOCOL.md 1.1 "Resource limits"; docs/SECURITY.md) ----
@@ -178,7 +182,7 @@ _POSITIVE = {"heartbeat_ms", "workers", "history", "history_bytes", "max_message
              "max_queued_pongs", "history_total_bytes", "coalesce_min_conns"}
 _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "kafka_linger_ms", "healthz_unreachable_ms",
                  "max_connections", "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms",
-                 "jwt_max_lifetime_s", "coalesce_us"}
+                 "jwt_max_lifetime_s", "coalesce_us", "coalesce_busy_pct"}
 _LISTS = {"topics", "allowed_origins"}
 #: the settings of gateway/engines/kafka_security.py (also demo-feed's, with --kafka)
 KAFKA_SECURITY = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
@@ -246,6 +250,8 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
                 raise ValueError("must be >= 0")
             if name == "port" and number > 65535:
                 raise ValueError("must be <= 65535")
+            if name == "coalesce_busy_pct" and number > 100:
+                raise ValueError("must be <= 100")
             return number
         value = str(value)
         if name == "kafka_idempotence" and value not in ("auto", "on", "off"):

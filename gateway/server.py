@@ -129,7 +129,8 @@ class Gateway:
     async def start(self, *, reuse_port: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.writer = Writer(self.loop, coalesce_window=self.config.coalesce_us / 1e6,
-                             coalesce_min_conns=self.config.coalesce_min_conns)
+                             coalesce_min_conns=self.config.coalesce_min_conns,
+                             coalesce_busy=self.config.coalesce_busy_pct / 100)
         await self.engine.start()
         if self.config.tls_cert:  # started per connection, after the accept (gateway/tls.py says why)
             self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -22,8 +22,9 @@ MESSAGES = 300
 
 async def test_coalesced_flushes_keep_order_and_completeness(gateway_factory):
     # Every flush that wrote to >= 2 connections holds the next one 20 ms (far above uvloop's 1 ms
-    # timer resolution), so the publishes below pile up and leave in shared writes.
-    gw = await gateway_factory(coalesce_us=20_000, coalesce_min_conns=2)
+    # timer resolution), so the publishes below pile up and leave in shared writes. Busy or not: the
+    # busy gate (--coalesce-busy-pct) is off here; its unit tests are in test_fanout_writer.py.
+    gw = await gateway_factory(coalesce_us=20_000, coalesce_min_conns=2, coalesce_busy_pct=0)
     subs = [await connected(ws_url(gw)) for _ in range(SUBSCRIBERS)]
     for ws in subs:
         await send(ws, {"op": "subscribe", "subjects": [{"subject": "/c/x"}]})
@@ -64,12 +65,15 @@ def load(argv: list[str], env: dict[str, str]):
 
 
 def test_coalesce_settings_parse_and_reject_bad_values():
-    config = load(["--coalesce-us", "500", "--coalesce-min-conns", "200"], env={})
-    assert (config.coalesce_us, config.coalesce_min_conns) == (500, 200)
+    config = load(["--coalesce-us", "500", "--coalesce-min-conns", "200", "--coalesce-busy-pct", "30"], env={})
+    assert (config.coalesce_us, config.coalesce_min_conns, config.coalesce_busy_pct) == (500, 200, 30)
     defaults = load([], env={})
-    assert (defaults.coalesce_us, defaults.coalesce_min_conns) == (0, 1000)
+    assert (defaults.coalesce_us, defaults.coalesce_min_conns, defaults.coalesce_busy_pct) == (0, 1000, 50)
     assert load([], env={"GATEWAY_COALESCE_US": "250"}).coalesce_us == 250
     with pytest.raises(ConfigError, match="coalesce"):
         load(["--coalesce-us", "-1"], env={})
     with pytest.raises(ConfigError, match="coalesce"):
         load(["--coalesce-min-conns", "0"], env={})
+    for bad in ("-1", "101"):
+        with pytest.raises(ConfigError, match="coalesce-busy-pct"):
+            load(["--coalesce-busy-pct", bad], env={})

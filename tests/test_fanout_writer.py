@@ -988,6 +988,104 @@ def test_a_direct_flush_while_held_writes_once(impl: SimpleNamespace) -> None:
     assert all([d for _, d in tr.writes] == [impl.encode_text(b"a"), impl.encode_text(b"b")] for tr in transports)
 
 
+class FlushClock:
+    """The writer's own clock (Writer(clock=...)) for its busy share: it moves when a write costs time
+    (CostlyTransport) or when the test lets time pass, never by itself."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class CostlyTransport(RecordingTransport):
+    def __init__(self, loop: FakeLoop, clock: FlushClock) -> None:
+        super().__init__(loop)
+        self.clock = clock
+        self.cost = 0.0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        super().write(data)
+        self.clock.t += self.cost
+
+
+def busy_setup(impl: SimpleNamespace, busy: float) -> tuple[FakeLoop, FlushClock, Any, Any, list[CostlyTransport]]:
+    loop, clock = FakeLoop(), FlushClock()
+    writer = impl.Writer(loop, coalesce_window=0.005, coalesce_min_conns=3, coalesce_busy=busy, clock=clock)
+    transports = [CostlyTransport(loop, clock) for _ in range(3)]
+    channel = impl.Channel()
+    for tr in transports:
+        assert channel.add(impl.Conn(writer, tr, BIG, lambda conn: None))
+    return loop, clock, writer, channel, transports
+
+
+def publish_and_run(loop: FakeLoop, channel: Any, frame: bytes) -> None:
+    assert channel.publish(frame) == 3
+    while loop.soon or loop.timers:
+        loop.run_soon()
+        loop.run_timers()
+
+
+def test_a_writer_that_is_not_busy_never_holds(impl: SimpleNamespace) -> None:
+    """Big flushes (3 conns, min 3) that take 0.3 ms every 10 ms: 3 % of the time, under 50 %: every
+    message leaves at the next iteration, none waits for a window (as at a low rate on a real box)."""
+    loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
+    for tr in transports:
+        tr.cost = 0.0001
+    for i in range(40):  # 0.4 s of the writer's clock: 4 busy periods
+        publish_and_run(loop, channel, impl.encode_text(b"%d" % i))
+        assert loop.timers == []
+        clock.t += 0.01
+        loop.now += 0.01
+    assert writer.held_flushes == 0 and writer.syscalls == 120
+    assert 0.0 < writer.busy_share < 0.05
+
+
+def test_a_busy_writer_holds_until_it_is_no_longer_busy(impl: SimpleNamespace) -> None:
+    """Flushes back to back (each 30 ms of the writer's clock) make it busy once a 0.1 s period is
+    complete: from then on a big flush holds the next one. When the flushes take under half of 50 %
+    again (hysteresis: 25 %) it stops holding; between 25 and 50 % it keeps what it was doing."""
+    loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
+    for tr in transports:
+        tr.cost = 0.01
+    held = []
+    for i in range(6):
+        assert channel.publish(impl.encode_text(b"busy %d" % i)) == 3
+        held.append(bool(loop.timers))
+        loop.run_soon()
+        loop.run_timers()
+    # the first period (0.1 s of flushing) ends during the 4th flush: holds from the 5th publish on
+    assert held == [False, False, False, False, True, True]
+    assert writer.busy_share == pytest.approx(1.0)
+    assert writer.held_flushes == 2
+    # Cheap, spaced flushes: 0.3 ms per 10 ms. Once a period measures that, no more holds.
+    for tr in transports:
+        tr.cost = 0.0001
+    held = []
+    for i in range(25):
+        clock.t += 0.01
+        loop.now += 0.01
+        assert channel.publish(impl.encode_text(b"idle %d" % i)) == 3
+        held.append(bool(loop.timers))
+        loop.run_soon()
+        loop.run_timers()
+    assert held[-10:] == [False] * 10
+    assert writer.busy_share < 0.25
+
+
+def test_busy_gating_off_holds_after_every_big_flush(impl: SimpleNamespace) -> None:
+    """coalesce_busy=0 (the Writer's default; --coalesce-busy-pct 0): the window follows every big
+    flush whatever the load, as before the gate existed; the clock is never read."""
+    loop, clock, writer, channel, transports = busy_setup(impl, 0.0)
+    assert writer.coalesce_busy == 0.0
+    publish_and_run(loop, channel, impl.encode_text(b"a"))
+    clock.t += 10.0
+    assert channel.publish(impl.encode_text(b"b")) == 3
+    assert len(loop.timers) == 1 and loop.soon == []
+    assert writer.busy_share == 0.0
+
+
 def test_coalescing_parity() -> None:
     """The same random schedule of publishes, clock steps and loop runs gives both implementations the
     same writes at the same times and the same counters."""
@@ -1023,6 +1121,45 @@ def test_coalescing_parity() -> None:
     compiled, reference = trace("compiled"), trace("reference")
     assert compiled == reference
     assert compiled[0] > 0  # the schedule did hold flushes
+
+
+def test_busy_gate_parity() -> None:
+    """The busy gate on the same random schedule (publishes, writes of random cost on the writer's clock,
+    idle steps, loop runs): both implementations hold the same flushes and measure the same shares."""
+    import random
+
+    if fanout_impls.NO_EXTENSIONS:
+        pytest.skip("FANOUT_NO_EXTENSIONS=1")
+
+    def trace(name: str) -> tuple[Any, ...]:
+        impl = fanout_impls.load(name)
+        rng = random.Random(11)
+        loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
+        shares = []
+        for step in range(600):
+            r = rng.random()
+            if r < 0.1:
+                cost = rng.choice((0.00001, 0.001, 0.01))
+                for tr in transports:
+                    tr.cost = cost
+            elif r < 0.5:
+                channel.publish(impl.encode_text(b"p%d" % step))
+            elif r < 0.7:
+                idle = rng.choice((0.001, 0.01, 0.05))
+                clock.t += idle
+                loop.now += idle
+            elif r < 0.85:
+                loop.run_soon()
+            else:
+                loop.run_timers()
+            shares.append(writer.busy_share)
+        while loop.run_soon() or loop.run_timers():
+            pass
+        return (writer.held_flushes, writer.syscalls, writer.frames_out, shares, [tr.writes for tr in transports])
+
+    compiled, reference = trace("compiled"), trace("reference")
+    assert compiled == reference
+    assert compiled[0] > 0 and min(compiled[3]) < 0.25 and max(compiled[3]) >= 0.5  # both states were visited
 
 
 def test_coalescing_on_real_sockets_keeps_order_and_completeness(impl: SimpleNamespace, loop_factory: LoopFactory,

@@ -38,7 +38,7 @@ def gc_collections(port: int, generation: int) -> float:
 async def test_connections_with_piled_up_queues_are_freed_after_close(gateway_factory):
     # Coalescing holds every flush after one that wrote to >= 2 connections for 20 ms, so the publishes
     # below pile up in the subscribers' queues (lists of frames) and leave in shared writes.
-    gw = await gateway_factory(coalesce_us=20_000, coalesce_min_conns=2)
+    gw = await gateway_factory(coalesce_us=20_000, coalesce_min_conns=2, coalesce_busy_pct=0)
     assert live_sessions() == 0
     for rnd in range(ROUNDS):
         subs = [await connected(ws_url(gw)) for _ in range(CLIENTS)]
