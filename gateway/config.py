@@ -76,7 +76,7 @@ class Config:
                 "it to whole milliseconds; 0 = off)"})
     coalesce_min_conns: int = field(default=1000, metadata={
         "help": "--coalesce-us: a flush that wrote to this many connections holds the next one"})
-    coalesce_busy_pct: int = field(default=50, metadata={
+    coalesce_busy_pct: int = field(default=80, metadata={
         "help": "--coalesce-us: hold only while writing took at least this percentage of the time over the "
                 "last 0.1 s (until under half of it), so that a window never delays messages that would each "
                 "leave alone anyway; 0 = after every big flush"})

@@ -68,7 +68,7 @@ def test_coalesce_settings_parse_and_reject_bad_values():
     config = load(["--coalesce-us", "500", "--coalesce-min-conns", "200", "--coalesce-busy-pct", "30"], env={})
     assert (config.coalesce_us, config.coalesce_min_conns, config.coalesce_busy_pct) == (500, 200, 30)
     defaults = load([], env={})
-    assert (defaults.coalesce_us, defaults.coalesce_min_conns, defaults.coalesce_busy_pct) == (0, 1000, 50)
+    assert (defaults.coalesce_us, defaults.coalesce_min_conns, defaults.coalesce_busy_pct) == (0, 1000, 80)
     assert load([], env={"GATEWAY_COALESCE_US": "250"}).coalesce_us == 250
     with pytest.raises(ConfigError, match="coalesce"):
         load(["--coalesce-us", "-1"], env={})
