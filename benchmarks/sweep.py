@@ -432,6 +432,9 @@ def main() -> int:
     ap.add_argument("--max-p99-ms", type=float, default=1000.0, help="a round with a larger p99 is saturated")
     ap.add_argument("--coalesce-us", type=int, default=1000, help="--coalesce-us of the 'on' gateway (default 1000)")
     ap.add_argument("--coalesce-min-conns", type=int, default=1000, help="its --coalesce-min-conns (default 1000)")
+    ap.add_argument("--coalesce-busy-pct", type=int, default=0,
+                    help="its --coalesce-busy-pct (default 0: the window follows every big flush, as when "
+                         "BENCHMARKS.md's sweep was measured; the gateway's own default is 80)")
     ap.add_argument("--repeats", type=int, default=7, help="rounds of the C floor loop per N (median; default 7)")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--budget", type=float, default=1500.0, help="start nothing new after this many seconds")
@@ -451,7 +454,8 @@ def main() -> int:
     client_dir = lg.build_client()
     tmp = tempfile.mkdtemp(prefix="sweep-sendref-")
     fs.build_sendref(tmp)
-    modes = {"off": [], "on": [f"--coalesce-us={args.coalesce_us}", f"--coalesce-min-conns={args.coalesce_min_conns}"]}
+    modes = {"off": [], "on": [f"--coalesce-us={args.coalesce_us}", f"--coalesce-min-conns={args.coalesce_min_conns}",
+                               f"--coalesce-busy-pct={args.coalesce_busy_pct}"]}
     doc: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                  "argv": sys.argv[1:], "settings": vars(args), "modes": modes, "per_n": {}}
     busy0, own0 = machine_busy_seconds(), sum(os.times()[:4])
