@@ -347,7 +347,7 @@ class Server:
     """One peer's server process, its port (for the clients) and its pid (for /proc)."""
 
     def __init__(self, peer: str, tmp: str, cpus: set[int] | None, bins: dict[str, str],
-                 coalesce: tuple[int, int, int] = (0, 0, 0)) -> None:
+                 coalesce_flags: list[str] | None = None) -> None:
         self.peer = peer
         self.log_path = os.path.join(tmp, f"{peer}.log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
@@ -355,8 +355,7 @@ class Server:
         if peer in ("gateway", "gateway-coalesced"):
             argv = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--log-level", "warning"]
             if peer == "gateway-coalesced":
-                argv += ["--coalesce-us", str(coalesce[0]), "--coalesce-min-conns", str(coalesce[1]),
-                         "--coalesce-busy-pct", str(coalesce[2])]
+                argv += coalesce_flags or []
             port_from_log = re.compile(r"http://127\.0\.0\.1:(\d+)/")
         elif peer == "websockets":
             argv = [sys.executable, os.path.join(HERE, "gateway_vs_websockets.py"), "--role", "ws-server"]
@@ -440,7 +439,9 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
     env = {**os.environ, "LOADCLIENT_DIR": client_dir}
     children: list[Child] = []
     publisher = None
-    server = Server(peer, tmp, server_cpus, bins, (args.coalesce_us, args.coalesce_min_conns, args.coalesce_busy_pct))
+    server = Server(peer, tmp, server_cpus, bins,
+                    [f"--coalesce-us={args.coalesce_us}", f"--coalesce-min-conns={args.coalesce_min_conns}",
+                     f"--coalesce-busy-pct={args.coalesce_busy_pct}"])
     result: dict = {"peer": peer, "connections": n, "client_processes": procs, "port": server.port}
     try:
         time.sleep(0.5)

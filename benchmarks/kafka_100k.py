@@ -570,10 +570,10 @@ def main() -> int:
         for pattern, value, policy in plan:
             what = f"the demo's traffic x {value:g}" if pattern == "demo" else f"{value:g} msgs/s, one at a time"
             what += f", clients {policy}"
-            clients.schedule(policy)
             if time.monotonic() + args.duration + 120 > deadline:
                 print(f"budget of {args.budget:g} s used up: round {what} not run", flush=True)
                 break
+            clients.schedule(policy)
             print(f"round: {what} for {args.duration:g} s ...", flush=True)
             last = (pattern, value, policy) == plan[-1]
             raw = os.path.join(tmp, "profile.raw") if args.profile and last else None

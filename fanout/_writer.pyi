@@ -81,7 +81,8 @@ class Writer:
         """Flushes scheduled for a coalescing deadline (call_at) instead of the next iteration."""
     @property
     def busy_share(self) -> float:
-        """The share of the last complete BUSY_PERIOD spent in flush() (measured while coalesce_busy > 0)."""
+        """The share of the last complete BUSY_PERIOD spent in flush() (measured only while coalesce_window and
+        coalesce_busy are both > 0; 0.0 before that)."""
     #: pings not answered because the connection already owed max_pongs pongs (fanout.WSConn)
     pongs_dropped: int
     #: messages refused for spanning more than max_fragments frames (fanout.WSConn)
