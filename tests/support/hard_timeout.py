@@ -138,7 +138,8 @@ def _expire(item: pytest.Item, limit: float) -> None:
 def _dump_tasks(terminal: Any) -> None:
     """The stack of every pending task of every event loop not closed (read from this other thread: the
     process ends right after, and a list changed meanwhile only costs that loop's tasks)."""
-    for loop in [obj for obj in gc.get_objects() if isinstance(obj, asyncio.AbstractEventLoop)]:
+    # type(), not isinstance(): gc also lists weak proxies, and isinstance() on a dead one raises ReferenceError
+    for loop in [obj for obj in gc.get_objects() if issubclass(type(obj), asyncio.AbstractEventLoop)]:
         if loop.is_closed():
             continue
         try:
