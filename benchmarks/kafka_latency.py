@@ -60,10 +60,10 @@ from _procs import machine_busy_seconds, require_installed_package, schedstat_se
 from support.kafka_broker import (  # noqa: E402
     KafkaBroker,
     external_broker,
-    free_port,
     start_apache_kafka,
     start_tansu,
 )
+from support.ports import free_port  # noqa: E402
 
 RESULTS_JSON = os.path.join(HERE, "results", "kafka_latency.json")
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -38,6 +38,9 @@ import asyncio
 import threading
 import pytest
 
+def test_fails_plainly():
+    assert 1 + 1 == 3, "arithmetic"
+
 async def test_hangs_in_its_call():
     print("about to hang", flush=True)
     await asyncio.Event().wait()
@@ -56,14 +59,14 @@ def test_passes_and_leaves_a_thread_that_never_ends():
 """
 
 
-def run_child(tmp_path: Path, test: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """pytest on CHILD_TESTS::`test` with the hard limits 1 s after a soft timeout of 1 s."""
+def run_child(tmp_path: Path, *tests: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """pytest on CHILD_TESTS::`tests` (in that order) with the hard limits 1 s after a soft timeout of 1 s."""
     (tmp_path / "conftest.py").write_text(CHILD_CONFTEST)
     (tmp_path / "test_child.py").write_text(CHILD_TESTS)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "support.hard_timeout", "-p", "no:cacheprovider",
          "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function", "-o", "timeout=1",
-         f"test_child.py::{test}"],
+         *(f"test_child.py::{test}" for test in tests)],
         cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=2 * START_TIMEOUT_S,
         env={**os.environ, "PYTHONPATH": str(TESTS), "TEST_HARD_TIMEOUT_GRACE": "1", "TEST_EXIT_GRACE": "1", **env})
 
@@ -80,6 +83,15 @@ def test_a_hung_test_ends_the_run_with_its_stacks_failure_and_output(test: str, 
     assert "Stack of MainThread" in dump   # every thread's stack, and where the waiting task waits:
     assert "Stack of task" in dump and ("await asyncio.Event().wait()" if test == "test_hangs_in_its_call"
                                         else "run_in_executor(None, threading.Event().wait)") in dump, dump
+
+
+def test_a_hung_test_lists_the_failures_of_the_pass_before_it(tmp_path: Path) -> None:
+    """pytest's own summary is never printed after a hard timeout: the dump ends with a line per failure."""
+    run = run_child(tmp_path, "test_fails_plainly", "test_hangs_in_its_call")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    listed = out.split("hard timeout: 1 failure(s) in this pass before it", 1)[1]
+    assert "FAILED test_child.py::test_fails_plainly (call): AssertionError: arithmetic" in listed, out
 
 
 def test_a_thread_that_never_ends_does_not_hang_the_exit(tmp_path: Path) -> None:

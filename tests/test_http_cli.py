@@ -254,7 +254,7 @@ async def test_connections_that_leave_during_the_request_are_forgotten(gateway_f
 
 def test_kafka_unreachable_at_start_is_one_line_and_exit_1():
     """Before: EngineUnavailable escaped main() as a traceback."""
-    from support.kafka_broker import free_port
+    from support.ports import free_port
 
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0",
                            "--kafka", f"127.0.0.1:{free_port()}", "--topics", "t"],

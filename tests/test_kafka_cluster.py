@@ -23,6 +23,7 @@ import support.kafka_cluster as kafka_cluster_module
 from conftest import SCALE
 from support.kafka_broker import KafkaBroker, start_apache_kafka
 from support.kafka_cluster import START_TIMEOUT_S, KafkaCluster, NodeStartError, PortTaken, is_kafka_jvm
+from support.ports import ephemeral_range
 
 pytestmark = pytest.mark.kafka
 
@@ -242,3 +243,61 @@ def test_a_cluster_that_cannot_be_healed_is_replaced_and_one_that_cannot_be_repl
     # every later test that needs the cluster fails at once, with the same reason (no new try)
     with pytest.raises(RuntimeError, match="(?s)broken: node\\(s\\) \\[1\\] down.*no room for a fresh cluster"):
         broker.ensure_whole()
+
+
+def test_a_heal_cut_short_once_is_tried_again_twice_in_a_row_fails_fast(
+        session_like_broker: KafkaBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test's timeout (a BaseException, as pytest-timeout's) that cuts a heal short leaves the next test a
+    try of its own; only INTERRUPTIONS in a row make the cluster broken."""
+    broker = session_like_broker
+    cluster = broker.cluster
+    assert cluster is not None
+
+    class TimedOut(BaseException):
+        pass
+
+    cuts = [TimedOut("the test's time ran out")]
+
+    def heal(timeout: float | None = None) -> list[int]:
+        if cuts:
+            raise cuts.pop()
+        return real_heal(timeout)
+
+    real_heal = cluster.heal
+    monkeypatch.setattr(cluster, "heal", heal)
+    cluster.kill_node(cluster.nodes[0])
+    with pytest.raises(TimedOut):
+        broker.ensure_whole()
+    assert broker.broken is None and broker.interruptions == 1
+    assert broker.ensure_whole() == "brought back node(s) [1]" and broker.interruptions == 0   # the next try
+
+    cuts[:] = [TimedOut("again"), TimedOut("and again")]
+    cluster.kill_node(cluster.nodes[0])
+    for _ in range(kafka_broker_module.INTERRUPTIONS):
+        with pytest.raises(TimedOut):
+            broker.ensure_whole()
+    assert broker.broken is not None and "interrupted" in broker.broken
+    with pytest.raises(RuntimeError, match="broken: node\\(s\\) \\[1\\] down, and bringing them back was interrupted"):
+        broker.ensure_whole()
+
+
+def test_node_ports_are_outside_the_ephemeral_range_so_no_client_connection_takes_one() -> None:
+    """A client's connect() takes its source port from the ephemeral range, and keeps it as long as it lives:
+    a node's port from that range could be taken while the node is down (support/ports.py)."""
+    low, high = ephemeral_range()
+    cluster = KafkaCluster(3)   # places its nodes on ports; starts nothing
+    try:
+        ports = [port for node in cluster.nodes
+                 for port in (node.port, node.proxied_listen, node.proxy_port, node.controller_port, node.secure_port)]
+    finally:
+        cluster.stop()
+    assert len(set(ports)) == len(ports) == 15
+    assert not [port for port in ports if low <= port <= high], (ports, (low, high))
+    # and the kernel agrees: a connection's source port is never one of them
+    with socket.create_server(("127.0.0.1", 0), backlog=256) as server:   # connected, never accepted
+        clients = [socket.create_connection(server.getsockname()) for _ in range(200)]
+        try:
+            assert all(low <= c.getsockname()[1] <= high for c in clients)
+        finally:
+            for c in clients:
+                c.close()

@@ -21,7 +21,8 @@ from gateway.engines.base import EngineUnavailable, UnknownTopic
 from gateway.engines.kafka import KafkaEngine, partition_for_key
 from gateway.records import Record
 from gateway.subjects import parse_subject
-from support.kafka_broker import KafkaBroker, free_port, start_tansu, tansu_fetch_wait
+from support.kafka_broker import KafkaBroker, start_tansu, tansu_fetch_wait
+from support.ports import free_port
 from support.waits import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.kafka

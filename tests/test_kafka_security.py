@@ -28,7 +28,7 @@ from gateway import config as cfg
 from gateway.config import ConfigError
 from gateway.engines.base import EngineUnavailable
 from gateway.engines.kafka_security import KafkaSecurity
-from support.kafka_broker import KafkaBroker, free_port, read_after
+from support.kafka_broker import KafkaBroker, read_after
 from support.kafka_cluster import (
     SASL_USERS,
     KafkaCluster,
@@ -36,6 +36,7 @@ from support.kafka_cluster import (
     pem,
     write_tls_files,
 )
+from support.ports import free_port
 from support.waits import wait_until
 from support.ws import connected, recv, recv_until, send
 

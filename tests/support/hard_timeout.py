@@ -9,7 +9,8 @@ an event loop's close for 90 minutes):
     for --pdb), so the teardown after a failure (fixtures, the event loop's close) has no limit at all.
 So, HARD_GRACE_S after the soft limit, whatever the test's outcome so far, this dumps every thread's
 stack, every pending task's (an asyncio test waits in a task: the main thread shows only the loop),
-the test's failure if it failed (its report is never printed otherwise) and what it printed, SIGKILLs
+the test's failure if it failed (its report is never printed otherwise), what it printed and a line
+for each failure of the pass before it (pytest's summary is never printed either), SIGKILLs
 the Kafka JVMs this process started (os._exit skips atexit), and ends the process with os._exit(1).
 scripts/test.sh then goes on with its next pass.
 
@@ -60,8 +61,22 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _reports.clear()
 
 
+#: every failure of this pass so far, a line each: pytest prints its summary only at the end, which a hard
+#: timeout never reaches, so _expire prints these (a CI log then shows what failed before the hang too)
+_failures: list[str] = []
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _reports.append(report)
+    if report.failed:
+        _failures.append(f"{report.nodeid} ({report.when}): {_reason(report)}")
+
+
+def _reason(report: pytest.TestReport) -> str:
+    """The failure's own line ("E   ..." of the traceback), else the last line of its report, cut to 300."""
+    lines = [line for line in report.longreprtext.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("E ")]
+    return (errors[0][1:].strip() if errors else lines[-1].strip() if lines else "?")[:300]
 
 
 _exit_status = 1
@@ -127,6 +142,10 @@ def _expire(item: pytest.Item, limit: float) -> None:
                 terminal.write(text[-20_000:])
         pytest_timeout.dump_stacks(terminal)
         _dump_tasks(terminal)
+        terminal.sep("+", f"hard timeout: {len(_failures)} failure(s) in this pass before it (pytest's own "
+                          f"summary will not be printed)")
+        for line in _failures:
+            terminal.write(f"FAILED {line}\n")
         terminal.sep("+", "hard timeout: every thread's stack is above; the Kafka JVMs are killed, pytest exits")
     except Exception:  # noqa: BLE001 - the exit below matters more than the report
         traceback.print_exc()

