@@ -54,6 +54,18 @@ async def test_fails_then_its_teardown_hangs(teardown_that_hangs):
     print("about to fail", flush=True)
     assert False
 
+async def test_starts_processes_then_hangs():
+    import os, subprocess, sys
+    # a child that starts a grandchild; both PIDs in files, then the test hangs
+    sleeper = "import time; time.sleep(600)"
+    code = (f"import os, subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', {sleeper!r}]); "
+            "open('pids.tmp', 'w').write(str(g.pid)); os.rename('pids.tmp', 'pids'); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    open("child", "w").write(str(child.pid))
+    while not os.path.exists("pids"):   # the soft limit (1 s) does not stop this on uvloop; the hard one does
+        await asyncio.sleep(0.01)
+    await asyncio.Event().wait()
+
 def test_passes_and_leaves_a_thread_that_never_ends():
     threading.Thread(target=threading.Event().wait, name="never-ends").start()
 """
@@ -99,6 +111,30 @@ def test_a_thread_that_never_ends_does_not_hang_the_exit(tmp_path: Path) -> None
     assert run.returncode == 0, run.stdout + run.stderr   # the run's own status: it passed
     assert "1 passed" in run.stdout
     assert "the test process did not exit" in run.stderr and "--- thread never-ends" in run.stderr, run.stderr
+
+
+def test_a_hung_run_leaves_none_of_its_processes(tmp_path: Path) -> None:
+    """os._exit skips the fixtures that would end a test's subprocesses: the hard timeout kills every
+    process the run started, their children too, by PID."""
+    pids: list[int] = []
+    try:
+        run = run_child(tmp_path, "test_starts_processes_then_hangs", TEST_HARD_TIMEOUT_GRACE="10")   # to start both
+        pids = [int((tmp_path / name).read_text()) for name in ("child", "pids") if (tmp_path / name).exists()]
+        assert run.returncode == 1 and len(pids) == 2, run.stdout + run.stderr
+        wait_until_sync(lambda: not any(_alive(pid) for pid in pids), f"processes {pids} gone", 10 * SCALE)
+    finally:
+        for pid in pids:   # whatever the outcome, nothing of this test stays behind
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.kafka

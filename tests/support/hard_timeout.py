@@ -11,7 +11,8 @@ So, HARD_GRACE_S after the soft limit, whatever the test's outcome so far, this 
 stack, every pending task's (an asyncio test waits in a task: the main thread shows only the loop),
 the test's failure if it failed (its report is never printed otherwise), what it printed and a line
 for each failure of the pass before it (pytest's summary is never printed either), SIGKILLs
-the Kafka JVMs this process started (os._exit skips atexit), and ends the process with os._exit(1).
+the Kafka JVMs and every other process this process started (os._exit skips atexit and the fixtures
+that would end them), and ends the process with os._exit(1).
 scripts/test.sh then goes on with its next pass.
 
 The same for the end of the run: Python joins every non-daemon thread before it exits (an executor's
@@ -26,6 +27,7 @@ import asyncio
 import gc
 import inspect
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -114,9 +116,36 @@ def _kill_jvms_and_exit(status: int) -> None:
 
         kill_all_now()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
+        try:
+            _kill_descendants()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process this one started and their own children (gateway subprocesses, Tansu, node,
+    chromium), by PID: os._exit skips the fixtures that would end them, and left running they would hold
+    their ports and a share of the CPU through the rest of the CI run."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue   # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    todo = [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _expire(item: pytest.Item, limit: float) -> None:
