@@ -12,6 +12,7 @@ import pytest
 
 from conftest import SCALE, ws_url
 from gateway.client import Client
+from support.ports import free_port
 from support.waits import wait_until
 from support.ws import client_frame, connected, raw_upgrade, recv, recv_until, send
 
@@ -79,10 +80,7 @@ async def test_recovery_after_dropped_connections_no_loss_no_dup_in_order(gatewa
 
 async def test_client_cycles_urls_and_resubscribes_with_positions(gateway_factory):
     gw = await gateway_factory(heartbeat_ms=200)
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    dead_port = dead.getsockname()[1]
-    dead.close()  # nothing listens there
+    dead_port = free_port()   # nothing listens there (outside the ephemeral range: a retry never connects to itself)
     async with Client([f"ws://127.0.0.1:{dead_port}/ws", ws_url(gw)], backoff_initial=0.01) as c:
         assert c.url == ws_url(gw)
         sub = await c.subscribe("/cy/1")

@@ -9,7 +9,6 @@ import asyncio
 import base64
 import logging
 import random
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -32,6 +31,7 @@ from gateway.client import (
     decode_message,
 )
 from support.client_fakegw import FakeConn, FakeGateway, T
+from support.ports import free_port
 
 S1 = "/matches/football/5"
 S2 = "/matches/football/6"
@@ -104,10 +104,8 @@ async def take(sub: Subscription, n: int) -> list[Message]:
 
 
 def unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    """A port nothing listens on, outside the ephemeral range (a client retrying it never connects to itself)."""
+    return free_port()
 
 
 # --------------------------------------------------------------------------- sans-I/O parts
