@@ -89,6 +89,10 @@ FD_LIMIT_MARGIN_SD = 4.0
 # gives its reader does not preempt the gateway in the middle of a fan-out (clients on other machines
 # would not share its CPU at all)
 CLIENT_POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
+# --gateway-sched: the same for the gateway's workers (an operator's choice, `chrt --batch 0`): three
+# workers share each CPU and all wake for the same message; under SCHED_BATCH they do not preempt
+# each other (or anything else) on wake-up, so each writes longer stretches of its fan-out
+GATEWAY_POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,6 +272,12 @@ class Workers:
         for i, pid in enumerate(self.worker_pids):
             os.sched_setaffinity(pid, {i % ncpu})
             self.pinning[pid] = i % ncpu
+
+    def schedule(self, policy: str) -> None:
+        """Put every thread of every worker under `policy` (GATEWAY_POLICIES)."""
+        for pid in self.worker_pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setscheduler(int(tid), GATEWAY_POLICIES[policy], os.sched_param(0))
 
     def sockets_per_worker(self) -> list[int]:
         out = []
@@ -467,6 +477,10 @@ def main() -> int:
                          "not preempt a gateway worker in the middle of its writes), with :PACE_US the clients "
                          "also sleep that long after each wake-up that found work, e.g. batch:1000 "
                          "(default other,batch: each round twice, side by side)")
+    ap.add_argument("--gateway-sched", default="other",
+                    help="scheduling policy of the gateway's workers, comma-separated like --client-sched (each "
+                         "round once per gateway policy and client policy): other (the default) or batch "
+                         "(SCHED_BATCH, as `chrt --batch 0` would start them)")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of publishing per round (default 30)")
     ap.add_argument("--partitions", type=int, default=4, help="partitions of topic matches (default 4)")
     ap.add_argument("--floor-sockets", type=int, default=15_000,
@@ -501,8 +515,12 @@ def main() -> int:
     policies = [x.strip() for x in args.client_sched.split(",") if x.strip()]
     if not policies or not all(client_mode_ok(x) for x in policies):
         sys.exit(f"--client-sched: comma-separated POLICY[:PACE_US], POLICY one of {', '.join(CLIENT_POLICIES)}")
-    plan = [(pattern, value, policy) for pattern, value in plan for policy in policies]
-    if not plan or any(m <= 0 for _, m, _ in plan):
+    gateway_policies = [x.strip() for x in args.gateway_sched.split(",") if x.strip()]
+    if not gateway_policies or not all(x in GATEWAY_POLICIES for x in gateway_policies):
+        sys.exit(f"--gateway-sched: comma-separated policies, each one of {', '.join(GATEWAY_POLICIES)}")
+    plan = [(pattern, value, policy, gpolicy) for pattern, value in plan for gpolicy in gateway_policies
+            for policy in policies]
+    if not plan or any(m <= 0 for _, m, _, _ in plan):
         sys.exit("--rates, --steady-rates: positive numbers, e.g. --rates 1,10 --steady-rates 1.5")
     check_machine(n, procs, args.per_process, workers)
     t_start = time.monotonic()
@@ -567,15 +585,16 @@ def main() -> int:
         print(f"  idle, {ready:,} connected: gateway {doc['idle']['gateway_cpu_share']:.1%} of a CPU, brokers "
               f"{doc['idle']['broker_cpu_share']:.1%}", flush=True)
         doc["rounds"] = []
-        for pattern, value, policy in plan:
+        for pattern, value, policy, gpolicy in plan:
             what = f"the demo's traffic x {value:g}" if pattern == "demo" else f"{value:g} msgs/s, one at a time"
-            what += f", clients {policy}"
+            what += f", clients {policy}" + (f", gateway {gpolicy}" if len(gateway_policies) > 1 else "")
             if time.monotonic() + args.duration + 120 > deadline:
                 print(f"budget of {args.budget:g} s used up: round {what} not run", flush=True)
                 break
             clients.schedule(policy)
+            gw.schedule(gpolicy)
             print(f"round: {what} for {args.duration:g} s ...", flush=True)
-            last = (pattern, value, policy) == plan[-1]
+            last = (pattern, value, policy, gpolicy) == plan[-1]
             raw = os.path.join(tmp, "profile.raw") if args.profile and last else None
             r = run_round(gw, clients, brokers, pattern, value, args.duration, args.seed, args.drain_timeout, tmp,
                           raw)
@@ -588,6 +607,7 @@ def main() -> int:
                              + sweep.profile_summary(raw))
                 r["profile"] = os.path.relpath(args.profile, ROOT)
             r["client_sched"] = policy
+            r["gateway_sched"] = gpolicy
             r["verdict"] = verdict(r["latency_ms"].get("p99", math.inf), doc["floor"]["floor_ms_one_core"],
                                    doc["kafka_rtt"]["deliver"]["p99"])
             r["largest_burst"] = largest_burst(clients.per_subject, pattern, value, args.duration, args.seed)

@@ -118,7 +118,7 @@ def test_a_hung_run_leaves_none_of_its_processes(tmp_path: Path) -> None:
     process the run started, their children too, by PID."""
     pids: list[int] = []
     try:
-        run = run_child(tmp_path, "test_starts_processes_then_hangs", TEST_HARD_TIMEOUT_GRACE="10")   # to start both
+        run = run_child(tmp_path, "test_starts_processes_then_hangs", TEST_HARD_TIMEOUT_GRACE="3")   # to start both
         pids = [int((tmp_path / name).read_text()) for name in ("child", "pids") if (tmp_path / name).exists()]
         assert run.returncode == 1 and len(pids) == 2, run.stdout + run.stderr
         wait_until_sync(lambda: not any(_alive(pid) for pid in pids), f"processes {pids} gone", 10 * SCALE)
