@@ -18,7 +18,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from gateway.engines import kafka_records
 from gateway.engines.base import EngineUnavailable, UnknownTopic
-from gateway.engines.kafka import KafkaEngine, partition_for_key
+from gateway.engines.kafka import KafkaEngine, outcome_unknown, partition_for_key
 from gateway.records import Record
 from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker, start_tansu, tansu_fetch_wait
@@ -462,3 +462,16 @@ async def test_engine_hands_runs_to_the_hub(kafka_broker: KafkaBroker, topic) ->
         assert engine.stats()["records_consumed"] == 61
     finally:
         await engine.stop()
+
+
+def test_which_failed_publishes_may_still_be_in_kafka() -> None:
+    """After the record was handed to the producer: timeouts and retriable errors leave the outcome open
+    (the request may have been appended); a broker's refusal of the record does not."""
+    from aiokafka import errors
+
+    for exc in (TimeoutError(), errors.KafkaTimeoutError(), errors.RequestTimedOutError(),
+                errors.NotEnoughReplicasAfterAppendError(), errors.KafkaConnectionError()):
+        assert outcome_unknown(exc), exc
+    for exc in (errors.MessageSizeTooLargeError(), errors.TopicAuthorizationFailedError(),
+                errors.InvalidTopicError(), errors.ProducerClosed()):
+        assert not outcome_unknown(exc), exc

@@ -491,6 +491,59 @@ async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, 
     await pub.close()
 
 
+async def test_a_publish_whose_answer_is_lost_fails_saying_it_may_still_be_written(
+        kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
+    """The produce request reaches Kafka and is written; only its answer never comes back. The publish
+    fails with `unavailable` after --kafka-publish-timeout-ms, and the error says the record may still be
+    written, because it is: Kafka holds it and the subscribers get it like any other record (Kafka's own
+    ambiguity: docs/PROTOCOL.md, "Errors"). An idempotent producer's retry does not write it twice."""
+    if kafka_broker.external:
+        pytest.skip("needs brokers that advertise the proxies (started here)")
+    t = topic()
+    async with kafka_broker.behind_proxy() as net:
+        await net.broker.create_topic(t, 1)   # net.broker: direct access, around the proxies
+        gw = await kafka_gateway(gateway_factory, net.broker, [t], bootstrap=net.bootstrap,
+                                 kafka_publish_timeout_ms=1000)
+        try:
+            await _answer_lost(net, gw, t)
+        finally:
+            await gw.stop()   # before the proxies go
+
+
+async def _answer_lost(net: Any, gw: Any, t: str) -> None:
+    """The body of the test above, on its gateway behind the proxies."""
+    broker = net.broker
+    subject = f"/{t}/k"
+    sub = await connected(ws_url(gw))
+    await send(sub, {"op": "subscribe", "subjects": [{"subject": subject}]})
+    await recv_until(sub, "subscribed")
+    pub = await connected(ws_url(gw))
+    await _publish_acked(pub, subject, "before", 0)   # the producer's connection and metadata are up
+    assert (await recv_until(sub, "msg", timeout=WAIT))["content"] == "before"
+
+    net.lose_answers()
+    await send(pub, {"op": "publish", "subject": subject, "content": "answer-lost", "id": "x"})
+    err = await recv_until(pub, "error", timeout=WAIT)
+    assert (err["code"], err["id"], err["request"]) == ("unavailable", "x", "publish"), err
+    assert "may still be written" in err["message"], err
+    assert net.answer_bytes_lost > 0 and gw.engine.stats()["publish_outcome_unknown"] == 1
+    held = await broker.read_topic(t, 1, direct=True)
+    assert [r.value for r in held].count(b"answer-lost") == 1   # written, though the publisher was told otherwise
+
+    net.cut()       # the connections that lost their answers are reset; the clients reconnect
+    net.restore()
+    await _publish_acked(pub, subject, "sentinel", 1)
+    got = [(await recv_until(sub, "msg", timeout=3 * WAIT))["content"]]
+    while got[-1] != "sentinel":
+        got.append((await recv_until(sub, "msg", timeout=3 * WAIT))["content"])
+    # the producer retried the lost request on its new connection: an idempotent one is not
+    # written twice; a producer without idempotence (Tansu) may write it again
+    copies = got.count("answer-lost")
+    assert copies == 1 if broker.idempotence else copies >= 1, got
+    await pub.close()
+    await sub.close()
+
+
 async def test_broker_outage(kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
     if kafka_broker.external:
         pytest.skip("needs brokers that advertise the proxies (started here)")

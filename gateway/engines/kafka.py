@@ -167,6 +167,14 @@ class _Partition:
     consumed: int = 0          # records read from it (a counter for /metrics; a new epoch starts at 0)
 
 
+def outcome_unknown(exc: BaseException) -> bool:
+    """Whether a publish that failed with `exc` after its record was handed to the producer may still be
+    in Kafka: a timeout, ours or the producer's (the produce request may have been appended and only its
+    answer be late or lost), or a retriable error (it may follow an attempt that was appended). A
+    non-retriable broker error (too large, not authorized, invalid) refuses the record: not written."""
+    return isinstance(exc, (TimeoutError, KafkaTimeoutError)) or bool(getattr(exc, "retriable", False))
+
+
 class KafkaEngine(Engine):
     accepts_positions_ahead = True
 
@@ -234,7 +242,7 @@ class KafkaEngine(Engine):
 
         self._n: dict[str, int] = dict.fromkeys((
             "records_consumed", "records_skipped_bad_key", "records_skipped_keyless",
-            "records_duplicate", "offset_gaps", "sink_errors", "publishes", "publish_errors",
+            "records_duplicate", "offset_gaps", "sink_errors", "publishes", "publish_errors", "publish_outcome_unknown",
             "metadata_errors", "replays", "snapshot_reads", "replay_failures", "epoch_changes"), 0)
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -398,15 +406,18 @@ class KafkaEngine(Engine):
             raise EngineUnavailable("the Kafka engine is not running")
         key = subject.key_bytes
         started = time.perf_counter()
+        appended = False
         try:
             async with asyncio.timeout(self._publish_timeout):
                 # Enqueue in call order (the lock is FIFO): records of one connection to one subject
                 # enter the partition's batch queue in the order published. aiokafka then keeps one
                 # request in flight per broker, so neither retries nor a non-idempotent producer
-                # reorder them. Cancelling send() (timeout) withdraws the record.
+                # reorder them. A timeout while send() waits for room withdraws the record; once
+                # send() returned, the record is in a batch that may already be on its way.
                 async with self._send_lock:
                     delivery = await producer.send(
                         subject.topic, content, key=key, partition=await self._publish_partition(producer, subject))
+                appended = True
                 meta = await delivery
                 self._observe_latency(time.perf_counter() - started)
                 tp = TopicPartition(meta.topic, meta.partition)
@@ -414,6 +425,12 @@ class KafkaEngine(Engine):
                     await self.refresh_metadata()
         except (KafkaError, TimeoutError) as exc:
             self._n["publish_errors"] += 1
+            if appended and outcome_unknown(exc):
+                # Kafka's own ambiguity: the request may have reached the leader and only its answer is
+                # late or lost (a timeout), or a retriable error may follow an attempt that did append
+                self._n["publish_outcome_unknown"] += 1
+                raise EngineUnavailable(f"Kafka did not acknowledge the publish to {subject.text} in time "
+                                        f"({exc!r}); it may still be written") from exc
             raise EngineUnavailable(f"Kafka did not take the publish to {subject.text}: {exc!r}") from exc
         self._n["publishes"] += 1
         return self._epoch_of(meta.topic, meta.partition), meta.offset + 1

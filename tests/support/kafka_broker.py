@@ -401,6 +401,15 @@ class ProxiedKafka:
         for p in self.proxies:
             p.restore()
 
+    def lose_answers(self) -> None:
+        """Requests still reach the brokers; their answers are dropped (TcpProxy.lose_answers)."""
+        for p in self.proxies:
+            p.lose_answers()
+
+    @property
+    def answer_bytes_lost(self) -> int:
+        return sum(p.answer_bytes_lost for p in self.proxies)
+
 
 def start_apache_kafka(nodes: int = 3) -> KafkaBroker:
     """Start an Apache Kafka KRaft cluster of `nodes` combined nodes (see kafka_cluster.py)."""

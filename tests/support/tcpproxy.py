@@ -8,6 +8,9 @@ client and it, with the failures a test needs to cause on purpose.
   `forward()`; `swallowed` counts them.
 - `freeze()`: the connections relayed so far stop carrying bytes either way but stay open (a silent
   network: no FIN, no RST, nothing). New connections are relayed as usual (or as told above).
+- `lose_answers()`: every connection, relayed or new, still carries the client's bytes to the server,
+  but what the server sends back is dropped (counted in `answer_bytes_lost`), until `forward()`: a
+  request that arrives and whose answer never does.
 A connection closed or reset by one side is closed or reset on the other side too.
 """
 
@@ -46,6 +49,8 @@ class TcpProxy:
         self._links: set[_Link] = set()
         self._frozen: list[_Link] = []
         self._server: asyncio.Server | None = None
+        self._answers_lost = False
+        self.answer_bytes_lost = 0
 
     @property
     def port(self) -> int:
@@ -85,6 +90,10 @@ class TcpProxy:
 
     def forward(self) -> None:
         self._mode = "forward"
+        self._answers_lost = False
+
+    def lose_answers(self) -> None:
+        self._answers_lost = True
 
     def cut(self) -> None:
         """Unreachable from now on: reset every relayed connection and refuse new ones."""
@@ -129,11 +138,15 @@ class TcpProxy:
         self._links.add(link)
         loop = asyncio.get_running_loop()
         link.tasks = [loop.create_task(self._pipe(reader, up_writer, link)),
-                      loop.create_task(self._pipe(up_reader, writer, link))]
+                      loop.create_task(self._pipe(up_reader, writer, link, answers=True))]
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: _Link) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, link: _Link, *,
+                    answers: bool = False) -> None:
         try:
             while data := await src.read(65536):
+                if answers and self._answers_lost:
+                    self.answer_bytes_lost += len(data)
+                    continue
                 dst.write(data)
                 await dst.drain()
         except asyncio.CancelledError:
