@@ -180,6 +180,11 @@ class Gateway:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self.engine.stop(), 2.0)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise   # the stop itself is cancelled
+            log.warning("engine did not stop cleanly (a cancellation from inside it)", exc_info=True)
         except (TimeoutError, Exception):  # noqa: BLE001 - exit within the SIGTERM budget anyway
             log.warning("engine did not stop cleanly", exc_info=True)
         self._stopped.set()

@@ -7,6 +7,7 @@ asserts on how long something took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -475,3 +476,65 @@ def test_which_failed_publishes_may_still_be_in_kafka() -> None:
     for exc in (errors.MessageSizeTooLargeError(), errors.TopicAuthorizationFailedError(),
                 errors.InvalidTopicError(), errors.ProducerClosed()):
         assert not outcome_unknown(exc), exc
+
+
+async def test_a_stop_cut_short_by_aiokafkas_fetcher_is_finished(kafka_broker: KafkaBroker, make_engine: Make,
+                                                                  topic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka 0.14's Fetcher.close() awaits the fetch tasks it cancels, and one cancelled in its retry
+    back-off (Kafka unreachable) raises CancelledError out of the consumer's stop() before it closes its
+    client. The engine's stop() neither passes that on nor leaves the client's connections open."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    engine, _ = await make_engine([t])
+    consumer = engine._consumer
+    assert consumer is not None
+    closed: list[bool] = []
+    real_close = consumer._client.close
+
+    async def client_close() -> None:
+        closed.append(True)
+        await real_close()
+
+    async def cut_short() -> None:   # what consumer.stop() does until its fetcher's close raises
+        consumer._closed = True
+        fetcher = consumer._fetcher
+        fetcher._closed = True
+        fetcher._fetch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetcher._fetch_task
+        raise asyncio.CancelledError   # `await x` on a fetch task cancelled in its retry back-off
+
+    monkeypatch.setattr(consumer._client, "close", client_close)
+    monkeypatch.setattr(consumer, "stop", cut_short)
+    await engine.stop()   # returns: the stray cancellation is the consumer's, not the caller's
+    assert closed == [True]
+    assert engine._consumer is None and engine._producer is None
+
+
+async def test_a_stop_of_the_caller_is_still_a_cancellation(kafka_broker: KafkaBroker, make_engine: Make,
+                                                            topic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancellation of whoever stops the engine is not mistaken for aiokafka's: it goes on."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    engine, _ = await make_engine([t])
+    consumer = engine._consumer
+    assert consumer is not None
+    entered = asyncio.Event()
+    real_stop = consumer.stop
+
+    async def slow_stop() -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(consumer, "stop", slow_stop)
+    stopping = asyncio.get_running_loop().create_task(engine.stop())
+    await asyncio.wait_for(entered.wait(), WAIT)
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    # the test's own cleanup of what the cancelled stop left (the fixture's stop() returns at once now)
+    await real_stop()
+    if engine._producer is not None:
+        await engine._producer.stop()
+    if engine._meta is not None:
+        await engine._meta.close()

@@ -544,6 +544,26 @@ async def _answer_lost(net: Any, gw: Any, t: str) -> None:
     await sub.close()
 
 
+async def test_a_gateway_stopped_during_a_kafka_outage_stops_cleanly(
+        kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
+    """SIGTERM while Kafka is unreachable: the stop returns (before, aiokafka's fetcher raised a stray
+    CancelledError out of it, and a second stop hung) and the engine's clients are closed."""
+    if kafka_broker.external:
+        pytest.skip("needs brokers that advertise the proxies (started here)")
+    t = topic()
+    async with kafka_broker.behind_proxy() as net:
+        await net.broker.create_topic(t, 1)
+        gw = await kafka_gateway(gateway_factory, net.broker, [t], bootstrap=net.bootstrap,
+                                 kafka_publish_timeout_ms=1000)
+        sub = await connected(ws_url(gw))
+        await send(sub, {"op": "subscribe", "subjects": [{"subject": f"/{t}/k"}]})
+        await recv_until(sub, "subscribed")
+        net.cut()   # every connection to Kafka reset, new ones refused: the consumer retries its fetches
+        await wait_until(lambda: not gw.engine.connected, "the engine to see Kafka unreachable")
+        await asyncio.wait_for(gw.stop(), 3 * WAIT)   # returns, raises nothing
+        assert gw.engine._consumer is None and gw.engine._producer is None and gw.engine._meta is None
+
+
 async def test_broker_outage(kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
     if kafka_broker.external:
         pytest.skip("needs brokers that advertise the proxies (started here)")

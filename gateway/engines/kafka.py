@@ -167,6 +167,18 @@ class _Partition:
     consumed: int = 0          # records read from it (a counter for /metrics; a new epoch starts at 0)
 
 
+async def _finish_stop(consumer: Any) -> None:
+    """What AIOKafkaConsumer.stop() does after its fetcher's close, for a stop that the fetcher cut short:
+    the fetch tasks left are cancelled and awaited, then the client (its connections) is closed."""
+    pending = list(getattr(getattr(consumer, "_fetcher", None), "_pending_tasks", ()))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    client = getattr(consumer, "_client", None)
+    if client is not None:
+        await client.close()
+
+
 def outcome_unknown(exc: BaseException) -> bool:
     """Whether a publish that failed with `exc` after its record was handed to the producer may still be
     in Kafka: a timeout, ours or the producer's (the produce request may have been appended and only its
@@ -360,7 +372,17 @@ class KafkaEngine(Engine):
             try:
                 # The producer flushes pending batches; they expire after publish_timeout.
                 async with asyncio.timeout(self._publish_timeout + 5):
-                    await closer.stop()
+                    try:
+                        await closer.stop()
+                    except asyncio.CancelledError:
+                        me = asyncio.current_task()
+                        if me is not None and me.cancelling():
+                            raise   # ours: the timeout above, or whoever stops the engine
+                        # aiokafka's own (0.14): Fetcher.close() cancels its fetch tasks and awaits each;
+                        # one cancelled in its retry back-off (Kafka unreachable) raises here, cutting
+                        # the consumer's stop short before it closes its client. Finish that stop.
+                        log.info("the Kafka %s's stop was cut short by aiokafka's fetcher; finishing it", name)
+                        await _finish_stop(closer)
             except Exception:  # noqa: BLE001 - stopping must go on
                 log.exception("error stopping the Kafka %s", name)
         self._consumer = self._producer = None
