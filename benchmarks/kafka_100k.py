@@ -87,12 +87,16 @@ TOPIC = "matches"
 FD_LIMIT_MARGIN_SD = 4.0
 # --client-sched: SCHED_BATCH tells CFS the clients are throughput work, so the wake-up a gateway send
 # gives its reader does not preempt the gateway in the middle of a fan-out (clients on other machines
-# would not share its CPU at all)
-CLIENT_POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
-# --gateway-sched: the same for the gateway's workers (an operator's choice, `chrt --batch 0`): three
-# workers share each CPU and all wake for the same message; under SCHED_BATCH they do not preempt
-# each other (or anything else) on wake-up, so each writes longer stretches of its fan-out
-GATEWAY_POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
+# would not share its CPU at all). --gateway-sched: the same for the gateway's workers (an operator's
+# choice, `chrt --batch 0`): three workers share each CPU and all wake for the same message; under
+# SCHED_BATCH they do not preempt each other (or anything else) on wake-up
+POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
+
+
+def set_policy(pid: int, policy: str) -> None:
+    """Put every thread of process `pid` under `policy` (POLICIES)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(tid), POLICIES[policy], os.sched_param(0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -102,7 +106,7 @@ GATEWAY_POLICIES = {"other": os.SCHED_OTHER, "batch": os.SCHED_BATCH}
 def client_mode_ok(mode: str) -> bool:
     """--client-sched's POLICY[:PACE_US]."""
     policy, colon, pace = mode.partition(":")
-    return policy in CLIENT_POLICIES and (not colon or pace.isdigit())
+    return policy in POLICIES and (not colon or pace.isdigit())
 
 
 def workers_needed(n: int, max_per_worker: int, sd: float = FD_LIMIT_MARGIN_SD) -> int:
@@ -274,10 +278,9 @@ class Workers:
             self.pinning[pid] = i % ncpu
 
     def schedule(self, policy: str) -> None:
-        """Put every thread of every worker under `policy` (GATEWAY_POLICIES)."""
+        """Put every worker under `policy` (POLICIES)."""
         for pid in self.worker_pids:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setscheduler(int(tid), GATEWAY_POLICIES[policy], os.sched_param(0))
+            set_policy(pid, policy)
 
     def sockets_per_worker(self) -> list[int]:
         out = []
@@ -348,11 +351,10 @@ class Clients:
             time.sleep(0.25)
 
     def schedule(self, mode: str) -> None:
-        """Put every client process under `mode`: POLICY[:PACE_US] (CLIENT_POLICIES, loadclient's pacing)."""
+        """Put every client process under `mode`: POLICY[:PACE_US] (POLICIES, loadclient's pacing)."""
         policy, _, pace = mode.partition(":")
         for c in self.children:
-            for tid in os.listdir(f"/proc/{c.pid}/task"):
-                os.sched_setscheduler(int(tid), CLIENT_POLICIES[policy], os.sched_param(0))
+            set_policy(c.pid, policy)
             c.call({"op": "pace", "us": int(pace or 0)})
 
     def stop(self) -> None:
@@ -514,10 +516,10 @@ def main() -> int:
         sys.exit("--rates, --steady-rates: comma-separated numbers, e.g. 1,10")
     policies = [x.strip() for x in args.client_sched.split(",") if x.strip()]
     if not policies or not all(client_mode_ok(x) for x in policies):
-        sys.exit(f"--client-sched: comma-separated POLICY[:PACE_US], POLICY one of {', '.join(CLIENT_POLICIES)}")
+        sys.exit(f"--client-sched: comma-separated POLICY[:PACE_US], POLICY one of {', '.join(POLICIES)}")
     gateway_policies = [x.strip() for x in args.gateway_sched.split(",") if x.strip()]
-    if not gateway_policies or not all(x in GATEWAY_POLICIES for x in gateway_policies):
-        sys.exit(f"--gateway-sched: comma-separated policies, each one of {', '.join(GATEWAY_POLICIES)}")
+    if not gateway_policies or not all(x in POLICIES for x in gateway_policies):
+        sys.exit(f"--gateway-sched: comma-separated policies, each one of {', '.join(POLICIES)}")
     plan = [(pattern, value, policy, gpolicy) for pattern, value in plan for gpolicy in gateway_policies
             for policy in policies]
     if not plan or any(m <= 0 for _, m, _, _ in plan):

@@ -5,8 +5,9 @@ A port that bind(("127.0.0.1", 0)) hands out is an ephemeral one, the range the 
 source port of every outgoing connection from. While such a server is down (a Kafka node killed by a
 failover test, until it is started again), any client connection of the machine may get its port as
 its source port, and then holds it for as long as it lives: a gateway's connection to another broker
-lives for the whole test, and the node cannot bind its own port again. (Seen in CI: a node killed by
-test_kafka_failover never came back, and the Kafka tests after it failed.) A client retrying the dead
+lives for the whole test, and the node cannot bind its own port again. (The likely cause of a CI run in
+which a node killed by test_kafka_failover never came back, and the Kafka tests after it failed; inferred
+from the node's log, not caught in the act.) A client retrying the dead
 port can even connect to itself (TCP simultaneous open). Outside the ephemeral range, no connect()
 ever takes the port: only another bind() can, which free_ports() checks for and the callers retry on.
 """
