@@ -17,7 +17,7 @@ scripts/test.sh then goes on with its next pass.
 
 The same for the end of the run: Python joins every non-daemon thread before it exits (an executor's
 worker among them) and runs atexit only after that, so a thread that never returns hung the process after
-its summary. EXIT_GRACE_S after pytest is done, the stacks are dumped, the JVMs killed, and the process
+its summary. EXIT_GRACE_S after pytest is done, the stacks are dumped, the processes killed, and the process
 ends with the run's exit status.
 """
 
@@ -105,29 +105,24 @@ def _exit_hung(status: int) -> None:
             if ident != threading.get_ident():
                 name = next((t.name for t in threading.enumerate() if t.ident == ident), "?")
                 sys.stderr.write(f"--- thread {name} ({ident}):\n{''.join(traceback.format_stack(frame))}")
-        sys.stderr.write(f"+++ hard timeout: the Kafka JVMs are killed, exit status {status} (the run's)\n")
+        sys.stderr.write(f"+++ hard timeout: every process it started is killed, exit status {status} (the run's)\n")
     finally:
-        _kill_jvms_and_exit(status)
+        _kill_children_and_exit(status)
 
 
-def _kill_jvms_and_exit(status: int) -> None:
+def _kill_children_and_exit(status: int) -> None:
     try:
-        from support.kafka_cluster import kill_all_now
-
-        kill_all_now()
+        _kill_descendants()
     finally:
-        try:
-            _kill_descendants()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _kill_descendants() -> None:
-    """SIGKILL every process this one started and their own children (gateway subprocesses, Tansu, node,
-    chromium), by PID: os._exit skips the fixtures that would end them, and left running they would hold
-    their ports and a share of the CPU through the rest of the CI run."""
+    """SIGKILL every process this one started and their own children (the Kafka JVMs, gateway
+    subprocesses, Tansu, node, chromium), by PID: os._exit skips atexit and the fixtures that would end
+    them, and left running they would hold their ports and a share of the CPU through the rest of the CI run."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -149,7 +144,7 @@ def _kill_descendants() -> None:
 
 
 def _expire(item: pytest.Item, limit: float) -> None:
-    """What pytest-timeout's thread method does, plus the Kafka JVMs."""
+    """What pytest-timeout's thread method does, plus the processes this one started."""
     terminal: Any = item.config.get_terminal_writer()
     try:
         capman = item.config.pluginmanager.getplugin("capturemanager")
@@ -175,12 +170,13 @@ def _expire(item: pytest.Item, limit: float) -> None:
                           f"summary will not be printed)")
         for line in _failures:
             terminal.write(f"FAILED {line}\n")
-        terminal.sep("+", "hard timeout: every thread's stack is above; the Kafka JVMs are killed, pytest exits")
+        terminal.sep("+", "hard timeout: every thread's stack is above; every process pytest started is killed, "
+                          "pytest exits")
     except Exception:  # noqa: BLE001 - the exit below matters more than the report
         traceback.print_exc()
     finally:
         terminal.flush()
-        _kill_jvms_and_exit(1)
+        _kill_children_and_exit(1)
 
 
 def _dump_tasks(terminal: Any) -> None:

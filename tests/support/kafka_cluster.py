@@ -640,19 +640,6 @@ def write_tls_files(ca_path: str, server_pem_path: str) -> None:
         f.write(key_pem + pem(cert) + pem(ca_cert))
 
 
-def kill_all_now() -> None:
-    """SIGKILL every JVM of every cluster started here and not stopped, without waiting or taking a lock:
-    for a process about to end with os._exit (a hung test run, conftest's hard timeout), which skips atexit."""
-    for cluster in list(_running):
-        for node in cluster.nodes:
-            proc = node.proc
-            if proc is not None and proc.returncode is None:
-                try:
-                    os.kill(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-
-
 def is_kafka_jvm(pid: int) -> bool:
     """Whether `pid` is (still) a running Kafka broker JVM (a reused pid or a zombie is not)."""
     try:
