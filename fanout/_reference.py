@@ -198,13 +198,15 @@ def _iov_max() -> int:
 _IOV_MAX = _iov_max()
 
 
-BUSY_PERIOD = 0.1
+BUSY_PERIOD = 0.5
+PROBE_EVERY = 6
 
 
 class Writer:
     def __init__(self, loop: asyncio.AbstractEventLoop, coalesce_window: float = 0.0,
                  coalesce_min_conns: int = 1000, coalesce_busy: float = 0.0,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 cpu_clock: Callable[[], float] | None = None) -> None:
         self._loop = loop
         self._conns: list[Conn] = []
         self._dirty: list[Conn] = []
@@ -213,10 +215,17 @@ class Writer:
         self.coalesce_min_conns = int(coalesce_min_conns)
         self.coalesce_busy = float(coalesce_busy)
         self._clock = clock if clock is not None else time.monotonic
+        self._cpu_clock = cpu_clock if cpu_clock is not None else time.thread_time
         self._busy_t0 = 0.0
-        self._busy_acc = 0.0
+        self._busy_cpu0 = 0.0
         self._busy_share = 0.0
         self._busy = False
+        self._probing = False
+        self._held_periods = 0
+        self._probes = 0
+        self._period_frames0 = 0
+        self._period_writes0 = 0
+        self._unheld_per_write = 1.0
         self._hold_until = 0.0
         self._held_flushes = 0
         self._iov_max = _IOV_MAX
@@ -236,6 +245,7 @@ class Writer:
     write_errors = property(lambda self: self._write_errors)
     held_flushes = property(lambda self: self._held_flushes)
     busy_share = property(lambda self: self._busy_share)
+    probes = property(lambda self: self._probes)
 
     def _mark_dirty(self, conn: Conn) -> None:
         conn._dirty = True
@@ -268,7 +278,6 @@ class Writer:
         if not dirty:
             return
         timed = self.coalesce_window > 0.0 and self.coalesce_busy > 0.0
-        t_start = self._clock() if timed else 0.0
         self._dirty = []
         now = self._loop.time()
         touched = 0
@@ -286,28 +295,50 @@ class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
-        if timed and not self._still_busy(t_start):
+        if timed and not self._gate_open():
             self._hold_until = 0.0
         elif self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
             self._hold_until = self._loop.time() + self.coalesce_window
         else:
             self._hold_until = 0.0
 
-    def _still_busy(self, t_start: float) -> bool:
-        t_end = self._clock()
+    def _gate_open(self) -> bool:
+        t = self._clock()
         if self._busy_t0 == 0.0:
-            self._busy_t0 = t_start
-        self._busy_acc += t_end - t_start
-        elapsed = t_end - self._busy_t0
-        if elapsed >= BUSY_PERIOD:
-            self._busy_share = self._busy_acc / elapsed
-            self._busy_acc = 0.0
-            self._busy_t0 = t_end
+            self._busy_t0 = t
+            self._busy_cpu0 = self._cpu_clock()
+            self._period_frames0 = self._frames_out
+            self._period_writes0 = self._syscalls
+            return False
+        elapsed = t - self._busy_t0
+        if elapsed < BUSY_PERIOD:
+            return self._busy and not self._probing
+        cpu = self._cpu_clock()
+        self._busy_share = (cpu - self._busy_cpu0) / elapsed
+        per_write = (self._frames_out - self._period_frames0) / max(1, self._syscalls - self._period_writes0)
+        self._busy_t0 = t
+        self._busy_cpu0 = cpu
+        self._period_frames0 = self._frames_out
+        self._period_writes0 = self._syscalls
+        if not self._busy or self._probing:
+            self._unheld_per_write = max(1.0, per_write)
+        if not self._busy:
             if self._busy_share >= self.coalesce_busy:
                 self._busy = True
-            elif self._busy_share < self.coalesce_busy / 2:
+                self._held_periods = 0
+        elif self._probing:
+            self._probing = False
+            self._held_periods = 0
+            if self._busy_share < self.coalesce_busy:
                 self._busy = False
-        return self._busy
+        elif self._busy_share * max(1.0, per_write) / self._unheld_per_write < self.coalesce_busy:
+            self._busy = False
+        else:
+            self._held_periods += 1
+            if self._held_periods >= PROBE_EVERY:
+                self._probing = True
+                self._probes += 1
+        return self._busy and not self._probing
 
     def idle(self, now: float, send_idle: float, recv_idle: float) -> tuple[list[Conn], list[Conn]]:
         quiet = [c for c in self._conns if now - c.last_send >= send_idle]

@@ -69,14 +69,27 @@
 # order on the wire is unchanged (the same queues, written later). uvloop's
 # timers have 1 ms resolution: call_at rounds the wait to whole milliseconds
 # (under 0.5 ms it is the next iteration, as without coalescing).
-# With coalesce_busy > 0 (the gateway's default, 0.8) a big flush holds the
-# next one only while the writer is busy: while its flushes took at least
-# that share of the wall time over the last BUSY_PERIOD (0.1 s) of its own
-# clock (CLOCK_MONOTONIC; the loop's time is cached per iteration, so it
-# cannot time a flush), until they take under half of it. At low rates a
-# window saves nothing (each message leaves alone anyway) and would only add
-# latency; holds that chain after every big flush even made each message wait
-# about a window and a flush (BENCHMARKS.md, peers at 40 msgs/s).
+# With coalesce_busy > 0 (the gateway's default, 0.85) a big flush holds the
+# next one only while the loop's thread is busy. The writer measures, at the
+# end of its flushes, the thread's CPU time (CLOCK_THREAD_CPUTIME_ID) against
+# the wall time (CLOCK_MONOTONIC; the loop's time is cached per iteration)
+# over periods of at least BUSY_PERIOD (0.5 s): busy_share. A period at or
+# over coalesce_busy starts the holds: the loop is near the end of its CPU, and
+# queues would build anyway. Holding lowers the share it is measured by (fewer
+# syscalls), so a held period cannot tell whether the load still needs the
+# window. Two things end the holds:
+#   * a held period whose share, scaled up by how many more frames per write
+#     the window gathered (frames per write held / frames per write of the
+#     last period without holds), is still under coalesce_busy: even if each
+#     write saved had cost a whole held write, the load would be under the
+#     threshold unheld (a busy spell has ended, or a burst opened the gate);
+#   * a probe: after every PROBE_EVERY (6) held periods that do not end the
+#     holds, one period runs without holds, and a probe under coalesce_busy
+#     ends them (the estimate above is an upper bound: frames cost too).
+# So at most 3.5 s of holds follow the end of a busy spell (one period when
+# holding did not gather frames), and at the knee one period in seven runs
+# unheld. Periods are 0.5 s so that one burst of flushes does not make a
+# period busy (at 40 msgs/s to 5,000 conns one flush takes ~15 ms).
 #
 # Idle conns own no Python objects besides themselves: _queue is None until
 # a frame is queued, the frame itself while it is the only one (written with
@@ -116,10 +129,17 @@ cdef class Writer:
     cdef double _hold_until       # loop time before which a new flush waits (after a big flush)
     cdef public double coalesce_busy  # hold only while flushing takes >= this share of the time (0: always)
     cdef object _clock            # None: CLOCK_MONOTONIC (seconds); tests give a fake
+    cdef object _cpu_clock        # None: CLOCK_THREAD_CPUTIME_ID (seconds); tests give a fake
     cdef double _busy_t0          # start of the current busy period (clock seconds)
-    cdef double _busy_acc         # seconds spent in flush() since _busy_t0
-    cdef readonly double busy_share  # the share of the last complete busy period spent in flush()
-    cdef bint _busy               # hysteresis: set at >= coalesce_busy, cleared under half of it
+    cdef double _busy_cpu0        # the thread's CPU time (cpu_clock seconds) at _busy_t0
+    cdef readonly double busy_share  # the loop thread's CPU time / wall time over the last complete period
+    cdef bint _busy               # set by a period at >= coalesce_busy, cleared by a probe under it
+    cdef bint _probing            # this period runs without holds, to measure the unheld share
+    cdef int _held_periods        # periods held since the gate opened or since the last probe
+    cdef unsigned long long _period_frames0  # frames_out at _busy_t0
+    cdef unsigned long long _period_writes0  # syscalls at _busy_t0
+    cdef double _unheld_per_write  # frames per write of the last period without holds (>= 1)
+    cdef readonly unsigned long long probes  # probe periods run (busy_share measured without holds)
     cdef readonly unsigned long long held_flushes  # flushes scheduled for _hold_until, not call_soon
     cdef iovec* _iov
     cdef Py_ssize_t _iov_max
@@ -136,7 +156,8 @@ cdef class Writer:
     cdef void _register(self, Conn conn)
     cdef void _unregister(self, Conn conn)
     cdef double _clock_now(self) except? -1.0
-    cdef bint _still_busy(self, double t_start) except -1
+    cdef double _cpu_now(self) except? -1.0
+    cdef bint _gate_open(self) except -1
 
 
 cdef class Conn:

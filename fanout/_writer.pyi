@@ -8,6 +8,8 @@ __all__ = ["Writer", "Conn", "Channel"]
 
 #: seconds over which the writer's busy share is measured (coalesce_busy, _writer.pxd "Coalescing")
 BUSY_PERIOD: float
+#: while holding, every PROBE_EVERY-th period is followed by one without holds that measures the share
+PROBE_EVERY: int
 
 # cdef classes: one C layout each (PEP 800); Writer is constructed by __cinit__ (hence __new__)
 
@@ -19,7 +21,7 @@ class Writer:
     coalesce_window: float
     #: conns a flush must write to before the next one is held for coalesce_window
     coalesce_min_conns: int
-    #: hold only while flushing took >= this share of the wall time over BUSY_PERIOD (0 = after every big flush)
+    #: hold only while the loop thread's CPU time is >= this share of the wall time (0 = after every big flush)
     coalesce_busy: float
     def __new__(
         cls,
@@ -28,6 +30,7 @@ class Writer:
         coalesce_min_conns: int = 1000,
         coalesce_busy: float = 0.0,
         clock: Callable[[], float] | None = None,
+        cpu_clock: Callable[[], float] | None = None,
     ) -> Self:
         """``Writer(loop)``: a writer whose flushes run on ``loop`` (scheduled with call_soon, once per iteration).
 
@@ -37,9 +40,13 @@ class Writer:
                 flush scheduled within this many seconds runs at that deadline (call_at), not at the
                 next iteration; 0 turns it off.
             coalesce_min_conns: what makes a flush big enough to hold the next one.
-            coalesce_busy: hold only while the flushes took at least this share of the wall time over
-                the last BUSY_PERIOD, until under half of it (0: after every big flush).
-            clock: seconds, monotonic, for timing the flushes (default CLOCK_MONOTONIC; tests fake it).
+            coalesce_busy: hold only while the loop's thread is busy: it starts holding once its CPU time
+                took at least this share of a BUSY_PERIOD, and stops when a held period's share, scaled by the
+                frames per write the holds gathered, or a probe period without holds measures less (0: hold
+                after every big flush; _writer.pxd "Coalescing").
+            clock: seconds, monotonic (default CLOCK_MONOTONIC; tests fake it).
+            cpu_clock: seconds of CPU time of the loop's thread (default CLOCK_THREAD_CPUTIME_ID; tests
+                fake it).
         Raises:
             MemoryError: the iovec array could not be allocated.
         """
@@ -81,8 +88,11 @@ class Writer:
         """Flushes scheduled for a coalescing deadline (call_at) instead of the next iteration."""
     @property
     def busy_share(self) -> float:
-        """The share of the last complete BUSY_PERIOD spent in flush() (measured only while coalesce_window and
-        coalesce_busy are both > 0; 0.0 before that)."""
+        """The loop thread's CPU time over the wall time of the last complete busy period (measured at the end
+        of flushes, only while coalesce_window and coalesce_busy are both > 0; 0.0 before that)."""
+    @property
+    def probes(self) -> int:
+        """Periods run without holds while busy, to measure busy_share unhelped by the window."""
     #: pings not answered because the connection already owed max_pongs pongs (fanout.WSConn)
     pongs_dropped: int
     #: messages refused for spanning more than max_fragments frames (fanout.WSConn)

@@ -13,7 +13,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.errno cimport EAGAIN, EINTR, ENOBUFS, ENOMEM, errno
 from libc.string cimport memmove, memset
 from posix.stat cimport S_ISSOCK, fstat, struct_stat
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
 from posix.uio cimport iovec
 
 cdef extern from *:
@@ -48,9 +48,12 @@ cdef extern from "Python.h":
 
 __all__ = ["Writer", "Conn", "Channel"]
 
-cdef double _BUSY_PERIOD = 0.1
+cdef double _BUSY_PERIOD = 0.5
 #: seconds over which the writer's busy share is measured (coalesce_busy, _writer.pxd "Coalescing")
 BUSY_PERIOD = _BUSY_PERIOD
+cdef int _PROBE_EVERY = 6
+#: while holding, every PROBE_EVERY-th period is followed by one without holds that measures the share
+PROBE_EVERY = _PROBE_EVERY
 
 
 cdef class Writer:
@@ -64,20 +67,26 @@ cdef class Writer:
             flush scheduled within this many seconds runs at that deadline (call_at), not at the
             next iteration; 0 turns it off.
         coalesce_min_conns: what makes a flush big enough to hold the next one.
-        coalesce_busy: hold only while the flushes took at least this share of the wall time over
-            the last BUSY_PERIOD, until under half of it (0: after every big flush).
-        clock: seconds, monotonic, for timing the flushes (default CLOCK_MONOTONIC; tests fake it).
+        coalesce_busy: hold only while the loop's thread is busy: it starts holding once its CPU time
+            took at least this share of a BUSY_PERIOD, and stops when a held period's share, scaled by the
+            frames per write the holds gathered, or a probe period without holds measures less (0: hold
+            after every big flush; _writer.pxd "Coalescing").
+        clock: seconds, monotonic (default CLOCK_MONOTONIC; tests fake it).
+        cpu_clock: seconds of CPU time of the loop's thread (default CLOCK_THREAD_CPUTIME_ID; tests
+            fake it).
     Raises:
         MemoryError: the iovec array could not be allocated.
     """
 
     def __cinit__(self, loop, double coalesce_window=0.0, Py_ssize_t coalesce_min_conns=1000,
-                  double coalesce_busy=0.0, clock=None):
+                  double coalesce_busy=0.0, clock=None, cpu_clock=None):
         self._loop = loop
         self.coalesce_window = coalesce_window
         self.coalesce_min_conns = coalesce_min_conns
         self.coalesce_busy = coalesce_busy
         self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._unheld_per_write = 1.0
         self._conns = []
         self._dirty = []
         self._iov_max = FANOUT_IOV_MAX
@@ -127,13 +136,10 @@ cdef class Writer:
         cdef Conn conn
         cdef double now
         cdef Py_ssize_t touched = 0
-        cdef double t_start = 0.0
         cdef bint timed = self.coalesce_window > 0.0 and self.coalesce_busy > 0.0
         self._scheduled = False
         if not dirty:
             return
-        if timed:
-            t_start = self._clock_now()
         # Swap first: a conn made dirty again while we write lands in the next round.
         self._dirty = []
         now = self._loop.time()
@@ -152,7 +158,7 @@ cdef class Writer:
                     "exception": exc,
                     "transport": conn._transport,
                 })
-        if timed and not self._still_busy(t_start):
+        if timed and not self._gate_open():
             self._hold_until = 0.0  # not busy: each message may leave alone, a window adds only latency
         elif self.coalesce_window > 0.0 and touched >= self.coalesce_min_conns:
             # From the end of this flush: a big flush takes long, messages arrive during it.
@@ -167,23 +173,56 @@ cdef class Writer:
         clock_gettime(CLOCK_MONOTONIC, &ts)
         return ts.tv_sec + ts.tv_nsec * 1e-9
 
-    cdef bint _still_busy(self, double t_start) except -1:
-        """Account one flush that began at t_start; whether the writer counts as busy (hysteresis)."""
-        cdef double t_end = self._clock_now()
-        cdef double elapsed
+    cdef double _cpu_now(self) except? -1.0:
+        cdef timespec ts
+        if self._cpu_clock is not None:
+            return self._cpu_clock()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+        return ts.tv_sec + ts.tv_nsec * 1e-9
+
+    cdef bint _gate_open(self) except -1:
+        """After a flush: close the busy period if it is complete; whether big flushes hold now."""
+        cdef double t = self._clock_now()
+        cdef double cpu, elapsed, per_write
         if self._busy_t0 == 0.0:
-            self._busy_t0 = t_start  # the first period starts with the first timed flush
-        self._busy_acc += t_end - t_start
-        elapsed = t_end - self._busy_t0
-        if elapsed >= _BUSY_PERIOD:
-            self.busy_share = self._busy_acc / elapsed
-            self._busy_acc = 0.0
-            self._busy_t0 = t_end
+            self._busy_t0 = t  # the first period starts with the first timed flush
+            self._busy_cpu0 = self._cpu_now()
+            self._period_frames0 = self.frames_out
+            self._period_writes0 = self.syscalls
+            return False
+        elapsed = t - self._busy_t0
+        if elapsed < _BUSY_PERIOD:
+            return self._busy and not self._probing
+        cpu = self._cpu_now()
+        self.busy_share = (cpu - self._busy_cpu0) / elapsed
+        per_write = (self.frames_out - self._period_frames0) / <double>max(1, self.syscalls - self._period_writes0)
+        self._busy_t0 = t
+        self._busy_cpu0 = cpu
+        self._period_frames0 = self.frames_out
+        self._period_writes0 = self.syscalls
+        if not self._busy or self._probing:
+            self._unheld_per_write = max(1.0, per_write)  # what the load gathers per write by itself
+        if not self._busy:
             if self.busy_share >= self.coalesce_busy:
                 self._busy = True
-            elif self.busy_share < self.coalesce_busy / 2:
+                self._held_periods = 0
+        elif self._probing:
+            # A period without holds: what the load costs now, unhelped by the window.
+            self._probing = False
+            self._held_periods = 0
+            if self.busy_share < self.coalesce_busy:
                 self._busy = False
-        return self._busy
+        elif self.busy_share * max(1.0, per_write) / self._unheld_per_write < self.coalesce_busy:
+            # Even if every write the window saved had cost a whole held write, unheld the load would
+            # be under the threshold: holding does not pay (e.g. a busy spell has ended).
+            self._busy = False
+        else:
+            # Holding may be what keeps the share down: only a probe can tell.
+            self._held_periods += 1
+            if self._held_periods >= _PROBE_EVERY:
+                self._probing = True
+                self.probes += 1
+        return self._busy and not self._probing
 
     def idle(self, double now, double send_idle, double recv_idle):
         """The registered conns that have been quiet, for the liveness sweep.

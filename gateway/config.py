@@ -76,10 +76,12 @@ class Config:
                 "it to whole milliseconds; 0 = off)"})
     coalesce_min_conns: int = field(default=1000, metadata={
         "help": "--coalesce-us: a flush that wrote to this many connections holds the next one"})
-    coalesce_busy_pct: int = field(default=80, metadata={
-        "help": "--coalesce-us: hold only while writing took at least this percentage of the time over the "
-                "last 0.1 s (until under half of it), so that a window never delays messages that would each "
-                "leave alone anyway; 0 = after every big flush"})
+    coalesce_busy_pct: int = field(default=85, metadata={
+        "help": "--coalesce-us: hold only while the gateway is busy: from a 0.5 s period in which the event "
+                "loop's thread used at least this percentage of a CPU, until a held period's share scaled by "
+                "the frames per write the holds gathered, or a 0.5 s period without holds (one in seven while "
+                "holding), measures less; so a window does not delay messages that would each leave alone "
+                "anyway; 0 = after every big flush"})
     connect_timeout_ms: int = field(default=10000, metadata={
         "help": "close 1008 a connection that sends no connect within this time"})
     # ---- resource limits (PROTOCOL.md 1.1 "Resource limits"; docs/SECURITY.md) ----

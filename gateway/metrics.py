@@ -82,6 +82,10 @@ class GatewayCollector(Collector):
         yield counter("bytes_out", "Bytes written to client sockets", w.bytes_out)
         yield counter("write_syscalls", "send/writev calls made by the fan-out writer", w.syscalls)
         yield counter("write_flushes_held", "Flushes held back by --coalesce-us after a big flush", w.held_flushes)
+        yield gauge("write_busy_share", "--coalesce-us: CPU share of the event loop's thread over the last 0.5 s "
+                    "period measured (at the end of a flush)", w.busy_share)
+        yield counter("write_busy_probes", "--coalesce-us: 0.5 s periods run without holds while busy, to measure "
+                      "the load unheld", w.probes)
         yield counter("slow_consumers", "Connections closed with 4000 (output over the limit)", w.overflows)
         errors = CounterMetricFamily("gateway_errors", "error frames sent, by code", labels=["code"])
         for code, n in sorted(s.errors.items()):

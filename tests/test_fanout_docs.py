@@ -16,7 +16,7 @@ STUBS = ("_frame", "_ring", "_writer", "_ws", "_msgs")
 #: `cdef readonly`/`public` attributes declared in _writer.pxd: Cython gives them no docstring (the .pyi has it)
 C_ATTRIBUTES = {"Writer.frames_out", "Writer.bytes_out", "Writer.syscalls", "Writer.overflows", "Writer.write_errors",
                 "Writer.held_flushes", "Writer.coalesce_window", "Writer.coalesce_min_conns", "Writer.coalesce_busy",
-                "Writer.busy_share"}
+                "Writer.busy_share", "Writer.probes"}
 
 
 def stub_docs(module: str) -> dict[str, str]:

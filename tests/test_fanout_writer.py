@@ -989,14 +989,27 @@ def test_a_direct_flush_while_held_writes_once(impl: SimpleNamespace) -> None:
 
 
 class FlushClock:
-    """The writer's own clock (Writer(clock=...)) for its busy share: it moves when a write costs time
-    (CostlyTransport) or when the test lets time pass, never by itself."""
+    """The writer's two clocks (Writer(clock=..., cpu_clock=...)): wall time ``t`` and the loop thread's
+    CPU time ``cpu``. A write of cost c (CostlyTransport) moves both by c; idle time (the test) moves
+    only ``t``. Neither moves by itself."""
 
     def __init__(self) -> None:
         self.t = 1000.0
+        self.cpu = 5.0
 
     def __call__(self) -> float:
         return self.t
+
+    def cpu_time(self) -> float:
+        return self.cpu
+
+    def work(self, seconds: float) -> None:
+        self.t += seconds
+        self.cpu += seconds
+
+    def idle(self, loop: FakeLoop, seconds: float) -> None:
+        self.t += seconds
+        loop.now += seconds
 
 
 class CostlyTransport(RecordingTransport):
@@ -1007,12 +1020,13 @@ class CostlyTransport(RecordingTransport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         super().write(data)
-        self.clock.t += self.cost
+        self.clock.work(self.cost)
 
 
 def busy_setup(impl: SimpleNamespace, busy: float) -> tuple[FakeLoop, FlushClock, Any, Any, list[CostlyTransport]]:
     loop, clock = FakeLoop(), FlushClock()
-    writer = impl.Writer(loop, coalesce_window=0.005, coalesce_min_conns=3, coalesce_busy=busy, clock=clock)
+    writer = impl.Writer(loop, coalesce_window=0.005, coalesce_min_conns=3, coalesce_busy=busy, clock=clock,
+                         cpu_clock=clock.cpu_time)
     transports = [CostlyTransport(loop, clock) for _ in range(3)]
     channel = impl.Channel()
     for tr in transports:
@@ -1027,63 +1041,114 @@ def publish_and_run(loop: FakeLoop, channel: Any, frame: bytes) -> None:
         loop.run_timers()
 
 
+def publish_held(impl: SimpleNamespace, loop: FakeLoop, channel: Any, frame: bytes) -> bool:
+    """Publish one frame to the three conns and run the loop; whether its flush was held (call_at)."""
+    assert channel.publish(frame) == 3
+    held = bool(loop.timers)
+    loop.run_soon()
+    loop.run_timers()
+    return held
+
+
+def gate_constants(writer: Any) -> tuple[float, int]:
+    """(BUSY_PERIOD, PROBE_EVERY) of the writer's implementation."""
+    module = sys.modules[type(writer).__module__]
+    return module.BUSY_PERIOD, module.PROBE_EVERY
+
+
 def test_a_writer_that_is_not_busy_never_holds(impl: SimpleNamespace) -> None:
-    """Big flushes (3 conns, min 3) that take 0.3 ms every 10 ms: 3 % of the time, under 50 %: every
+    """Big flushes (3 conns, min 3) that cost 0.3 ms of CPU every 10 ms: 3 % of a CPU, under 50 %: every
     message leaves at the next iteration, none waits for a window (as at a low rate on a real box)."""
     loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
+    period, _ = gate_constants(writer)
     for tr in transports:
         tr.cost = 0.0001
-    for i in range(40):  # 0.4 s of the writer's clock: 4 busy periods
+    for i in range(int(4 * period / 0.0103) + 1):  # 4 busy periods
         publish_and_run(loop, channel, impl.encode_text(b"%d" % i))
         assert loop.timers == []
-        clock.t += 0.01
-        loop.now += 0.01
-    assert writer.held_flushes == 0 and writer.syscalls == 120
-    assert 0.0 < writer.busy_share < 0.05
+        clock.idle(loop, 0.01)
+    assert writer.held_flushes == 0 and writer.probes == 0
+    assert writer.busy_share == pytest.approx(0.0003 / 0.0103)
 
 
-def test_a_busy_writer_holds_until_it_is_no_longer_busy(impl: SimpleNamespace) -> None:
-    """Flushes back to back (each 30 ms of the writer's clock) make it busy once a 0.1 s period is
-    complete: from then on a big flush holds the next one. When the flushes take under half of 50 %
-    again (hysteresis: 25 %) it stops holding; between 25 and 50 % it keeps what it was doing."""
+def test_the_cpu_share_not_the_time_in_flush_opens_the_gate(impl: SimpleNamespace) -> None:
+    """Flushes that take all the wall time but little CPU (a send that waits: for the CPU, for
+    softirqs) do not make the writer busy: its share is CPU time over wall time."""
     loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
+    period, _ = gate_constants(writer)
+
+    def slow_cheap_write(data: bytes | bytearray | memoryview, tr: CostlyTransport) -> None:
+        RecordingTransport.write(tr, data)
+        clock.t += 0.01  # 10 ms of wall time, 1 ms of it CPU
+        clock.cpu += 0.001
+
     for tr in transports:
-        tr.cost = 0.01
-    held = []
-    for i in range(6):
-        assert channel.publish(impl.encode_text(b"busy %d" % i)) == 3
-        held.append(bool(loop.timers))
-        loop.run_soon()
-        loop.run_timers()
-    # the first period (0.1 s of flushing) ends during the 4th flush: holds from the 5th publish on
-    assert held == [False, False, False, False, True, True]
+        tr.write = lambda data, tr=tr: slow_cheap_write(data, tr)  # type: ignore[method-assign]
+    flushes = int(3 * period / 0.03) + 2  # 3 periods
+    held = [publish_held(impl, loop, channel, impl.encode_text(b"w%d" % i)) for i in range(flushes)]
+    assert held == [False] * flushes and writer.held_flushes == 0
+    assert writer.busy_share == pytest.approx(0.1)
+
+
+def test_a_busy_writer_holds_and_probes_until_a_probe_finds_it_idle(impl: SimpleNamespace) -> None:
+    """Flushes back to back (each 30 ms of CPU) make the writer busy once a period is complete: from
+    then on a big flush holds the next one. A held period ends the holds at once when even its share
+    scaled by the frames per write it gathered (over those of the last unheld period) is under the
+    threshold; otherwise, after PROBE_EVERY held periods one period runs without holds, and a probe
+    under the threshold ends them."""
+    loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
+    period, probe_every = gate_constants(writer)
+
+    def run(cost: float, idle: float, seconds: float, tag: bytes, frames: int = 1) -> list[bool]:
+        """Cycles of: idle, `frames` publishes, run the loop; whether each cycle's flush was held."""
+        for tr in transports:
+            tr.cost = cost
+        held = []
+        for i in range(int(seconds / (3 * cost + idle))):
+            clock.idle(loop, idle)
+            for k in range(frames - 1):
+                assert channel.publish(impl.encode_text(tag + b"%d.%d" % (i, k))) == 3
+            held.append(publish_held(impl, loop, channel, impl.encode_text(tag + b"%d" % i)))
+        return held
+
+    # The first flush's end starts the first period; the flush whose end completes it opens the gate.
+    opening = math.ceil(round(period / 0.03, 6)) + 1
+    held = run(0.01, 0.0, (opening + 3) * 0.03, b"busy ")
+    assert held == [False] * opening + [True] * 3
     assert writer.busy_share == pytest.approx(1.0)
-    assert writer.held_flushes == 2
-    # Cheap, spaced flushes: 0.3 ms per 10 ms. Once a period measures that, no more holds.
-    for tr in transports:
-        tr.cost = 0.0001
-    held = []
-    for i in range(25):
-        clock.t += 0.01
-        loop.now += 0.01
-        assert channel.publish(impl.encode_text(b"idle %d" % i)) == 3
-        held.append(bool(loop.timers))
-        loop.run_soon()
-        loop.run_timers()
-    assert held[-10:] == [False] * 10
-    assert writer.busy_share < 0.25
+    # A third of a CPU (one write of 0.5 ms per conn every 4.5 ms) with 2 frames per write where the
+    # load had 1 unheld: scaled, 2/3 >= 1/2, so the holds go on until the probe; the probe's period
+    # writes 2 frames per write as well (they are published together), measures 1/3 < 1/2: no more holds.
+    held = run(0.0005, 0.003, (probe_every + 3) * period, b"third ", frames=2)
+    first_unheld = held.index(False)
+    assert all(held[:first_unheld]) and first_unheld > 0.9 * probe_every * period / 0.0045
+    assert writer.probes == 1 and writer.busy_share == pytest.approx(1 / 3)
+    assert not any(held[first_unheld:])
+    # Busy again (its opening period, unheld, wrote 1 frame per write), then nearly idle (9 %, 1 frame
+    # per write): the first held period's scaled share (9 % x 1 / 1) ends the holds, without a probe.
+    assert run(0.01, 0.0, 2 * period, b"again ")[-1]
+    held = run(0.0001, 0.003, 3 * period, b"idle ")
+    assert held[0] and not held[-1] and not any(held[held.index(False):])
+    assert held.index(False) < 1.1 * 2 * period / 0.0033 and writer.probes == 1
+    # Busy for long: a probe that finds the load still heavy keeps the holds.
+    held = run(0.01, 0.0, 3 * (probe_every + 2) * period, b"long ")
+    assert held[-1] and writer.probes >= 2
+    probe_runs = [k for k in range(1, len(held)) if not held[k] and held[k - 1]]
+    assert probe_runs, "a probe ran without holds while busy"
+    assert held[probe_runs[-1]:].count(True) > 0  # and the holds came back after it
 
 
 def test_busy_gating_off_holds_after_every_big_flush(impl: SimpleNamespace) -> None:
     """coalesce_busy=0 (the Writer's default; --coalesce-busy-pct 0): the window follows every big
-    flush whatever the load, as before the gate existed; the clock is never read."""
+    flush whatever the load, as before the gate existed; the clocks are never read."""
     loop, clock, writer, channel, transports = busy_setup(impl, 0.0)
     assert writer.coalesce_busy == 0.0
     publish_and_run(loop, channel, impl.encode_text(b"a"))
+    clock.idle(loop, 0.0)
     clock.t += 10.0
     assert channel.publish(impl.encode_text(b"b")) == 3
     assert len(loop.timers) == 1 and loop.soon == []
-    assert writer.busy_share == 0.0
+    assert writer.busy_share == 0.0 and writer.probes == 0
 
 
 def test_coalescing_parity() -> None:
@@ -1133,21 +1198,19 @@ def test_busy_gate_parity() -> None:
 
     def trace(name: str) -> tuple[Any, ...]:
         impl = fanout_impls.load(name)
-        rng = random.Random(11)
+        rng = random.Random(12)
         loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
         shares = []
-        for step in range(600):
+        for step in range(8000):
             r = rng.random()
-            if r < 0.1:
-                cost = rng.choice((0.00001, 0.001, 0.01))
+            if r < 0.003:  # long stretches at one cost, so that held periods between 25 and 50 % reach probes
+                cost = rng.choice((0.00001, 0.0003, 0.001, 0.01))
                 for tr in transports:
                     tr.cost = cost
             elif r < 0.5:
                 channel.publish(impl.encode_text(b"p%d" % step))
             elif r < 0.7:
-                idle = rng.choice((0.001, 0.01, 0.05))
-                clock.t += idle
-                loop.now += idle
+                clock.idle(loop, rng.choice((0.001, 0.002, 0.01, 0.05)))
             elif r < 0.85:
                 loop.run_soon()
             else:
@@ -1155,11 +1218,13 @@ def test_busy_gate_parity() -> None:
             shares.append(writer.busy_share)
         while loop.run_soon() or loop.run_timers():
             pass
-        return (writer.held_flushes, writer.syscalls, writer.frames_out, shares, [tr.writes for tr in transports])
+        return (writer.held_flushes, writer.probes, writer.syscalls, writer.frames_out, shares,
+                [tr.writes for tr in transports])
 
     compiled, reference = trace("compiled"), trace("reference")
     assert compiled == reference
-    assert compiled[0] > 0 and min(compiled[3]) < 0.25 and max(compiled[3]) >= 0.5  # both states were visited
+    assert compiled[0] > 0 and min(compiled[4]) < 0.25 and max(compiled[4]) >= 0.5  # both states were visited
+    assert compiled[1] > 0  # and probes ran
 
 
 def test_coalescing_on_real_sockets_keeps_order_and_completeness(impl: SimpleNamespace, loop_factory: LoopFactory,
