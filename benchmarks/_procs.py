@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import select
 import signal
 import socket
@@ -185,6 +186,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def gateway_samples(port: int) -> dict[str, float] | None:
+    """Every sample of a gateway's /metrics on HOST:port, as {'name{labels}': value}; None if unreachable."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([a-zA-Z_:][^ ]*) (\S+)$", text, re.M)}
 
 
 def machine_busy_seconds() -> float:

@@ -10,8 +10,9 @@ Every peer is started by this script, fresh, on 127.0.0.1, measured, and stopped
 
   gateway     `python -m gateway serve --port 0` (standalone engine, default settings)
   gateway-coalesced
-              the same with adaptive coalescing on: while writing takes --coalesce-busy-pct of its
-              time, after a flush that wrote to --coalesce-min-conns connections or more, the next one
+              the same with adaptive coalescing on: while its event loop's thread uses
+              --coalesce-busy-pct of a CPU (see gateway serve --help), after a flush that wrote to
+              --coalesce-min-conns connections or more, the next one
               waits --coalesce-us, so that a connection's next messages leave in one write (gateway
               serve --coalesce-us/--coalesce-min-conns/--coalesce-busy-pct; off by default in the
               product, see BENCHMARKS.md)
@@ -80,6 +81,7 @@ from loadgen import (  # noqa: E402 (after the sys.path insert above)
 from _procs import (  # noqa: E402 (after the sys.path insert above)
     Child,
     free_port,
+    gateway_samples,
     machine,
     machine_busy_seconds,
     proc_cpu_seconds,
@@ -426,6 +428,20 @@ def inbound_segments(port: int) -> int:
 # One peer
 
 
+#: the fan-out writer's counters in the gateway's /metrics (None for the websockets peer, which has none)
+WRITER_SAMPLES = {"frames_out": "gateway_frames_out_total", "write_syscalls": "gateway_write_syscalls_total",
+                  "flushes_held": "gateway_write_flushes_held_total", "busy_probes": "gateway_write_busy_probes_total",
+                  "busy_share": "gateway_write_busy_share"}
+
+
+def writer_counters(port: int) -> dict[str, float] | None:
+    """The writer's counters of a gateway peer now, or None for a server without them (websockets)."""
+    samples = gateway_samples(port) or {}
+    if WRITER_SAMPLES["frames_out"] not in samples:
+        return None
+    return {k: samples.get(name, 0.0) for k, name in WRITER_SAMPLES.items()}
+
+
 def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: str) -> dict:
     import numpy as np
     from tqdm import tqdm
@@ -487,6 +503,7 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
             c.call({"op": "record"})
         ours = [c.pid for c in children] + [publisher.pid]
         segs1 = inbound_segments(server.port)
+        writer1 = writer_counters(server.port) if MODE[peer] == "ours" else None
         cpu1, busy1, ours1, t1 = (gateway_cpu(server.pid), machine_busy_seconds(),
                                   sum(proc_cpu_seconds(p) for p in ours), time.monotonic())
         publisher.send({"op": "run", "rate": args.rate, "seconds": args.duration, "subjects": args.subjects,
@@ -528,6 +545,11 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
             "inbound_messages_per_delivery": round(inbound_messages / max(1, deliveries), 4),
             "clients_and_publisher_cpu_share": round(ours_cpu / wall, 3),
             "other_processes_cpu_share": round((busy - cpu - ours_cpu) / wall, 3)}
+        writer2 = writer_counters(server.port) if writer1 is not None else None
+        if writer1 is not None and writer2 is not None:
+            # counters over the round; the busy share (a gauge) as the round left it
+            result["writer"] = {k: writer2[k] - writer1[k] for k in writer1 if k != "busy_share"}
+            result["writer"]["busy_share_last"] = writer2["busy_share"]
         result["latency_ms"] = percentiles_ms(lat)
         result["first_errors"] = sorted({s["first_error"] for s in stats if s["first_error"]})[:5]
         return result
@@ -599,8 +621,8 @@ def main() -> int:
                     help="gateway-coalesced: --coalesce-us of its gateway (default 20000)")
     ap.add_argument("--coalesce-min-conns", type=int, default=500,
                     help="gateway-coalesced: --coalesce-min-conns of its gateway (default 500)")
-    ap.add_argument("--coalesce-busy-pct", type=int, default=80,
-                    help="gateway-coalesced: --coalesce-busy-pct of its gateway (default 80, the gateway's)")
+    ap.add_argument("--coalesce-busy-pct", type=int, default=85,
+                    help="gateway-coalesced: --coalesce-busy-pct of its gateway (default 85, the gateway's)")
     ap.add_argument("--repeats", type=int, default=1, help="rounds over the peers, order reversed every other "
                                                            "round; the table shows medians (default 1)")
     ap.add_argument("--per-process", type=int, default=10000, help="connections per client process (< 19,000)")

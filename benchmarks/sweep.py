@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(HERE, "load"))
 import loadgen as lg  # noqa: E402 (after the sys.path insert above)
 
 import fanout_sockets as fs  # noqa: E402 (after the sys.path insert above)
-from _procs import Child, machine, proc_cpu_seconds  # noqa: E402 (after the sys.path insert above)
+from _procs import Child, gateway_samples, machine, proc_cpu_seconds  # noqa: E402 (after the sys.path insert above)
 
 RESULTS = os.path.join(HERE, "results")
 # py-spy from PyPI lands next to this interpreter (a venv's bin/), which need not be on PATH
@@ -131,15 +131,9 @@ def sockstat_tcp_bytes() -> int:
 
 def gc_collections(port: int) -> list[float] | None:
     """The gateway's cyclic-GC collections so far per generation (its /metrics), None if it has none."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{lg.HOST}:{port}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return None
-    found = dict(re.findall(r'^python_gc_collections_total\{generation="(\d)"\} (\S+)$', text, re.M))
-    return [float(found[g]) for g in "012"] if len(found) == 3 else None
+    samples = gateway_samples(port) or {}
+    found = [samples.get(f'python_gc_collections_total{{generation="{g}"}}') for g in "012"]
+    return None if None in found else found
 
 
 class Loaded:

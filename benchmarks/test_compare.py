@@ -34,4 +34,11 @@ def test_every_peer_delivers_everything_once(tmp_path) -> None:
         assert r["latency_ms"]["count"] == 240, r["latency_ms"]
     acks = {r["peer"]: r["delivery"]["acks_sent"] for r in doc["runs"]}
     assert acks == {"gateway": 0, "gateway-coalesced": 0, "websockets": 0, "nats": 0, "mqtt-qos0": 0, "mqtt-qos1": 240}
+    # the gateways' writer counters over the round, from their /metrics (the others have none): the 240
+    # deliveries are 240 frames (the publisher's 20 acks go to its own connection, also frames)
+    writers = {r["peer"]: r.get("writer") for r in doc["runs"]}
+    assert {p for p, w in writers.items() if w is not None} == {"gateway", "gateway-coalesced"}, writers
+    for peer in ("gateway", "gateway-coalesced"):
+        w = writers[peer]
+        assert w is not None and w["frames_out"] >= 240 and 0 < w["write_syscalls"] <= w["frames_out"], (peer, w)
     assert "| mqtt-qos1 |" in proc.stdout  # the markdown table
