@@ -200,6 +200,7 @@ _IOV_MAX = _iov_max()
 
 BUSY_PERIOD = 0.5
 PROBE_EVERY = 6
+OPEN_AFTER = 2
 
 
 class Writer:
@@ -222,6 +223,7 @@ class Writer:
         self._busy = False
         self._probing = False
         self._held_periods = 0
+        self._busy_periods = 0
         self._probes = 0
         self._period_frames0 = 0
         self._period_writes0 = 0
@@ -323,8 +325,10 @@ class Writer:
         if not self._busy or self._probing:
             self._unheld_per_write = max(1.0, per_write)
         if not self._busy:
-            if self._busy_share >= self.coalesce_busy:
+            self._busy_periods = self._busy_periods + 1 if self._busy_share >= self.coalesce_busy else 0
+            if self._busy_periods >= OPEN_AFTER:
                 self._busy = True
+                self._busy_periods = 0
                 self._held_periods = 0
         elif self._probing:
             self._probing = False

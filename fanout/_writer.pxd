@@ -73,9 +73,11 @@
 # next one only while the loop's thread is busy. The writer measures, at the
 # end of its flushes, the thread's CPU time (CLOCK_THREAD_CPUTIME_ID) against
 # the wall time (CLOCK_MONOTONIC; the loop's time is cached per iteration)
-# over periods of at least BUSY_PERIOD (0.5 s): busy_share. A period at or
-# over coalesce_busy starts the holds: the loop is near the end of its CPU, and
-# queues would build anyway. Holding lowers the share it is measured by (fewer
+# over periods of at least BUSY_PERIOD (0.5 s): busy_share. OPEN_AFTER (2)
+# periods in a row at or over coalesce_busy start the holds: the loop is near
+# the end of its CPU, and queues would build anyway (one period can be a
+# burst: at 55 msgs/s to 5,000 conns, the loop at 72 % of a CPU on average,
+# single periods opened the gate). Holding lowers the share it is measured by (fewer
 # syscalls), so a held period cannot tell whether the load still needs the
 # window. Two things end the holds:
 #   * a held period whose share, scaled up by how many more frames per write
@@ -88,8 +90,7 @@
 #     ends them (the estimate above is an upper bound: frames cost too).
 # So at most 3.5 s of holds follow the end of a busy spell (one period when
 # holding did not gather frames), and at the knee one period in seven runs
-# unheld. Periods are 0.5 s so that one burst of flushes does not make a
-# period busy (at 40 msgs/s to 5,000 conns one flush takes ~15 ms).
+# unheld.
 #
 # Idle conns own no Python objects besides themselves: _queue is None until
 # a frame is queued, the frame itself while it is the only one (written with
@@ -136,6 +137,7 @@ cdef class Writer:
     cdef bint _busy               # set by a period at >= coalesce_busy, cleared by a probe under it
     cdef bint _probing            # this period runs without holds, to measure the unheld share
     cdef int _held_periods        # periods held since the gate opened or since the last probe
+    cdef int _busy_periods        # consecutive periods at >= coalesce_busy while not holding
     cdef unsigned long long _period_frames0  # frames_out at _busy_t0
     cdef unsigned long long _period_writes0  # syscalls at _busy_t0
     cdef double _unheld_per_write  # frames per write of the last period without holds (>= 1)

@@ -10,6 +10,8 @@ __all__ = ["Writer", "Conn", "Channel"]
 BUSY_PERIOD: float
 #: while holding, every PROBE_EVERY-th period is followed by one without holds that measures the share
 PROBE_EVERY: int
+#: consecutive periods at or over coalesce_busy (without holds) that start the holds
+OPEN_AFTER: int
 
 # cdef classes: one C layout each (PEP 800); Writer is constructed by __cinit__ (hence __new__)
 
@@ -41,9 +43,9 @@ class Writer:
                 next iteration; 0 turns it off.
             coalesce_min_conns: what makes a flush big enough to hold the next one.
             coalesce_busy: hold only while the loop's thread is busy: it starts holding once its CPU time
-                took at least this share of a BUSY_PERIOD, and stops when a held period's share, scaled by the
-                frames per write the holds gathered, or a probe period without holds measures less (0: hold
-                after every big flush; _writer.pxd "Coalescing").
+                took at least this share of OPEN_AFTER BUSY_PERIODs in a row, and stops when a held
+                period's share, scaled by the frames per write the holds gathered, or a probe period without
+                holds measures less (0: hold after every big flush; _writer.pxd "Coalescing").
             clock: seconds, monotonic (default CLOCK_MONOTONIC; tests fake it).
             cpu_clock: seconds of CPU time of the loop's thread (default CLOCK_THREAD_CPUTIME_ID; tests
                 fake it).

@@ -54,6 +54,9 @@ BUSY_PERIOD = _BUSY_PERIOD
 cdef int _PROBE_EVERY = 6
 #: while holding, every PROBE_EVERY-th period is followed by one without holds that measures the share
 PROBE_EVERY = _PROBE_EVERY
+cdef int _OPEN_AFTER = 2
+#: consecutive periods at or over coalesce_busy (without holds) that start the holds
+OPEN_AFTER = _OPEN_AFTER
 
 
 cdef class Writer:
@@ -68,9 +71,9 @@ cdef class Writer:
             next iteration; 0 turns it off.
         coalesce_min_conns: what makes a flush big enough to hold the next one.
         coalesce_busy: hold only while the loop's thread is busy: it starts holding once its CPU time
-            took at least this share of a BUSY_PERIOD, and stops when a held period's share, scaled by the
-            frames per write the holds gathered, or a probe period without holds measures less (0: hold
-            after every big flush; _writer.pxd "Coalescing").
+            took at least this share of OPEN_AFTER BUSY_PERIODs in a row, and stops when a held
+            period's share, scaled by the frames per write the holds gathered, or a probe period without
+            holds measures less (0: hold after every big flush; _writer.pxd "Coalescing").
         clock: seconds, monotonic (default CLOCK_MONOTONIC; tests fake it).
         cpu_clock: seconds of CPU time of the loop's thread (default CLOCK_THREAD_CPUTIME_ID; tests
             fake it).
@@ -203,8 +206,11 @@ cdef class Writer:
         if not self._busy or self._probing:
             self._unheld_per_write = max(1.0, per_write)  # what the load gathers per write by itself
         if not self._busy:
-            if self.busy_share >= self.coalesce_busy:
+            # One busy period can be a burst; OPEN_AFTER in a row are a load.
+            self._busy_periods = self._busy_periods + 1 if self.busy_share >= self.coalesce_busy else 0
+            if self._busy_periods >= _OPEN_AFTER:
                 self._busy = True
+                self._busy_periods = 0
                 self._held_periods = 0
         elif self._probing:
             # A period without holds: what the load costs now, unhelped by the window.

@@ -77,8 +77,8 @@ class Config:
     coalesce_min_conns: int = field(default=1000, metadata={
         "help": "--coalesce-us: a flush that wrote to this many connections holds the next one"})
     coalesce_busy_pct: int = field(default=85, metadata={
-        "help": "--coalesce-us: hold only while the gateway is busy: from a 0.5 s period in which the event "
-                "loop's thread used at least this percentage of a CPU, until a held period's share scaled by "
+        "help": "--coalesce-us: hold only while the gateway is busy: from two 0.5 s periods in a row in which "
+                "the event loop's thread used at least this percentage of a CPU, until a held period's share scaled by "
                 "the frames per write the holds gathered, or a 0.5 s period without holds (one in seven while "
                 "holding), measures less; so a window does not delay messages that would each leave alone "
                 "anyway; 0 = after every big flush"})
