@@ -157,8 +157,6 @@ cdef class Writer:
     cdef int _mark_dirty(self, Conn conn) except -1
     cdef void _register(self, Conn conn)
     cdef void _unregister(self, Conn conn)
-    cdef double _clock_now(self) except? -1.0
-    cdef double _cpu_now(self) except? -1.0
     cdef bint _gate_open(self) except -1
 
 

@@ -14,6 +14,7 @@ from libc.errno cimport EAGAIN, EINTR, ENOBUFS, ENOMEM, errno
 from libc.string cimport memmove, memset
 from posix.stat cimport S_ISSOCK, fstat, struct_stat
 from posix.time cimport CLOCK_MONOTONIC, CLOCK_THREAD_CPUTIME_ID, clock_gettime, timespec
+from posix.types cimport clockid_t
 from posix.uio cimport iovec
 
 cdef extern from *:
@@ -57,6 +58,15 @@ PROBE_EVERY = _PROBE_EVERY
 cdef int _OPEN_AFTER = 2
 #: consecutive periods at or over coalesce_busy (without holds) that start the holds
 OPEN_AFTER = _OPEN_AFTER
+
+
+cdef double _seconds(object fake, clockid_t clock_id) except? -1.0:
+    """A clock in seconds: the test's fake if there is one, else clock_gettime(clock_id)."""
+    cdef timespec ts
+    if fake is not None:
+        return fake()
+    clock_gettime(clock_id, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef class Writer:
@@ -169,34 +179,20 @@ cdef class Writer:
         else:
             self._hold_until = 0.0
 
-    cdef double _clock_now(self) except? -1.0:
-        cdef timespec ts
-        if self._clock is not None:
-            return self._clock()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return ts.tv_sec + ts.tv_nsec * 1e-9
-
-    cdef double _cpu_now(self) except? -1.0:
-        cdef timespec ts
-        if self._cpu_clock is not None:
-            return self._cpu_clock()
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
-        return ts.tv_sec + ts.tv_nsec * 1e-9
-
     cdef bint _gate_open(self) except -1:
         """After a flush: close the busy period if it is complete; whether big flushes hold now."""
-        cdef double t = self._clock_now()
+        cdef double t = _seconds(self._clock, CLOCK_MONOTONIC)
         cdef double cpu, elapsed, per_write
         if self._busy_t0 == 0.0:
             self._busy_t0 = t  # the first period starts with the first timed flush
-            self._busy_cpu0 = self._cpu_now()
+            self._busy_cpu0 = _seconds(self._cpu_clock, CLOCK_THREAD_CPUTIME_ID)
             self._period_frames0 = self.frames_out
             self._period_writes0 = self.syscalls
             return False
         elapsed = t - self._busy_t0
         if elapsed < _BUSY_PERIOD:
             return self._busy and not self._probing
-        cpu = self._cpu_now()
+        cpu = _seconds(self._cpu_clock, CLOCK_THREAD_CPUTIME_ID)
         self.busy_share = (cpu - self._busy_cpu0) / elapsed
         per_write = (self.frames_out - self._period_frames0) / <double>max(1, self.syscalls - self._period_writes0)
         self._busy_t0 = t
