@@ -200,6 +200,29 @@ def gateway_samples(port: int) -> dict[str, float] | None:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r"^([a-zA-Z_:][^ ]*) (\S+)$", text, re.M)}
 
 
+#: the fan-out writer's counters in the gateway's /metrics
+WRITER_SAMPLES = {"frames_out": "gateway_frames_out_total", "write_syscalls": "gateway_write_syscalls_total",
+                  "flushes_held": "gateway_write_flushes_held_total", "busy_probes": "gateway_write_busy_probes_total",
+                  "busy_share": "gateway_write_busy_share"}
+
+
+def writer_counters(port: int) -> dict[str, float] | None:
+    """The writer's counters of a gateway now, or None for a server without them (websockets)."""
+    samples = gateway_samples(port) or {}
+    if WRITER_SAMPLES["frames_out"] not in samples:
+        return None
+    return {k: samples.get(name, 0.0) for k, name in WRITER_SAMPLES.items()}
+
+
+def writer_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float] | None:
+    """The writer's counters over a round (the busy share, a gauge, as the round left it); None without both."""
+    if before is None or after is None:
+        return None
+    delta = {k: after[k] - before[k] for k in before if k != "busy_share"}
+    delta["busy_share_last"] = after["busy_share"]
+    return delta
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds spent busy by the whole machine since boot (all CPUs)."""
     with open("/proc/stat", encoding="utf-8") as fh:

@@ -81,13 +81,14 @@ from loadgen import (  # noqa: E402 (after the sys.path insert above)
 from _procs import (  # noqa: E402 (after the sys.path insert above)
     Child,
     free_port,
-    gateway_samples,
     machine,
     machine_busy_seconds,
     proc_cpu_seconds,
     reply,
     stop_children,
     stop_process,
+    writer_counters,
+    writer_delta,
 )
 
 HOST = "127.0.0.1"
@@ -428,20 +429,6 @@ def inbound_segments(port: int) -> int:
 # One peer
 
 
-#: the fan-out writer's counters in the gateway's /metrics (None for the websockets peer, which has none)
-WRITER_SAMPLES = {"frames_out": "gateway_frames_out_total", "write_syscalls": "gateway_write_syscalls_total",
-                  "flushes_held": "gateway_write_flushes_held_total", "busy_probes": "gateway_write_busy_probes_total",
-                  "busy_share": "gateway_write_busy_share"}
-
-
-def writer_counters(port: int) -> dict[str, float] | None:
-    """The writer's counters of a gateway peer now, or None for a server without them (websockets)."""
-    samples = gateway_samples(port) or {}
-    if WRITER_SAMPLES["frames_out"] not in samples:
-        return None
-    return {k: samples.get(name, 0.0) for k, name in WRITER_SAMPLES.items()}
-
-
 def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: str) -> dict:
     import numpy as np
     from tqdm import tqdm
@@ -545,11 +532,9 @@ def run_peer(peer: str, args, subs, client_dir: str, bins: dict[str, str], tmp: 
             "inbound_messages_per_delivery": round(inbound_messages / max(1, deliveries), 4),
             "clients_and_publisher_cpu_share": round(ours_cpu / wall, 3),
             "other_processes_cpu_share": round((busy - cpu - ours_cpu) / wall, 3)}
-        writer2 = writer_counters(server.port) if writer1 is not None else None
-        if writer1 is not None and writer2 is not None:
-            # counters over the round; the busy share (a gauge) as the round left it
-            result["writer"] = {k: writer2[k] - writer1[k] for k in writer1 if k != "busy_share"}
-            result["writer"]["busy_share_last"] = writer2["busy_share"]
+        writer = writer_delta(writer1, writer_counters(server.port) if writer1 is not None else None)
+        if writer is not None:
+            result["writer"] = writer
         result["latency_ms"] = percentiles_ms(lat)
         result["first_errors"] = sorted({s["first_error"] for s in stats if s["first_error"]})[:5]
         return result

@@ -20,7 +20,8 @@ subjects /matches/football/1..10, as benchmarks/load/loadgen.py does):
            (delivered < 90 % of offered, a p99 over --max-p99-ms, or messages missing at the end).
            Per round: publish -> receive latency percentiles, deliveries/s, gateway CPU (share of one
            core, per delivery) and its wait for a CPU, lost / duplicated / out-of-order, other
-           processes' CPU, the gateway's cyclic-GC collections per generation (from its /metrics).
+           processes' CPU, the gateway's cyclic-GC collections per generation and its writer's
+           counters (frames, write syscalls, flushes held, busy probes; from its /metrics).
            The gateway runs on CPU 0, clients and publisher on CPU 1.
   profile  (unless --no-profile) py-spy --native on the gateway during one more round at the knee of
            the largest N, coalescing off: the functions that dominate there.
@@ -53,7 +54,14 @@ sys.path.insert(0, os.path.join(HERE, "load"))
 import loadgen as lg  # noqa: E402 (after the sys.path insert above)
 
 import fanout_sockets as fs  # noqa: E402 (after the sys.path insert above)
-from _procs import Child, gateway_samples, machine, proc_cpu_seconds  # noqa: E402 (after the sys.path insert above)
+from _procs import (  # noqa: E402 (after the sys.path insert above)
+    Child,
+    gateway_samples,
+    machine,
+    proc_cpu_seconds,
+    writer_counters,
+    writer_delta,
+)
 
 RESULTS = os.path.join(HERE, "results")
 # py-spy from PyPI lands next to this interpreter (a venv's bin/), which need not be on PATH
@@ -136,6 +144,15 @@ def gc_collections(port: int) -> list[float] | None:
     return None if None in found else found
 
 
+def held_text(writer: dict | None) -> str:
+    """'; N flushes held, P probes, F frames per write' for a round's writer counters ('' without them)."""
+    if writer is None:
+        return ""
+    per_write = writer["frames_out"] / max(1.0, writer["write_syscalls"])
+    return (f"; {writer['flushes_held']:.0f} flushes held, {writer['busy_probes']:.0f} probes, "
+            f"{per_write:.2f} frames per write")
+
+
 class Loaded:
     """One gateway with N connected, subscribed C clients; rounds of publishing at given rates."""
 
@@ -207,7 +224,7 @@ class Loaded:
             for c in self.children:
                 c.call({"op": "record"})
             ours = [c.pid for c in self.children] + [publisher.pid]
-            gc1 = gc_collections(self.port)
+            gc1, writer1 = gc_collections(self.port), writer_counters(self.port)
             cpu1, busy1, t1 = lg.gateway_cpu(self.pid), machine_busy_seconds(), time.monotonic()
             ours1, wait1 = sum(proc_cpu_seconds(p) for p in ours), lg.runqueue_wait_seconds(self.pid)
             if profile:
@@ -226,7 +243,7 @@ class Loaded:
             busy = machine_busy_seconds() - busy1
             ours_cpu = sum(proc_cpu_seconds(p) for p in ours) - ours1
             wait = lg.runqueue_wait_seconds(self.pid) - wait1
-            gc2 = gc_collections(self.port)
+            gc2, writer2 = gc_collections(self.port), writer_counters(self.port)
         finally:
             publisher.stop()
             if spy is not None:
@@ -254,6 +271,8 @@ class Loaded:
                 "other_processes_cpu_share": round(max(0.0, busy - cpu - ours_cpu) / wall, 3),
                 # full collections walk every connection's objects: they should stay at 0 in steady state
                 "gc_collections": None if gc1 is None or gc2 is None else [round(b - a) for a, b in zip(gc1, gc2)],
+                # frames, write syscalls, flushes held by --coalesce-us and busy probes over the round
+                "writer": writer_delta(writer1, writer2),
                 "latency_ms": lg.percentiles_ms(lat)}
 
     def close(self) -> None:
@@ -491,7 +510,7 @@ def main() -> int:
                               f"{r['gateway_cpu_us_per_delivery']} us/delivery; "
                               f"others {r['other_processes_cpu_share']:.0%}; "
                               f"GC collections per generation {r['gc_collections']}"
-                              f"{'; SATURATED' if r['saturated'] else ''}", flush=True)
+                              f"{held_text(r['writer'])}{'; SATURATED' if r['saturated'] else ''}", flush=True)
                         if r["saturated"]:
                             done.add(mode)
                     if len(done) == len(modes):
