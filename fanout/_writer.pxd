@@ -128,13 +128,13 @@ cdef class Writer:
     cdef public double coalesce_window      # seconds to hold the next flush after a big one
     cdef public Py_ssize_t coalesce_min_conns  # a flush that wrote to this many conns is "big"
     cdef double _hold_until       # loop time before which a new flush waits (after a big flush)
-    cdef public double coalesce_busy  # hold only while flushing takes >= this share of the time (0: always)
+    cdef public double coalesce_busy  # hold only while the loop thread's CPU share is >= this (0: always)
     cdef object _clock            # None: CLOCK_MONOTONIC (seconds); tests give a fake
     cdef object _cpu_clock        # None: CLOCK_THREAD_CPUTIME_ID (seconds); tests give a fake
     cdef double _busy_t0          # start of the current busy period (clock seconds)
     cdef double _busy_cpu0        # the thread's CPU time (cpu_clock seconds) at _busy_t0
     cdef readonly double busy_share  # the loop thread's CPU time / wall time over the last complete period
-    cdef bint _busy               # set by a period at >= coalesce_busy, cleared by a probe under it
+    cdef bint _busy               # holding: set by OPEN_AFTER busy periods, cleared as "Coalescing" says
     cdef bint _probing            # this period runs without holds, to measure the unheld share
     cdef int _held_periods        # periods held since the gate opened or since the last probe
     cdef int _busy_periods        # consecutive periods at >= coalesce_busy while not holding

@@ -1050,21 +1050,17 @@ def publish_held(impl: SimpleNamespace, loop: FakeLoop, channel: Any, frame: byt
     return held
 
 
-def gate_constants(writer: Any) -> tuple[float, int]:
-    """(BUSY_PERIOD, PROBE_EVERY) of the writer's implementation."""
+def gate_constants(writer: Any) -> tuple[float, int, int]:
+    """(BUSY_PERIOD, PROBE_EVERY, OPEN_AFTER) of the writer's implementation."""
     module = sys.modules[type(writer).__module__]
-    return module.BUSY_PERIOD, module.PROBE_EVERY
-
-
-def open_after(writer: Any) -> int:
-    return sys.modules[type(writer).__module__].OPEN_AFTER  # type: ignore[no-any-return]
+    return module.BUSY_PERIOD, module.PROBE_EVERY, module.OPEN_AFTER
 
 
 def test_a_writer_that_is_not_busy_never_holds(impl: SimpleNamespace) -> None:
     """Big flushes (3 conns, min 3) that cost 0.3 ms of CPU every 10 ms: 3 % of a CPU, under 50 %: every
     message leaves at the next iteration, none waits for a window (as at a low rate on a real box)."""
     loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
-    period, _ = gate_constants(writer)
+    period, _, _ = gate_constants(writer)
     for tr in transports:
         tr.cost = 0.0001
     for i in range(int(4 * period / 0.0103) + 1):  # 4 busy periods
@@ -1079,7 +1075,7 @@ def test_the_cpu_share_not_the_time_in_flush_opens_the_gate(impl: SimpleNamespac
     """Flushes that take all the wall time but little CPU (a send that waits: for the CPU, for
     softirqs) do not make the writer busy: its share is CPU time over wall time."""
     loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
-    period, _ = gate_constants(writer)
+    period, _, _ = gate_constants(writer)
 
     def slow_cheap_write(data: bytes | bytearray | memoryview, tr: CostlyTransport) -> None:
         RecordingTransport.write(tr, data)
@@ -1101,7 +1097,7 @@ def test_a_busy_writer_holds_and_probes_until_a_probe_finds_it_idle(impl: Simple
     threshold; otherwise, after PROBE_EVERY held periods one period runs without holds, and a probe
     under the threshold ends them."""
     loop, clock, writer, channel, transports = busy_setup(impl, 0.5)
-    period, probe_every = gate_constants(writer)
+    period, probe_every, open_after = gate_constants(writer)
 
     def run(cost: float, idle: float, seconds: float, tag: bytes, frames: int = 1) -> list[bool]:
         """Cycles of: idle, `frames` publishes, run the loop; whether each cycle's flush was held."""
@@ -1117,7 +1113,7 @@ def test_a_busy_writer_holds_and_probes_until_a_probe_finds_it_idle(impl: Simple
 
     # The first flush's end starts the first period; the flush whose end completes the OPEN_AFTER-th
     # busy period in a row opens the gate.
-    opening = open_after(writer) * math.ceil(round(period / 0.03, 6)) + 1
+    opening = open_after * math.ceil(round(period / 0.03, 6)) + 1
     held = run(0.01, 0.0, (opening + 3) * 0.03, b"busy ")
     assert held == [False] * opening + [True] * 3
     assert writer.busy_share == pytest.approx(1.0)
@@ -1131,7 +1127,7 @@ def test_a_busy_writer_holds_and_probes_until_a_probe_finds_it_idle(impl: Simple
     assert not any(held[first_unheld:])
     # Busy again (its opening period, unheld, wrote 1 frame per write), then nearly idle (9 %, 1 frame
     # per write): the first held period's scaled share (9 % x 1 / 1) ends the holds, without a probe.
-    assert run(0.01, 0.0, (open_after(writer) + 1) * period, b"again ")[-1]
+    assert run(0.01, 0.0, (open_after + 1) * period, b"again ")[-1]
     held = run(0.0001, 0.003, 3 * period, b"idle ")
     assert held[0] and not held[-1] and not any(held[held.index(False):])
     assert held.index(False) < 1.1 * 2 * period / 0.0033 and writer.probes == 1
@@ -1149,7 +1145,6 @@ def test_busy_gating_off_holds_after_every_big_flush(impl: SimpleNamespace) -> N
     loop, clock, writer, channel, transports = busy_setup(impl, 0.0)
     assert writer.coalesce_busy == 0.0
     publish_and_run(loop, channel, impl.encode_text(b"a"))
-    clock.idle(loop, 0.0)
     clock.t += 10.0
     assert channel.publish(impl.encode_text(b"b")) == 3
     assert len(loop.timers) == 1 and loop.soon == []
