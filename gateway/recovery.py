@@ -95,6 +95,12 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
     if epoch != st.epoch:
         return _fresh_or_from_engine(hub, engine, st, conn, subject)
     if after == newest:
+        if newest == 0 and engine.accepts_positions_ahead:
+            # seq 0 asks for the whole epoch, and the hub holds nothing of S: the engine may have read
+            # S's messages before the hub held it (older than the warmup, or forgotten): read them.
+            upto = engine.read_through(subject)
+            if upto:
+                return _replay_from_engine(hub, engine, st, conn, subject, epoch, 0, upto)
         _join(st, conn, recovered=True, frames=())
         return None
     if after > newest:

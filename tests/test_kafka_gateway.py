@@ -491,6 +491,35 @@ async def test_live_messages_merge_with_kafka_replay(kafka_broker: KafkaBroker, 
     await pub.close()
 
 
+async def test_seq_0_of_a_subject_the_hub_does_not_hold_is_read_from_kafka(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    """Protocol 1.1: a position with seq 0 asks for every message of the epoch from seq 1. A subject whose
+    records are all older than the warmup window is not in the hub (its newest seq there is 0), yet
+    Kafka holds its messages: they are replayed (recovered:true), never a recovered:true with nothing."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    items = [(b"old", b"o%d" % i) for i in range(3)] + [(b"other", b"%d" % i) for i in range(50)]
+    metas = await kafka_broker.produce(t, items[:-1]) + await kafka_broker.produce(t, items[-1:])
+    old = [(m.offset + 1, v.decode()) for (k, v), m in zip(items, metas) if k == b"old"]
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], warmup_records=10)
+    s = f"/{t}/old"
+    assert gw.hub.get(s) is None   # older than the warmup window
+    ws = await connected(ws_url(gw))
+    try:
+        epoch = gw.engine.epoch(parse_subject(s))
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": 0}]})
+        sub = await recv_until(ws, "subscribed")
+        assert (sub["epoch"], sub["recovered"]) == (epoch, True), sub
+        (sentinel,) = await kafka_broker.produce(t, [(b"old", b"sentinel")])
+        got = [await recv_until(ws, "msg")]
+        while got[-1]["seq"] < sentinel.offset + 1:
+            got.append(await recv_until(ws, "msg"))
+        assert [(m["seq"], m["content"]) for m in got] == [*old, (sentinel.offset + 1, "sentinel")]
+        assert_chain(got, 0)
+    finally:
+        await ws.close()
+
+
 async def test_a_publish_whose_answer_is_lost_fails_saying_it_may_still_be_written(
         kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
     """The produce request reaches Kafka and is written; only its answer never comes back. The publish
