@@ -520,6 +520,42 @@ async def test_seq_0_of_a_subject_the_hub_does_not_hold_is_read_from_kafka(
         await ws.close()
 
 
+async def test_a_position_older_than_the_log_start_is_not_recovered_from_memory(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    """Retention moved the partition's log start past messages a client never got: a gateway that starts
+    reading at that log start must not take a subject's first record there for its first ever (prev 0),
+    or its memory replays across the deleted messages as recovered:true (a silent gap)."""
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+    from aiokafka.structs import TopicPartition
+
+    if os.environ.get("KAFKA_TEST_BROKER") == "tansu":
+        pytest.skip("Tansu has no DeleteRecords")
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    items = [(b"s", b"m1"), (b"s", b"m2"), (b"x", b"0"), (b"x", b"1"), (b"x", b"2"), (b"s", b"m3")]
+    metas = await kafka_broker.produce(t, items)
+    assert [m.offset for m in metas] == list(range(6))
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+    await admin.start()
+    try:   # m1 and m2 go (retention); the client below has m1 and never got m2
+        await admin.delete_records({TopicPartition(t, 0): RecordsToDelete(before_offset=3)})
+    finally:
+        await admin.close()
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t])
+    s = f"/{t}/s"
+    ws = await connected(ws_url(gw))
+    try:
+        epoch = gw.engine.epoch(parse_subject(s))
+        await send(ws, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": 1}]})
+        sub = await recv_until(ws, "subscribed")
+        assert (sub["recovered"], sub["seq"]) == (False, 6), sub   # m2 is gone: not recoverable
+        snap = await recv_until(ws, "msg")
+        assert (snap["seq"], snap["content"], snap.get("snapshot")) == (6, "m3", True)
+        assert snap.get("prev") != 0   # m3 is not the subject's first message
+    finally:
+        await ws.close()
+
+
 async def test_a_publish_whose_answer_is_lost_fails_saying_it_may_still_be_written(
         kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
     """The produce request reaches Kafka and is written; only its answer never comes back. The publish

@@ -160,7 +160,9 @@ class _Partition:
 
     epoch: str
     next: int | None = None    # next offset to hand to the sink; None: position not chosen yet
-    complete: bool = False     # read from log start: a subject's first record has prev 0
+    # read from offset 0: a subject's first record has prev 0. Not from a log start past 0: retention
+    # deleted what came before, and a subject's first record there may follow messages of it now gone
+    complete: bool = False
     # subject -> seq of its newest record, least recently written first; bounded (see _LAST_SEQS_MAX):
     # once one is dropped, `complete` is False (a subject not in it may have had records before)
     last: OrderedDict[str, int] = field(default_factory=OrderedDict)
@@ -311,7 +313,7 @@ class KafkaEngine(Engine):
             for tp in tps:
                 p = self._parts[tp]
                 p.next = max(begin[tp], end[tp] - self._warmup)
-                p.complete = p.next <= begin[tp]
+                p.complete = p.next == 0
                 self._consumer.seek(tp, p.next)
                 self._waiting[tp] = None
         self._dirty = False
@@ -644,7 +646,7 @@ class KafkaEngine(Engine):
         if p is None or not records:   # unassigned meanwhile
             return
         if p.next is None:   # found after start: the consumer began at its log start
-            p.next, p.complete = records[0].offset, True
+            p.next, p.complete = records[0].offset, records[0].offset == 0
         n = self._n
         nxt = p.next
         if records[0].offset < nxt:   # already handed over (a reset to an earlier offset)
