@@ -134,6 +134,69 @@ async def test_kafka_record_reaches_subscriber_and_publish_reaches_kafka(
     await ws.close()
 
 
+async def test_records_of_other_producers_with_odd_keys_and_values(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    """What other Kafka clients write into a served topic: keys that are no subject tail (empty, '%',
+    unicode, not UTF-8, a leading slash) are skipped and counted, a null key outside partition 0 too;
+    a null key in partition 0 is /T, slashes make segments, a non-UTF-8 value travels as content_b64 and
+    a null one as "". None of it disturbs the other subjects, live or replayed from Kafka."""
+    t = topic()
+    await kafka_broker.create_topic(t, 2)
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], history=1)
+    subjects = [f"/{t}", f"/{t}/a/b/c", f"/{t}/ok"]
+    ws = await connected(ws_url(gw))
+    c = Collector(ws)
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]})
+    await wait_until(lambda: len(c.ops("subscribed")) == 3, "subscribed")
+    epochs = {f["subject"]: f["epoch"] for f in c.ops("subscribed")}
+    bad = [b"", b"100%", "\u00fc".encode(), b"\xff", b"/lead", b"a b"]
+    producer = kafka_broker.producer()
+    await producer.start()
+    try:
+        for p in (0, 1):
+            for k in bad:
+                await producer.send_and_wait(t, b"bad", key=k, partition=p)
+        await producer.send_and_wait(t, b"keyless elsewhere", key=None, partition=1)
+        keyless = await producer.send_and_wait(t, b"keyless", key=None, partition=0)
+        binary = await producer.send_and_wait(t, b"\xff\xfe", key=b"a/b/c")
+        null = await producer.send_and_wait(t, None, key=b"a/b/c")
+        ok = await producer.send_and_wait(t, "caf\u00e9".encode(), key=b"ok")
+    finally:
+        await producer.stop()
+    pub = await connected(ws_url(gw))
+    try:
+        await flush_with_sentinels(pub, subjects, [c])
+        got = {s: [(m["seq"], m.get("content"), m.get("content_b64")) for m in c.msgs.get(s, [])] for s in subjects}
+        expected = {
+            subjects[0]: [(keyless.offset + 1, "keyless", None)],
+            subjects[1]: [(binary.offset + 1, None, "//4="), (null.offset + 1, "", None)],
+            subjects[2]: [(ok.offset + 1, "caf\u00e9", None)],
+        }
+        assert got == expected
+        for s in subjects:
+            assert {m["epoch"] for m in c.msgs[s]} == {epochs[s]}
+            assert_chain(c.msgs[s])
+        stats = gw.engine.stats()
+        assert (stats["records_skipped_bad_key"], stats["records_skipped_keyless"]) == (2 * len(bad), 1)
+        # The same from Kafka: a replay of the whole epoch reads past the skipped records (history=1,
+        # so the ring cannot serve it).
+        ws2 = await connected(ws_url(gw))
+        c2 = Collector(ws2)
+        await send(ws2, {"op": "subscribe",
+                         "subjects": [{"subject": s, "epoch": epochs[s], "seq": 0} for s in subjects]})
+        await wait_until(lambda: len(c2.ops("subscribed")) == 3, "subscribed with seq 0")
+        assert [f["recovered"] for f in c2.ops("subscribed")] == [True] * 3
+        await flush_with_sentinels(pub, subjects, [c, c2])
+        for s in subjects:   # the first sentinel is in Kafka: replayed after the records
+            assert [(m["seq"], m.get("content"), m.get("content_b64")) for m in c2.msgs[s]][:-1] == expected[s]
+            assert c2.msgs[s][-1]["content"] == f"sentinel {s}"
+            assert_chain(c2.msgs[s], 0)
+        await c2.stop()
+    finally:
+        await c.stop()
+        await pub.close()
+
+
 async def test_unknown_topic(kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
     t = topic()
     await kafka_broker.create_topic(t, 1)
