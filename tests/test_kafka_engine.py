@@ -237,6 +237,55 @@ async def test_replay(kafka_broker: KafkaBroker, make_engine: Make, topic) -> No
     assert beyond is not None and [r.seq for r in beyond] == [s for s in a_seqs if s > 25]
 
 
+async def test_a_replay_whose_records_retention_deletes_meanwhile_fails(
+        kafka_broker: KafkaBroker, make_engine: Make, topic, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention deletes the rest of the range while a replay reads it: the replay fails (the client gets
+    recovered:false), it does not jump to the new log start and return the range with a hole in it."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+    from aiokafka.structs import TopicPartition
+
+    from gateway.engines import kafka as kafka_module
+
+    if os.environ.get("KAFKA_TEST_BROKER") == "tansu":
+        pytest.skip("Tansu has no DeleteRecords")
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    tp = TopicPartition(t, 0)
+    # one record per batch, 300 KB each: a fetch (1 MiB per partition) returns a few, not the range
+    metas = await produce(kafka_broker, t, [(b"a", b"%02d" % i + b"x" * 300_000) for i in range(12)])
+    deleted: list[int] = []
+
+    class RetentionMeanwhile(AIOKafkaConsumer):
+        """A replay reader: after its first records, retention deletes three records past them."""
+
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.replay = kw.get("client_id", "").endswith("-replay")
+
+        async def getmany(self, *partitions: Any, **kw: Any) -> Any:
+            out = await super().getmany(*partitions, **kw)
+            if self.replay and not deleted and out.get(tp):
+                self.pause(tp)   # no await since the records were drained: no fetch of the next ones yet
+                before = out[tp][-1].offset + 4
+                admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+                await admin.start()
+                try:
+                    await admin.delete_records({tp: RecordsToDelete(before_offset=before)})
+                finally:
+                    await admin.close()
+                deleted.append(before)
+                self.resume(tp)
+            return out
+
+    engine, _ = await make_engine([t])
+    monkeypatch.setattr(kafka_module, "AIOKafkaConsumer", RetentionMeanwhile)
+    a = parse_subject(f"/{t}/a")
+    replayed = await engine.replay(a, engine.epoch(a), 0, metas[-1].offset + 1)
+    assert deleted and deleted[0] < metas[-1].offset   # records were deleted within the range
+    assert replayed is None, [r.seq for r in replayed]
+
+
 async def test_topic_created_after_start_is_picked_up(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
     t = topic()
     engine, got = await make_engine([t])

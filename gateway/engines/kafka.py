@@ -855,9 +855,11 @@ class KafkaEngine(Engine):
         self, tp: TopicPartition, subject: Subject, epoch: str, after_seq: int, upto_seq: int,
         *, from_log_start: bool = False,
     ) -> list[Record] | None:
+        # auto_offset_reset "none": the reader is seeked, so a position out of range means retention
+        # deleted records of the range meanwhile; "earliest" would jump over them (a hole, read as whole)
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id + "-replay", group_id=None,
-            enable_auto_commit=False, auto_offset_reset="earliest",
+            enable_auto_commit=False, auto_offset_reset="none",
             fetch_max_wait_ms=min(self._fetch_wait_ms, _READ_RANGE_FETCH_WAIT_MS),
             request_timeout_ms=_REQUEST_TIMEOUT_MS, **self._client_options)
         try:
