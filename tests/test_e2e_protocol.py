@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import ws_url
+from conftest import SCALE, ws_url
 from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
 
 pytestmark = pytest.mark.both_loops
@@ -282,6 +282,19 @@ async def test_ping_pong_and_heartbeat(gateway_factory):
     # silence -> {"op":"hb"} (websockets answers the server's WebSocket pings, so it stays open)
     assert await recv(ws, timeout=3) == {"op": "hb"}
     assert await recv(ws, timeout=3) == {"op": "hb"}
+    await ws.close()
+
+
+async def test_heartbeats_keep_coming_to_a_client_that_sends_websocket_pings(gateway_factory):
+    """PROTOCOL.md Liveness: `hb` after heartbeat_ms without a *protocol message*. The pongs that answer a
+    client's WebSocket pings (a library's keepalive, here 5 per heartbeat_ms) are no protocol message:
+    they used to count as output, and such a client never got an `hb`, so its watchdog (2 x heartbeat_ms
+    without a message) dropped a healthy connection."""
+    hb = 0.2
+    gw = await gateway_factory(heartbeat_ms=int(hb * 1000))
+    ws = await connected(ws_url(gw), ping_interval=hb / 5, ping_timeout=None)
+    for _ in range(2):
+        assert await recv(ws, timeout=10 * hb * SCALE) == {"op": "hb"}
     await ws.close()
 
 
