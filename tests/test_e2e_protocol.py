@@ -257,6 +257,34 @@ async def test_content_b64_both_ways(gateway_factory):
         assert (err["op"], err["code"], err["id"]) == ("error", "bad_request", "z")
 
 
+async def test_content_b64_that_grows_past_the_limit_as_content_is_too_large(gateway_factory):
+    """Valid UTF-8 published as content_b64 is delivered as `content`, where a control character takes 6
+    bytes (\\u0001): 40 KB within a 64 KiB frame became a 240 KB `msg`, over every subscriber's
+    --max-pending-bytes, so each was closed 4000, and so was every later one (its snapshot), for as long as
+    the gateway held the subject. Now too_large, as the content as delivered is over --max-message-bytes;
+    content that stays within it is delivered, escaped or as content_b64."""
+    limit = 64 * 1024
+    gw = await gateway_factory(max_message_bytes=limit, max_pending_bytes=2 * limit)
+    sub = await connected(ws_url(gw))
+    await send(sub, {"op": "subscribe", "subjects": [{"subject": "/b/2"}]})
+    assert (await recv(sub))["op"] == "subscribed"
+    pub = await connected(ws_url(gw))
+    grows = base64.b64encode(b"\x01" * 40_000).decode()
+    await send(pub, {"op": "publish", "subject": "/b/2", "content_b64": grows, "id": 1})
+    err = await recv(pub)
+    assert (err["op"], err["code"], err["id"], err["subject"], err["request"]) == \
+        ("error", "too_large", 1, "/b/2", "publish")
+    fits = [b"\x01" * 5_000, b"\xff" * 40_000]   # 30 KB escaped as content; not UTF-8: content_b64
+    for i, raw in enumerate(fits, 2):
+        await send(pub, {"op": "publish", "subject": "/b/2", "content_b64": base64.b64encode(raw).decode(), "id": i})
+        assert (await recv(pub))["op"] == "ack"
+    m = await recv(sub)
+    assert (m["seq"], m["content"]) == (1, fits[0].decode())
+    m = await recv(sub)
+    assert (m["seq"], base64.b64decode(m["content_b64"])) == (2, fits[1])
+    await no_frame(sub)
+
+
 async def test_oversized_frame_closes_1009(gateway_factory):
     gw = await gateway_factory(max_message_bytes=1024)
     ws = await connected(ws_url(gw))
