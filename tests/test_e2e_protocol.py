@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import SCALE, ws_url
-from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
+from support.ws import client_frame, close_code, connected, no_frame, open_ws, recv, recv_until, send
 
 pytestmark = pytest.mark.both_loops
 
@@ -283,6 +283,57 @@ async def test_content_b64_that_grows_past_the_limit_as_content_is_too_large(gat
     m = await recv(sub)
     assert (m["seq"], base64.b64decode(m["content_b64"])) == (2, fits[1])
     await no_frame(sub)
+
+
+async def _per_subject(ws, n: int, acks: list | None = None) -> dict[str, list[tuple]]:
+    """Read `n` subscribed / msg frames (acks aside, into `acks`); per subject, in order, what came:
+    (op, seq, recovered, snapshot)."""
+    seen: dict[str, list[tuple]] = {}
+    while n:
+        f = await recv(ws)
+        if f["op"] == "ack" and acks is not None:
+            acks.append(f["id"])
+            continue
+        assert f["op"] in ("subscribed", "msg"), f
+        seen.setdefault(f["subject"], []).append((f["op"], f["seq"], f.get("recovered"), f.get("snapshot", False)))
+        n -= 1
+    return seen
+
+
+async def test_one_subscribe_whose_snapshots_and_replays_exceed_max_pending_is_paced(gateway_factory):
+    """Five subjects whose latest message is near --max-message-bytes, subscribed in one request: their
+    snapshots (and, with positions, their replays' first messages) were queued at once, over
+    --max-pending-bytes, so the connection was closed 4000, and the client's resubscribe after the
+    reconnect the same, forever. Snapshots and replays are paced by the connection's output instead; a
+    message published meanwhile follows its subject's snapshot, once."""
+    limit = 64 * 1024
+    gw = await gateway_factory(max_message_bytes=limit, max_pending_bytes=2 * limit)
+    pub = await connected(ws_url(gw))
+    subjects = [f"/big/{i}" for i in range(5)]
+    for i, subject in enumerate(subjects):
+        await send(pub, {"op": "publish", "subject": subject, "content": str(i) * 60_000, "id": i})
+        ack = await recv(pub)
+    epoch = ack["epoch"]
+    fresh = await connected(ws_url(gw))
+    # the subscribe and a publish to the last subject in one write: it lands while the snapshots are paced
+    subscribe = {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]}
+    publish = {"op": "publish", "subject": subjects[-1], "content": "live", "id": "live"}
+    fresh.transport.write(b"".join(client_frame(0x1, json.dumps(m).encode()) for m in (subscribe, publish)))
+    acks: list = []
+    seen = await _per_subject(fresh, 11, acks)
+    for subject in subjects[:-1]:
+        assert seen[subject] == [("subscribed", 1, False, False), ("msg", 1, None, True)]
+    assert seen[subjects[-1]] == [("subscribed", 1, False, False), ("msg", 1, None, True), ("msg", 2, None, False)]
+    if not acks:
+        assert (await recv(fresh))["op"] == "ack"
+    await no_frame(fresh)
+    again = await connected(ws_url(gw))
+    await send(again, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": 0} for s in subjects]})
+    seen = await _per_subject(again, 11)
+    for subject in subjects[:-1]:
+        assert seen[subject] == [("subscribed", 1, True, False), ("msg", 1, None, False)]
+    assert seen[subjects[-1]] == [("subscribed", 2, True, False), ("msg", 1, None, False), ("msg", 2, None, False)]
+    await no_frame(again)
 
 
 async def test_oversized_frame_closes_1009(gateway_factory):
