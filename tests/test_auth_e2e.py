@@ -28,6 +28,7 @@ def token(secret=SECRET, alg="HS256", **claims):
     jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none"),
     jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),          # no exp
     token(sub_allow=["/matches/>/x"]),                                 # '>' not last: token refused
+    token(exp=10**400),              # signed, but no float holds its exp: was an exception, no answer
 ])
 async def test_bad_tokens_are_unauthorized(gateway_factory, tok):
     gw = await gateway_factory(jwt_secret=SECRET)
