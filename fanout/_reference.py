@@ -361,6 +361,11 @@ class Writer:
 _SOFT_ERRNOS = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS, errno.ENOMEM))
 
 
+def _is_data(frame: bytes) -> bool:
+    """A data frame, not a control frame (ping, pong, close): only data frames set last_send (_writer.pyx)."""
+    return frame[0] & 0x0F < 8
+
+
 def _abort_transport(transport: asyncio.BaseTransport) -> None:
     try:
         transport.abort()  # type: ignore[attr-defined]
@@ -529,7 +534,8 @@ class Conn:
         w._frames_out += frames
         w._bytes_out += len(data)
         w._syscalls += 1
-        self.last_send = now
+        if any(_is_data(f) for f in (q if isinstance(q, list) else (q,))):
+            self.last_send = now
         self._handover(data)
 
     def _handover(self, data: bytes) -> None:
@@ -555,6 +561,7 @@ class Conn:
         head = 0
         while head < len(q):
             batch = q[head:head + w._iov_max]
+            has_data = any(_is_data(f) for f in batch)
             w._syscalls += 1
             try:
                 n = os.writev(self._fd, batch)  # PEP 475 already retries EINTR
@@ -564,7 +571,8 @@ class Conn:
                     return
                 off = 0
             else:
-                self.last_send = now
+                if has_data:
+                    self.last_send = now
                 w._bytes_out += n
                 self._qbytes -= n
                 rem = n
@@ -584,7 +592,8 @@ class Conn:
             w._frames_out += 1
             w._bytes_out += len(tail)
             w._syscalls += 1
-            self.last_send = now
+            if has_data:
+                self.last_send = now
             self._handover(tail)
             if self._closed:
                 return
@@ -613,7 +622,8 @@ class Conn:
         self._qbytes -= len(frame)
         w._frames_out += 1
         w._bytes_out += len(frame)
-        self.last_send = now
+        if _is_data(frame):
+            self.last_send = now
         if n == len(frame):
             return
         w._syscalls += 1

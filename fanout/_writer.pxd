@@ -169,7 +169,7 @@ cdef class Conn:
     cdef Channel _ch              # the only channel while in <= 1, else None
     cdef tuple _chans             # the channels, only while in >= 2, else None
     cdef int* _chidxs             # this conn's index in each of _chans (same order), else NULL
-    cdef public double last_send
+    cdef public double last_send  # the last write of a data frame (not ping / pong / close)
     cdef public double last_recv
     cdef Py_ssize_t _max_pending
     cdef Py_ssize_t _qbytes

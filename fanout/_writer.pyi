@@ -108,7 +108,8 @@ class Conn:
     thing) connection_lost() to it; fanout.WSConn and gateway's Session are such protocols.
     """
 
-    #: the loop time of the last write to this conn
+    #: the loop time of the last write of a data frame to this conn (control frames, i.e. pings,
+    #: pongs and close, do not count: the heartbeats are due after heartbeat_ms without a message)
     last_send: float
     #: the loop time of the last bytes received (set by fanout.WSConn, or by the owner)
     last_recv: float

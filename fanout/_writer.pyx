@@ -268,6 +268,12 @@ def _abort_transport(transport):
         pass  # already closed
 
 
+cdef inline bint _is_data(bytes frame) noexcept:
+    """A data frame (text, binary, continuation), not a control frame (ping, pong, close): only data
+    frames set last_send, which times the heartbeats (PROTOCOL.md: WebSocket pings do not count)."""
+    return ((<const unsigned char*>PyBytes_AS_STRING(frame))[0] & 0x0F) < 8
+
+
 cdef object _shared_callback(Writer writer, object cb):
     """``cb``, or an equal bound method an earlier Conn already holds.
 
@@ -507,12 +513,22 @@ cdef class Conn:
         cdef Py_ssize_t n = PyList_GET_SIZE(q) if PyList_CheckExact(q) else 1
         cdef Writer w = self._writer
         cdef bytes data = b"".join(q) if PyList_CheckExact(q) else <bytes>q
+        cdef Py_ssize_t k
+        cdef bint has_data = False
+        if PyList_CheckExact(q):
+            for k in range(n):
+                if _is_data(<bytes>PyList_GET_ITEM(q, k)):
+                    has_data = True
+                    break
+        else:
+            has_data = _is_data(data)
         self._queue = None
         self._qbytes = 0
         w.frames_out += n
         w.bytes_out += PyBytes_GET_SIZE(data)
         w.syscalls += 1
-        self.last_send = now
+        if has_data:
+            self.last_send = now
         self._handover(data)
         return 0
 
@@ -549,6 +565,7 @@ cdef class Conn:
         cdef msghdr msg
         cdef int err
         cdef int eintr = 0
+        cdef bint has_data
         cdef bytes frame, tail
         memset(&msg, 0, sizeof(msg))
         msg.msg_iov = iov
@@ -557,12 +574,15 @@ cdef class Conn:
             if cnt > w._iov_max:
                 cnt = w._iov_max
             total = 0
+            has_data = False
             for k in range(cnt):
                 # Borrowed: q keeps every frame alive for the duration of the call.
                 item = PyList_GET_ITEM(q, head + k)
                 iov[k].iov_base = PyBytes_AS_STRING(<object>item)
                 iov[k].iov_len = <size_t>PyBytes_GET_SIZE(<object>item)
                 total += <ssize_t>iov[k].iov_len
+                if not has_data and _is_data(<bytes>item):
+                    has_data = True
             msg.msg_iovlen = <size_t>cnt
             n = sendmsg(self._fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
             w.syscalls += 1
@@ -577,7 +597,8 @@ cdef class Conn:
                     return 0
                 off = 0
             else:
-                self.last_send = now
+                if has_data:
+                    self.last_send = now
                 w.bytes_out += <unsigned long long>n
                 self._qbytes -= n
                 rem = n
@@ -600,7 +621,8 @@ cdef class Conn:
             w.frames_out += 1
             w.bytes_out += <unsigned long long>(flen - off)
             w.syscalls += 1
-            self.last_send = now
+            if has_data:
+                self.last_send = now
             self._handover(tail)
             if self._closed:
                 return 0
@@ -640,14 +662,14 @@ cdef class Conn:
             break
         self._qbytes -= flen
         w.frames_out += 1
+        if _is_data(frame):
+            self.last_send = now
         if n == flen:
             w.bytes_out += <unsigned long long>n
-            self.last_send = now
             return 0
         # The kernel is full: the unsent rest becomes the transport's (it pauses us).
         w.bytes_out += <unsigned long long>flen
         w.syscalls += 1
-        self.last_send = now
         self._handover(frame if n == 0 else PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame) + n, flen - n))
         return 0
 

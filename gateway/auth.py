@@ -118,11 +118,15 @@ class Authenticator:
             raise AuthError(f"bad token: {type(exc).__name__}") from None
         if not isinstance(claims.get("sub"), str):
             raise AuthError("bad token: 'sub' must be a string")
-        exp = claims["exp"]  # PyJWT checked it is a number and not in the past (with the leeway)
+        try:
+            # PyJWT checked it is a number and not in the past (with the leeway); an integer beyond
+            # what a float holds (10**400) is refused like "exp": 1e400, not an exception past the session
+            exp = float(claims["exp"])
+        except OverflowError:
+            raise AuthError("bad token: exp is out of range") from None
         if self.max_lifetime is not None and exp - self.clock() > self.max_lifetime + self.leeway:
             raise AuthError(f"bad token: exp is more than {self.max_lifetime:g} s ahead")
-        return Principal(claims["sub"], _patterns(claims, "sub_allow"), _patterns(claims, "pub_allow"),
-                         float(exp))
+        return Principal(claims["sub"], _patterns(claims, "sub_allow"), _patterns(claims, "pub_allow"), exp)
 
     def refresh(self, current: Principal, token: str | None) -> Principal:
         """The principal of a refresh token: valid, and for the same `sub` as the session's."""

@@ -315,10 +315,13 @@ def pong(id: Any) -> bytes:
 
 
 def refreshed(exp: float | None) -> bytes:
-    """1.1: the answer to a valid `refresh`; `exp` is absent when auth is off (the token is ignored)."""
+    """1.1: the answer to a valid `refresh`; `exp` is absent when auth is off (the token is ignored).
+    An integral `exp` is written as an integer when a JSON number holds it exactly (within 2^53, as ids),
+    else as the float: a token may carry any `exp`, and orjson refuses integers beyond 64 bits."""
     if exp is None:
         return b'{"op":"refreshed"}'
-    return _dumps({"op": "refreshed", "exp": int(exp) if float(exp).is_integer() else exp})
+    exact = float(exp).is_integer() and abs(exp) <= MAX_ID_INT
+    return _dumps({"op": "refreshed", "exp": int(exp) if exact else exp})
 
 
 HEARTBEAT = b'{"op":"hb"}'

@@ -33,17 +33,29 @@ from .hub import Hub, Pending, SubjectState
 from .subjects import Subject
 
 
+def _fits(conn: Conn, frame: bytes) -> bool:
+    """Whether a paced send may queue `frame` now: the connection's output stays under half its limit,
+    or holds nothing (one message alone never overflows: --max-pending-bytes >= 2 x --max-message-bytes).
+    So the snapshots and replays of many subjects subscribed at once never add up to an overflow."""
+    pending = conn.pending_bytes
+    return not pending or pending + len(frame) <= conn.max_pending // 2
+
+
 class RingReplay:
-    """A replay from the ring, paced by the connection's output queue (see the module docstring)."""
+    """A replay from the ring, paced by the connection's output queue (see the module docstring).
 
-    __slots__ = ("st", "conn", "cursor", "on_stall", "done")
+    `head`: a frame to send before the ring's frames after `after` (a snapshot, whose seq is `after`)."""
 
-    def __init__(self, st: SubjectState, conn: Conn, after: int, on_stall: Callable[[], None]) -> None:
+    __slots__ = ("st", "conn", "cursor", "on_stall", "done", "head")
+
+    def __init__(self, st: SubjectState, conn: Conn, after: int, on_stall: Callable[[], None],
+                 head: bytes | None = None) -> None:
         self.st = st
         self.conn = conn
         self.cursor = after
         self.on_stall = on_stall  # the ring moved past the cursor: the reader is too slow
         self.done = False
+        self.head = head
         st.add_replay(self)   # the hub keeps the subject while this is in flight
 
     def pump(self) -> bool:
@@ -59,10 +71,17 @@ class RingReplay:
             self.done = True
             self.on_stall()
             return True
-        budget = conn.max_pending // 2
+        head = self.head
+        if head is not None:
+            if not _fits(conn, head):
+                return False
+            self.head = None
+            if not conn.send(head):
+                self.done = True
+                return True
         sent = 0
         for frame in frames:
-            if sent and conn.pending_bytes + len(frame) > budget:
+            if not _fits(conn, frame):
                 break
             if not conn.send(frame):
                 self.done = True
@@ -72,9 +91,10 @@ class RingReplay:
             st.channel.add(conn)
             self.done = True
             return True
-        # `frames` are the newest len(frames) entries of the ring: the last one sent is the new cursor
-        assert st.ring is not None
-        self.cursor = st.ring.seq_at(len(st.ring) - (len(frames) - sent) - 1)
+        if sent:
+            # `frames` are the newest len(frames) entries of the ring: the last one sent is the new cursor
+            assert st.ring is not None
+            self.cursor = st.ring.seq_at(len(st.ring) - (len(frames) - sent) - 1)
         return False
 
 
@@ -90,10 +110,10 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
     _drop_pending(st, conn)
     newest = st.last_seq
     if position is None:
-        return _fresh_or_from_engine(hub, engine, st, conn, subject)
+        return _fresh_or_from_engine(hub, engine, st, conn, subject, start_replay)
     epoch, after = position
     if epoch != st.epoch:
-        return _fresh_or_from_engine(hub, engine, st, conn, subject)
+        return _fresh_or_from_engine(hub, engine, st, conn, subject, start_replay)
     if after == newest:
         if newest == 0 and engine.accepts_positions_ahead:
             # seq 0 asks for the whole epoch, and the hub holds nothing of S: the engine may have read
@@ -105,7 +125,7 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
         return None
     if after > newest:
         if not engine.accepts_positions_ahead:
-            _fresh(st, conn)
+            _fresh(st, conn, start_replay)
             return None
         # The hub holds nothing of S after `newest`, but the engine may have read past the position
         # (S's messages are older than what the hub was warmed up with): those come from the engine.
@@ -138,14 +158,14 @@ def subscribe(hub: Hub, engine: Engine, conn: Conn, subject: Subject,
     return _replay_from_engine(hub, engine, st, conn, subject, epoch, after, newest)
 
 
-def _fresh_or_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn,
-                          subject: Subject) -> Coroutine[Any, Any, None] | None:
+def _fresh_or_from_engine(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, subject: Subject,
+                          start_replay: Callable[[RingReplay], None] | None) -> Coroutine[Any, Any, None] | None:
     """recovered:false with the snapshot; read from the engine when the hub may have forgotten it."""
     if st.ring is None and engine.accepts_positions_ahead and st.subject in hub.forgotten:
         pending = Pending(conn, 0, buffering=True)   # registered now: see _replay_from_engine
         st.add_pending(pending)
         return _run_snapshot(hub, engine, st, conn, subject, st.epoch, pending)
-    _fresh(st, conn)
+    _fresh(st, conn, start_replay)
     return None
 
 
@@ -177,9 +197,15 @@ async def _check_ahead(hub: Hub, engine: Engine, st: SubjectState, conn: Conn, s
         _end_pending(hub, st, pending)
 
 
-def _fresh(st: SubjectState, conn: Conn) -> None:
+def _fresh(st: SubjectState, conn: Conn, start_replay: Callable[[RingReplay], None] | None = None) -> None:
+    """recovered:false, the snapshot, then live. With `start_replay`, a snapshot the connection's output
+    cannot take now is paced like a replay: sent when it drains, followed by what the ring got meanwhile."""
     snapshot = st.snapshot_frame()
-    _join(st, conn, recovered=False, frames=() if snapshot is None else (snapshot,))
+    if snapshot is None or start_replay is None or _fits(conn, snapshot):
+        _join(st, conn, recovered=False, frames=() if snapshot is None else (snapshot,))
+        return
+    if conn.send(encode_text(protocol.subscribed(st.subject, st.epoch, st.last_seq, False))):
+        start_replay(RingReplay(st, conn, st.last_seq, lambda: None, head=snapshot))
 
 
 def _join(st: SubjectState, conn: Conn, *, recovered: bool, frames: Any) -> None:

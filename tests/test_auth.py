@@ -72,6 +72,7 @@ def test_principal_carries_exp() -> None:
     jwt.encode({"exp": int(NOW) + 60}, SECRET, algorithm="HS256"),      # no sub
     token(sub=5),
     token(exp=1e400),                                                    # inf: int() overflows
+    token(exp=10**400),                                                  # an int no float holds
     token(exp="soon"),
     token(sub_allow="/a/>"),
     token(sub_allow=["/matches/>/x"]),
@@ -109,6 +110,8 @@ def test_max_lifetime_refuses_far_future_exp() -> None:
     for exp in (year_36812, int(NOW) + 3606):
         with pytest.raises(AuthError, match="ahead"):
             a.authenticate(token(exp=exp))
+    with pytest.raises(AuthError):
+        a.authenticate(token(exp=10**400))
 
 
 def test_refresh_needs_the_same_sub() -> None:

@@ -28,6 +28,7 @@ def token(secret=SECRET, alg="HS256", **claims):
     jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none"),
     jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),          # no exp
     token(sub_allow=["/matches/>/x"]),                                 # '>' not last: token refused
+    token(exp=10**400),              # signed, but no float holds its exp: was an exception, no answer
 ])
 async def test_bad_tokens_are_unauthorized(gateway_factory, tok):
     gw = await gateway_factory(jwt_secret=SECRET)
@@ -186,6 +187,18 @@ async def test_refresh_replaces_the_token_and_the_session_outlives_the_old_exp(g
     await expect_expiry_close(control)  # the old exp has passed: without the refresh, closed
     await send(ws, {"op": "ping", "id": 1})
     assert (await recv_until(ws, "pong"))["id"] == 1
+
+
+async def test_refresh_to_an_exp_beyond_64_bits_is_answered(gateway_factory):
+    """A validly signed token whose `exp` is beyond 2^64 s (a "never expires" token, without
+    --jwt-max-lifetime-s): the `refreshed` answer used to fail to encode (orjson takes 64-bit integers
+    only), so the refresh got no answer and the connection was dropped without a close frame."""
+    gw = await gateway_factory(jwt_secret=SECRET)
+    ws = await connected(ws_url(gw), token=token(sub_allow=["/>"]))
+    await send(ws, {"op": "refresh", "token": token(exp=10**20, sub_allow=["/>"])})
+    assert await recv_until(ws, "refreshed") == {"op": "refreshed", "exp": 1e20}
+    await send(ws, {"op": "ping", "id": 1})
+    assert await recv_until(ws, "pong") == {"op": "pong", "id": 1}
 
 
 @pytest.mark.parametrize("bad", [

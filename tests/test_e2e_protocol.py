@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from conftest import ws_url
-from support.ws import close_code, connected, no_frame, open_ws, recv, recv_until, send
+from conftest import SCALE, ws_url
+from support.ws import client_frame, close_code, connected, no_frame, open_ws, recv, recv_until, send
 
 pytestmark = pytest.mark.both_loops
 
@@ -257,6 +257,85 @@ async def test_content_b64_both_ways(gateway_factory):
         assert (err["op"], err["code"], err["id"]) == ("error", "bad_request", "z")
 
 
+async def test_content_b64_that_grows_past_the_limit_as_content_is_too_large(gateway_factory):
+    """Valid UTF-8 published as content_b64 is delivered as `content`, where a control character takes 6
+    bytes (\\u0001): 40 KB within a 64 KiB frame became a 240 KB `msg`, over every subscriber's
+    --max-pending-bytes, so each was closed 4000, and so was every later one (its snapshot), for as long as
+    the gateway held the subject. Now too_large, as the content as delivered is over --max-message-bytes;
+    content that stays within it is delivered, escaped or as content_b64."""
+    limit = 64 * 1024
+    gw = await gateway_factory(max_message_bytes=limit, max_pending_bytes=2 * limit)
+    sub = await connected(ws_url(gw))
+    await send(sub, {"op": "subscribe", "subjects": [{"subject": "/b/2"}]})
+    assert (await recv(sub))["op"] == "subscribed"
+    pub = await connected(ws_url(gw))
+    grows = base64.b64encode(b"\x01" * 40_000).decode()
+    await send(pub, {"op": "publish", "subject": "/b/2", "content_b64": grows, "id": 1})
+    err = await recv(pub)
+    assert (err["op"], err["code"], err["id"], err["subject"], err["request"]) == \
+        ("error", "too_large", 1, "/b/2", "publish")
+    fits = [b"\x01" * 5_000, b"\xff" * 40_000]   # 30 KB escaped as content; not UTF-8: content_b64
+    for i, raw in enumerate(fits, 2):
+        await send(pub, {"op": "publish", "subject": "/b/2", "content_b64": base64.b64encode(raw).decode(), "id": i})
+        assert (await recv(pub))["op"] == "ack"
+    m = await recv(sub)
+    assert (m["seq"], m["content"]) == (1, fits[0].decode())
+    m = await recv(sub)
+    assert (m["seq"], base64.b64decode(m["content_b64"])) == (2, fits[1])
+    await no_frame(sub)
+
+
+async def _per_subject(ws, n: int, acks: list | None = None) -> dict[str, list[tuple]]:
+    """Read `n` subscribed / msg frames (acks aside, into `acks`); per subject, in order, what came:
+    (op, seq, recovered, snapshot)."""
+    seen: dict[str, list[tuple]] = {}
+    while n:
+        f = await recv(ws)
+        if f["op"] == "ack" and acks is not None:
+            acks.append(f["id"])
+            continue
+        assert f["op"] in ("subscribed", "msg"), f
+        seen.setdefault(f["subject"], []).append((f["op"], f["seq"], f.get("recovered"), f.get("snapshot", False)))
+        n -= 1
+    return seen
+
+
+async def test_one_subscribe_whose_snapshots_and_replays_exceed_max_pending_is_paced(gateway_factory):
+    """Five subjects whose latest message is near --max-message-bytes, subscribed in one request: their
+    snapshots (and, with positions, their replays' first messages) were queued at once, over
+    --max-pending-bytes, so the connection was closed 4000, and the client's resubscribe after the
+    reconnect the same, forever. Snapshots and replays are paced by the connection's output instead; a
+    message published meanwhile follows its subject's snapshot, once."""
+    limit = 64 * 1024
+    gw = await gateway_factory(max_message_bytes=limit, max_pending_bytes=2 * limit)
+    pub = await connected(ws_url(gw))
+    subjects = [f"/big/{i}" for i in range(5)]
+    for i, subject in enumerate(subjects):
+        await send(pub, {"op": "publish", "subject": subject, "content": str(i) * 60_000, "id": i})
+        ack = await recv(pub)
+    epoch = ack["epoch"]
+    fresh = await connected(ws_url(gw))
+    # the subscribe and a publish to the last subject in one write: it lands while the snapshots are paced
+    subscribe = {"op": "subscribe", "subjects": [{"subject": s} for s in subjects]}
+    publish = {"op": "publish", "subject": subjects[-1], "content": "live", "id": "live"}
+    fresh.transport.write(b"".join(client_frame(0x1, json.dumps(m).encode()) for m in (subscribe, publish)))
+    acks: list = []
+    seen = await _per_subject(fresh, 11, acks)
+    for subject in subjects[:-1]:
+        assert seen[subject] == [("subscribed", 1, False, False), ("msg", 1, None, True)]
+    assert seen[subjects[-1]] == [("subscribed", 1, False, False), ("msg", 1, None, True), ("msg", 2, None, False)]
+    if not acks:
+        assert (await recv(fresh))["op"] == "ack"
+    await no_frame(fresh)
+    again = await connected(ws_url(gw))
+    await send(again, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": 0} for s in subjects]})
+    seen = await _per_subject(again, 11)
+    for subject in subjects[:-1]:
+        assert seen[subject] == [("subscribed", 1, True, False), ("msg", 1, None, False)]
+    assert seen[subjects[-1]] == [("subscribed", 2, True, False), ("msg", 1, None, False), ("msg", 2, None, False)]
+    await no_frame(again)
+
+
 async def test_oversized_frame_closes_1009(gateway_factory):
     gw = await gateway_factory(max_message_bytes=1024)
     ws = await connected(ws_url(gw))
@@ -282,6 +361,19 @@ async def test_ping_pong_and_heartbeat(gateway_factory):
     # silence -> {"op":"hb"} (websockets answers the server's WebSocket pings, so it stays open)
     assert await recv(ws, timeout=3) == {"op": "hb"}
     assert await recv(ws, timeout=3) == {"op": "hb"}
+    await ws.close()
+
+
+async def test_heartbeats_keep_coming_to_a_client_that_sends_websocket_pings(gateway_factory):
+    """PROTOCOL.md Liveness: `hb` after heartbeat_ms without a *protocol message*. The pongs that answer a
+    client's WebSocket pings (a library's keepalive, here 5 per heartbeat_ms) are no protocol message:
+    they used to count as output, and such a client never got an `hb`, so its watchdog (2 x heartbeat_ms
+    without a message) dropped a healthy connection."""
+    hb = 0.2
+    gw = await gateway_factory(heartbeat_ms=int(hb * 1000))
+    ws = await connected(ws_url(gw), ping_interval=hb / 5, ping_timeout=None)
+    for _ in range(2):
+        assert await recv(ws, timeout=10 * hb * SCALE) == {"op": "hb"}
     await ws.close()
 
 

@@ -546,6 +546,31 @@ def test_idle(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
     run(loop_factory, main)
 
 
+def test_only_data_frames_set_last_send(impl: SimpleNamespace, loop_factory: LoopFactory, kind: str) -> None:
+    """last_send times the gateway's heartbeats (`hb` after heartbeat_ms without a protocol message), so
+    pings and pongs must not set it: a client whose keepalive pings were answered never got an `hb`.
+    One frame (send(2) or the joined write) and several (sendmsg(2) or joined), per kind of socket."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        writer = impl.Writer(loop)
+        ping, pong = impl.encode_frame(impl.OP_PING, b""), impl.encode_frame(impl.OP_PONG, b"x")
+        text = impl.encode_text(b'{"op":"hb"}')
+        async with Net(kind, small=False) as net:
+            g, r = await net.open(conn_factory(impl, writer))
+            c = g.conn
+            total = 0
+            for frames, counts in (([pong], False), ([pong, ping], False), ([text], True), ([ping, text], True)):
+                c.last_send = -1.0
+                for f in frames:
+                    assert c.send(f)
+                total += sum(map(len, frames))
+                await r.wait_bytes(total)
+                assert (c.last_send > 0) is counts, (frames, c.last_send)
+            assert bytes(r.data) == pong + pong + ping + text + ping + text
+
+    run(loop_factory, main)
+
+
 def test_argument_checks(impl: SimpleNamespace, loop_factory: LoopFactory) -> None:
     async def main() -> None:
         writer = impl.Writer(asyncio.get_running_loop())

@@ -127,3 +127,7 @@ def test_refresh_decodes_and_refreshed_encodes():
     assert dec({"op": "refresh"}).token is None
     assert orjson.loads(protocol.refreshed(1_800_000_000.0)) == {"op": "refreshed", "exp": 1_800_000_000}
     assert orjson.loads(protocol.refreshed(None)) == {"op": "refreshed"}
+    # integral but beyond what a JSON number holds exactly (2^53): the float, never an encoding error
+    for exp in (1e20, 2.0**64, 2.0**53 + 2):
+        assert orjson.loads(protocol.refreshed(exp)) == {"op": "refreshed", "exp": exp}
+    assert orjson.loads(protocol.refreshed(2.0**53)) == {"op": "refreshed", "exp": 2**53}
