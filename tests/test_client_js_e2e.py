@@ -37,3 +37,14 @@ async def test_a_refused_subscription_keeps_its_position_and_a_later_subscribe_a
     assert seen["code"] == "limit_exceeded"
     assert seen["kept"] == seen["first"]  # {epoch, seq 1}
     assert seen["got"] == ["two", "three"]  # "two" replayed from the position, then the sentinel
+
+
+async def test_a_refreshed_without_exp_schedules_the_next_refresh_from_the_token_sent(gateway_factory, tmp_path):
+    """A gateway without auth answers `refresh` with `exp: null`: the next refresh is timed from the
+    token just sent (as the Python client does), not from the first token's `exp`, which would bring
+    refreshes ever closer and, once it passed, one after the other with no wait."""
+    gw = await gateway_factory()
+    seen = await _run_node("refresh_exp_from_token.mjs", str(client_module(tmp_path)), ws_url(gw))
+    assert seen["refreshes"] == 1 and seen["calls"] == 2
+    assert seen["sentExp"] > seen["firstExp"]
+    assert seen["tokenExp"] == seen["sentExp"]

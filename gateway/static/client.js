@@ -427,7 +427,8 @@ export class GatewayClient {
       }
       case "refreshed": {
         this.stats.refreshes += 1;
-        if (typeof m.exp === "number") this.tokenExp = m.exp;
+        // no `exp` (a gateway without auth ignores tokens): the token just sent says when it expires
+        this.tokenExp = typeof m.exp === "number" ? m.exp : tokenExp(this.token);
         this._scheduleRefresh();
         break;
       }
