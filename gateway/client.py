@@ -381,6 +381,17 @@ class Subscription:
                 if inspect.iscoroutine(left):
                     left.close()
 
+    def _drop_queued(self) -> None:
+        """Forget the async callbacks not started yet (the client closed from within one of them)."""
+        pending = self._pending
+        if pending is None:
+            return
+        while not pending.empty():
+            left = pending.get_nowait()
+            if inspect.iscoroutine(left):
+                left.close()
+        pending.put_nowait(None)
+
     def _close(self, error: GatewayError | None = None) -> asyncio.Task[None] | None:
         """End the iterator; let queued async callbacks finish. Returns the callback task."""
         if self._closed:
@@ -583,8 +594,17 @@ class Client:
             self._first.set_exception(error)
             self._first.exception()  # retrieved: nobody else may wait for it
         subs, self._subs = self._subs, {}
-        tasks = {t for sub in subs.values() if (t := sub._close()) is not None}
-        tasks.update(self._tasks)
+        # close() awaited by an async callback: its own task is left to end when the callback returns
+        # (cancelling and awaiting it would cancel close() itself), with nothing queued after it
+        current = asyncio.current_task()
+        tasks: set[asyncio.Task[Any]] = set()
+        for sub in subs.values():
+            task = sub._close()
+            if task is current:
+                sub._drop_queued()
+            elif task is not None:
+                tasks.add(task)
+        tasks.update(t for t in self._tasks if t is not current)
         self._tasks.clear()
         for task in tasks:
             task.cancel()  # pending async callbacks do not outlive the client
@@ -746,7 +766,9 @@ class Client:
                 fut.cancel()
                 with contextlib.suppress(KeyError, ValueError):
                     self._unsub_waiters[subject].remove(fut)
-        if worker is not None:  # queued async callbacks run to their end, within `timeout`
+        # queued async callbacks run to their end, within `timeout` (unless this is one of them: it
+        # cannot wait for itself; the rest run after it returns)
+        if worker is not None and worker is not asyncio.current_task():
             done, _ = await asyncio.wait({worker}, timeout=timeout)
             if not done:
                 worker.cancel()

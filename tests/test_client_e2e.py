@@ -249,3 +249,61 @@ async def test_close_4001_then_fresh_token_reconnect_and_recover_with_no_message
         assert client.stats["reconnects"] == 1 and connects == 2
     finally:
         await client.close()
+
+
+# ---- the application's own callbacks calling back into the client ----------------------------------
+
+
+async def test_an_async_callback_may_unsubscribe_its_own_subscription(gateway_factory):
+    """A coroutine callback that awaits `unsubscribe` of its own subject (stop at a message): it
+    must not wait for its own callback task to end, i.e. for itself (it hung for `timeout`, then
+    was cancelled)."""
+    gw = await gateway_factory()
+    marks: list[str] = []
+    seen: list[str] = []
+    async with Client([ws_url(gw)]) as c:
+        async def callback(m) -> None:  # type: ignore[no-untyped-def]
+            seen.append(m.content)
+            if m.content == "stop":
+                try:
+                    await c.unsubscribe("/cb/a")
+                except asyncio.CancelledError:
+                    marks.append("cancelled")
+                    raise
+                marks.append("unsubscribed")
+
+        sub = await c.subscribe("/cb/a", callback)
+        await c.publish("/cb/a", "stop")
+        await wait_until(lambda: marks, "the callback's unsubscribe to return", 30 * SCALE)
+        assert marks == ["unsubscribed"] and sub.closed
+        # nothing after it reaches the callback: a sentinel on another subject proves the later
+        # publish to /cb/a has been through the gateway
+        other = await c.subscribe("/cb/b")
+        await c.publish("/cb/a", "after")
+        await c.publish("/cb/b", "sentinel")
+        assert (await other.get(timeout=5 * SCALE)).content == "sentinel"
+        assert seen == ["stop"]
+
+
+async def test_an_async_callback_may_close_the_client(gateway_factory):
+    """`close()` awaited inside a coroutine callback returns (it "never raises"), and the callback
+    goes on after it, instead of being cancelled by close() itself."""
+    gw = await gateway_factory()
+    marks: list[str] = []
+    c = Client([ws_url(gw)])
+    await c.connect()
+    try:
+        async def callback(m) -> None:  # type: ignore[no-untyped-def]
+            try:
+                await c.close()
+            except BaseException as exc:
+                marks.append(type(exc).__name__)
+                raise
+            marks.append("closed")
+
+        await c.subscribe("/cb/c", callback)
+        await c.publish("/cb/c", "bye")
+        await wait_until(lambda: marks, "the callback's close to return", 30 * SCALE)
+        assert marks == ["closed"] and not c.connected
+    finally:
+        await c.close()
