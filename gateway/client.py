@@ -256,6 +256,10 @@ def _dumps(frame: Mapping[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
 
+def _received_code(exc: ConnectionClosed) -> int | None:
+    return exc.rcvd.code if exc.rcvd is not None else None
+
+
 # --------------------------------------------------------------------------- subscription
 
 
@@ -830,7 +834,7 @@ class Client:
             try:
                 await ws.send(_dumps(frame), text=True)
             except ConnectionClosed as exc:
-                raise ConnectionClosedError(subject=subject) from exc
+                raise ConnectionClosedError(subject=subject, close_code=_received_code(exc)) from exc
             return None
         ident = next(self._ids)
         frame["id"] = ident
@@ -840,7 +844,8 @@ class Client:
             try:
                 await ws.send(_dumps(frame), text=True)
             except ConnectionClosed as exc:
-                raise ConnectionClosedError(subject=subject, id=ident) from exc
+                raise ConnectionClosedError(subject=subject, id=ident,
+                                            close_code=_received_code(exc)) from exc
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
@@ -1063,6 +1068,7 @@ class Client:
         if not first:
             self.stats["reconnects"] += 1
         unauthorized: GatewayError | None = None
+        close_code: int | None = None  # received with the close, for what fails with the connection
         try:
             self._tracker.connection_made()  # one `subscribe` with every subject and its position
             await self._flush()
@@ -1095,7 +1101,7 @@ class Client:
                 await self._flush()  # e.g. the resubscription after a gap
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
-            code = rcvd.code if rcvd is not None else None
+            code = close_code = rcvd.code if rcvd is not None else None
             reason = rcvd.reason if rcvd is not None else ""
             if code == CLOSE_TOKEN_EXPIRED:  # 1.1: not fatal; the next attempt gets a fresh token
                 self.stats["expired"] += 1
@@ -1117,7 +1123,7 @@ class Client:
                 self._refresh_timer.cancel()
                 self._refresh_timer = None
             self._discard(ws)
-            self._fail_requests(ConnectionClosedError("connection lost"))
+            self._fail_requests(ConnectionClosedError("connection lost", close_code=close_code))
 
     def _arm_watchdog(self, loop: asyncio.AbstractEventLoop, ws: ClientConnection, dead_after: float) -> None:
         period = max(dead_after / 8.0, 0.001)
@@ -1276,7 +1282,7 @@ class Client:
         for ident, fut in acks.items():
             if not fut.done():
                 fut.set_exception(
-                    ConnectionClosedError(error.message, id=ident)
+                    ConnectionClosedError(error.message, id=ident, close_code=error.close_code)
                     if isinstance(error, ConnectionClosedError)
                     else error
                 )
