@@ -48,3 +48,19 @@ async def test_a_refreshed_without_exp_schedules_the_next_refresh_from_the_token
     assert seen["refreshes"] == 1 and seen["calls"] == 2
     assert seen["sentExp"] > seen["firstExp"]
     assert seen["tokenExp"] == seen["sentExp"]
+
+
+async def test_a_token_valid_for_weeks_is_not_refreshed_at_once(gateway_factory, tmp_path):
+    """The refresh of a 40-day token is due in 40 days, more than a JavaScript timer can wait
+    (2^31 - 1 ms, about 24.8 days: a longer setTimeout fires at once): it must not be sent now, and
+    then again after every `refreshed`, without end."""
+    import time
+
+    import jwt
+
+    secret = "s3cret-for-tests-only-0123456789abcdef"
+    gw = await gateway_factory(jwt_secret=secret)
+    token = jwt.encode({"sub": "page", "exp": int(time.time() + 40 * 86400), "sub_allow": ["/>"],
+                        "pub_allow": ["/>"]}, secret, algorithm="HS256")
+    seen = await _run_node("long_lived_token.mjs", str(client_module(tmp_path)), ws_url(gw), token)
+    assert seen == {"acked": True, "refreshes": 0, "calls": 1}

@@ -22,6 +22,9 @@
 
 const CLOSE_POLICY = 1008;
 const CLOSE_TOKEN_EXPIRED = 4001;
+// setTimeout fires at once when asked to wait longer than this (about 24.8 days): a token valid for
+// longer is refreshed after a chain of waits this long
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
 // The `exp` claim of a JWT (seconds since the epoch), read without verifying it; null if none.
 export function tokenExp(token) {
@@ -462,15 +465,21 @@ export class GatewayClient {
   _scheduleRefresh() {  // only with a provider: a fixed token cannot be renewed
     clearTimeout(this._refreshTimer);
     if (!this.tokenProvider || this.tokenExp === null) return;
-    this._refreshTimer = setTimeout(() => this._refresh(),
-                                    refreshDelay(this.tokenExp, Date.now(), this.refreshLead));
+    this._refreshAt(Date.now() + refreshDelay(this.tokenExp, Date.now(), this.refreshLead));
+  }
+
+  _refreshAt(atMs) {  // refresh at that time (Date.now() clock), however far ahead
+    const wait = atMs - Date.now();
+    this._refreshTimer = wait > MAX_TIMEOUT_MS
+      ? setTimeout(() => this._refreshAt(atMs), MAX_TIMEOUT_MS)
+      : setTimeout(() => this._refresh(), wait);
   }
 
   _retryRefresh() {  // try again halfway to exp; at worst the gateway closes 4001 and we reconnect
     clearTimeout(this._refreshTimer);
     if (!this.tokenProvider || this.tokenExp === null) return;
     const left = this.tokenExp * 1000 - Date.now();
-    if (left > 200) this._refreshTimer = setTimeout(() => this._refresh(), left / 2);
+    if (left > 200) this._refreshAt(Date.now() + left / 2);
   }
 
   _refresh() {
