@@ -64,3 +64,18 @@ async def test_a_token_valid_for_weeks_is_not_refreshed_at_once(gateway_factory,
                         "pub_allow": ["/>"]}, secret, algorithm="HS256")
     seen = await _run_node("long_lived_token.mjs", str(client_module(tmp_path)), ws_url(gw), token)
     assert seen == {"acked": True, "refreshes": 0, "calls": 1}
+
+
+async def test_a_url_that_refuses_connections_is_a_failed_attempt_at_once(gateway_factory, tmp_path):
+    """The first URL refuses connections (nothing listens): the client goes on to the next at once,
+    not after its heartbeat watchdog gave up on a connection that never opened (node's WebSocket
+    fires `error` and no `close` then)."""
+    from support.ports import free_port
+
+    gw = await gateway_factory()
+    dead = f"ws://127.0.0.1:{free_port()}/ws"
+    seen = await _run_node("failover_past_a_dead_url.mjs", str(client_module(tmp_path)), dead, ws_url(gw))
+    statuses = seen["statuses"]
+    assert statuses[0] == ["connecting", dead]
+    assert statuses[1][0] == "disconnected" and "heartbeat" not in statuses[1][1], statuses
+    assert statuses[2:] == [["connecting", ws_url(gw)], ["connected", "test-0"]]

@@ -367,11 +367,14 @@ export class GatewayClient {
     };
     ws.onmessage = (ev) => { this._arm(ws); this._onFrame(ev.data); };
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
+    // `error` means the connection failed (the code is 1006 then); browsers fire `close` after it, but
+    // node 20's WebSocket (undici) does not when it cannot connect at all
+    ws.onerror = () => this._lost(ws, 1006, "connection failed");
   }
 
   _lost(ws, code, reason) {  // the connection `ws` is over: settle what was pending, reconnect
     if (this._ws !== ws) return;
-    ws.onopen = ws.onmessage = ws.onclose = null;  // nothing more from it counts
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;  // nothing more from it counts
     this._ws = null;
     this._connected = false;
     clearTimeout(this._watchdog);
