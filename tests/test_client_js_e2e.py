@@ -66,6 +66,17 @@ async def test_a_token_valid_for_weeks_is_not_refreshed_at_once(gateway_factory,
     assert seen == {"acked": True, "refreshes": 0, "calls": 1}
 
 
+async def test_close_while_waiting_to_reconnect_leaves_no_timer(tmp_path):
+    """close() during the backoff before the next attempt cancels that wait: no timer of the client is
+    left (under node it kept the process alive for up to `backoffMax`)."""
+    from support.ports import free_port
+
+    url = f"ws://127.0.0.1:{free_port()}/ws"  # nothing listens there
+    seen = await _run_node("close_while_reconnecting.mjs", str(client_module(tmp_path)), url)
+    assert seen["statuses"][-1] == "reconnecting"
+    assert seen["timers"] == 0
+
+
 async def test_a_url_that_refuses_connections_is_a_failed_attempt_at_once(gateway_factory, tmp_path):
     """The first URL refuses connections (nothing listens): the client goes on to the next at once,
     not after its heartbeat watchdog gave up on a connection that never opened (node's WebSocket

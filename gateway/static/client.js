@@ -281,6 +281,7 @@ export class GatewayClient {
     this._closed = false;
     this._watchdog = null;
     this._refreshTimer = null;
+    this._retryTimer = null;
     this._heartbeatMs = 15000;
     this._open();
   }
@@ -321,6 +322,7 @@ export class GatewayClient {
     this._closed = true;
     clearTimeout(this._watchdog);
     clearTimeout(this._refreshTimer);
+    clearTimeout(this._retryTimer);  // the wait for the next attempt
     if (this._ws) this._ws.close(1000);
   }
 
@@ -403,7 +405,7 @@ export class GatewayClient {
     this._attempt += 1;
     const delay = Math.random() * cap;  // full jitter
     this.onStatus("reconnecting", delay);  // detail: ms until the next attempt
-    setTimeout(() => this._open(), delay);
+    this._retryTimer = setTimeout(() => this._open(), delay);
   }
 
   _arm(ws) {  // 2 x heartbeat_ms of silence = dead connection
