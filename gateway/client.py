@@ -603,6 +603,7 @@ class Client:
         current = asyncio.current_task()
         tasks: set[asyncio.Task[Any]] = set()
         for sub in subs.values():
+            self._tracker.drop(sub.subject)  # ended: a later connect() does not subscribe it again
             task = sub._close()
             if task is current:
                 sub._drop_queued()

@@ -307,3 +307,23 @@ async def test_an_async_callback_may_close_the_client(gateway_factory):
         assert marks == ["closed"] and not c.connected
     finally:
         await c.close()
+
+
+async def test_connect_after_close_does_not_resubscribe_the_ended_subscriptions(gateway_factory):
+    """close() ends every subscription (their iterators stop): a later connect() of the same Client
+    must not subscribe to them again behind the application's back (they took subscription slots,
+    --max-subscriptions, and their messages were read and thrown away)."""
+    gw = await gateway_factory()
+    c = Client([ws_url(gw)])
+    await c.connect()
+    try:
+        old = await c.subscribe("/re/1")
+        await c.close()
+        assert old.closed
+        await c.connect()
+        new = await c.subscribe("/re/2")
+        assert [set(s.subjects) for s in gw.sessions] == [{"/re/2"}]
+        await c.publish("/re/2", "x")
+        assert (await new.get(timeout=5 * SCALE)).content == "x"
+    finally:
+        await c.close()
