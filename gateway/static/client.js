@@ -361,7 +361,9 @@ export class GatewayClient {
     try { ws = new WebSocket(url); } catch (e) { this._retry(); return; }
     this._ws = ws;
     this._arm(ws);  // an opening handshake that never completes is a dead connection too
+    let opened = false;
     ws.onopen = () => {
+      opened = true;
       const hello = { op: "connect", client: this.name };
       if (token) hello.token = token;
       ws.send(JSON.stringify(hello));
@@ -369,9 +371,9 @@ export class GatewayClient {
     };
     ws.onmessage = (ev) => { this._arm(ws); this._onFrame(ev.data); };
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
-    // `error` means the connection failed (the code is 1006 then); browsers fire `close` after it, but
-    // node 20's WebSocket (undici) does not when it cannot connect at all
-    ws.onerror = () => this._lost(ws, 1006, "connection failed");
+    // A connection that could not be opened: browsers fire `error`, then `close` (1006), but node 20's
+    // WebSocket (undici) only `error`. (Once open, `close` alone tells the code, e.g. 1008.)
+    ws.onerror = () => { if (!opened) this._lost(ws, 1006, "connection failed"); };
   }
 
   _lost(ws, code, reason) {  // the connection `ws` is over: settle what was pending, reconnect
