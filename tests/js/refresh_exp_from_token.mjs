@@ -14,11 +14,11 @@ const [clientPath, url] = process.argv.slice(2);
 const { GatewayClient, tokenExp } = await import(pathToFileURL(clientPath).href);
 setTimeout(() => { console.error("timed out"); process.exit(2); }, 20000).unref();
 
-// A JWT-shaped token (unsigned: the gateway without auth never reads it) expiring in 1.5 s.
+// A JWT-shaped token (unsigned: the gateway without auth never reads it) expiring in 4 s.
 const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
 const sent = [];
 const provider = () => {
-  const token = `${b64({ alg: "HS256" })}.${b64({ sub: "page", exp: Date.now() / 1000 + 1.5 })}.sig`;
+  const token = `${b64({ alg: "HS256" })}.${b64({ sub: "page", exp: Date.now() / 1000 + 4 })}.sig`;
   sent.push(token);
   return token;
 };
@@ -29,7 +29,7 @@ const c = new GatewayClient(url, { token: provider, refreshLead: 60000,
                                    onStatus: (state) => { if (state === "connected") connected(); } });
 await up;
 // the first refresh comes halfway to the first token's exp; wait for the gateway's answer
-for (let i = 0; i < 400 && c.stats.refreshes < 1; i++) await new Promise((r) => setTimeout(r, 10));
+for (let i = 0; i < 1000 && c.stats.refreshes < 1; i++) await new Promise((r) => setTimeout(r, 10));
 const after = { refreshes: c.stats.refreshes, tokenExp: c.tokenExp, sentExp: tokenExp(c.token),
                 firstExp: tokenExp(sent[0]), calls: sent.length };
 c.close();
