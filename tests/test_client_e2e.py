@@ -322,7 +322,8 @@ async def test_connect_after_close_does_not_resubscribe_the_ended_subscriptions(
         assert old.closed
         await c.connect()
         new = await c.subscribe("/re/2")
-        assert [set(s.subjects) for s in gw.sessions] == [{"/re/2"}]
+        # (the first connection's session may still be on its way out: only the new one counts)
+        assert [set(s.subjects) for s in gw.sessions if "/re/2" in s.subjects] == [{"/re/2"}]
         await c.publish("/re/2", "x")
         assert (await new.get(timeout=5 * SCALE)).content == "x"
     finally:
