@@ -260,6 +260,13 @@ def _received_code(exc: ConnectionClosed) -> int | None:
     return exc.rcvd.code if exc.rcvd is not None else None
 
 
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a request's answer read: a send that failed never awaited it, and the connection's end
+    may have failed it meanwhile (asyncio would log "Future exception was never retrieved")."""
+    if fut.done() and not fut.cancelled():
+        fut.exception()
+
+
 # --------------------------------------------------------------------------- subscription
 
 
@@ -851,6 +858,7 @@ class Client:
                 return await fut
         finally:
             self._acks.pop(ident, None)
+            _retrieved(fut)
 
     async def ping(self, timeout: float | None = 5.0) -> float:
         """Round trip of an `op: ping` / `pong`.
@@ -880,6 +888,7 @@ class Client:
             return time.perf_counter() - started
         finally:
             self._pings.pop(ident, None)
+            _retrieved(fut)
 
     def _check_usable(self) -> None:
         if self._fatal is not None:

@@ -328,3 +328,26 @@ async def test_connect_after_close_does_not_resubscribe_the_ended_subscriptions(
         assert (await new.get(timeout=5 * SCALE)).content == "x"
     finally:
         await c.close()
+
+
+async def test_a_publish_lost_with_its_connection_mid_send_leaves_no_unretrieved_future(gateway_factory, caplog):
+    """A publish over --max-message-bytes: the gateway closes 1009 from the frame's header while the
+    client is still sending it. The publish fails with ConnectionClosedError (1009), and that is all:
+    its ack future, failed meanwhile by the connection's end, must not be left unretrieved (asyncio
+    then logged "Future exception was never retrieved" at ERROR when it was collected)."""
+    import gc
+    import logging
+
+    from gateway.client import ConnectionClosedError
+
+    gw = await gateway_factory()  # --max-message-bytes 1 MiB
+    code = None
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        async with Client([ws_url(gw)], backoff_initial=0.01, backoff_max=0.05) as c:
+            try:
+                await c.publish("/big/1", "x" * (16 << 20))  # more than loopback buffers take at once
+            except ConnectionClosedError as exc:
+                code = exc.close_code
+            gc.collect()
+    assert code == 1009
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text
