@@ -256,6 +256,17 @@ def _dumps(frame: Mapping[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
 
+def _received_code(exc: ConnectionClosed) -> int | None:
+    return exc.rcvd.code if exc.rcvd is not None else None
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Mark a request's answer read: a send that failed never awaited it, and the connection's end
+    may have failed it meanwhile (asyncio would log "Future exception was never retrieved")."""
+    if fut.done() and not fut.cancelled():
+        fut.exception()
+
+
 # --------------------------------------------------------------------------- subscription
 
 
@@ -380,6 +391,17 @@ class Subscription:
                 left = pending.get_nowait()
                 if inspect.iscoroutine(left):
                     left.close()
+
+    def _drop_queued(self) -> None:
+        """Forget the async callbacks not started yet (the client closed from within one of them)."""
+        pending = self._pending
+        if pending is None:
+            return
+        while not pending.empty():
+            left = pending.get_nowait()
+            if inspect.iscoroutine(left):
+                left.close()
+        pending.put_nowait(None)
 
     def _close(self, error: GatewayError | None = None) -> asyncio.Task[None] | None:
         """End the iterator; let queued async callbacks finish. Returns the callback task."""
@@ -583,8 +605,18 @@ class Client:
             self._first.set_exception(error)
             self._first.exception()  # retrieved: nobody else may wait for it
         subs, self._subs = self._subs, {}
-        tasks = {t for sub in subs.values() if (t := sub._close()) is not None}
-        tasks.update(self._tasks)
+        # close() awaited by an async callback: its own task is left to end when the callback returns
+        # (cancelling and awaiting it would cancel close() itself), with nothing queued after it
+        current = asyncio.current_task()
+        tasks: set[asyncio.Task[Any]] = set()
+        for sub in subs.values():
+            self._tracker.drop(sub.subject)  # ended: a later connect() does not subscribe it again
+            task = sub._close()
+            if task is current:
+                sub._drop_queued()
+            elif task is not None:
+                tasks.add(task)
+        tasks.update(t for t in self._tasks if t is not current)
         self._tasks.clear()
         for task in tasks:
             task.cancel()  # pending async callbacks do not outlive the client
@@ -746,7 +778,9 @@ class Client:
                 fut.cancel()
                 with contextlib.suppress(KeyError, ValueError):
                     self._unsub_waiters[subject].remove(fut)
-        if worker is not None:  # queued async callbacks run to their end, within `timeout`
+        # queued async callbacks run to their end, within `timeout` (unless this is one of them: it
+        # cannot wait for itself; the rest run after it returns)
+        if worker is not None and worker is not asyncio.current_task():
             done, _ = await asyncio.wait({worker}, timeout=timeout)
             if not done:
                 worker.cancel()
@@ -808,7 +842,7 @@ class Client:
             try:
                 await ws.send(_dumps(frame), text=True)
             except ConnectionClosed as exc:
-                raise ConnectionClosedError(subject=subject) from exc
+                raise ConnectionClosedError(subject=subject, close_code=_received_code(exc)) from exc
             return None
         ident = next(self._ids)
         frame["id"] = ident
@@ -818,11 +852,13 @@ class Client:
             try:
                 await ws.send(_dumps(frame), text=True)
             except ConnectionClosed as exc:
-                raise ConnectionClosedError(subject=subject, id=ident) from exc
+                raise ConnectionClosedError(subject=subject, id=ident,
+                                            close_code=_received_code(exc)) from exc
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
             self._acks.pop(ident, None)
+            _retrieved(fut)
 
     async def ping(self, timeout: float | None = 5.0) -> float:
         """Round trip of an `op: ping` / `pong`.
@@ -852,6 +888,7 @@ class Client:
             return time.perf_counter() - started
         finally:
             self._pings.pop(ident, None)
+            _retrieved(fut)
 
     def _check_usable(self) -> None:
         if self._fatal is not None:
@@ -1041,6 +1078,7 @@ class Client:
         if not first:
             self.stats["reconnects"] += 1
         unauthorized: GatewayError | None = None
+        close_code: int | None = None  # received with the close, for what fails with the connection
         try:
             self._tracker.connection_made()  # one `subscribe` with every subject and its position
             await self._flush()
@@ -1073,7 +1111,7 @@ class Client:
                 await self._flush()  # e.g. the resubscription after a gap
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
-            code = rcvd.code if rcvd is not None else None
+            code = close_code = rcvd.code if rcvd is not None else None
             reason = rcvd.reason if rcvd is not None else ""
             if code == CLOSE_TOKEN_EXPIRED:  # 1.1: not fatal; the next attempt gets a fresh token
                 self.stats["expired"] += 1
@@ -1095,7 +1133,7 @@ class Client:
                 self._refresh_timer.cancel()
                 self._refresh_timer = None
             self._discard(ws)
-            self._fail_requests(ConnectionClosedError("connection lost"))
+            self._fail_requests(ConnectionClosedError("connection lost", close_code=close_code))
 
     def _arm_watchdog(self, loop: asyncio.AbstractEventLoop, ws: ClientConnection, dead_after: float) -> None:
         period = max(dead_after / 8.0, 0.001)
@@ -1254,7 +1292,7 @@ class Client:
         for ident, fut in acks.items():
             if not fut.done():
                 fut.set_exception(
-                    ConnectionClosedError(error.message, id=ident)
+                    ConnectionClosedError(error.message, id=ident, close_code=error.close_code)
                     if isinstance(error, ConnectionClosedError)
                     else error
                 )

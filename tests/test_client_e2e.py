@@ -249,3 +249,105 @@ async def test_close_4001_then_fresh_token_reconnect_and_recover_with_no_message
         assert client.stats["reconnects"] == 1 and connects == 2
     finally:
         await client.close()
+
+
+# ---- the application's own callbacks calling back into the client ----------------------------------
+
+
+async def test_an_async_callback_may_unsubscribe_its_own_subscription(gateway_factory):
+    """A coroutine callback that awaits `unsubscribe` of its own subject (stop at a message): it
+    must not wait for its own callback task to end, i.e. for itself (it hung for `timeout`, then
+    was cancelled)."""
+    gw = await gateway_factory()
+    marks: list[str] = []
+    seen: list[str] = []
+    async with Client([ws_url(gw)]) as c:
+        async def callback(m) -> None:  # type: ignore[no-untyped-def]
+            seen.append(m.content)
+            if m.content == "stop":
+                try:
+                    await c.unsubscribe("/cb/a")
+                except asyncio.CancelledError:
+                    marks.append("cancelled")
+                    raise
+                marks.append("unsubscribed")
+
+        sub = await c.subscribe("/cb/a", callback)
+        await c.publish("/cb/a", "stop")
+        await wait_until(lambda: marks, "the callback's unsubscribe to return", 30 * SCALE)
+        assert marks == ["unsubscribed"] and sub.closed
+        # nothing after it reaches the callback: a sentinel on another subject proves the later
+        # publish to /cb/a has been through the gateway
+        other = await c.subscribe("/cb/b")
+        await c.publish("/cb/a", "after")
+        await c.publish("/cb/b", "sentinel")
+        assert (await other.get(timeout=5 * SCALE)).content == "sentinel"
+        assert seen == ["stop"]
+
+
+async def test_an_async_callback_may_close_the_client(gateway_factory):
+    """`close()` awaited inside a coroutine callback returns (it "never raises"), and the callback
+    goes on after it, instead of being cancelled by close() itself."""
+    gw = await gateway_factory()
+    marks: list[str] = []
+    c = Client([ws_url(gw)])
+    await c.connect()
+    try:
+        async def callback(m) -> None:  # type: ignore[no-untyped-def]
+            try:
+                await c.close()
+            except BaseException as exc:
+                marks.append(type(exc).__name__)
+                raise
+            marks.append("closed")
+
+        await c.subscribe("/cb/c", callback)
+        await c.publish("/cb/c", "bye")
+        await wait_until(lambda: marks, "the callback's close to return", 30 * SCALE)
+        assert marks == ["closed"] and not c.connected
+    finally:
+        await c.close()
+
+
+async def test_connect_after_close_does_not_resubscribe_the_ended_subscriptions(gateway_factory):
+    """close() ends every subscription (their iterators stop): a later connect() of the same Client
+    must not subscribe to them again behind the application's back (they took subscription slots,
+    --max-subscriptions, and their messages were read and thrown away)."""
+    gw = await gateway_factory()
+    c = Client([ws_url(gw)])
+    await c.connect()
+    try:
+        old = await c.subscribe("/re/1")
+        await c.close()
+        assert old.closed
+        await c.connect()
+        new = await c.subscribe("/re/2")
+        # (the first connection's session may still be on its way out: only the new one counts)
+        assert [set(s.subjects) for s in gw.sessions if "/re/2" in s.subjects] == [{"/re/2"}]
+        await c.publish("/re/2", "x")
+        assert (await new.get(timeout=5 * SCALE)).content == "x"
+    finally:
+        await c.close()
+
+
+async def test_a_publish_lost_with_its_connection_mid_send_leaves_no_unretrieved_future(gateway_factory, caplog):
+    """A publish over --max-message-bytes: the gateway closes 1009 from the frame's header while the
+    client is still sending it. The publish fails with ConnectionClosedError (1009), and that is all:
+    its ack future, failed meanwhile by the connection's end, must not be left unretrieved (asyncio
+    then logged "Future exception was never retrieved" at ERROR when it was collected)."""
+    import gc
+    import logging
+
+    from gateway.client import ConnectionClosedError
+
+    gw = await gateway_factory()  # --max-message-bytes 1 MiB
+    code = None
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        async with Client([ws_url(gw)], backoff_initial=0.01, backoff_max=0.05) as c:
+            try:
+                await c.publish("/big/1", "x" * (16 << 20))  # more than loopback buffers take at once
+            except ConnectionClosedError as exc:
+                code = exc.close_code
+            gc.collect()
+    assert code == 1009
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text

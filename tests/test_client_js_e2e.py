@@ -37,3 +37,56 @@ async def test_a_refused_subscription_keeps_its_position_and_a_later_subscribe_a
     assert seen["code"] == "limit_exceeded"
     assert seen["kept"] == seen["first"]  # {epoch, seq 1}
     assert seen["got"] == ["two", "three"]  # "two" replayed from the position, then the sentinel
+
+
+async def test_a_refreshed_without_exp_schedules_the_next_refresh_from_the_token_sent(gateway_factory, tmp_path):
+    """A gateway without auth answers `refresh` with `exp: null`: the next refresh is timed from the
+    token just sent (as the Python client does), not from the first token's `exp`, which would bring
+    refreshes ever closer and, once it passed, one after the other with no wait."""
+    gw = await gateway_factory()
+    seen = await _run_node("refresh_exp_from_token.mjs", str(client_module(tmp_path)), ws_url(gw))
+    assert seen["refreshes"] == 1 and seen["calls"] == 2
+    assert seen["sentExp"] > seen["firstExp"]
+    assert seen["tokenExp"] == seen["sentExp"]
+
+
+async def test_a_token_valid_for_weeks_is_not_refreshed_at_once(gateway_factory, tmp_path):
+    """The refresh of a 40-day token is due in 40 days, more than a JavaScript timer can wait
+    (2^31 - 1 ms, about 24.8 days: a longer setTimeout fires at once): it must not be sent now, and
+    then again after every `refreshed`, without end."""
+    import time
+
+    import jwt
+
+    secret = "s3cret-for-tests-only-0123456789abcdef"
+    gw = await gateway_factory(jwt_secret=secret)
+    token = jwt.encode({"sub": "page", "exp": int(time.time() + 40 * 86400), "sub_allow": ["/>"],
+                        "pub_allow": ["/>"]}, secret, algorithm="HS256")
+    seen = await _run_node("long_lived_token.mjs", str(client_module(tmp_path)), ws_url(gw), token)
+    assert seen == {"acked": True, "refreshes": 0, "calls": 1}
+
+
+async def test_close_while_waiting_to_reconnect_leaves_no_timer(tmp_path):
+    """close() during the backoff before the next attempt cancels that wait: no timer of the client is
+    left (under node it kept the process alive for up to `backoffMax`)."""
+    from support.ports import free_port
+
+    url = f"ws://127.0.0.1:{free_port()}/ws"  # nothing listens there
+    seen = await _run_node("close_while_reconnecting.mjs", str(client_module(tmp_path)), url)
+    assert seen["statuses"][-1] == "reconnecting"
+    assert seen["timers"] == 0
+
+
+async def test_a_url_that_refuses_connections_is_a_failed_attempt_at_once(gateway_factory, tmp_path):
+    """The first URL refuses connections (nothing listens): the client goes on to the next at once,
+    not after its heartbeat watchdog gave up on a connection that never opened (node's WebSocket
+    fires `error` and no `close` then)."""
+    from support.ports import free_port
+
+    gw = await gateway_factory()
+    dead = f"ws://127.0.0.1:{free_port()}/ws"
+    seen = await _run_node("failover_past_a_dead_url.mjs", str(client_module(tmp_path)), dead, ws_url(gw))
+    statuses = seen["statuses"]
+    assert statuses[0] == ["connecting", dead]
+    assert statuses[1][0] == "disconnected" and "heartbeat" not in statuses[1][1], statuses
+    assert statuses[2:] == [["connecting", ws_url(gw)], ["connected", "test-0"]]

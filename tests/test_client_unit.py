@@ -515,9 +515,10 @@ async def test_close_codes_reconnect_and_pending_ack_fails_without_resend(code: 
         frame = await conn.expect("publish")
         assert frame["id"] is not None
         await conn.close(code)
-        with pytest.raises(ConnectionClosedError):
+        with pytest.raises(ConnectionClosedError) as info:
             async with asyncio.timeout(T):
                 await task
+        assert info.value.close_code == code  # the app can tell a slow-consumer close from a shutdown
         conn2 = await gw.accept()
         await conn2.handshake()
         assert (await events.wait("disconnected"))["code"] == code

@@ -22,6 +22,9 @@
 
 const CLOSE_POLICY = 1008;
 const CLOSE_TOKEN_EXPIRED = 4001;
+// setTimeout fires at once when asked to wait longer than this (about 24.8 days): a token valid for
+// longer is refreshed after a chain of waits this long
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
 
 // The `exp` claim of a JWT (seconds since the epoch), read without verifying it; null if none.
 export function tokenExp(token) {
@@ -278,6 +281,7 @@ export class GatewayClient {
     this._closed = false;
     this._watchdog = null;
     this._refreshTimer = null;
+    this._retryTimer = null;
     this._heartbeatMs = 15000;
     this._open();
   }
@@ -318,6 +322,7 @@ export class GatewayClient {
     this._closed = true;
     clearTimeout(this._watchdog);
     clearTimeout(this._refreshTimer);
+    clearTimeout(this._retryTimer);  // the wait for the next attempt
     if (this._ws) this._ws.close(1000);
   }
 
@@ -356,7 +361,9 @@ export class GatewayClient {
     try { ws = new WebSocket(url); } catch (e) { this._retry(); return; }
     this._ws = ws;
     this._arm(ws);  // an opening handshake that never completes is a dead connection too
+    let opened = false;
     ws.onopen = () => {
+      opened = true;
       const hello = { op: "connect", client: this.name };
       if (token) hello.token = token;
       ws.send(JSON.stringify(hello));
@@ -364,11 +371,14 @@ export class GatewayClient {
     };
     ws.onmessage = (ev) => { this._arm(ws); this._onFrame(ev.data); };
     ws.onclose = (ev) => this._lost(ws, ev.code, ev.reason);
+    // A connection that could not be opened: browsers fire `error`, then `close` (1006), but node 20's
+    // WebSocket (undici) only `error`. (Once open, `close` alone tells the code, e.g. 1008.)
+    ws.onerror = () => { if (!opened) this._lost(ws, 1006, "connection failed"); };
   }
 
   _lost(ws, code, reason) {  // the connection `ws` is over: settle what was pending, reconnect
     if (this._ws !== ws) return;
-    ws.onopen = ws.onmessage = ws.onclose = null;  // nothing more from it counts
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;  // nothing more from it counts
     this._ws = null;
     this._connected = false;
     clearTimeout(this._watchdog);
@@ -397,7 +407,7 @@ export class GatewayClient {
     this._attempt += 1;
     const delay = Math.random() * cap;  // full jitter
     this.onStatus("reconnecting", delay);  // detail: ms until the next attempt
-    setTimeout(() => this._open(), delay);
+    this._retryTimer = setTimeout(() => this._open(), delay);
   }
 
   _arm(ws) {  // 2 x heartbeat_ms of silence = dead connection
@@ -427,7 +437,8 @@ export class GatewayClient {
       }
       case "refreshed": {
         this.stats.refreshes += 1;
-        if (typeof m.exp === "number") this.tokenExp = m.exp;
+        // no `exp` (a gateway without auth ignores tokens): the token just sent says when it expires
+        this.tokenExp = typeof m.exp === "number" ? m.exp : tokenExp(this.token);
         this._scheduleRefresh();
         break;
       }
@@ -461,15 +472,21 @@ export class GatewayClient {
   _scheduleRefresh() {  // only with a provider: a fixed token cannot be renewed
     clearTimeout(this._refreshTimer);
     if (!this.tokenProvider || this.tokenExp === null) return;
-    this._refreshTimer = setTimeout(() => this._refresh(),
-                                    refreshDelay(this.tokenExp, Date.now(), this.refreshLead));
+    this._refreshAt(Date.now() + refreshDelay(this.tokenExp, Date.now(), this.refreshLead));
+  }
+
+  _refreshAt(atMs) {  // refresh at that time (Date.now() clock), however far ahead
+    const wait = atMs - Date.now();
+    this._refreshTimer = wait > MAX_TIMEOUT_MS
+      ? setTimeout(() => this._refreshAt(atMs), MAX_TIMEOUT_MS)
+      : setTimeout(() => this._refresh(), wait);
   }
 
   _retryRefresh() {  // try again halfway to exp; at worst the gateway closes 4001 and we reconnect
     clearTimeout(this._refreshTimer);
     if (!this.tokenProvider || this.tokenExp === null) return;
     const left = this.tokenExp * 1000 - Date.now();
-    if (left > 200) this._refreshTimer = setTimeout(() => this._refresh(), left / 2);
+    if (left > 200) this._refreshAt(Date.now() + left / 2);
   }
 
   _refresh() {
