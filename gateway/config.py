@@ -63,7 +63,8 @@ class Config:
         "help": "memory budget for all subjects' recovery state; over it the gateway forgets subjects nobody "
                 "is subscribed to (least recently written first), then trims the oldest history of the others"})
     max_message_bytes: int = field(default=1 * MiB, metadata={
-        "help": "largest inbound WebSocket message; larger closes with 1009"})
+        "help": "largest inbound WebSocket message; larger closes with 1009. A Kafka record of another "
+                "producer whose content as delivered in a msg (JSON-escaped) is larger is skipped and counted"})
     max_pending_bytes: int = field(default=4 * MiB, metadata={
         "help": "largest output queued for one connection; more closes it with 4000 (slow consumer); "
                 "at least 2 x --max-message-bytes"})

@@ -357,6 +357,16 @@ def content_member(content: bytes) -> bytes:
     return orjson.dumps(content_fields(content))[1:-1]
 
 
+def content_too_large(content: bytes, limit: int) -> bool:
+    """Whether `content` as it travels in a `msg` (its content_member(): `content` JSON-escaped, or
+    `content_b64`) is over `limit` (--max-message-bytes). Valid UTF-8 grows when escaped: a control
+    character takes 6 bytes (\\u0001). The encode runs only when 6 x the bytes could exceed the limit."""
+    n = len(content)
+    if n > limit:
+        return True
+    return 6 * n + 16 > limit and len(content_member(content)) > limit
+
+
 def msg(record: Record, *, snapshot: bool = False) -> bytes:
     """The `msg` payload of a record: encoded once per message, shared by every subscriber."""
     obj: dict[str, Any] = {"op": "msg", "subject": record.subject}

@@ -55,6 +55,7 @@ def make_engine(config: Config) -> Engine:
             metadata_refresh_s=config.kafka_metadata_refresh_ms / 1000,
             client_id=f"gateway-{config.node_id}",
             security=KafkaSecurity.from_config(config),
+            max_message_bytes=config.max_message_bytes,
         )
     from .engines.standalone import StandaloneEngine
 

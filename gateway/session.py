@@ -407,7 +407,7 @@ class Session(WSConn):
             return self.send_error(ProtocolError(protocol.RATE_LIMITED, "publishing faster than the connection's "
                                                  "rate (--publish-rate)", id=req.id, subject=subject.text,
                                                  request="publish"))
-        if _too_large(req.content, host.config.max_message_bytes):
+        if protocol.content_too_large(req.content, host.config.max_message_bytes):
             return self.send_error(ProtocolError(protocol.TOO_LARGE, "content larger than the limit as delivered "
                                                  "(JSON-escaped, --max-message-bytes)",
                                                  id=req.id, subject=subject.text, request="publish"))
@@ -575,19 +575,6 @@ class Session(WSConn):
     def _abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()  # a no-op once the connection is gone
-
-
-def _too_large(content: bytes, limit: int) -> bool:
-    """Whether the content as it travels in a `msg` (its `content` or `content_b64` member) is over `limit`.
-
-    A `content` publish can never be: the frame that carried it was within the limit, and orjson's escapes
-    are the shortest JSON has. But valid UTF-8 published as `content_b64` is delivered as `content`, where
-    a control character takes 6 bytes (\\u0001): 700 KB would become a 4 MB frame, over every subscriber's
-    --max-pending-bytes (a 4000 close for each, and for each later one, as the snapshot)."""
-    n = len(content)
-    if n > limit:
-        return True
-    return 6 * n + 16 > limit and len(protocol.content_member(content)) > limit
 
 
 def _op_name(req: protocol.Request) -> str:

@@ -159,6 +159,48 @@ async def test_bad_keys_are_skipped_and_counted(kafka_broker: KafkaBroker, make_
     await wait_until(lambda: engine.stats()["records_skipped_bad_key"] == len(bad), "bad keys counted")
 
 
+async def test_records_too_large_as_delivered_are_skipped_on_every_path(
+        kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
+    """A record of another producer whose content as delivered (JSON-escaped: a control character is 6
+    bytes, \\u0001) is over --max-message-bytes (1 MiB) would be a msg over every subscriber's
+    --max-pending-bytes: skipped and counted by the consumer (live and warmup), a replay and a snapshot
+    read alike, and no record's prev: the next one of the subject carries the last one delivered."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    limit = 1 << 20
+    fits = (limit - len('"content":""')) // 6   # escaped, the member is exactly at the limit or just under
+    engine, got = await make_engine([t])
+    metas = await kafka_broker.produce(t, [
+        (b"a", b"m1"), (b"a", b"\x01" * (fits + 1)), (b"b", b"other"), (b"a", b"m3"),
+        (b"a", b"\x01" * fits), (b"a", b"\x02" * 200_000)])
+    seq = [m.offset + 1 for m in metas]
+    a, b = parse_subject(f"/{t}/a"), parse_subject(f"/{t}/b")
+    epoch = engine.epoch(a)
+    # every record read (handed to the sink, or skipped, in the same turn)
+    await wait_until(lambda: engine.partition_stats()[0][3] == len(metas), "the records read")
+    expected = [(a.text, seq[0], 0, b"m1"), (b.text, seq[2], 0, b"other"), (a.text, seq[3], seq[0], b"m3"),
+                (a.text, seq[4], seq[3], b"\x01" * fits)]
+    assert [(r.subject, r.seq, r.prev, r.content) for r in got] == expected
+    assert engine.stats()["records_skipped_too_large"] == 2
+    of_a = [x for x in expected if x[0] == a.text]
+    # Replays from Kafka: from the subject's start, from m1 and from m3 (the record before the range is
+    # read for prev); the same records with the same prev as live. From the skipped record's own seq (no
+    # client was given it): the first prev is unknown, as after any position that is no message of it.
+    at_skipped = [(a.text, seq[3], None, b"m3"), *of_a[2:]]
+    for after, want in ((0, of_a), (seq[0], of_a[1:]), (seq[1], at_skipped), (seq[3], of_a[2:])):
+        replayed = await engine.replay(a, epoch, after, seq[-1])
+        assert replayed is not None
+        assert [(r.subject, r.seq, r.prev, r.content) for r in replayed] == want, after
+    # A snapshot read (the subject's newest record) passes over the newest record, too large.
+    snap = await engine.latest(a)
+    assert snap is not None and (snap.seq, snap.prev) == (seq[4], seq[3])
+    # Warmup: an engine started now reads them at start, with the same result.
+    engine2, got2 = await make_engine([t])
+    await wait_until(lambda: engine2.partition_stats()[0][3] == len(metas), "the records read, at warmup")
+    assert [(r.subject, r.seq, r.prev, r.content) for r in got2] == expected
+    assert engine2.stats()["records_skipped_too_large"] == 2
+
+
 async def test_two_engines_agree(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
     t1, t2 = topic("a"), topic("b")
     await kafka_broker.create_topic(t1, 2)

@@ -197,6 +197,96 @@ async def test_records_of_other_producers_with_odd_keys_and_values(
         await pub.close()
 
 
+async def _engine_metric(port: int, name: str) -> float:
+    """gateway_engine{name=`name`} from /metrics over HTTP."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    try:
+        writer.write(f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        body = (await asyncio.wait_for(reader.read(), WAIT)).split(b"\r\n\r\n", 1)[1].decode()
+    finally:
+        writer.close()
+    (line,) = [x for x in body.splitlines() if x.startswith("gateway_engine{") and f'name="{name}"' in x]
+    return float(line.rsplit(" ", 1)[1])
+
+
+async def test_a_record_too_large_as_delivered_is_skipped_not_a_subject_down(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    """A record of another producer whose content as delivered is over --max-message-bytes (here valid
+    UTF-8 of control characters, 6 bytes each once JSON-escaped) would be a msg over --max-pending-bytes:
+    every subscriber of the subject, and every later one (the snapshot, a replay), closed 4000 again and
+    again. It is skipped and counted; the next record of the subject carries the last one delivered as
+    prev, live and on recovery, and nothing else is disturbed."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    limit = 64 * 1024
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], max_message_bytes=limit,
+                             max_pending_bytes=2 * limit)
+    sa, sb = f"/{t}/a", f"/{t}/b"
+    ws = await connected(ws_url(gw))
+    c = Collector(ws)
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": sa}, {"subject": sb}]})
+    await wait_until(lambda: len(c.ops("subscribed")) == 2, "subscribed")
+    epoch = c.ops("subscribed")[0]["epoch"]
+    big = b"\x01" * (limit // 2)   # 32 KiB in Kafka; 192 KiB as delivered, over max-pending-bytes
+    m1, m2, other, m3 = await kafka_broker.produce(t, [(b"a", b"m1"), (b"a", big), (b"b", b"other"), (b"a", b"m3")])
+    pub = await connected(ws_url(gw))
+    try:
+        await flush_with_sentinels(pub, [sa, sb], [c])
+        assert c.closed is None
+        assert [(m["seq"], m["prev"], m["content"]) for m in c.msgs[sa]] == [
+            (m1.offset + 1, 0, "m1"), (m3.offset + 1, m1.offset + 1, "m3")]
+        assert [(m["seq"], m["content"]) for m in c.msgs[sb]] == [(other.offset + 1, "other")]
+        assert await _engine_metric(gw.port, "records_skipped_too_large") == 1
+        # From here on each step ends with a marker of its own, published once its subscriber is in: the
+        # marker arrives after everything before it (one subject's messages arrive in order).
+        async def marker(text: str, collectors: list[Collector]) -> None:
+            await send(pub, {"op": "publish", "subject": sa, "content": text, "id": text})
+            await wait_until(lambda: all(x.msgs.get(sa) and x.msgs[sa][-1]["content"] == text
+                                         for x in collectors), text)
+
+        def got(x: Collector) -> list[tuple[int, int | None, str, bool]]:
+            return [(m["seq"], m.get("prev"), m["content"], m.get("snapshot", False)) for m in x.msgs[sa]]
+
+        # A fresh subscriber at m1 recovers from memory: m3 (prev m1), the first sentinel, then live.
+        ws2 = await connected(ws_url(gw))
+        c2 = Collector(ws2)
+        await send(ws2, {"op": "subscribe", "subjects": [{"subject": sa, "epoch": epoch, "seq": m1.offset + 1}]})
+        await wait_until(lambda: len(c2.ops("subscribed")) == 1, "subscribed at m1")
+        assert c2.ops("subscribed")[0]["recovered"] is True
+        await marker("after c2", [c, c2])
+        assert [x[1:] for x in got(c2)] == [(m1.offset + 1, "m3", False), (m3.offset + 1, f"sentinel {sa}", False),
+                                            (got(c2)[1][0], "after c2", False)]
+        assert_chain(c2.msgs[sa], m1.offset + 1)
+        # A fresh subscriber without a position: the newest message as its snapshot, then live; no 4000.
+        ws3 = await connected(ws_url(gw))
+        c3 = Collector(ws3)
+        await send(ws3, {"op": "subscribe", "subjects": [{"subject": sa}]})
+        await wait_until(lambda: len(c3.ops("subscribed")) == 1, "subscribed fresh")
+        await marker("after c3", [c, c2, c3])
+        assert [(x[2], x[3]) for x in got(c3)] == [("after c2", True), ("after c3", False)]
+        # The same from Kafka: a gateway holding one message per subject replays the position at m1.
+        gw2 = await kafka_gateway(gateway_factory, kafka_broker, [t], max_message_bytes=limit,
+                                  max_pending_bytes=2 * limit, history=1)
+        replays = gw2.engine.stats()["replays"]
+        ws4 = await connected(ws_url(gw2))
+        c4 = Collector(ws4)
+        await send(ws4, {"op": "subscribe", "subjects": [{"subject": sa, "epoch": epoch, "seq": m1.offset + 1}]})
+        await wait_until(lambda: len(c4.ops("subscribed")) == 1, "subscribed at m1 on the second gateway")
+        assert c4.ops("subscribed")[0]["recovered"] is True
+        assert gw2.engine.stats()["replays"] == replays + 1
+        await marker("after c4", [c, c4])
+        assert [x[2] for x in got(c4)] == ["m3", f"sentinel {sa}", "after c2", "after c3", "after c4"]
+        assert got(c4)[0][:2] == (m3.offset + 1, m1.offset + 1)
+        assert_chain(c4.msgs[sa], m1.offset + 1)
+        assert (c.closed, c2.closed, c3.closed, c4.closed) == (None, None, None, None)
+        await c2.stop()
+        await c3.stop()
+        await c4.stop()
+    finally:
+        await c.stop()
+        await pub.close()
+
+
 async def test_unknown_topic(kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
     t = topic()
     await kafka_broker.create_topic(t, 1)

@@ -9,6 +9,9 @@
     metadata      -> refreshed periodically: new topics and partitions are assigned; a recreated
                      topic (new topic id) gets a new epoch and is read from its start
     replay()      -> a short-lived consumer: assign + seek, read the range, keep the subject's key
+    too large     -> a record whose content as delivered (JSON-escaped, or base64) is over
+                     --max-message-bytes is skipped and counted on every path (consumer, replay,
+                     snapshot), and is no record's prev: its msg could overflow every subscriber
 
 Epoch = hash(cluster id, topic, topic id, partition): the same on every gateway of one cluster, so a
 client recovers on any of them. See PROTOCOL.md "Messages" and "Subjects / Kafka mapping".
@@ -46,6 +49,7 @@ from aiokafka.protocol.metadata import MetadataRequest as _LegacyMetadataRequest
 from aiokafka.protocol.types import Boolean, CompactArray, CompactString, Int16, Int32, Schema, TaggedFields
 from aiokafka.structs import TopicPartition
 
+from ..protocol import content_too_large
 from ..subjects import Subject, subject_for_record
 from . import kafka_records
 from .base import Engine, EngineUnavailable, Record, UnknownTopic
@@ -67,6 +71,9 @@ _SUBJECT_CACHE_MAX = 100_000
 #: keys must not grow the engine without limit; a subject not remembered gets prev unknown (absent)
 _LAST_SEQS_MAX = 200_000
 _UNKNOWN_TOPIC_OR_PARTITION = 3
+#: at most one log line per this many seconds about records skipped as too large (a producer writing
+#: many of them must not flood the log; the counter has them all)
+_TOO_LARGE_LOG_S = 60.0
 _by_seq = operator.attrgetter("seq")
 #: publish -> ack latency histogram bounds (seconds); acks=all on a healthy cluster is a few ms
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -209,6 +216,7 @@ class KafkaEngine(Engine):
         max_concurrent_replays: int = 8,
         start_timeout: float = 30.0,
         security: KafkaSecurity | None = None,
+        max_message_bytes: int = 1 << 20,
     ) -> None:
         super().__init__()
         self._bootstrap = bootstrap
@@ -227,6 +235,13 @@ class KafkaEngine(Engine):
         self._replay_timeout = replay_timeout
         self._replay_slots = asyncio.Semaphore(max_concurrent_replays)
         self._start_timeout = start_timeout
+        # A record whose content as delivered is over --max-message-bytes is skipped (a producer other
+        # than the gateway wrote it): its `msg` could overflow every subscriber's --max-pending-bytes.
+        # Only a value longer than `_suspect` can be: 6 bytes per byte escaped, plus the member's name.
+        self._max_content = max_message_bytes
+        self._suspect = max(-1, (max_message_bytes - 16) // 6)
+        self._too_large_logged = -_TOO_LARGE_LOG_S   # monotonic time of the last log line about them
+        self._too_large_unlogged = 0                  # skipped since that line
 
         self._meta: AIOKafkaClient | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -255,7 +270,7 @@ class KafkaEngine(Engine):
         self.idempotent = False
 
         self._n: dict[str, int] = dict.fromkeys((
-            "records_consumed", "records_skipped_bad_key", "records_skipped_keyless",
+            "records_consumed", "records_skipped_bad_key", "records_skipped_keyless", "records_skipped_too_large",
             "records_duplicate", "offset_gaps", "sink_errors", "publishes", "publish_errors", "publish_outcome_unknown",
             "metadata_errors", "replays", "snapshot_reads", "replay_failures", "epoch_changes"), 0)
 
@@ -668,12 +683,23 @@ class KafkaEngine(Engine):
 
         groups: dict[bytes | None, list[Any]] = {}
         get = groups.get
+        suspect = self._suspect
+        suspects: list[Any] | None = None   # records whose value may be too large as delivered (rare)
         for r in records:
+            v = r.value
+            if v is not None and len(v) > suspect:
+                if suspects is None:
+                    suspects = []
+                suspects.append(r)
             group = get(r.key)
             if group is None:
                 groups[r.key] = [r]
             else:
                 group.append(r)
+        too_large: set[int] | None = None   # offsets of records skipped as too large
+        if suspects is not None:
+            limit = self._max_content
+            too_large = {r.offset for r in suspects if content_too_large(r.value, limit)} or None
 
         sink, run_sink = self._sink, self._run_sink
         cache = self._subjects
@@ -697,6 +723,15 @@ class KafkaEngine(Engine):
                 n["records_skipped_keyless"] += len(group)
                 continue
             text = subject.text
+            if too_large is not None:
+                # skipped before prev is looked up and `last` set: the next record of the subject carries
+                # the seq of the last one delivered as prev, as a replay from Kafka gives it (_read_range)
+                kept = [r for r in group if r.offset not in too_large]
+                if len(kept) < len(group):
+                    self._skipped_too_large(text, [r for r in group if r.offset in too_large])
+                    if not kept:
+                        continue
+                    group = kept
             prev = last.get(text)
             last[text] = group[-1].offset + 1
             if prev is not None:
@@ -731,6 +766,20 @@ class KafkaEngine(Engine):
                 except Exception:  # noqa: BLE001 - one bad record must not stop the partition
                     n["sink_errors"] += 1
                     log.exception("sink failed on %s seq %d", rec.subject, rec.seq)
+
+    def _skipped_too_large(self, subject: str, records: list[Any]) -> None:
+        """Count records of `subject` skipped as too large as delivered; log it, at most once a minute."""
+        self._n["records_skipped_too_large"] += len(records)
+        self._too_large_unlogged += len(records)
+        now = time.monotonic()
+        if now - self._too_large_logged < _TOO_LARGE_LOG_S:
+            return
+        r = records[-1]
+        log.warning("skipped %d Kafka record(s) too large as delivered (over --max-message-bytes %d), the last "
+                    "of %s at seq %d (%d bytes raw); records_skipped_too_large in /metrics counts them all",
+                    self._too_large_unlogged, self._max_content, subject, r.offset + 1, len(r.value))
+        self._too_large_logged = now
+        self._too_large_unlogged = 0
 
     async def _check_caught_up(self, consumer: AIOKafkaConsumer) -> None:
         for tp, target in list(self._waiting.items()):
@@ -885,6 +934,11 @@ class KafkaEngine(Engine):
                         break
                     if r.key == key:
                         seq = r.offset + 1
+                        if r.value is not None and len(r.value) > self._suspect \
+                                and content_too_large(r.value, self._max_content):
+                            if seq > after_seq:
+                                self._skipped_too_large(subject.text, [r])
+                            continue   # as the consumer does: not delivered, not anyone's prev
                         if seq > after_seq:
                             ts = r.timestamp if r.timestamp is not None and r.timestamp >= 0 else 0
                             out.append(Record(subject.text, r.value if r.value is not None else b"",
