@@ -326,6 +326,38 @@ class Hub:
                     self.stats.deliveries += 1
                     st.channel.add(p.conn)
 
+    def forget_epoch(self, epoch: str) -> int:
+        """The engine can no longer vouch for `epoch`'s history (Kafka: retention deleted records of the
+        partition before it read them, or the topic was deleted or recreated): forget what is held of
+        every subject of it. Its messages go (no replay from memory spans the loss, no snapshot predates
+        it; a recovery is asked of the engine, and a fresh subscriber's snapshot read from it, as for a
+        subject forgotten under the budget), and the subject too when nobody watches it. A watched one
+        keeps its subscribers and recoveries in flight and takes the subject's epoch now (a recreated
+        topic's new one). O(subjects held): the engine calls it rarely. Returns how many subjects."""
+        n = 0
+        dropped = False
+        for subject, st in list(self._states.items()):
+            if st.epoch != epoch:
+                continue
+            n += 1
+            if st.ring is not None:
+                self.forgotten.add(subject)
+            if st.watched:
+                self.bytes -= _ring_cost(st.ring)
+                st.ring = None
+                st._snapshot_frame = None
+                now = self._epoch_of(subject)
+                if now != st.epoch:
+                    st.epoch = now
+                    self.stats.epoch_changes += 1
+            else:
+                del self._states[subject]
+                self.bytes -= SUBJECT_OVERHEAD + len(subject) + _ring_cost(st.ring)
+                dropped = True
+        if dropped:
+            self.generation += 1
+        return n
+
     # ---- the memory budget ----------------------------------------------------------------------------
 
     def sweep(self) -> None:

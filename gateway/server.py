@@ -88,7 +88,7 @@ class Gateway:
         self.node_id: str = config.node_id or "gateway"
         self.engine = engine or make_engine(config)
         self.hub = Hub(self._epoch_of, config.history, config.history_bytes, config.history_total_bytes)
-        self.engine.bind(self.hub.deliver, self.hub, self.hub.deliver_run)
+        self.engine.bind(self.hub.deliver, self.hub, self.hub.deliver_run, self.hub.forget_epoch)
         self.auth = make_authenticator(config)
         if not self.auth.enabled:
             log.warning("auth is off: no --jwt-secret or --jwt-public-key, every client may subscribe and "

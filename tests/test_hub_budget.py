@@ -353,3 +353,35 @@ async def test_kafka_fresh_subscriber_to_a_forgotten_subject_gets_its_snapshot(p
     # a quiet subject that was never forgotten costs no read from Kafka
     assert recovery.subscribe(hub, engine, peer.conn, parse_subject("/k/never"), None) is None
     assert engine.reads == ["/k/old"]
+
+
+async def test_forget_epoch_drops_the_history_of_that_epochs_subjects(peers: Any) -> None:
+    """The engine lost an epoch's continuity (Kafka: retention while the gateway could not read, a topic
+    deleted or recreated): every subject of it loses its history and snapshot at once; a watched one keeps
+    its subscribers and takes the subject's current epoch, an unwatched one is forgotten; other epochs
+    are untouched, the accounting follows, and a fresh subscriber then gets its snapshot from the engine."""
+    epochs = {"/a/w": "e1", "/a/u": "e1", "/b/x": "e9"}
+    hub = Hub(lambda s: epochs[s], history=100, history_bytes=1 << 20)
+    peer = await peers()
+    assert recovery.subscribe(hub, _NoEngine(), peer.conn, parse_subject("/a/w"), None) is None
+    for s, e in epochs.items():
+        for seq in (1, 2):
+            hub.deliver(record(s, seq, epoch=e))
+    epochs["/a/w"] = epochs["/a/u"] = "e2"   # the engine's epoch of the a-subjects now (a recreated topic)
+    assert hub.forget_epoch("e1") == 2
+    assert hub.forget_epoch("e1") == 0
+    st = hub.get("/a/w")
+    assert st is not None and st.ring is None and st.snapshot_frame() is None and st.channel
+    assert (st.epoch, st.last_seq, hub.stats.epoch_changes) == ("e2", 0, 1)
+    assert hub.get("/a/u") is None and "/a/u" in hub.forgotten and "/a/w" in hub.forgotten
+    assert hub.bytes == cost(hub, "/b/x") + SUBJECT_OVERHEAD + len("/a/w")
+    assert hub.position("/b/x") == ("e9", 2)
+    hub.deliver(record("/a/w", 3, epoch="e2"))   # live again, to the subscriber that stayed
+    await wait_until(lambda: [m["seq"] for m in peer.messages() if m["op"] == "msg"] == [1, 2, 3], "live")
+    engine = _FakeKafka({"/a/u": record("/a/u", 2, b"from Kafka", epoch="e2")})
+    other = await peers()
+    waiting = recovery.subscribe(hub, engine, other.conn, parse_subject("/a/u"), None)
+    assert waiting is not None
+    await waiting
+    await wait_until(lambda: len(other.messages()) == 2, "subscribed and the snapshot read from the engine")
+    assert [(m["op"], m.get("content")) for m in other.received] == [("subscribed", None), ("msg", "from Kafka")]

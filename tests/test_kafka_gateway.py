@@ -709,6 +709,88 @@ async def test_a_position_older_than_the_log_start_is_not_recovered_from_memory(
         await ws.close()
 
 
+async def _next_msg(ws: ClientConnection) -> dict[str, Any]:
+    """The next frame that is not a heartbeat; it must be a `msg`."""
+    while True:
+        f = await recv(ws, WAIT)
+        if f["op"] != "hb":
+            assert f["op"] == "msg", f
+            return f
+
+
+async def test_retention_while_the_gateway_cannot_read_is_no_silent_gap(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    """Retention deletes a message while the gateway cannot reach Kafka: when it reads again, its reader's
+    position is before the new log start. The live subscriber's next message must not claim continuity
+    over the deleted one (prev present and not the client's last seq, so it resubscribes), and a recovery
+    from before the log start is recovered:false, not a replay over the hole."""
+    from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+    from aiokafka.structs import TopicPartition
+
+    if os.environ.get("KAFKA_TEST_BROKER") == "tansu" or kafka_broker.external:
+        pytest.skip("needs DeleteRecords (not in Tansu) and brokers behind proxies (started here)")
+    t = topic()
+    s = f"/{t}/s"
+    async with kafka_broker.behind_proxy() as net:
+        broker = net.broker   # direct access, around the proxies
+        await broker.create_topic(t, 1)
+        gw = await kafka_gateway(gateway_factory, broker, [t], bootstrap=net.bootstrap, kafka_metadata_refresh_ms=100)
+        direct = broker.direct_producer()
+        ws = await connected(ws_url(gw))
+        ws2: ClientConnection | None = None
+        try:
+            await direct.start()
+            await send(ws, {"op": "subscribe", "subjects": [{"subject": s}]})
+            epoch = (await recv_until(ws, "subscribed"))["epoch"]
+            m1 = await direct.send_and_wait(t, b"m1", key=b"s")
+            got = await _next_msg(ws)
+            assert (got["seq"], got["prev"], got["content"]) == (m1.offset + 1, 0, "m1")
+
+            net.cut()
+            await wait_until(lambda: not gw.engine.connected, "the gateway noticed it cannot reach Kafka")
+            m2 = await direct.send_and_wait(t, b"m2", key=b"s")
+            for i in range(3):
+                await direct.send_and_wait(t, b"%d" % i, key=b"x")
+            m3 = await direct.send_and_wait(t, b"m3", key=b"s")
+            admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+            await admin.start()
+            try:   # m1 and m2 go (retention); the gateway never read m2
+                await admin.delete_records({TopicPartition(t, 0): RecordsToDelete(before_offset=m2.offset + 2)})
+            finally:
+                await admin.close()
+            net.restore()
+
+            got = await _next_msg(ws)   # the gateway reads again: m3 is the next message of s
+            assert (got["seq"], got["content"]) == (m3.offset + 1, "m3"), got
+            # the client holds seq 1 and never got m2: m3's prev must tell it (present, and not 1)
+            assert "prev" in got and got["prev"] != m1.offset + 1, got
+            # what the SDK then does: subscribe again from its position, which Kafka no longer holds
+            await send(ws, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": m1.offset + 1}]})
+            sub = await recv_until(ws, "subscribed")
+            assert (sub["epoch"], sub["seq"], sub["recovered"]) == (epoch, m3.offset + 1, False), sub
+            snap = await _next_msg(ws)
+            assert (snap["seq"], snap["content"], snap.get("snapshot")) == (m3.offset + 1, "m3", True), snap
+            # another client with the same position, on a connection of its own: the same answer
+            ws2 = await connected(ws_url(gw))
+            await send(ws2, {"op": "subscribe", "subjects": [{"subject": s, "epoch": epoch, "seq": m1.offset + 1}]})
+            sub = await recv_until(ws2, "subscribed")
+            assert (sub["seq"], sub["recovered"]) == (m3.offset + 1, False), sub
+            snap = await _next_msg(ws2)
+            assert (snap["seq"], snap.get("snapshot")) == (m3.offset + 1, True), snap
+            # nothing else came in between: the next message on both is a sentinel, chained to m3
+            sentinel = await direct.send_and_wait(t, b"sentinel", key=b"s")
+            for w in (ws, ws2):
+                got = await _next_msg(w)
+                assert (got["seq"], got["prev"], got["content"]) == (sentinel.offset + 1, m3.offset + 1,
+                                                                     "sentinel"), got
+        finally:
+            await ws.close()
+            if ws2 is not None:
+                await ws2.close()
+            await gw.stop()   # before the proxies go
+            await direct.stop()
+
+
 async def test_a_publish_whose_answer_is_lost_fails_saying_it_may_still_be_written(
         kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
     """The produce request reaches Kafka and is written; only its answer never comes back. The publish

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from ..records import Record
 from ..subjects import Subject
 
-__all__ = ["Engine", "EngineUnavailable", "Held", "Record", "Sink", "UnknownTopic"]  # Record: gateway/records.py
+# Record: gateway/records.py
+__all__ = ["Engine", "EngineUnavailable", "Forget", "Held", "Record", "Sink", "UnknownTopic"]
 
 
 class EngineUnavailable(Exception):
@@ -33,6 +34,10 @@ Sink = Callable[[Record], None]
 #: The batch sink (Hub.deliver_run): (subject, epoch, records of that subject in offset order with
 #: .offset/.value/.timestamp, seq of the subject's message before the first (0 none, None unknown), now in ms)
 RunSink = Callable[[str, str, list[Any], "int | None", int], None]
+#: (Hub.forget_epoch) told an epoch whose history the engine can no longer vouch for: records of it were
+#: lost before the engine read them (Kafka: retention while the gateway could not read), or it ended (a
+#: topic deleted or recreated). The hub forgets what it holds of that epoch's subjects.
+Forget = Callable[[str], object]
 
 
 class Held(Protocol):
@@ -62,14 +67,18 @@ class Engine(abc.ABC):
         self._sink: Sink | None = None
         self._held: Held | None = None
         self._run_sink: RunSink | None = None
+        self._forget: Forget | None = None
 
-    def bind(self, sink: Sink, held: Held | None = None, run_sink: RunSink | None = None) -> None:
+    def bind(self, sink: Sink, held: Held | None = None, run_sink: RunSink | None = None,
+             forget: Forget | None = None) -> None:
         """Set where sequenced records go (the hub's deliver) and what the hub holds. Called once,
         before start(). An engine that reads records in batches hands them to `run_sink` (the hub's
-        deliver_run), one run per subject, when given, instead of a Record each to `sink`."""
+        deliver_run), one run per subject, when given, instead of a Record each to `sink`. `forget`
+        (the hub's forget_epoch) is told an epoch whose held history no longer stands (see Forget)."""
         self._sink = sink
         self._held = held
         self._run_sink = run_sink
+        self._forget = forget
 
     @abc.abstractmethod
     async def start(self) -> None:

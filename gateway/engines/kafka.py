@@ -40,6 +40,7 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     NodeNotReadyError,
+    OffsetOutOfRangeError,
     RequestTimedOutError,
 )
 from aiokafka.partitioner import murmur2
@@ -170,6 +171,12 @@ class _Partition:
     # read from offset 0: a subject's first record has prev 0. Not from a log start past 0: retention
     # deleted what came before, and a subject's first record there may follow messages of it now gone
     complete: bool = False
+    # read on from the log start `floor` after retention deleted records this gateway had not read (its
+    # position fell out of range): a subject's first record since has prev `floor`, the seq of the last
+    # record deleted, an upper bound of its real prev (that record may not be the subject's): a client
+    # holding an older seq sees a gap and resubscribes (recovered:false), one holding `floor` did miss
+    # nothing. None otherwise; like `complete`, it holds only while `last` has lost no subject
+    floor: int | None = None
     # subject -> seq of its newest record, least recently written first; bounded (see _LAST_SEQS_MAX):
     # once one is dropped, `complete` is False (a subject not in it may have had records before)
     last: OrderedDict[str, int] = field(default_factory=OrderedDict)
@@ -272,7 +279,7 @@ class KafkaEngine(Engine):
         self._n: dict[str, int] = dict.fromkeys((
             "records_consumed", "records_skipped_bad_key", "records_skipped_keyless", "records_skipped_too_large",
             "records_duplicate", "offset_gaps", "sink_errors", "publishes", "publish_errors", "publish_outcome_unknown",
-            "metadata_errors", "replays", "snapshot_reads", "replay_failures", "epoch_changes"), 0)
+            "metadata_errors", "replays", "snapshot_reads", "replay_failures", "epoch_changes", "offset_resets"), 0)
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -312,7 +319,9 @@ class KafkaEngine(Engine):
         kafka_records.install()   # getmany() then returns aiokafka's decoded records (see there)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap, client_id=self._client_id, group_id=None,
-            enable_auto_commit=False, auto_offset_reset="earliest",
+            # "none": every position is chosen here (a seek); one out of range raises (see _out_of_range)
+            # instead of jumping silently to the log start over records this gateway never read
+            enable_auto_commit=False, auto_offset_reset="none",
             fetch_max_wait_ms=self._fetch_wait_ms, request_timeout_ms=_REQUEST_TIMEOUT_MS,
             key_deserializer=kafka_records.raw_records, **self._client_options)
         await self._consumer.start()
@@ -632,6 +641,15 @@ class KafkaEngine(Engine):
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
+            except OffsetOutOfRangeError as exc:
+                offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+                try:
+                    await self._out_of_range(consumer, offsets)
+                except (KafkaError, OSError, TimeoutError) as err:   # asked again at the next fetch
+                    log.warning("Kafka consumer: cannot reposition %s out of range (%r); retrying in %.1f s",
+                                sorted(offsets), err, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
             except Exception as exc:  # noqa: BLE001 - the reader must outlive any error
                 log.warning("Kafka consumer error (%r); retrying in %.1f s", exc, backoff)
                 await asyncio.sleep(backoff)
@@ -640,16 +658,73 @@ class KafkaEngine(Engine):
     async def _assign(self, consumer: AIOKafkaConsumer) -> None:
         """(Re)assign every known partition; assign() forgets positions, so seek each to our own.
 
-        A partition found after start has no position yet: the consumer resets it to its log start
-        (auto_offset_reset="earliest"), so it is read whole (a new topic is empty or nearly so; a
-        partition added later holds only what was produced since). Its first record fixes next.
+        A partition found after start has no position yet: it is read from its log start (asked of
+        Kafka here), so it is read whole (a new topic is empty or nearly so; a partition added later
+        holds only what was produced since). Should that question fail, the assignment is made again.
         """
         self._dirty = False
         consumer.assign(list(self._parts))
+        new: list[TopicPartition] = []
         for tp, p in self._parts.items():
             if p.next is not None:
                 consumer.seek(tp, p.next)
+            else:
+                new.append(tp)
+        if new:
+            try:
+                begin = await consumer.beginning_offsets(new)
+            except BaseException:
+                self._dirty = True   # no position: the next turn assigns and asks again
+                raise
+            assigned = consumer.assignment()
+            for tp in new:
+                found = self._parts.get(tp)
+                if found is not None and found.next is None and tp in assigned and not self._dirty:
+                    found.next, found.complete = begin[tp], begin[tp] == 0
+                    consumer.seek(tp, begin[tp])
         log.debug("Kafka consumer assigned %d partitions", len(self._parts))
+
+    async def _out_of_range(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        """The consumer's position in these partitions (tp -> the offset fetched) is out of their range.
+
+        Before the log start: retention deleted records this gateway had not read yet (it could not read
+        for a while, or fell far behind). Past the end: the log was truncated below it (an unclean leader
+        election), or the topic was recreated (the metadata refresh, asked first, finds that and reads the
+        new topic from its start). The partition is read on from its log start (its end when truncated),
+        and nothing known of its subjects' past may stand for continuity across what was lost: the hub
+        forgets what it holds of them (no replay from memory spans the loss; a recovery older than the log
+        start is asked of Kafka: recovered:false), and each subject's first record from here on has prev
+        `floor`, which no live subscriber that missed something holds (it resubscribes).
+        """
+        await self.refresh_metadata()
+        if self._dirty:
+            await self._assign(consumer)
+        assigned = consumer.assignment()
+        tps = [tp for tp in offsets if tp in assigned and tp in self._parts and self._parts[tp].next is not None]
+        if not tps:
+            return
+        begin = await consumer.beginning_offsets(tps)
+        end = await consumer.end_offsets(tps)
+        assigned = consumer.assignment()
+        for tp in tps:
+            p = self._parts.get(tp)
+            fetched = offsets[tp]
+            if p is None or p.next is None or tp not in assigned or begin[tp] <= fetched <= end[tp]:
+                continue   # reassigned meanwhile, or in range again: the next fetch tells
+            start = begin[tp] if fetched < begin[tp] else end[tp]
+            log.warning("Kafka partition %s: offset %d is out of range (%d..%d)%s; reading on from %d, and "
+                        "the gateway's memory of its subjects is dropped (clients get recovered:false)",
+                        tp, fetched, begin[tp], end[tp],
+                        ": retention deleted records not read yet" if fetched < begin[tp]
+                        else ": the log was truncated", start)
+            self._n["offset_resets"] += 1
+            p.next = start
+            p.last.clear()
+            p.complete = start == 0
+            p.floor = None if start == 0 else start
+            consumer.seek(tp, start)
+            if self._forget is not None:
+                self._forget(p.epoch)
 
     def _deliver(self, tp: TopicPartition, records: list[Any]) -> None:
         """Hand one fetched batch of a partition (offsets increasing) to the sink, grouped by subject:
@@ -660,8 +735,8 @@ class KafkaEngine(Engine):
         p = self._parts.get(tp)
         if p is None or not records:   # unassigned meanwhile
             return
-        if p.next is None:   # found after start: the consumer began at its log start
-            p.next, p.complete = records[0].offset, records[0].offset == 0
+        if p.next is None:   # not positioned by _assign (cannot happen: every position is sought)
+            p.next = records[0].offset
         n = self._n
         nxt = p.next
         if records[0].offset < nxt:   # already handed over (a reset to an earlier offset)
@@ -737,11 +812,11 @@ class KafkaEngine(Engine):
             if prev is not None:
                 last.move_to_end(text)
             else:
-                if p.complete:
-                    prev = 0
+                prev = 0 if p.complete else p.floor
                 if len(last) > last_max:
                     last.popitem(last=False)
                     p.complete = False
+                    p.floor = None
             n["records_consumed"] += len(group)
             if run_sink is not None:
                 try:
