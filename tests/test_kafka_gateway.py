@@ -791,6 +791,59 @@ async def test_retention_while_the_gateway_cannot_read_is_no_silent_gap(
             await direct.stop()
 
 
+async def test_a_quiet_subject_of_a_deleted_or_recreated_topic_leaves_the_old_epoch_at_once(
+        kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
+    """A topic is deleted, then created again: as soon as the gateway has seen that, a fresh subscriber of a
+    quiet subject (one with a subscriber, so the hub keeps it) gets the epoch a fresh gateway would give,
+    not the old one with the deleted message as its snapshot (until the subject's next record)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    t = topic()
+    s = f"/{t}/s"
+    await kafka_broker.create_topic(t, 1)
+    gw = await kafka_gateway(gateway_factory, kafka_broker, [t], kafka_metadata_refresh_ms=100)
+    subject = parse_subject(s)
+    old = gw.engine.epoch(subject)
+    socks = [await connected(ws_url(gw))]
+    try:
+        await send(socks[0], {"op": "subscribe", "subjects": [{"subject": s}]})
+        assert (await recv_until(socks[0], "subscribed"))["epoch"] == old
+        await kafka_broker.produce(t, [(b"s", b"old")])
+        got = await recv_until(socks[0], "msg")
+        assert (got["epoch"], got["seq"], got["content"]) == (old, 1, "old")
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([t])
+        finally:
+            await admin.close()
+        await wait_until(lambda: gw.engine.stats()["topics_missing"] == 1, "the gateway saw the topic go")
+        gone = gw.engine.epoch(subject)
+        assert gone != old
+        socks.append(await connected(ws_url(gw)))
+        await send(socks[1], {"op": "subscribe", "subjects": [{"subject": s}]})
+        sub = await recv_until(socks[1], "subscribed")
+        assert (sub["epoch"], sub["seq"], sub["recovered"]) == (gone, 0, False), sub   # no snapshot follows
+
+        await kafka_broker.create_topic(t, 1)
+        await wait_until(lambda: gw.engine.epoch(subject) not in (old, gone), "the gateway saw the new topic")
+        new = gw.engine.epoch(subject)
+        socks.append(await connected(ws_url(gw)))
+        await send(socks[2], {"op": "subscribe", "subjects": [{"subject": s, "epoch": old, "seq": 1}]})
+        sub = await recv_until(socks[2], "subscribed")
+        assert (sub["epoch"], sub["seq"], sub["recovered"]) == (new, 0, False), sub   # no snapshot follows
+        # the sentinel: the next message of s on every connection is the new topic's first record
+        await kafka_broker.produce(t, [(b"s", b"new")])
+        for ws in socks:
+            got = await recv_until(ws, "msg")
+            assert (got["epoch"], got["seq"], got["prev"], got["content"]) == (new, 1, 0, "new"), got
+            assert "snapshot" not in got
+    finally:
+        for ws in socks:
+            await ws.close()
+
+
 async def test_a_publish_whose_answer_is_lost_fails_saying_it_may_still_be_written(
         kafka_broker: KafkaBroker, topic: Callable[[str], str], gateway_factory: Any) -> None:
     """The produce request reaches Kafka and is written; only its answer never comes back. The publish

@@ -544,7 +544,23 @@ class KafkaEngine(Engine):
         return getattr(resp, "cluster_id", None) or "", found, absent
 
     def _apply_metadata(self, cluster_id: str, topics: dict[str, _TopicMeta], absent: set[str]) -> None:
-        """Bring the partition table in line with the cluster; the consume loop re-assigns."""
+        """Bring the partition table in line with the cluster; the consume loop re-assigns. The hub forgets
+        what it holds of every partition dropped here (deleted, recreated, another cluster): at once, not
+        at the subject's next record, so a fresh subscriber of a quiet subject is not given the old epoch
+        and its deleted messages meanwhile; and the provisional epoch of a topic that now exists."""
+        ended = [p.epoch for p in self._parts.values()]
+        provisional = {t: self._epoch_of(t, 0) for t in self._served if t not in self._topic_meta}
+        self._update_partitions(cluster_id, topics, absent)
+        if self._forget is not None:
+            kept = {p.epoch for p in self._parts.values()}
+            for epoch in ended:
+                if epoch not in kept:
+                    self._forget(epoch)
+            for topic, epoch in provisional.items():
+                if topic in self._topic_meta:
+                    self._forget(epoch)
+
+    def _update_partitions(self, cluster_id: str, topics: dict[str, _TopicMeta], absent: set[str]) -> None:
         if self._cluster_id and cluster_id and cluster_id != self._cluster_id:
             log.warning("Kafka cluster id changed from %s to %s: every epoch changes", self._cluster_id, cluster_id)
             self._n["epoch_changes"] += len(self._topic_meta)
