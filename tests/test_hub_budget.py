@@ -299,6 +299,36 @@ def test_kafka_engine_keeps_a_bounded_prev_memory(monkeypatch: pytest.MonkeyPatc
     assert got[-1].prev == n + 2                            # remembered again
 
 
+def test_kafka_prev_after_a_hole_is_its_floor_until_the_prev_memory_drops_a_subject(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After retention deleted records the engine had not read (_out_of_range sets `floor`), each subject's
+    first record gets prev = floor (an upper bound: no client that missed something holds it), its later
+    ones an exact prev; once the bounded prev memory drops a subject, a subject not remembered may have had
+    records since the floor: prev unknown (absent), never the floor."""
+    from aiokafka.structs import TopicPartition
+
+    from gateway.engines import kafka
+
+    monkeypatch.setattr(kafka, "_LAST_SEQS_MAX", 3000)
+    engine = kafka.KafkaEngine("127.0.0.1:1", ["t"])
+    got: list[Record] = []
+    engine.bind(got.append)
+    tp = TopicPartition("t", 0)
+    engine._parts[tp] = part = kafka._Partition("ep", next=40, floor=40)
+
+    class R:
+        def __init__(self, offset: int, key: bytes) -> None:
+            self.offset, self.key, self.value, self.timestamp = offset, key, b"v", 1
+
+    engine._deliver(tp, [R(40, b"a"), R(41, b"b"), R(42, b"a")])
+    assert [(r.subject, r.seq, r.prev) for r in got] == [("/t/a", 41, 40), ("/t/b", 42, 40), ("/t/a", 43, 41)]
+    n = kafka._LAST_SEQS_MAX + 10
+    engine._deliver(tp, [R(43 + i, b"k%d" % i) for i in range(n)])
+    assert part.floor is None and not part.complete
+    engine._deliver(tp, [R(43 + n, b"new")])
+    assert got[-1].subject == "/t/new" and got[-1].prev is None
+
+
 def test_forgotten_filter_remembers_lately_forgotten_subjects(monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.hub import ForgottenFilter
 
