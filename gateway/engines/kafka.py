@@ -660,10 +660,12 @@ class KafkaEngine(Engine):
             except OffsetOutOfRangeError as exc:
                 offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
                 try:
-                    await self._out_of_range(consumer, offsets)
+                    moved = await self._out_of_range(consumer, offsets)
                 except (KafkaError, OSError, TimeoutError) as err:   # asked again at the next fetch
                     log.warning("Kafka consumer: cannot reposition %s out of range (%r); retrying in %.1f s",
                                 sorted(offsets), err, backoff)
+                    moved = 0
+                if not moved:   # failed, or in range by the time we asked: not a busy loop if it recurs
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
             except Exception as exc:  # noqa: BLE001 - the reader must outlive any error
@@ -700,8 +702,9 @@ class KafkaEngine(Engine):
                     consumer.seek(tp, begin[tp])
         log.debug("Kafka consumer assigned %d partitions", len(self._parts))
 
-    async def _out_of_range(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
-        """The consumer's position in these partitions (tp -> the offset fetched) is out of their range.
+    async def _out_of_range(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> int:
+        """The consumer's position in these partitions (tp -> the offset fetched) is out of their range;
+        returns how many partitions were moved.
 
         Before the log start: retention deleted records this gateway had not read yet (it could not read
         for a while, or fell far behind). Past the end: the log was truncated below it (an unclean leader
@@ -718,10 +721,11 @@ class KafkaEngine(Engine):
         assigned = consumer.assignment()
         tps = [tp for tp in offsets if tp in assigned and tp in self._parts and self._parts[tp].next is not None]
         if not tps:
-            return
+            return 0
         begin = await consumer.beginning_offsets(tps)
         end = await consumer.end_offsets(tps)
         assigned = consumer.assignment()
+        moved = 0
         for tp in tps:
             p = self._parts.get(tp)
             fetched = offsets[tp]
@@ -739,8 +743,10 @@ class KafkaEngine(Engine):
             p.complete = start == 0
             p.floor = None if start == 0 else start
             consumer.seek(tp, start)
+            moved += 1
             if self._forget is not None:
                 self._forget(p.epoch)
+        return moved
 
     def _deliver(self, tp: TopicPartition, records: list[Any]) -> None:
         """Hand one fetched batch of a partition (offsets increasing) to the sink, grouped by subject:
