@@ -115,6 +115,10 @@ def check_upgrade(req: Request) -> bytes:
         raise HttpError(426, "this is a WebSocket endpoint", (("Upgrade", "websocket"),))
     if req.method != b"GET":
         raise HttpError(400, "a WebSocket upgrade must be a GET")
+    if req.header(b"transfer-encoding") or req.header(b"content-length").strip() not in (b"", b"0"):
+        # llhttp stops at the end of an upgrade's head: a body would be read as the first frames, where a
+        # proxy in front sees the request's body (RFC 6455 4.1: the handshake is a GET without one)
+        raise HttpError(400, "a WebSocket upgrade has no body")
     if b"upgrade" not in _tokens(req.header(b"connection")):
         raise HttpError(400, "Connection header must contain 'upgrade'")
     if req.header(b"sec-websocket-version").strip() != b"13":

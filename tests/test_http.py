@@ -61,6 +61,10 @@ def _req(raw: bytes) -> http.Request:
     (UPGRADE.replace(b"GET", b"PUT"), 400),
     (UPGRADE.replace(b"Upgrade: WebSocket", b"Upgrade: h2c"), 426),
     (b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n", 426),
+    # a body: its bytes would be read as the first WebSocket frames (a proxy that forwards it as the
+    # request's body and the gateway would disagree on where the frames start)
+    (UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello"), 400),
+    (UPGRADE.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), 400),
 ])
 def test_bad_upgrades(raw, status):
     with pytest.raises(http.HttpError) as info:
@@ -68,6 +72,11 @@ def test_bad_upgrades(raw, status):
     assert info.value.status == status
     answer = info.value.response()
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close\r\n" in answer
+
+
+def test_upgrade_with_an_empty_body_is_accepted():
+    req = _req(UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"))
+    assert http.check_upgrade(req).startswith(b"HTTP/1.1 101 ")
 
 
 def test_garbage_and_oversized_heads():

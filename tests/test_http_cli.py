@@ -198,6 +198,8 @@ _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Up
     pytest.param(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", 426, b"Upgrade: websocket", id="plain-get-on-ws"),
     pytest.param(b"\x16\x03\x01 not http at all\r\n\r\n", 400, b"bad request", id="garbage"),
     pytest.param(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, b"too large", id="huge-head"),
+    pytest.param(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace(
+        "\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello").encode(), 400, b"body", id="upgrade-with-a-body"),
     pytest.param(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, b"Allow: GET, HEAD",
                  id="post"),
 ])

@@ -266,6 +266,8 @@ def check_http(pieces: list[bytes]) -> str:
         _check_response(exc.response(), exc.status)
         return f"refused:{exc.status}"
     assert req.upgrade and req.method == b"GET"
+    # no body: its bytes would be taken for the first frames
+    assert not req.header(b"transfer-encoding") and req.header(b"content-length").strip() in (b"", b"0")
     key = req.header(b"sec-websocket-key").strip()
     assert len(base64.b64decode(key, validate=True)) == 16
     accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
