@@ -23,6 +23,10 @@ class ConfigError(ValueError):
 
 
 MiB = 1024 * 1024
+#: the largest integer setting: what every user of one takes (C sizes, a float without loss, an integer a
+#: JSON parser in JavaScript keeps exact: heartbeat_ms goes out in `connected`); larger is a start-up error,
+#: not an OverflowError at every connection
+MAX_INT = 2**53 - 1
 #: file descriptors kept out of --max-connections' default: /healthz, /metrics, the engine's sockets, logs
 FD_RESERVE = 64
 
@@ -251,6 +255,8 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
                 raise ValueError("must be > 0")
             if name in _NON_NEGATIVE and number < 0:
                 raise ValueError("must be >= 0")
+            if number > MAX_INT:
+                raise ValueError(f"must be <= {MAX_INT}")
             if name == "port" and number > 65535:
                 raise ValueError("must be <= 65535")
             if name == "coalesce_busy_pct" and number > 100:

@@ -96,6 +96,13 @@ def test_help_documents_every_flag(capsys):
     ["serve", "--max-pending-bytes", "2000000"],  # < 2 x --max-message-bytes (1 MiB)
     ["serve", "--allowed-origins", "evil.example"],
     ["serve", "--publish-rate", "fast"],
+    # beyond what the settings' users take (C sizes, JSON integers): before, the gateway started and then
+    # failed every connection (or every subscribe, publish) with an OverflowError in its log
+    ["serve", "--max-pending-bytes", str(2**64)],
+    ["serve", "--history", str(2**64)],
+    ["serve", "--history-bytes", str(2**64)],
+    ["serve", "--heartbeat-ms", str(2**64)],
+    ["serve", "--coalesce-min-conns", str(2**64)],
     ["bogus"],
 ])
 def test_bad_flags_exit_2_with_one_line(argv, capsys):
@@ -106,6 +113,29 @@ def test_bad_flags_exit_2_with_one_line(argv, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+def test_largest_integer_settings_are_refused_from_the_environment_and_the_file_too(tmp_path):
+    f = tmp_path / "gw.toml"
+    f.write_text(f"history = {2**63 - 1}\n")
+    with pytest.raises(config.ConfigError, match="--config .*history.* must be <="):
+        config.load({}, env={}, file=str(f))
+    with pytest.raises(config.ConfigError, match="GATEWAY_MAX_PENDING_BYTES.* must be <="):
+        config.load({}, env={"GATEWAY_MAX_PENDING_BYTES": str(2**53)})
+    assert config.load({"max_pending_bytes": str(config.MAX_INT)}, env={}).max_pending_bytes == config.MAX_INT
+
+
+async def test_a_gateway_with_the_largest_integer_settings_serves(gateway_factory):
+    big = config.MAX_INT
+    gw = await gateway_factory(max_pending_bytes=big, history=big, history_bytes=big, history_total_bytes=big,
+                               heartbeat_ms=big, coalesce_min_conns=big, max_subscriptions=big,
+                               max_inflight_publishes=big, connect_timeout_ms=big, jwt_leeway_ms=big)
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/m/1"}]})
+    assert (await recv(ws))["op"] == "subscribed"
+    await send(ws, {"op": "publish", "subject": "/m/1", "content": "x", "id": 1})
+    got = [await recv(ws), await recv(ws)]
+    assert sorted(f["op"] for f in got) == ["ack", "msg"], got
 
 
 def test_flags_win_over_environment_over_file(tmp_path):
