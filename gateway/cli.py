@@ -177,6 +177,16 @@ async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    parent = multiprocessing.parent_process()
+    if reuse_port and parent is not None and parent.sentinel is not None:
+        # a worker of _run_workers: its parent's end of this pipe closes when the parent dies, however
+        # (kill -9 too); stop then as on SIGTERM instead of serving on as an orphan nobody supervises
+        # (once: the pipe stays readable, and a reader left on it would spin the loop through the stop)
+        def parent_died(fd: int = parent.sentinel) -> None:
+            loop.remove_reader(fd)
+            stop.set()
+
+        loop.add_reader(parent.sentinel, parent_died)
     if announce:
         print(f"gateway {__version__} {config.node_id} serving on {gw.url} "
               f"(WebSocket {gw.url.replace('http', 'ws', 1)}ws, engine {config.engine}, fanout {FANOUT_KIND}"
