@@ -330,6 +330,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')}: no such file: {path}")
     if config.jwt_public_key:
         _check_public_key(config.jwt_public_key)
+    if config.tls_cert:
+        _check_tls(config.tls_cert, config.tls_key)
     if config.workers == WORKERS_AUTO:
         # the standalone engine keeps its state in one process: auto is 1 there, not an error
         config = dataclasses.replace(config, workers=usable_cpus() if config.kafka else 1)
@@ -421,6 +423,17 @@ def _validate_kafka_security(config: Config) -> Config:
                               ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile") if getattr(config, n))
             raise ConfigError(f"{files or 'the system CA certificates'}: not usable for TLS: {exc}") from None
     return config
+
+
+def _check_tls(cert: str, key: str | None) -> None:
+    """At start, like the JWT key: a certificate and key the server cannot use are one line and exit 2,
+    not an OpenSSL error from inside the start (or, with --workers, every worker failing in turn)."""
+    try:
+        # (a password callback: an encrypted key fails here instead of OpenSSL asking for its pass phrase)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert {cert} and --tls-key {key}: not a usable PEM certificate and unencrypted "
+                          f"private key of it: {exc}") from None
 
 
 def _check_public_key(path: str) -> None:

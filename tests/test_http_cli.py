@@ -115,6 +115,30 @@ def test_bad_flags_exit_2_with_one_line(argv, capsys):
     assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("case", ["not-pem", "key-of-another-certificate", "certificate-as-key"])
+def test_unusable_tls_certificate_or_key_is_one_line_and_exit_2(tmp_path, capsys, case):
+    """Checked with the other settings, like --jwt-public-key: before, the gateway failed later, in
+    start(), with exit 1 and OpenSSL's "[SSL] PEM lib (_ssl.c:...)" (and --workers N restarted its
+    workers forever, each failing the same way)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from support.fanout_tls import _cert_pem
+
+    cert_pem, key_pem = _cert_pem()
+    other_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    cert, key = {"not-pem": (b"garbage\n", key_pem), "key-of-another-certificate": (cert_pem, other_key),
+                 "certificate-as-key": (cert_pem, cert_pem)}[case]
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    code = cli.main(["serve", "--port", "0", "--tls-cert", str(tmp_path / "cert.pem"),
+                     "--tls-key", str(tmp_path / "key.pem")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and "--tls-cert" in err[0] and "Traceback" not in err[0], err
+
+
 def test_largest_integer_settings_are_refused_from_the_environment_and_the_file_too(tmp_path):
     f = tmp_path / "gw.toml"
     f.write_text(f"history = {2**63 - 1}\n")
