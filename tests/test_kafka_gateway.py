@@ -1048,3 +1048,21 @@ async def test_workers_stop_when_their_parent_is_killed(kafka_broker: KafkaBroke
         for pid in workers:  # (started by this test, through the parent it killed)
             if not _exited(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_workers_stopped_while_they_start_exit_0(kafka_broker: KafkaBroker,
+                                                       gateway_processes: list[GatewayProcess],
+                                                       topic: Callable[[str], str], sig: int) -> None:
+    """SIGTERM or SIGINT right after the parent started its workers, while they still import and connect:
+    the gateway exits 0 (the operating contract). Before: a worker not yet listening for the signal died
+    of it (SIGTERM: the parent's exit status 241 from -15) or printed a KeyboardInterrupt traceback and
+    exited 1 (SIGINT)."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    gw = GatewayProcess(kafka_broker, [t], "ws", "--workers", "2")
+    gateway_processes.append(gw)
+    await wait_until(lambda: "2 workers on port" in gw.log(), "the parent to start its workers", 3 * WAIT)
+    gw.proc.send_signal(sig)
+    assert await asyncio.to_thread(gw.proc.wait, 3 * WAIT) == 0, gw.log()
+    assert "Traceback" not in gw.log(), gw.log()
