@@ -99,7 +99,13 @@ class Request:
 
     @property
     def path(self) -> bytes:
-        return self.url.split(b"?", 1)[0]
+        url = self.url
+        if url[:1] != b"/":  # absolute-form, http://host/path (RFC 9112 3.2.2: a server MUST accept it)
+            scheme, sep, rest = url.partition(b"://")
+            if sep and scheme.lower() in (b"http", b"https"):
+                end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+                url = rest[end:] if rest[end:end + 1] == b"/" else b"/" + rest[end:]
+        return url.split(b"?", 1)[0]
 
     def header(self, name: bytes) -> bytes:
         return self.headers.get(name, b"")

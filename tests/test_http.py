@@ -79,6 +79,16 @@ def test_upgrade_with_an_empty_body_is_accepted():
     assert http.check_upgrade(req).startswith(b"HTTP/1.1 101 ")
 
 
+@pytest.mark.parametrize("target,path", [(b"http://gw.example:8800/ws?x=1", b"/ws"), (b"HTTPS://gw.example/ws", b"/ws"),
+                                         (b"http://gw.example", b"/"), (b"http://gw.example?x", b"/"),
+                                         (b"/ws?http://a/b", b"/ws")])
+def test_absolute_form_request_target_has_the_path_of_its_url(target, path):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form (what a client sends to a proxy; some send
+    it to the server itself). Before: its path was the whole URL, so `GET http://host/ws` got 404."""
+    req = _req(UPGRADE.replace(b"/ws?x=1", target))
+    assert req.path == path
+
+
 def test_garbage_and_oversized_heads():
     with pytest.raises(http.HttpError) as info:
         http.Request().feed(b"\x16\x03\x01\x02\x00 hello\r\n\r\n")  # a TLS ClientHello on a plain port

@@ -271,6 +271,25 @@ async def test_bad_http_gets_a_clear_status_and_the_gateway_stays_up(gateway_fac
         assert f'gateway_http_rejected_total{{status="{status}"}} 1.0' in metrics.decode()
 
 
+async def test_absolute_form_request_targets_are_served(gateway_factory):
+    gw = await gateway_factory()
+    answer = await asyncio.to_thread(_raw_http, gw.port, f"GET http://127.0.0.1:{gw.port}/healthz HTTP/1.1\r\n"
+                                     f"Host: 127.0.0.1:{gw.port}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in answer, answer[:200]
+    from support.ws import read_head
+
+    def upgrade() -> bytes:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5 * SCALE) as sock:
+            sock.sendall(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace(
+                "GET /ws", f"GET http://127.0.0.1:{gw.port}/ws").encode())
+            return read_head(sock)
+
+    head = await asyncio.to_thread(upgrade)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
 async def test_head_request_and_unknown_path(gateway_factory):
     gw = await gateway_factory()
     answer = await asyncio.to_thread(_raw_http, gw.port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -258,7 +258,10 @@ def check_http(pieces: list[bytes]) -> str:
     assert (req.method, req.url, req.headers, req.upgrade) == (whole.method, whole.url, whole.headers,
                                                                whole.upgrade), data
     assert rest == whole_rest, data
-    assert req.path == req.url.split(b"?", 1)[0]
+    if req.url[:1] == b"/" or not re.match(rb"(?i)https?://", req.url):
+        assert req.path == req.url.split(b"?", 1)[0]
+    else:  # absolute-form: the path of the URL (RFC 9112 3.2.2)
+        assert req.path == (b"/" + re.sub(rb"(?i)^https?://[^/?]*/?", b"", req.url)).split(b"?", 1)[0]
     try:
         answer = http.check_upgrade(req)
     except http.HttpError as exc:
