@@ -190,6 +190,8 @@ class Session(WSConn):
         if transport is not None:
             transport.write(answer)
             transport.close()
+            # as after a close frame: over TLS, close() awaits the peer's close_notify for up to 30 s
+            self.host.loop.call_later(self.host.close_grace, self._abort)
 
     # ---- frames (parsed by fanout.WSConn) --------------------------------------------------------------
 

@@ -154,3 +154,25 @@ async def test_tls_request_head_that_never_ends_is_dropped_at_the_handshake_time
         assert await asyncio.to_thread(read_all) == b""  # no answer
     finally:
         tls.close()
+
+
+async def test_tls_client_that_keeps_the_connection_after_an_answer_is_dropped(gateway_factory, tmp_path):
+    """A TLS client that gets a plain answer (here /healthz) and then neither closes nor answers the
+    gateway's close_notify: its connection is aborted `close_grace` after the answer, as a WebSocket is
+    after its close frame. Before: it stayed open, and counted under the connection limits, for the TLS
+    layer's shutdown timeout (30 s); a client could hold a place that long for each request."""
+    gw = await gateway_factory(**_tls_files(tmp_path))
+    gw.close_grace = 0.2
+    _, client_ctx = contexts()
+
+    def ask() -> tuple[ssl.SSLSocket, bytes]:
+        tls = client_ctx.wrap_socket(_tcp(gw.port, "127.0.0.1"), server_hostname="127.0.0.1")
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return tls, read_head(tls)
+
+    tls, head = await asyncio.to_thread(ask)
+    try:
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        await wait_until(lambda: gw.admission.open == 0, lambda: f"the connection counted out ({gw.admission.open})")
+    finally:
+        tls.close()
