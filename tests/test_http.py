@@ -65,6 +65,10 @@ def _req(raw: bytes) -> http.Request:
     # request's body and the gateway would disagree on where the frames start)
     (UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello"), 400),
     (UPGRADE.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), 400),
+    # RFC 6455 4.2.1: an HTTP/1.1 (or higher) GET with a Host (RFC 9112 3.2: exactly one)
+    (UPGRADE.replace(b"Host: a\r\n", b""), 400),
+    (UPGRADE.replace(b"Host: a\r\n", b"Host: a\r\nHost: b\r\n"), 400),
+    (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), 400),
 ])
 def test_bad_upgrades(raw, status):
     with pytest.raises(http.HttpError) as info:

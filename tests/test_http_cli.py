@@ -254,6 +254,8 @@ _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Up
     pytest.param(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, b"too large", id="huge-head"),
     pytest.param(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace(
         "\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello").encode(), 400, b"body", id="upgrade-with-a-body"),
+    pytest.param(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace("Host: x\r\n", "").encode(),
+                 400, b"one Host", id="upgrade-without-host"),
     pytest.param(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, b"Allow: GET, HEAD",
                  id="post"),
 ])

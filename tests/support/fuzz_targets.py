@@ -269,6 +269,7 @@ def check_http(pieces: list[bytes]) -> str:
         _check_response(exc.response(), exc.status)
         return f"refused:{exc.status}"
     assert req.upgrade and req.method == b"GET"
+    assert req.version not in ("0.9", "1.0") and req.hosts == 1
     # no body: its bytes would be taken for the first frames
     assert not req.header(b"transfer-encoding") and req.header(b"content-length").strip() in (b"", b"0")
     key = req.header(b"sec-websocket-key").strip()
