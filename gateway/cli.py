@@ -81,7 +81,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         meta = f.metadata.get("metavar") or {"int": "N"}.get(f.type,  # type: ignore[arg-type]
                                                              name.split("_")[-1].upper())
         serve.add_argument(flag, dest=name, default=None, metavar=meta, help=help_text)
-    serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings")
+    serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings (env GATEWAY_CONFIG)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     # ArgumentDefaultsHelpFormatter would print "None": the help texts say the real defaults.
     serve.formatter_class = argparse.HelpFormatter
@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         return demo_feed.main(args)
     flags = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
     try:
-        config = cfg.load(flags, file=args.config)
+        # --config, like every flag, also reads from the environment (flag first)
+        config = cfg.load(flags, file=args.config or os.environ.get("GATEWAY_CONFIG") or None)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

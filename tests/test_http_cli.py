@@ -162,6 +162,23 @@ async def test_a_gateway_with_the_largest_integer_settings_serves(gateway_factor
     assert sorted(f["op"] for f in got) == ["ack", "msg"], got
 
 
+def test_config_file_from_the_environment(tmp_path):
+    """GATEWAY_CONFIG names the file as --config does (every flag reads GATEWAY_<FLAG>); --config wins.
+    Before: GATEWAY_CONFIG was ignored, and the gateway started on the defaults without a word."""
+    f = tmp_path / "gw.toml"
+    f.write_text("workers = 2\n")  # without kafka: refused, so the file was read
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0"], capture_output=True, text=True,
+                          cwd="/", env={**os.environ, "GATEWAY_CONFIG": str(f)}, timeout=60 * SCALE)
+    assert proc.returncode == 2, proc.stderr
+    assert "--workers > 1 needs --kafka" in proc.stderr
+    other = tmp_path / "other.toml"
+    other.write_text("max_pending_bytes = 1\n")  # --config wins over GATEWAY_CONFIG: this file is the one read
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", "--config", str(other)],
+                          capture_output=True, text=True, cwd="/", env={**os.environ, "GATEWAY_CONFIG": str(f)},
+                          timeout=60 * SCALE)
+    assert proc.returncode == 2 and "--max-pending-bytes (1) must be at least" in proc.stderr, proc.stderr
+
+
 def test_flags_win_over_environment_over_file(tmp_path):
     f = tmp_path / "gw.toml"
     f.write_text('heartbeat_ms = 111\nhistory = 7\nport = 1234\n')
