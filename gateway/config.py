@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from .engines.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaSecurity
 from .subjects import is_topic_name
@@ -202,7 +203,13 @@ _EMPTY_IS_AN_ERROR = {"jwt_secret", "jwt_public_key"}
 
 def _is_origin(text: str) -> bool:
     scheme, sep, rest = text.partition("://")
-    return bool(sep) and scheme.lower() in ("http", "https") and bool(rest) and "/" not in rest
+    if not (sep and scheme.lower() in ("http", "https") and rest and "/" not in rest):
+        return False
+    try:  # what limits.normalize_origins reads of it: a host, and a port that is a port
+        parts = urlsplit(text)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
 
 
 def env_name(name: str) -> str:
