@@ -192,6 +192,9 @@ _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "kafka_linger_
                  "max_connections", "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms",
                  "jwt_max_lifetime_s", "coalesce_us", "coalesce_busy_pct"}
 _LISTS = {"topics", "allowed_origins"}
+#: milliseconds that go into Kafka requests as 32-bit integers (a fetch's max wait; the producer's request
+#: timeout): larger kills aiokafka's fetcher or sender at its first request
+_KAFKA_INT32 = {"kafka_fetch_wait_ms", "kafka_publish_timeout_ms"}
 #: the settings of gateway/engines/kafka_security.py (also demo-feed's, with --kafka)
 KAFKA_SECURITY = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
                   "kafka_sasl_password_file", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
@@ -264,6 +267,8 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
                 raise ValueError("must be >= 0")
             if number > MAX_INT:
                 raise ValueError(f"must be <= {MAX_INT}")
+            if name in _KAFKA_INT32 and number > 2**31 - 1:
+                raise ValueError(f"must be <= {2**31 - 1} (a 32-bit field of Kafka's requests)")
             if name == "port" and number > 65535:
                 raise ValueError("must be <= 65535")
             if name == "coalesce_busy_pct" and number > 100:

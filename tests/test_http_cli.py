@@ -149,6 +149,17 @@ def test_largest_integer_settings_are_refused_from_the_environment_and_the_file_
     assert config.load({"max_pending_bytes": str(config.MAX_INT)}, env={}).max_pending_bytes == config.MAX_INT
 
 
+@pytest.mark.parametrize("name", ["kafka_fetch_wait_ms", "kafka_publish_timeout_ms"])
+def test_kafka_times_beyond_the_protocols_int32_are_refused(name):
+    """Kafka requests carry these in 32-bit fields (a fetch's max wait; the producer's request timeout).
+    Before: accepted, then aiokafka's fetcher (or sender) died on its first request, so every publish was
+    acked and no subscriber ever got a message (or every publish was `unavailable`)."""
+    kafka = {"kafka": "127.0.0.1:1", "topics": "t"}
+    with pytest.raises(config.ConfigError, match=f"{config.flag_name(name)}.* must be <= {2**31 - 1}"):
+        config.load({name: str(2**31), **kafka}, env={})
+    assert getattr(config.load({name: str(2**31 - 1), **kafka}, env={}), name) == 2**31 - 1
+
+
 async def test_a_gateway_with_the_largest_integer_settings_serves(gateway_factory):
     big = config.MAX_INT
     gw = await gateway_factory(max_pending_bytes=big, history=big, history_bytes=big, history_total_bytes=big,
