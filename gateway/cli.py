@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait as wait_for_exits
 from typing import Any, NoReturn
 
@@ -24,6 +25,8 @@ from .config import Config, ConfigError
 
 log = logging.getLogger("gateway")
 
+#: the signals that stop the gateway (PROTOCOL.md "Operating contract": close every client 1001, exit 0)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: how the console script (pyproject's [project.scripts]) calls itself; gateway/__main__.py passes
 #: "python -m gateway"
 PROG = "kafka-ws-gateway"
@@ -78,7 +81,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         meta = f.metadata.get("metavar") or {"int": "N"}.get(f.type,  # type: ignore[arg-type]
                                                              name.split("_")[-1].upper())
         serve.add_argument(flag, dest=name, default=None, metavar=meta, help=help_text)
-    serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings")
+    serve.add_argument("--config", default=None, metavar="FILE", help="TOML file with settings (env GATEWAY_CONFIG)")
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     # ArgumentDefaultsHelpFormatter would print "None": the help texts say the real defaults.
     serve.formatter_class = argparse.HelpFormatter
@@ -104,7 +107,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         return demo_feed.main(args)
     flags = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
     try:
-        config = cfg.load(flags, file=args.config)
+        # --config, like every flag, also reads from the environment (flag first)
+        config = cfg.load(flags, file=args.config or os.environ.get("GATEWAY_CONFIG") or None)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -168,15 +172,40 @@ async def _serve(config: Config, *, reuse_port: bool, announce: bool) -> int:
     raise_file_limit()  # each connection is a file descriptor: use all the system allows this process
     gw = Gateway(config)
     loop = asyncio.get_running_loop()
-    await gw.start(reuse_port=reuse_port)
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM/SIGINT while starting (Kafka: connecting, catching up) end the start; then they stop the
+    # gateway. A worker is born with them blocked (_run_workers): one sent while it booted arrives now.
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, main_task.cancel)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        await gw.start(reuse_port=reuse_port)
+    except asyncio.CancelledError:
+        log.info("stopped while starting")
+        await gw.stop()
+        return 0
     stop_feed = None
     if config.demo:
         from . import demo_feed
 
         stop_feed = demo_feed.start_in(gw.engine)
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    if main_task.cancelling():  # a signal whose cancellation the start swallowed
+        main_task.uncancel()
+        stop.set()
+    parent = multiprocessing.parent_process()
+    if reuse_port and parent is not None and parent.sentinel is not None:
+        # a worker of _run_workers: its parent's end of this pipe closes when the parent dies, however
+        # (kill -9 too); stop then as on SIGTERM instead of serving on as an orphan nobody supervises
+        # (once: the pipe stays readable, and a reader left on it would spin the loop through the stop)
+        def parent_died(fd: int = parent.sentinel) -> None:
+            loop.remove_reader(fd)
+            stop.set()
+
+        loop.add_reader(parent.sentinel, parent_died)
     if announce:
         print(f"gateway {__version__} {config.node_id} serving on {gw.url} "
               f"(WebSocket {gw.url.replace('http', 'ws', 1)}ws, engine {config.engine}, fanout {FANOUT_KIND}"
@@ -227,7 +256,17 @@ def _run_workers(config: Config, argv: Sequence[str] | None, prog: str = PROG) -
 
     def start(name: str) -> None:
         p = ctx.Process(target=_worker, args=([*argv, "--reuse-port", "--node-id", name], prog), daemon=False)
-        p.start()
+        # Born with SIGTERM and SIGINT blocked (the mask is inherited through fork and exec): signalled
+        # while it imports, it would die of SIGTERM or print a KeyboardInterrupt traceback; _serve
+        # unblocks them once its loop handles them, and a pending one stops it then.
+        # (multiprocessing's resource tracker, started by the first p.start(), unblocks both signals when
+        # it is started: start it first, outside the block)
+        resource_tracker.ensure_running()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         procs[name] = p
         started[name] = time.monotonic()
 

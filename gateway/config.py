@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from .engines.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS, KafkaSecurity
 from .subjects import is_topic_name
@@ -23,6 +24,10 @@ class ConfigError(ValueError):
 
 
 MiB = 1024 * 1024
+#: the largest integer setting: what every user of one takes (C sizes, a float without loss, an integer a
+#: JSON parser in JavaScript keeps exact: heartbeat_ms goes out in `connected`); larger is a start-up error,
+#: not an OverflowError at every connection
+MAX_INT = 2**53 - 1
 #: file descriptors kept out of --max-connections' default: /healthz, /metrics, the engine's sockets, logs
 FD_RESERVE = 64
 
@@ -187,6 +192,9 @@ _NON_NEGATIVE = {"port", "warmup_records", "kafka_fetch_wait_ms", "kafka_linger_
                  "max_connections", "max_connections_per_address", "publish_rate", "publish_burst", "jwt_leeway_ms",
                  "jwt_max_lifetime_s", "coalesce_us", "coalesce_busy_pct"}
 _LISTS = {"topics", "allowed_origins"}
+#: milliseconds that go into Kafka requests as 32-bit integers (a fetch's max wait; the producer's request
+#: timeout): larger kills aiokafka's fetcher or sender at its first request
+_KAFKA_INT32 = {"kafka_fetch_wait_ms", "kafka_publish_timeout_ms"}
 #: the settings of gateway/engines/kafka_security.py (also demo-feed's, with --kafka)
 KAFKA_SECURITY = ("kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
                   "kafka_sasl_password_file", "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
@@ -198,7 +206,13 @@ _EMPTY_IS_AN_ERROR = {"jwt_secret", "jwt_public_key"}
 
 def _is_origin(text: str) -> bool:
     scheme, sep, rest = text.partition("://")
-    return bool(sep) and scheme.lower() in ("http", "https") and bool(rest) and "/" not in rest
+    if not (sep and scheme.lower() in ("http", "https") and rest and "/" not in rest):
+        return False
+    try:  # what limits.normalize_origins reads of it: a host, and a port that is a port
+        parts = urlsplit(text)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:
+        return False
 
 
 def env_name(name: str) -> str:
@@ -251,6 +265,10 @@ def _convert(name: str, value: Any, source: str | None = None) -> Any:
                 raise ValueError("must be > 0")
             if name in _NON_NEGATIVE and number < 0:
                 raise ValueError("must be >= 0")
+            if number > MAX_INT:
+                raise ValueError(f"must be <= {MAX_INT}")
+            if name in _KAFKA_INT32 and number > 2**31 - 1:
+                raise ValueError(f"must be <= {2**31 - 1} (a 32-bit field of Kafka's requests)")
             if name == "port" and number > 65535:
                 raise ValueError("must be <= 65535")
             if name == "coalesce_busy_pct" and number > 100:
@@ -324,6 +342,8 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"--{name.replace('_', '-')}: no such file: {path}")
     if config.jwt_public_key:
         _check_public_key(config.jwt_public_key)
+    if config.tls_cert:
+        _check_tls(config.tls_cert, config.tls_key)
     if config.workers == WORKERS_AUTO:
         # the standalone engine keeps its state in one process: auto is 1 there, not an error
         config = dataclasses.replace(config, workers=usable_cpus() if config.kafka else 1)
@@ -415,6 +435,17 @@ def _validate_kafka_security(config: Config) -> Config:
                               ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile") if getattr(config, n))
             raise ConfigError(f"{files or 'the system CA certificates'}: not usable for TLS: {exc}") from None
     return config
+
+
+def _check_tls(cert: str, key: str | None) -> None:
+    """At start, like the JWT key: a certificate and key the server cannot use are one line and exit 2,
+    not an OpenSSL error from inside the start (or, with --workers, every worker failing in turn)."""
+    try:
+        # (a password callback: an encrypted key fails here instead of OpenSSL asking for its pass phrase)
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--tls-cert {cert} and --tls-key {key}: not a usable PEM certificate and unencrypted "
+                          f"private key of it: {exc}") from None
 
 
 def _check_public_key(path: str) -> None:

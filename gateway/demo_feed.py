@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import random
 import signal
@@ -60,8 +61,10 @@ def schedule(rng: random.Random, *, rate: float = 1.0, count: int | None = None,
     """The feed's ticks: one every INTERVAL_S / rate seconds from 0, each with 1..MAX_PER_TICK
     updates on random matches. Ends after `count` updates in all (the last tick is cut short) or
     before the first tick due at or after `duration` seconds; endless without either."""
-    if rate <= 0:
-        raise ValueError("rate must be > 0")
+    if not 0 < rate < math.inf:
+        raise ValueError("rate must be a finite number > 0")
+    if duration is not None and not 0 <= duration <= math.inf:
+        raise ValueError("duration must be a number >= 0")
     interval = INTERVAL_S / rate
     left = count
     n = 0
@@ -191,11 +194,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run `demo-feed` with parsed arguments; print one summary line; 0 unless every publish failed."""
-    if args.rate <= 0:
-        print("python -m gateway demo-feed: error: --rate must be > 0", file=sys.stderr)
+    # (not `<= 0`: NaN passes it, and a tick due at NaN is never waited for)
+    if not 0 < args.rate < math.inf:
+        print("python -m gateway demo-feed: error: --rate must be a finite number > 0", file=sys.stderr)
         return 2
-    if args.count is not None and args.count <= 0 or args.duration is not None and args.duration <= 0:
-        print("python -m gateway demo-feed: error: --count and --duration must be > 0", file=sys.stderr)
+    if args.count is not None and args.count <= 0 or args.duration is not None and not 0 < args.duration < math.inf:
+        print("python -m gateway demo-feed: error: --count and --duration must be finite numbers > 0", file=sys.stderr)
         return 2
     if args.token and not args.url:
         print("python -m gateway demo-feed: error: --token goes with --url", file=sys.stderr)

@@ -42,7 +42,7 @@ class _Complete(Exception):
 class Request:
     """One request head, fed in whatever pieces the client sends it."""
 
-    __slots__ = ("_parser", "_size", "url", "headers", "method", "upgrade", "done", "rest")
+    __slots__ = ("_parser", "_size", "url", "headers", "method", "upgrade", "done", "rest", "version", "hosts")
 
     def __init__(self) -> None:
         self._parser = httptools.HttpRequestParser(self)
@@ -50,6 +50,8 @@ class Request:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.method = b""
+        self.version = ""  # "1.1", once done
+        self.hosts = 0  # Host header lines (values are joined in `headers`)
         self.upgrade = False
         self.done = False
         #: bytes that followed the request head in the last piece (the first WebSocket frames)
@@ -61,6 +63,8 @@ class Request:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        if name == b"host":
+            self.hosts += 1
         old = self.headers.get(name)
         self.headers[name] = value if old is None else old + b", " + value
 
@@ -94,12 +98,19 @@ class Request:
             raise HttpError(431, "request head too large")
         if self.done:
             self.method = self._parser.get_method()
+            self.version = self._parser.get_http_version()
             return True
         return False
 
     @property
     def path(self) -> bytes:
-        return self.url.split(b"?", 1)[0]
+        url = self.url
+        if url[:1] != b"/":  # absolute-form, http://host/path (RFC 9112 3.2.2: a server MUST accept it)
+            scheme, sep, rest = url.partition(b"://")
+            if sep and scheme.lower() in (b"http", b"https"):
+                end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+                url = rest[end:] if rest[end:end + 1] == b"/" else b"/" + rest[end:]
+        return url.split(b"?", 1)[0]
 
     def header(self, name: bytes) -> bytes:
         return self.headers.get(name, b"")
@@ -115,6 +126,13 @@ def check_upgrade(req: Request) -> bytes:
         raise HttpError(426, "this is a WebSocket endpoint", (("Upgrade", "websocket"),))
     if req.method != b"GET":
         raise HttpError(400, "a WebSocket upgrade must be a GET")
+    if req.version in ("0.9", "1.0") or req.hosts != 1:
+        # RFC 6455 4.2.1: an HTTP/1.1 or higher GET with a Host; RFC 9112 3.2: one Host, else 400
+        raise HttpError(400, "a WebSocket upgrade is an HTTP/1.1 request with one Host header")
+    if req.header(b"transfer-encoding") or req.header(b"content-length").strip() not in (b"", b"0"):
+        # llhttp stops at the end of an upgrade's head: a body would be read as the first frames, where a
+        # proxy in front sees the request's body (RFC 6455 4.1: the handshake is a GET without one)
+        raise HttpError(400, "a WebSocket upgrade has no body")
     if b"upgrade" not in _tokens(req.header(b"connection")):
         raise HttpError(400, "Connection header must contain 'upgrade'")
     if req.header(b"sec-websocket-version").strip() != b"13":

@@ -15,6 +15,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .protocol import CloseCode
+
+#: the close codes counted by their own label value: the ones the gateway sends itself. A client's close
+#: frame is echoed with its code (any of 1000-1014 and 3000-4999), which is counted as OTHER_CLOSE: a label
+#: value per code would be about 2000 series any client could create.
+COUNTED_CLOSES = frozenset(int(c) for c in CloseCode)
+OTHER_CLOSE = 0
 
 if TYPE_CHECKING:
     from .server import Gateway
@@ -31,7 +38,7 @@ class Stats:
         self.connections_total = 0
         self.publishes = 0
         self.errors: Counter[str] = Counter()
-        self.closes: Counter[int] = Counter()
+        self.closes: Counter[int] = Counter()          # by code; OTHER_CLOSE for the codes of no meaning here
         self.http_requests: Counter[str] = Counter()   # plain HTTP requests by route ("other" for the rest)
         self.http_rejected: Counter[int] = Counter()   # requests refused (bad upgrade, bad HTTP) by status
 
@@ -39,7 +46,7 @@ class Stats:
         self.errors[code] += 1
 
     def count_close(self, code: int) -> None:
-        self.closes[code] += 1
+        self.closes[code if code in COUNTED_CLOSES else OTHER_CLOSE] += 1
 
     def count_http_error(self, status: int) -> None:
         self.http_rejected[status] += 1
@@ -94,7 +101,7 @@ class GatewayCollector(Collector):
         closes = CounterMetricFamily("gateway_closes", "Connections closed by the gateway, by close code",
                                      labels=["code"])
         for close_code, n in sorted(s.closes.items()):
-            closes.add_metric([str(close_code)], n)
+            closes.add_metric(["other" if close_code == OTHER_CLOSE else str(close_code)], n)
         yield closes
         http_requests = CounterMetricFamily("gateway_http_requests", "Plain HTTP requests, by route", labels=["route"])
         for route, n in sorted(s.http_requests.items()):

@@ -190,6 +190,8 @@ class Session(WSConn):
         if transport is not None:
             transport.write(answer)
             transport.close()
+            # as after a close frame: over TLS, close() awaits the peer's close_notify for up to 30 s
+            self.host.loop.call_later(self.host.close_grace, self._abort)
 
     # ---- frames (parsed by fanout.WSConn) --------------------------------------------------------------
 
@@ -548,7 +550,10 @@ class Session(WSConn):
         if self.ws_state == WSState.HTTP:
             self._http = None  # still in HTTP: no WebSocket to close
             self.ws_stop_input()
-            transport.close()
+            # Nothing to deliver: abort, not close. Over TLS, close() would send close_notify and keep the
+            # connection (and its place under the limits) until the peer answers or the TLS layer's own
+            # shutdown timeout (30 s) passes: a slowloris over TLS would outlive its handshake timeout.
+            transport.abort()
             return
         self.ws_stop_input()
         self.host.stats.count_close(code)

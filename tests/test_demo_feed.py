@@ -47,6 +47,13 @@ def test_schedule_is_repeatable_with_a_seed_and_stays_in_the_demo():
     assert {len(t.updates) for t in a[:-1]} == {1, 2, 3, 4, 5}
 
 
+@pytest.mark.parametrize("bounds", [{"rate": float("nan")}, {"rate": float("inf")},
+                                    {"duration": float("nan")}])
+def test_schedule_refuses_bounds_that_are_not_finite(bounds):
+    with pytest.raises(ValueError):
+        next(demo_feed.schedule(random.Random(1), **bounds))
+
+
 def test_schedule_rate_and_duration():
     fast = list(demo_feed.schedule(random.Random(1), rate=4, duration=10))
     assert [t.at for t in fast] == [0.5 * i for i in range(20)]  # due before 10 s, one every 2/4 s
@@ -166,6 +173,12 @@ async def test_demo_feed_without_bounds_runs_until_interrupted(gateway_factory):
     ["--url", "ws://127.0.0.1:1/ws", "--rate", "0"],
     ["--url", "ws://127.0.0.1:1/ws", "--count", "-3"],
     ["--kafka", "127.0.0.1:1", "--token", "x"],
+    # not numbers the bounds hold to: a tick due at NaN is never waited for (publishes without pause) and a
+    # NaN duration never ends
+    ["--url", "ws://127.0.0.1:1/ws", "--rate", "nan"],
+    ["--url", "ws://127.0.0.1:1/ws", "--rate", "inf"],
+    ["--url", "ws://127.0.0.1:1/ws", "--duration", "nan"],
+    ["--url", "ws://127.0.0.1:1/ws", "--duration", "inf"],
 ])
 def test_demo_feed_bad_arguments_exit_2_with_one_line(argv, capsys):
     from gateway import cli

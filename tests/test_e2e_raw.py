@@ -188,3 +188,30 @@ async def test_first_frames_in_the_same_packet_as_the_upgrade(gateway_factory):
     assert head.startswith(b"HTTP/1.1 101") and b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
     assert b'"connected"' in rest and b'{"op":"pong","id":2}' in rest
     sock.close()
+
+
+async def test_close_codes_a_client_chooses_do_not_become_metric_labels(gateway_factory):
+    """A client's close code is echoed (RFC 6455 5.5.1) but counted under its own code only when it is
+    one the gateway sends itself; any other valid code (1012-1014, 3000-4999) is `code="other"`: before,
+    each was a label value of its own, about 2000 series one client could create."""
+    import urllib.request
+
+    from support.metrics import sample
+
+    gw = await gateway_factory()
+    codes = [3000, 3456, 4999, 4321, 1000]
+    for code in codes:
+        sock = await asyncio.to_thread(raw_upgrade, gw.port)
+        _connect(sock)
+        sock.sendall(client_frame(0x8, struct.pack("!H", code)))
+        frames = await asyncio.to_thread(read_frames, sock, 5)
+        assert _close_code(frames) == code  # still echoed
+        sock.close()
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/metrics", timeout=5 * SCALE) as resp:
+            return resp.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    labels = {m for m in text.splitlines() if m.startswith("gateway_closes_total{")}
+    assert labels == {'gateway_closes_total{code="1000"} 1.0', 'gateway_closes_total{code="other"} 4.0'}, labels
+    assert sample(text, "gateway_closes_total", '{code="other"}') == 4

@@ -61,6 +61,14 @@ def _req(raw: bytes) -> http.Request:
     (UPGRADE.replace(b"GET", b"PUT"), 400),
     (UPGRADE.replace(b"Upgrade: WebSocket", b"Upgrade: h2c"), 426),
     (b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n", 426),
+    # a body: its bytes would be read as the first WebSocket frames (a proxy that forwards it as the
+    # request's body and the gateway would disagree on where the frames start)
+    (UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\nhello"), 400),
+    (UPGRADE.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), 400),
+    # RFC 6455 4.2.1: an HTTP/1.1 (or higher) GET with a Host (RFC 9112 3.2: exactly one)
+    (UPGRADE.replace(b"Host: a\r\n", b""), 400),
+    (UPGRADE.replace(b"Host: a\r\n", b"Host: a\r\nHost: b\r\n"), 400),
+    (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), 400),
 ])
 def test_bad_upgrades(raw, status):
     with pytest.raises(http.HttpError) as info:
@@ -68,6 +76,21 @@ def test_bad_upgrades(raw, status):
     assert info.value.status == status
     answer = info.value.response()
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close\r\n" in answer
+
+
+def test_upgrade_with_an_empty_body_is_accepted():
+    req = _req(UPGRADE.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"))
+    assert http.check_upgrade(req).startswith(b"HTTP/1.1 101 ")
+
+
+@pytest.mark.parametrize("target,path", [(b"http://gw.example:8800/ws?x=1", b"/ws"), (b"HTTPS://gw.example/ws", b"/ws"),
+                                         (b"http://gw.example", b"/"), (b"http://gw.example?x", b"/"),
+                                         (b"/ws?http://a/b", b"/ws")])
+def test_absolute_form_request_target_has_the_path_of_its_url(target, path):
+    """RFC 9112 3.2.2: a server MUST accept the absolute-form (what a client sends to a proxy; some send
+    it to the server itself). Before: its path was the whole URL, so `GET http://host/ws` got 404."""
+    req = _req(UPGRADE.replace(b"/ws?x=1", target))
+    assert req.path == path
 
 
 def test_garbage_and_oversized_heads():

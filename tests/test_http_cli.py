@@ -96,6 +96,13 @@ def test_help_documents_every_flag(capsys):
     ["serve", "--max-pending-bytes", "2000000"],  # < 2 x --max-message-bytes (1 MiB)
     ["serve", "--allowed-origins", "evil.example"],
     ["serve", "--publish-rate", "fast"],
+    # beyond what the settings' users take (C sizes, JSON integers): before, the gateway started and then
+    # failed every connection (or every subscribe, publish) with an OverflowError in its log
+    ["serve", "--max-pending-bytes", str(2**64)],
+    ["serve", "--history", str(2**64)],
+    ["serve", "--history-bytes", str(2**64)],
+    ["serve", "--heartbeat-ms", str(2**64)],
+    ["serve", "--coalesce-min-conns", str(2**64)],
     ["bogus"],
 ])
 def test_bad_flags_exit_2_with_one_line(argv, capsys):
@@ -106,6 +113,81 @@ def test_bad_flags_exit_2_with_one_line(argv, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["not-pem", "key-of-another-certificate", "certificate-as-key"])
+def test_unusable_tls_certificate_or_key_is_one_line_and_exit_2(tmp_path, capsys, case):
+    """Checked with the other settings, like --jwt-public-key: before, the gateway failed later, in
+    start(), with exit 1 and OpenSSL's "[SSL] PEM lib (_ssl.c:...)" (and --workers N restarted its
+    workers forever, each failing the same way)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from support.fanout_tls import _cert_pem
+
+    cert_pem, key_pem = _cert_pem()
+    other_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    cert, key = {"not-pem": (b"garbage\n", key_pem), "key-of-another-certificate": (cert_pem, other_key),
+                 "certificate-as-key": (cert_pem, cert_pem)}[case]
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    code = cli.main(["serve", "--port", "0", "--tls-cert", str(tmp_path / "cert.pem"),
+                     "--tls-key", str(tmp_path / "key.pem")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and "--tls-cert" in err[0] and "Traceback" not in err[0], err
+
+
+def test_largest_integer_settings_are_refused_from_the_environment_and_the_file_too(tmp_path):
+    f = tmp_path / "gw.toml"
+    f.write_text(f"history = {2**63 - 1}\n")
+    with pytest.raises(config.ConfigError, match="--config .*history.* must be <="):
+        config.load({}, env={}, file=str(f))
+    with pytest.raises(config.ConfigError, match="GATEWAY_MAX_PENDING_BYTES.* must be <="):
+        config.load({}, env={"GATEWAY_MAX_PENDING_BYTES": str(2**53)})
+    assert config.load({"max_pending_bytes": str(config.MAX_INT)}, env={}).max_pending_bytes == config.MAX_INT
+
+
+@pytest.mark.parametrize("name", ["kafka_fetch_wait_ms", "kafka_publish_timeout_ms"])
+def test_kafka_times_beyond_the_protocols_int32_are_refused(name):
+    """Kafka requests carry these in 32-bit fields (a fetch's max wait; the producer's request timeout).
+    Before: accepted, then aiokafka's fetcher (or sender) died on its first request, so every publish was
+    acked and no subscriber ever got a message (or every publish was `unavailable`)."""
+    kafka = {"kafka": "127.0.0.1:1", "topics": "t"}
+    with pytest.raises(config.ConfigError, match=f"{config.flag_name(name)}.* must be <= {2**31 - 1}"):
+        config.load({name: str(2**31), **kafka}, env={})
+    assert getattr(config.load({name: str(2**31 - 1), **kafka}, env={}), name) == 2**31 - 1
+
+
+async def test_a_gateway_with_the_largest_integer_settings_serves(gateway_factory):
+    big = config.MAX_INT
+    gw = await gateway_factory(max_pending_bytes=big, history=big, history_bytes=big, history_total_bytes=big,
+                               heartbeat_ms=big, coalesce_min_conns=big, max_subscriptions=big,
+                               max_inflight_publishes=big, connect_timeout_ms=big, jwt_leeway_ms=big)
+    ws = await connected(ws_url(gw))
+    await send(ws, {"op": "subscribe", "subjects": [{"subject": "/m/1"}]})
+    assert (await recv(ws))["op"] == "subscribed"
+    await send(ws, {"op": "publish", "subject": "/m/1", "content": "x", "id": 1})
+    got = [await recv(ws), await recv(ws)]
+    assert sorted(f["op"] for f in got) == ["ack", "msg"], got
+
+
+def test_config_file_from_the_environment(tmp_path):
+    """GATEWAY_CONFIG names the file as --config does (every flag reads GATEWAY_<FLAG>); --config wins.
+    Before: GATEWAY_CONFIG was ignored, and the gateway started on the defaults without a word."""
+    f = tmp_path / "gw.toml"
+    f.write_text("workers = 2\n")  # without kafka: refused, so the file was read
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0"], capture_output=True, text=True,
+                          cwd="/", env={**os.environ, "GATEWAY_CONFIG": str(f)}, timeout=60 * SCALE)
+    assert proc.returncode == 2, proc.stderr
+    assert "--workers > 1 needs --kafka" in proc.stderr
+    other = tmp_path / "other.toml"
+    other.write_text("max_pending_bytes = 1\n")  # --config wins over GATEWAY_CONFIG: this file is the one read
+    proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", "--config", str(other)],
+                          capture_output=True, text=True, cwd="/", env={**os.environ, "GATEWAY_CONFIG": str(f)},
+                          timeout=60 * SCALE)
+    assert proc.returncode == 2 and "--max-pending-bytes (1) must be at least" in proc.stderr, proc.stderr
 
 
 def test_flags_win_over_environment_over_file(tmp_path):
@@ -198,6 +280,10 @@ _UPGRADE = ("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Up
     pytest.param(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", 426, b"Upgrade: websocket", id="plain-get-on-ws"),
     pytest.param(b"\x16\x03\x01 not http at all\r\n\r\n", 400, b"bad request", id="garbage"),
     pytest.param(b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n", 431, b"too large", id="huge-head"),
+    pytest.param(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace(
+        "\r\n\r\n", "\r\nContent-Length: 5\r\n\r\nhello").encode(), 400, b"body", id="upgrade-with-a-body"),
+    pytest.param(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace("Host: x\r\n", "").encode(),
+                 400, b"one Host", id="upgrade-without-host"),
     pytest.param(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, b"Allow: GET, HEAD",
                  id="post"),
 ])
@@ -213,6 +299,25 @@ async def test_bad_http_gets_a_clear_status_and_the_gateway_stays_up(gateway_fac
     _, _, metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{gw.port}/metrics")
     if status != 405:
         assert f'gateway_http_rejected_total{{status="{status}"}} 1.0' in metrics.decode()
+
+
+async def test_absolute_form_request_targets_are_served(gateway_factory):
+    gw = await gateway_factory()
+    answer = await asyncio.to_thread(_raw_http, gw.port, f"GET http://127.0.0.1:{gw.port}/healthz HTTP/1.1\r\n"
+                                     f"Host: 127.0.0.1:{gw.port}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"status":"ok"' in answer, answer[:200]
+    from support.ws import read_head
+
+    def upgrade() -> bytes:
+        import socket
+
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5 * SCALE) as sock:
+            sock.sendall(_UPGRADE.format(key="dGhlIHNhbXBsZSBub25jZQ==", version="13").replace(
+                "GET /ws", f"GET http://127.0.0.1:{gw.port}/ws").encode())
+            return read_head(sock)
+
+    head = await asyncio.to_thread(upgrade)
+    assert head.startswith(b"HTTP/1.1 101 "), head
 
 
 async def test_head_request_and_unknown_path(gateway_factory):

@@ -1139,3 +1139,65 @@ async def test_a_dead_worker_is_restarted_and_serves_again(kafka_broker: KafkaBr
     assert gw.proc.wait(3 * WAIT) == 0
     log = gw.log()  # one death, one restart: workers stopped by SIGTERM are not restarted
     assert (log.count(" died ("), log.count(" restarted (pid")) == (1, 1), log
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone or a zombie (an orphan's exit is reaped by whoever adopted it, maybe nobody)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_stop_when_their_parent_is_killed(kafka_broker: KafkaBroker,
+                                                        gateway_processes: list[GatewayProcess],
+                                                        topic: Callable[[str], str]) -> None:
+    """`--workers 2`, the parent killed with SIGKILL (an OOM kill, a supervisor's kill -9): each worker
+    closes its clients with 1001 and exits. Before: they went on serving as orphans, nobody restarting
+    them, holding the port (SO_REUSEPORT) beside the gateway started in the parent's place."""
+    import re
+
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    gw = GatewayProcess(kafka_broker, [t], "wo", "--workers", "2")
+    gateway_processes.append(gw)
+    await _serving_nodes(gw, {"wo-w1", "wo-w2"})
+    m = re.search(r"workers on port \d+ \(pids (\d+), (\d+)\)", gw.log())
+    assert m, gw.log()
+    workers = [int(m.group(1)), int(m.group(2))]
+    try:
+        clients: list[tuple[str, ClientConnection]] = []
+        for _ in range(40):
+            ws = await open_ws(gw.url)
+            await send(ws, {"op": "connect"})
+            clients.append(((await recv(ws))["server"], ws))
+            if {s for s, _ in clients} == {"wo-w1", "wo-w2"}:
+                break
+        assert {s for s, _ in clients} == {"wo-w1", "wo-w2"}, "the kernel spreads connections over both workers"
+        gw.kill(signal.SIGKILL)
+        for _, ws in clients:
+            assert await close_code(ws) == 1001
+        await wait_until(lambda: all(_exited(pid) for pid in workers), "both workers to exit", 3 * WAIT)
+    finally:
+        for pid in workers:  # (started by this test, through the parent it killed)
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_workers_stopped_while_they_start_exit_0(kafka_broker: KafkaBroker,
+                                                       gateway_processes: list[GatewayProcess],
+                                                       topic: Callable[[str], str], sig: int) -> None:
+    """SIGTERM or SIGINT right after the parent started its workers, while they still import and connect:
+    the gateway exits 0 (the operating contract). Before: a worker not yet listening for the signal died
+    of it (SIGTERM: the parent's exit status 241 from -15) or printed a KeyboardInterrupt traceback and
+    exited 1 (SIGINT)."""
+    t = topic()
+    await kafka_broker.create_topic(t, 1)
+    gw = GatewayProcess(kafka_broker, [t], "ws", "--workers", "2")
+    gateway_processes.append(gw)
+    await wait_until(lambda: "2 workers on port" in gw.log(), "the parent to start its workers", 3 * WAIT)
+    gw.proc.send_signal(sig)
+    assert await asyncio.to_thread(gw.proc.wait, 3 * WAIT) == 0, gw.log()
+    assert "Traceback" not in gw.log(), gw.log()

@@ -187,6 +187,16 @@ def test_config_limits_defaults_and_refusals():
     assert c.allowed_origins == ("https://a.example", "http://b.example:8080") and c.publish_rate == 2.5
 
 
+@pytest.mark.parametrize("origin", ["https://a.example:99999", "https://a.example:44a3", "http://:8080"])
+def test_allowed_origins_that_could_never_match_are_refused_at_start(origin):
+    """Before: accepted by the flag's check, then dropped without a word by normalize_origins (a port out
+    of range or not a number, no host): the origin the operator listed was refused 403 at every upgrade."""
+    with pytest.raises(cfg.ConfigError, match="--allowed-origins"):
+        cfg.load({"allowed_origins": origin}, env={})
+    assert normalize_origins(cfg.load({"allowed_origins": "HTTPS://A.example:443"}, env={}).allowed_origins) == \
+        frozenset({"https://a.example:443"})
+
+
 def test_close_reason_is_cut_at_a_character_boundary():
     assert close_reason("plain") == b"plain"
     for text in ["x" + "é" * 70, "€" * 50, "ab" + "😀" * 40, "y" * 200]:

@@ -121,3 +121,58 @@ async def test_tls_handshake_that_never_starts_gets_the_handshake_timeout(gatewa
     sock.close()
     await wait_until(lambda: gw.admission.open == 0, "the connection counted out")
     assert gw.admission.hits["handshake_timeout"] == 1
+
+
+async def test_tls_request_head_that_never_ends_is_dropped_at_the_handshake_timeout(gateway_factory, tmp_path):
+    """TLS done, then an HTTP request head that never ends (a slowloris over TLS): dropped without an
+    answer at the handshake timeout, and its place under the connection limits given back then. Before:
+    the gateway closed it politely, a TLS close_notify awaiting the peer's, so the connection stayed
+    open and counted for the TLS layer's shutdown timeout (30 s) past the handshake timeout."""
+    gw = await gateway_factory(**_tls_files(tmp_path), handshake_timeout_ms=300)
+    _, client_ctx = contexts()
+
+    def slowloris() -> ssl.SSLSocket:
+        tls = client_ctx.wrap_socket(_tcp(gw.port, "127.0.0.1"), server_hostname="127.0.0.1")
+        tls.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
+        return tls
+
+    tls = await asyncio.to_thread(slowloris)
+    try:
+        await wait_until(lambda: gw.admission.hits["handshake_timeout"] == 1, "the handshake timeout")
+        await wait_until(lambda: gw.admission.open == 0, lambda: f"the connection counted out ({gw.admission.open})")
+        assert gw._unconnected == {} and gw.sessions == set()
+
+        def read_all() -> bytes:
+            got = b""
+            try:
+                while chunk := tls.recv(4096):
+                    got += chunk
+            except (ssl.SSLError, ConnectionResetError):
+                pass
+            return got
+
+        assert await asyncio.to_thread(read_all) == b""  # no answer
+    finally:
+        tls.close()
+
+
+async def test_tls_client_that_keeps_the_connection_after_an_answer_is_dropped(gateway_factory, tmp_path):
+    """A TLS client that gets a plain answer (here /healthz) and then neither closes nor answers the
+    gateway's close_notify: its connection is aborted `close_grace` after the answer, as a WebSocket is
+    after its close frame. Before: it stayed open, and counted under the connection limits, for the TLS
+    layer's shutdown timeout (30 s); a client could hold a place that long for each request."""
+    gw = await gateway_factory(**_tls_files(tmp_path))
+    gw.close_grace = 0.2
+    _, client_ctx = contexts()
+
+    def ask() -> tuple[ssl.SSLSocket, bytes]:
+        tls = client_ctx.wrap_socket(_tcp(gw.port, "127.0.0.1"), server_hostname="127.0.0.1")
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        return tls, read_head(tls)
+
+    tls, head = await asyncio.to_thread(ask)
+    try:
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        await wait_until(lambda: gw.admission.open == 0, lambda: f"the connection counted out ({gw.admission.open})")
+    finally:
+        tls.close()

@@ -258,7 +258,10 @@ def check_http(pieces: list[bytes]) -> str:
     assert (req.method, req.url, req.headers, req.upgrade) == (whole.method, whole.url, whole.headers,
                                                                whole.upgrade), data
     assert rest == whole_rest, data
-    assert req.path == req.url.split(b"?", 1)[0]
+    if req.url[:1] == b"/" or not re.match(rb"(?i)https?://", req.url):
+        assert req.path == req.url.split(b"?", 1)[0]
+    else:  # absolute-form: the path of the URL (RFC 9112 3.2.2)
+        assert req.path == (b"/" + re.sub(rb"(?i)^https?://[^/?]*/?", b"", req.url)).split(b"?", 1)[0]
     try:
         answer = http.check_upgrade(req)
     except http.HttpError as exc:
@@ -266,6 +269,9 @@ def check_http(pieces: list[bytes]) -> str:
         _check_response(exc.response(), exc.status)
         return f"refused:{exc.status}"
     assert req.upgrade and req.method == b"GET"
+    assert req.version not in ("0.9", "1.0") and req.hosts == 1
+    # no body: its bytes would be taken for the first frames
+    assert not req.header(b"transfer-encoding") and req.header(b"content-length").strip() in (b"", b"0")
     key = req.header(b"sec-websocket-key").strip()
     assert len(base64.b64decode(key, validate=True)) == 16
     accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
