@@ -25,6 +25,7 @@ from gateway.engines.kafka import partition_for_key
 from gateway.subjects import parse_subject
 from support.kafka_broker import KafkaBroker
 from support.kafka_gateway import GatewayProcess, http_status, kafka_gateway
+from support.metrics import metric
 from support.waits import wait_until  # noqa: E402
 from support.ws import close_code, connected, open_ws, recv, recv_until, send
 
@@ -197,18 +198,6 @@ async def test_records_of_other_producers_with_odd_keys_and_values(
         await pub.close()
 
 
-async def _engine_metric(port: int, name: str) -> float:
-    """gateway_engine{name=`name`} from /metrics over HTTP."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
-    try:
-        writer.write(f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-        body = (await asyncio.wait_for(reader.read(), WAIT)).split(b"\r\n\r\n", 1)[1].decode()
-    finally:
-        writer.close()
-    (line,) = [x for x in body.splitlines() if x.startswith("gateway_engine{") and f'name="{name}"' in x]
-    return float(line.rsplit(" ", 1)[1])
-
-
 async def test_a_record_too_large_as_delivered_is_skipped_not_a_subject_down(
         kafka_broker: KafkaBroker, gateway_factory: Any, topic: Callable[[str], str]) -> None:
     """A record of another producer whose content as delivered is over --max-message-bytes (here valid
@@ -236,7 +225,8 @@ async def test_a_record_too_large_as_delivered_is_skipped_not_a_subject_down(
         assert [(m["seq"], m["prev"], m["content"]) for m in c.msgs[sa]] == [
             (m1.offset + 1, 0, "m1"), (m3.offset + 1, m1.offset + 1, "m3")]
         assert [(m["seq"], m["content"]) for m in c.msgs[sb]] == [(other.offset + 1, "other")]
-        assert await _engine_metric(gw.port, "records_skipped_too_large") == 1
+        assert await asyncio.to_thread(metric, gw.port, "gateway_engine",
+                                         '{engine="kafka",name="records_skipped_too_large"}') == 1
         # From here on each step ends with a marker of its own, published once its subscriber is in: the
         # marker arrives after everything before it (one subject's messages arrive in order).
         async def marker(text: str, collectors: list[Collector]) -> None:
