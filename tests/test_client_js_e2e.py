@@ -90,3 +90,27 @@ async def test_a_url_that_refuses_connections_is_a_failed_attempt_at_once(gatewa
     assert statuses[0] == ["connecting", dead]
     assert statuses[1][0] == "disconnected" and "heartbeat" not in statuses[1][1], statuses
     assert statuses[2:] == [["connecting", ws_url(gw)], ["connected", "test-0"]]
+
+
+async def test_a_publish_while_disconnected_or_lost_before_its_ack_fails_as_connection_closed(tmp_path):
+    """client.js never queues or resends a publish. Not connected: it is refused at once, with or
+    without ack (a fire-and-forget publish was dropped without a word). Connection lost before the
+    ack: rejected as `connection_closed` with the close code, not as `unavailable`, which is the
+    gateway's word for "not stored" and would invite a resend that may store it twice."""
+    from support.client_fakegw import T, FakeGateway
+
+    async with FakeGateway() as gw:
+        node_run = asyncio.create_task(
+            _run_node("publish_on_a_lost_connection.mjs", str(client_module(tmp_path)), gw.url))
+        conn = await gw.accept()
+        await conn.handshake()
+        publish = await conn.expect("publish")  # the first frame that reaches us is the in-flight one
+        await conn.close(1012, "restarting")
+        seen = await asyncio.wait_for(node_run, 60 * SCALE + T)
+    assert publish["content"] == "in flight" and "id" in publish, publish
+    for key in ("early", "earlyNoAck", "after"):
+        assert seen[key]["code"] == "connection_closed", seen
+        assert seen[key]["subject"] == "/js/lost", seen
+    lost = seen["lost"]
+    assert (lost["code"], lost["id"], lost["closeCode"]) == ("connection_closed", publish["id"], 1012), seen
+    assert "may or may not be stored" in lost["message"]

@@ -95,6 +95,9 @@ export class GatewayError extends Error {
   request?: string;
   subject?: string;
   id?: string | number;
+  /** `code` "connection_closed" (a publish refused because the client is not connected, or lost with
+   * the connection before its ack, stored or not): the WebSocket close code (1006: no close frame). */
+  closeCode?: number;
 }
 
 export type Status = "connecting" | "connected" | "disconnected" | "reconnecting" | "subscribed"
@@ -133,7 +136,9 @@ export class GatewayClient {
   /** Subscribe (again: asks from the subject's position). Returns a function that unsubscribes. */
   subscribe(subject: string, callback?: (message: Message) => void): () => void;
   unsubscribe(subject: string, callback?: (message: Message) => void): void;
-  /** With `ack` (the default), resolves with the gateway's ack, rejects with its GatewayError. */
+  /** With `ack` (the default), resolves with the gateway's ack, rejects with its GatewayError. Never
+   * queued nor resent: while not connected it rejects at once (also without `ack`), and a connection
+   * lost before the ack rejects it; both with code "connection_closed", as the Python client does. */
   publish(subject: string, content: string, options?: { ack?: true }): Promise<Ack>;
   publish(subject: string, content: string, options: { ack: false }): Promise<null>;
   close(): void;

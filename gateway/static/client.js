@@ -307,13 +307,15 @@ export class GatewayClient {
   }
 
   publish(subject, content, { ack = true } = {}) {
+    // Not connected: the publish is refused here, never queued (a publish is never resent), as a
+    // `connection_closed` GatewayError like the Python client's ConnectionClosedError.
+    if (!this._connected) return Promise.reject(new GatewayError("connection_closed", "not connected", { subject }));
     const frame = { op: "publish", subject, content };
     if (!ack) { this._send(frame); return Promise.resolve(null); }
     const id = this._nextId++;
     frame.id = id;
     return new Promise((resolve, reject) => {
-      if (!this._connected) { reject(new GatewayError("unavailable", "not connected", { id })); return; }
-      this.pendingAcks.set(id, { resolve, reject });
+      this.pendingAcks.set(id, { resolve, reject, subject });
       this._send(frame);
     });
   }
@@ -383,7 +385,10 @@ export class GatewayClient {
     this._connected = false;
     clearTimeout(this._watchdog);
     clearTimeout(this._refreshTimer);
-    for (const [id, p] of this.pendingAcks) p.reject(new GatewayError("unavailable", "connection lost", { id }));
+    for (const [id, p] of this.pendingAcks) {  // stored or not, nobody can tell: never resent
+      const why = "connection lost before the ack (the message may or may not be stored)";
+      p.reject(new GatewayError("connection_closed", why, { id, subject: p.subject, closeCode: code }));
+    }
     this.pendingAcks.clear();
     this.tracker.connectionLost();
     this.onStatus("disconnected", reason ? `${code} ${reason}` : `${code}`);

@@ -296,7 +296,7 @@ async function publishOne(subject, content, who) {
   } catch (e) {
     publishes.failed += 1;
     // lost with the connection: it may or may not have been stored; the scores will tell
-    const why = e.code === "unavailable" && e.message.includes("connection lost")
+    const why = e.code === "connection_closed" && e.id !== undefined
       ? "connection lost before the ack (it may still count)" : e.message;
     showPublishes({ cls: "failed", text: `failed: goal for ${what}: ${why}` });
   } finally {
