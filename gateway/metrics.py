@@ -18,8 +18,9 @@ from . import __version__
 from .protocol import CloseCode
 
 #: the close codes counted by their own label value: the ones the gateway sends itself. A client's close
-#: frame is echoed with its code (any of 1000-1014 and 3000-4999), which is counted as OTHER_CLOSE: a label
-#: value per code would be about 2000 series any client could create.
+#: frame (any of 1000-1014 and 3000-4999) is counted apart, in gateway_client_closes_total, and under
+#: OTHER_CLOSE unless it is one of these: a label value per code would be about 2000 series any client
+#: could create.
 COUNTED_CLOSES = frozenset(int(c) for c in CloseCode)
 OTHER_CLOSE = 0
 
@@ -32,21 +33,25 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Stats:
     """Counters of the gateway's own events."""
 
-    __slots__ = ("connections_total", "publishes", "errors", "closes", "http_requests", "http_rejected")
+    __slots__ = ("connections_total", "publishes", "errors", "closes", "client_closes", "http_requests",
+                 "http_rejected")
 
     def __init__(self) -> None:
         self.connections_total = 0
         self.publishes = 0
         self.errors: Counter[str] = Counter()
-        self.closes: Counter[int] = Counter()          # by code; OTHER_CLOSE for the codes of no meaning here
+        self.closes: Counter[int] = Counter()          # closes the gateway started, by code
+        self.client_closes: Counter[int] = Counter()   # closes a client started, by code (OTHER_CLOSE: not ours)
         self.http_requests: Counter[str] = Counter()   # plain HTTP requests by route ("other" for the rest)
         self.http_rejected: Counter[int] = Counter()   # requests refused (bad upgrade, bad HTTP) by status
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
 
-    def count_close(self, code: int) -> None:
-        self.closes[code if code in COUNTED_CLOSES else OTHER_CLOSE] += 1
+    def count_close(self, code: int, *, by_client: bool = False) -> None:
+        """A close the gateway started, or (`by_client`) one a client started, which it echoes: a client
+        closing with 4000 is no slow consumer."""
+        (self.client_closes if by_client else self.closes)[code if code in COUNTED_CLOSES else OTHER_CLOSE] += 1
 
     def count_http_error(self, status: int) -> None:
         self.http_rejected[status] += 1
@@ -98,11 +103,14 @@ class GatewayCollector(Collector):
         for code, n in sorted(s.errors.items()):
             errors.add_metric([code], n)
         yield errors
-        closes = CounterMetricFamily("gateway_closes", "Connections closed by the gateway, by close code",
-                                     labels=["code"])
-        for close_code, n in sorted(s.closes.items()):
-            closes.add_metric(["other" if close_code == OTHER_CLOSE else str(close_code)], n)
-        yield closes
+        for name, doc, counts in (("gateway_closes", "Connections closed by the gateway, by close code", s.closes),
+                                  ("gateway_client_closes", "Connections closed by the client (its close frame "
+                                   "echoed), by its close code; other: none of the gateway's codes",
+                                   s.client_closes)):
+            closes = CounterMetricFamily(name, doc, labels=["code"])
+            for close_code, n in sorted(counts.items()):
+                closes.add_metric(["other" if close_code == OTHER_CLOSE else str(close_code)], n)
+            yield closes
         http_requests = CounterMetricFamily("gateway_http_requests", "Plain HTTP requests, by route", labels=["route"])
         for route, n in sorted(s.http_requests.items()):
             http_requests.add_metric([route], n)

@@ -204,8 +204,8 @@ class Session(WSConn):
             return self.send_error(ProtocolError(protocol.BAD_REQUEST, "protocol messages are text frames, not binary"))
         self._on_text(payload)
 
-    def ws_close(self, code: int, reason: str) -> None:
-        self.disconnect(protocol.CloseCode.NORMAL if code == CloseCode.NO_STATUS else code)
+    def ws_close(self, code: int, reason: str) -> None:  # the client's close: echo its code
+        self.disconnect(protocol.CloseCode.NORMAL if code == CloseCode.NO_STATUS else code, by_client=True)
 
     def ws_fail(self, code: int, reason: str) -> None:
         self.disconnect(code, reason)
@@ -537,8 +537,9 @@ class Session(WSConn):
         self.last_ping = now
         self.send(PING_FRAME)
 
-    def disconnect(self, code: int = protocol.CloseCode.NORMAL, reason: str = "") -> None:
+    def disconnect(self, code: int = protocol.CloseCode.NORMAL, reason: str = "", *, by_client: bool = False) -> None:
         """Close the connection with `code` after what is queued for the client (order kept); idempotent.
+        `by_client`: this answers the client's own close (counted apart).
 
         Before the upgrade there is no WebSocket: the socket is just closed, without a response. (Not
         named close(): Conn.close() is the fan-out's "forget this connection", with no arguments.)
@@ -556,7 +557,7 @@ class Session(WSConn):
             transport.abort()
             return
         self.ws_stop_input()
-        self.host.stats.count_close(code)
+        self.host.stats.count_close(code, by_client=by_client)
         self.host.writer.flush()  # our queue out first (whatever a paused socket cannot take is dropped)
         Conn.close(self)
         # The transport's buffer always ends on a frame boundary, so a close frame can follow it.

@@ -97,7 +97,7 @@ async def test_a_publish_while_disconnected_or_lost_before_its_ack_fails_as_conn
     without ack (a fire-and-forget publish was dropped without a word). Connection lost before the
     ack: rejected as `connection_closed` with the close code, not as `unavailable`, which is the
     gateway's word for "not stored" and would invite a resend that may store it twice."""
-    from support.client_fakegw import T, FakeGateway
+    from support.client_fakegw import FakeGateway, T
 
     async with FakeGateway() as gw:
         node_run = asyncio.create_task(

@@ -212,6 +212,42 @@ async def test_close_codes_a_client_chooses_do_not_become_metric_labels(gateway_
             return resp.read().decode()
 
     text = await asyncio.to_thread(scrape)
-    labels = {m for m in text.splitlines() if m.startswith("gateway_closes_total{")}
-    assert labels == {'gateway_closes_total{code="1000"} 1.0', 'gateway_closes_total{code="other"} 4.0'}, labels
-    assert sample(text, "gateway_closes_total", '{code="other"}') == 4
+    labels = {m for m in text.splitlines() if m.startswith("gateway_client_closes_total{")}
+    assert labels == {'gateway_client_closes_total{code="1000"} 1.0',
+                      'gateway_client_closes_total{code="other"} 4.0'}, labels
+    assert sample(text, "gateway_client_closes_total", '{code="other"}') == 4
+    # none of them is a close the gateway started
+    assert not [m for m in text.splitlines() if m.startswith("gateway_closes_total{")], text
+
+
+async def test_a_client_closing_with_a_gateway_code_is_not_counted_as_the_gateways_close(gateway_factory):
+    """A client may close with 4000 or 1011 (both valid close codes): that is no slow consumer and no
+    dead peer of the gateway's, and the operator's alerts on `gateway_closes_total{code="4000"}` must not
+    fire for it. It counts in `gateway_client_closes_total`; the gateway's own 1008 still counts as its."""
+    import urllib.request
+
+    from support.metrics import sample
+
+    gw = await gateway_factory()
+    for code in (4000, 1011, 4000):
+        sock = await asyncio.to_thread(raw_upgrade, gw.port)
+        _connect(sock)
+        sock.sendall(client_frame(0x8, struct.pack("!H", code)))
+        frames = await asyncio.to_thread(read_frames, sock, 5)
+        assert _close_code(frames) == code  # echoed
+        sock.close()
+    sock = await asyncio.to_thread(raw_upgrade, gw.port)  # the gateway's close: binary before connect
+    sock.sendall(client_frame(0x2, b"x"))
+    frames = await asyncio.to_thread(read_frames, sock, 5)
+    assert _close_code(frames) == 1008
+    sock.close()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.port}/metrics", timeout=5 * SCALE) as resp:
+            return resp.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    assert sample(text, "gateway_client_closes_total", '{code="4000"}') == 2
+    assert sample(text, "gateway_client_closes_total", '{code="1011"}') == 1
+    gateway_closes = {m for m in text.splitlines() if m.startswith("gateway_closes_total{")}
+    assert gateway_closes == {'gateway_closes_total{code="1008"} 1.0'}, gateway_closes

@@ -131,7 +131,7 @@ async def test_a_session_runs_on_the_narrow_host_alone() -> None:
     session.data_received(client_frame(OP_CLOSE, b""))
     frames = _frames_after_101(bytes(transport.out))
     assert frames[-1] == (OP_CLOSE, struct.pack("!H", CloseCode.NORMAL))
-    assert transport.closing and host.stats.closes == {CloseCode.NORMAL: 1}
+    assert transport.closing and host.stats.client_closes == {CloseCode.NORMAL: 1} and not host.stats.closes
     session.connection_lost(None)
     assert host.events[-1] == "closed" and session.closed
     assert host.hub.state("/a/1").channel.conns() == []
