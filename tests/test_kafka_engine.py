@@ -342,7 +342,6 @@ async def test_topic_created_after_start_is_picked_up(kafka_broker: KafkaBroker,
 
 
 async def test_recreated_topic_gets_new_epoch(kafka_broker: KafkaBroker, make_engine: Make, topic) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
 
     t = topic()
     await kafka_broker.create_topic(t, 1)
@@ -350,12 +349,7 @@ async def test_recreated_topic_gets_new_epoch(kafka_broker: KafkaBroker, make_en
     s = parse_subject(f"/{t}/k")
     old_epoch, _ = await engine.publish(s, b"old")
     await wait_until(lambda: len(got) == 1, "the old record read back before the topic goes")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
-    await admin.start()
-    try:
-        await admin.delete_topics([t])
-    finally:
-        await admin.close()
+    await kafka_broker.delete_topic(t)
     await wait_until(lambda: engine.stats()["partitions_assigned"] == 0, "deleted topic dropped")
     await kafka_broker.create_topic(t, 1)
     await wait_until(lambda: engine.stats()["partitions_assigned"] == 1, "recreated topic assigned")

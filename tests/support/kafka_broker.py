@@ -197,6 +197,15 @@ class KafkaBroker:
         finally:
             await admin.close()
 
+    async def delete_topic(self, name: str) -> None:
+        """Delete `name` (the broker deletes it in the background: wait for what the test relies on)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            await admin.delete_topics([name])
+        finally:
+            await admin.close()
+
     async def _topic_ready(self, admin: AIOKafkaAdminClient, name: str, partitions: int) -> bool:
         topics = await admin.describe_topics([name])
         t = topics[0] if topics else None
