@@ -442,8 +442,11 @@ class Client:
             and `refresh_lead` seconds before its `exp`.
         refresh_lead: seconds before `exp` to send `refresh` (at most halfway to `exp`).
         name: the `client` field of `connect`.
-        backoff_initial, backoff_max: reconnect backoff (full jitter), in seconds.
-        connect_timeout: seconds for the WebSocket handshake and the `connected` answer.
+        backoff_initial, backoff_max: reconnect backoff (full jitter), in seconds. The backoff goes back
+            to `backoff_initial` only after a connection that lasted `backoff_max`: a gateway that
+            accepts and then drops at once is not retried every `backoff_initial`.
+        connect_timeout: seconds for the WebSocket handshake and the `connected` answer, and for an
+            async token provider's answer (a provider that hangs is a failed attempt).
         max_message_bytes: the largest frame accepted from the gateway.
         on_event: called with (name, info) on connected, disconnected, reconnecting, connect_failed,
             gap, subscription_lost, publish_failed, refreshed, refresh_failed, token_expired,
@@ -908,7 +911,8 @@ class Client:
     async def _run(self) -> None:
         """Connect, serve, reconnect: until close(), a fatal error or too many failed attempts."""
         failures = 0  # consecutive failed attempts, for max_reconnect_attempts
-        step = 0  # backoff exponent: grows with every wait, back to 0 after `connected`
+        step = 0  # backoff exponent: grows with every wait, back to 0 after a connection that lasted
+        loop = asyncio.get_running_loop()
         first = True
         while not self._closing:
             url = self._urls[self._url_index]
@@ -930,7 +934,8 @@ class Client:
                 await self._backoff(step)
                 step += 1
                 continue
-            failures = step = 0  # a successful `connected` resets the backoff
+            failures = 0  # a successful `connected` ends the run of failed attempts
+            since = loop.time()
             try:
                 code, reason = await self._serve(ws, url, hello, first)
             except _Fatal as fatal:
@@ -939,6 +944,8 @@ class Client:
             first = False
             if self._closing:
                 return
+            if loop.time() - since >= self._backoff_max:
+                step = 0  # it lasted: a fresh loss, retried fast; one dropped at once backs off further
             log.info("connection to %s lost (close code %s %s), reconnecting", url, code, reason)
             self._event("disconnected", {"url": url, "code": code, "reason": reason})
             self._next_url()
@@ -996,13 +1003,25 @@ class Client:
             raise
 
     async def _fresh_token(self) -> str:
-        """Ask the provider; its failure is a failed attempt (ValueError: backoff and retry)."""
+        """Ask the provider; its failure is a failed attempt (ValueError: backoff and retry), and so is
+        an async provider without an answer within connect_timeout."""
         assert self._token_provider is not None
         try:
-            result = self._token_provider()
-            token = await result if inspect.isawaitable(result) else result
+            token = self._token_provider()
         except Exception as exc:
             raise ValueError(f"token provider failed: {exc!r}") from exc
+        if inspect.isawaitable(token):
+            waited = asyncio.ensure_future(token)
+            try:
+                await asyncio.wait({waited}, timeout=self._connect_timeout)
+            finally:
+                if not waited.done():
+                    waited.cancel()  # no answer in time, or we were cancelled (close()): stop asking
+            if waited.cancelled() or not waited.done():
+                raise ValueError(f"token provider gave no token within {self._connect_timeout} s")
+            if (failure := waited.exception()) is not None:
+                raise ValueError(f"token provider failed: {failure!r}") from failure
+            token = waited.result()
         if not isinstance(token, str) or not token:
             raise ValueError(f"token provider returned {type(token).__name__}, not a token")
         return token

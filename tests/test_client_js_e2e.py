@@ -114,3 +114,64 @@ async def test_a_publish_while_disconnected_or_lost_before_its_ack_fails_as_conn
     lost = seen["lost"]
     assert (lost["code"], lost["id"], lost["closeCode"]) == ("connection_closed", publish["id"], 1012), seen
     assert "may or may not be stored" in lost["message"]
+
+
+async def test_the_backoff_grows_over_connections_dropped_at_once_and_resets_after_one_that_lasted(tmp_path):
+    """A gateway that answers `connected` and drops at once (a crash loop, a close after every
+    resubscribe) was retried every `backoffInitial` forever: `connected` reset the backoff. Now only a
+    connection that lasted `backoffMax` (1 s here) does. The script pins Math.random, so each wait
+    is its cap: 8, 16, 32 ms, then 8 again after the connection that lasted."""
+    from support.client_fakegw import FakeGateway, T
+
+    async with FakeGateway() as gw:
+        node_run = asyncio.create_task(
+            _run_node("backoff_over_quick_drops.mjs", str(client_module(tmp_path)), gw.url, "5"))
+        conn = await gw.accept()
+        await conn.handshake()
+        for _ in range(3):  # dropped right after `connected`, three times
+            await conn.close(1011, "crash")
+            conn = await gw.accept()
+            await conn.handshake()
+        await asyncio.sleep(2.0)  # the fourth one lasts twice backoffMax (the client's own clock)
+        await conn.close(1001, "restart")
+        conn = await gw.accept()
+        await conn.handshake()
+        seen = await asyncio.wait_for(node_run, 60 * SCALE + T)
+    assert seen["waits"] == [8, 16, 32, 8], seen
+
+
+async def test_a_token_provider_that_hangs_is_a_failed_attempt(tmp_path):
+    """An async token provider that never answers held client.js before its first connection forever:
+    it now gets `connectTimeout`, and the attempt fails and is retried with a new call. Nothing of the
+    wait is left running after close()."""
+    from support.client_fakegw import FakeGateway, T
+
+    async with FakeGateway() as gw:
+        node_run = asyncio.create_task(
+            _run_node("connect_timeout.mjs", str(client_module(tmp_path)), gw.url, "hangs"))
+        conn = await gw.accept()
+        hello = await conn.handshake()
+        seen = await asyncio.wait_for(node_run, 60 * SCALE + T)
+    assert hello["token"] == "tok-2" and seen["calls"] == 2, (hello, seen)
+    assert ["token provider failed", "no token within 200 ms"] in seen["statuses"], seen
+    assert seen["statuses"][-1] == ["connected", "fake"], seen
+    assert seen["timers"] == 0, seen
+
+
+async def test_a_gateway_that_never_answers_connect_is_given_up_after_connect_timeout(tmp_path):
+    """A server that upgrades and never answers `connect` (an overloaded gateway, a wrong service
+    behind the URL) held client.js for 2 x heartbeat (30 s): it now gets `connectTimeout`, then the
+    client tries again."""
+    from support.client_fakegw import FakeGateway, T
+
+    async with FakeGateway() as gw:
+        node_run = asyncio.create_task(
+            _run_node("connect_timeout.mjs", str(client_module(tmp_path)), gw.url, "steady"))
+        silent = await gw.accept()
+        assert (await silent.expect("connect"))["token"] == "tok-1"  # and no answer
+        conn = await gw.accept()
+        hello = await conn.handshake()
+        seen = await asyncio.wait_for(node_run, 60 * SCALE + T)
+    assert hello["token"] == "tok-2", hello
+    assert ["disconnected", "1006 connect timeout"] in seen["statuses"], seen
+    assert seen["statuses"][-1] == ["connected", "fake"] and seen["timers"] == 0, seen

@@ -801,3 +801,53 @@ async def test_a_failing_token_provider_is_a_failed_attempt_with_backoff() -> No
         conn, hello = await connect(client, gw)
         assert calls == 3 and events.names().count("connect_failed") == 2
         assert token_exp(hello["token"]) is not None
+
+
+async def test_a_token_provider_that_hangs_is_a_failed_attempt_and_is_cancelled() -> None:
+    """An async provider that never answers (an identity service that accepts and stalls) held the
+    client before its first connection forever. It gets connect_timeout, like the handshake: then it
+    is cancelled, and the attempt fails and is retried after a backoff."""
+    calls = 0
+    hung_cancelled = asyncio.Event()
+
+    async def provider() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            try:
+                await asyncio.Event().wait()  # never set
+            except asyncio.CancelledError:
+                hung_cancelled.set()
+                raise
+        return jwt_like(_time.time() + 600)
+
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, token=provider, on_event=events,
+                                               connect_timeout=0.2) as client:
+        conn, hello = await connect(client, gw)
+        assert calls == 2 and hung_cancelled.is_set()
+        failed = [i for n, i in events.seen if n == "connect_failed"]
+        assert len(failed) == 1 and "no token within 0.2 s" in failed[0]["error"], failed
+        assert token_exp(hello["token"]) is not None
+
+
+async def test_the_backoff_grows_over_connections_dropped_at_once_and_resets_after_one_that_lasted() -> None:
+    """A gateway that accepts, answers `connected` and drops at once (a crash loop, a 4000 after
+    every resubscribe) was retried every `backoff_initial` forever: `connected` reset the backoff.
+    Now only a connection that lasted `backoff_max` does."""
+    events = Events()
+    async with FakeGateway() as gw, client_for(gw.url, on_event=events, backoff_initial=0.001,
+                                               backoff_max=1.0) as client:
+        conn, _ = await connect(client, gw)
+        for _ in range(3):  # dropped right after `connected`, three times
+            await conn.close(1011, "crash")
+            conn = await gw.accept()
+            await conn.handshake()
+        await events.wait("connected", 4)
+        await asyncio.sleep(2.0)  # the fourth one lasts twice backoff_max (the client's own clock)
+        await conn.close(1001, "restart")
+        conn = await gw.accept()
+        await conn.handshake()
+        await events.wait("connected", 5)
+        waits = [i["attempt"] for n, i in events.seen if n == "reconnecting"]
+        assert waits == [0, 1, 2, 0], waits

@@ -108,8 +108,12 @@ export interface GatewayClientOptions {
   token?: string | null | (() => string | Promise<string>);
   refreshLead?: number;
   name?: string;
+  /** Reconnect backoff (full jitter), in ms: 100 and 10000. The backoff starts over only after a
+   * connection that lasted `backoffMax`: one dropped right after `connected` is retried later and later. */
   backoffInitial?: number;
   backoffMax?: number;
+  /** ms (10000) for the token provider's answer and from dialing to `connected`; then the attempt fails. */
+  connectTimeout?: number;
   /** `detail`: the URL (connecting), server (connected), "code reason" (disconnected), ms until the
    * next attempt (reconnecting), the `subscribed` frame (subscribed), the error text (token). */
   onStatus?: (state: Status, detail: any) => void;

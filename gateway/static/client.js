@@ -256,7 +256,7 @@ export class GatewayError extends Error {
 
 export class GatewayClient {
   constructor(urls, { token = null, refreshLead = 30000, name = "gateway-js/0.1", backoffInitial = 100,
-                      backoffMax = 10000, onStatus = () => {}, onError = () => {} } = {}) {
+                      backoffMax = 10000, connectTimeout = 10000, onStatus = () => {}, onError = () => {} } = {}) {
     this.urls = Array.isArray(urls) ? urls : [urls];
     this.tokenProvider = typeof token === "function" ? token : null;
     this.token = typeof token === "function" ? null : token;
@@ -264,7 +264,8 @@ export class GatewayClient {
     this.refreshLead = refreshLead;
     this.name = name;
     this.backoffInitial = backoffInitial;
-    this.backoffMax = backoffMax;
+    this.backoffMax = backoffMax;  // also how long a connection must last for the backoff to start over
+    this.connectTimeout = connectTimeout;  // for the token provider, and from dialing to `connected`
     this.onStatus = onStatus;
     this.onError = onError;
     this.tracker = new SubscriptionTracker();  // the subscription rules; this class only runs them
@@ -282,6 +283,8 @@ export class GatewayClient {
     this._watchdog = null;
     this._refreshTimer = null;
     this._retryTimer = null;
+    this._tokenTimer = null;
+    this._connectedAt = null;  // Date.now() at `connected`
     this._heartbeatMs = 15000;
     this._open();
   }
@@ -325,6 +328,7 @@ export class GatewayClient {
     clearTimeout(this._watchdog);
     clearTimeout(this._refreshTimer);
     clearTimeout(this._retryTimer);  // the wait for the next attempt
+    clearTimeout(this._tokenTimer);  // the wait for the token provider
     if (this._ws) this._ws.close(1000);
   }
 
@@ -341,9 +345,7 @@ export class GatewayClient {
   _open() {
     if (this._closed) return;
     if (!this.tokenProvider) { this._dial(this.token); return; }
-    let asked;
-    try { asked = Promise.resolve(this.tokenProvider()); } catch (e) { asked = Promise.reject(e); }
-    asked.then((token) => {
+    this._askToken().then((token) => {
       if (typeof token !== "string" || !token) throw new Error("the token provider returned no token");
       this.token = token;
       this.tokenExp = tokenExp(token);
@@ -353,6 +355,18 @@ export class GatewayClient {
       this.onStatus("token provider failed", String(e && e.message || e));
       this._retry();
     });
+  }
+
+  _askToken() {  // the provider's answer, or a rejection after connectTimeout (a provider that hangs)
+    let asked;
+    try { asked = Promise.resolve(this.tokenProvider()); } catch (e) { asked = Promise.reject(e); }
+    const timeout = new Promise((_, reject) => {
+      clearTimeout(this._tokenTimer);
+      this._tokenTimer = setTimeout(
+        () => reject(new Error(`no token within ${this.connectTimeout} ms`)), this.connectTimeout);
+    });
+    const timer = this._tokenTimer;
+    return Promise.race([asked, timeout]).finally(() => clearTimeout(timer));
   }
 
   _dial(token) {
@@ -383,6 +397,10 @@ export class GatewayClient {
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;  // nothing more from it counts
     this._ws = null;
     this._connected = false;
+    // Only a connection that lasted starts the backoff over: one dropped right after `connected` (a
+    // gateway in a crash loop, a close after every resubscribe) is retried later and later.
+    if (this._connectedAt !== null && Date.now() - this._connectedAt >= this.backoffMax) this._attempt = 0;
+    this._connectedAt = null;
     clearTimeout(this._watchdog);
     clearTimeout(this._refreshTimer);
     for (const [id, p] of this.pendingAcks) {  // stored or not, nobody can tell: never resent
@@ -415,14 +433,15 @@ export class GatewayClient {
     this._retryTimer = setTimeout(() => this._open(), delay);
   }
 
-  _arm(ws) {  // 2 x heartbeat_ms of silence = dead connection
+  _arm(ws) {  // 2 x heartbeat_ms of silence = dead connection; connectTimeout until `connected`
     clearTimeout(this._watchdog);
+    const why = this._connected ? "heartbeat timeout" : "connect timeout";
     this._watchdog = setTimeout(() => {
       // Start a close, but do not wait for its handshake: on a dead network it never completes and
       // the browser would fire `close` only after its own timeout, a minute or more later.
-      try { ws.close(1000, "heartbeat timeout"); } catch (e) { /* already closing */ }
-      this._lost(ws, 1006, "heartbeat timeout");  // 1006: lost without a close from the server
-    }, 2 * this._heartbeatMs);
+      try { ws.close(1000, why); } catch (e) { /* already closing */ }
+      this._lost(ws, 1006, why);  // 1006: lost without a close from the server
+    }, this._connected ? 2 * this._heartbeatMs : this.connectTimeout);
   }
 
   _onFrame(text) {
@@ -431,7 +450,7 @@ export class GatewayClient {
     switch (m.op) {
       case "connected": {
         this._connected = true;
-        this._attempt = 0;
+        this._connectedAt = Date.now();
         this._heartbeatMs = m.heartbeat_ms || this._heartbeatMs;
         this._arm(this._ws);
         this.onStatus("connected", m.server);
@@ -497,9 +516,7 @@ export class GatewayClient {
   _refresh() {
     const ws = this._ws;
     if (!ws || !this._connected) return;
-    let asked;
-    try { asked = Promise.resolve(this.tokenProvider()); } catch (e) { asked = Promise.reject(e); }
-    asked.then((token) => {
+    this._askToken().then((token) => {
       if (this._ws !== ws || typeof token !== "string" || !token) return;
       this.token = token;
       this._send({ op: "refresh", token });
