@@ -114,13 +114,17 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.writer: Writer = None  # type: ignore[assignment]
         self._render_metrics = make_renderer(self)
-        self._pages = {b"/": ("text/html; charset=utf-8", _static("index.html")),
-                       b"/demo.js": ("text/javascript; charset=utf-8", _static("demo.js")),
-                       b"/client.js": ("text/javascript; charset=utf-8", _static("client.js")),
+        # path: (content type, body, headers). The SDK files are for pages of any origin: a module script
+        # from another origin is fetched with CORS, so it needs Access-Control-Allow-Origin (public,
+        # static, no credentials: "*").
+        sdk: tuple[tuple[str, str], ...] = (("Access-Control-Allow-Origin", "*"),)
+        self._pages = {b"/": ("text/html; charset=utf-8", _static("index.html"), ()),
+                       b"/demo.js": ("text/javascript; charset=utf-8", _static("demo.js"), ()),
+                       b"/client.js": ("text/javascript; charset=utf-8", _static("client.js"), sdk),
                        # client.js's TypeScript declarations (no registered media type; this is the
                        # one TypeScript tooling and Deno use)
-                       b"/client.d.ts": ("application/typescript; charset=utf-8", _static("client.d.ts")),
-                       b"/favicon.ico": ("image/x-icon", _static("favicon.ico"))}
+                       b"/client.d.ts": ("application/typescript; charset=utf-8", _static("client.d.ts"), sdk),
+                       b"/favicon.ico": ("image/x-icon", _static("favicon.ico"), ())}
 
     def _epoch_of(self, subject: str) -> str:
         return self.engine.epoch(parse_subject(subject))
@@ -348,5 +352,5 @@ class Gateway:
             return http.response(200, self._render_metrics(), CONTENT_TYPE, head_only=head), False
         page = self._pages.get(path)
         if page is not None:
-            return http.response(200, page[1], page[0], head_only=head), False
+            return http.response(200, page[1], page[0], headers=page[2], head_only=head), False
         return http.response(404, b"not found\n", head_only=head), False

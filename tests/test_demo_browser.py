@@ -520,6 +520,30 @@ async def test_client_js_as_an_es_module_against_the_gateway(gateway_factory, pa
         await wait_until(lambda: len(gw.sessions) == 1, "the browser's session to end")
 
 
+async def test_client_js_imported_by_a_page_of_another_origin(gateway_factory, page):
+    """An application's page is rarely served by the gateway: it imports client.js from the gateway's
+    origin. A module script from another origin is fetched with CORS, so without
+    Access-Control-Allow-Origin on /client.js the import failed. The page here is another gateway's
+    /healthz (another port: another origin), which the gateway lists in --allowed-origins."""
+    other_origin = await gateway_factory()
+    gw = await gateway_factory(allowed_origins=(f"http://127.0.0.1:{other_origin.port}",))
+    await page.goto(f"http://127.0.0.1:{other_origin.port}/healthz")
+    async with asyncio.timeout(5 * SCALE):
+        await page.evaluate("""async ([origin, url]) => {
+            const mod = await import(`${origin}/client.js`);
+            window.__got = [];
+            window.__c = new mod.GatewayClient([url]);
+            window.__c.subscribe("/cors/1", (m) => window.__got.push(m.content));
+        }""", [f"http://127.0.0.1:{gw.port}", ws_url(gw)])
+    await page.wait_for_function("window.__c.connected")
+    async with asyncio.timeout(5 * SCALE):
+        ack = await page.evaluate('window.__c.publish("/cors/1", "from another origin")')
+    assert (ack["subject"], ack["seq"]) == ("/cors/1", 1)
+    await page.wait_for_function("window.__got.length === 1")
+    assert await page.evaluate("window.__got") == ["from another origin"]
+    await page.evaluate("window.__c.close()")
+
+
 async def test_client_js_gap_duplicate_and_resubscribe_with_position(gateway_factory, page):
     """The client obligations against a scripted server: a `prev` gap makes it subscribe again with
     its position, a duplicate is dropped, a reconnect resubscribes with the last position."""
