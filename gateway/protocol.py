@@ -127,7 +127,7 @@ class Refresh:
 
 Request = Connect | Subscribe | Unsubscribe | Publish | Ping | Refresh
 
-#: the ops a client may send; `request` of an error is one of these (an unknown op is not echoed)
+#: the ops a client may send (an error for an unknown op echoes that op as its `request`)
 OPS = ("connect", "subscribe", "unsubscribe", "publish", "ping", "refresh")
 
 
@@ -161,9 +161,10 @@ def decode(data: bytes | str) -> Request:
     op = obj["op"]
     decoder = _DECODERS.get(op)
     if decoder is None:
-        # the unknown op is not echoed as `request` (it may be any string); the message names it
+        # 1.1: `request` is present whenever the error answers a request: an unknown op is echoed as
+        # sent (it is the client's own string, at most --max-message-bytes, on its own connection)
         raise ProtocolError(BAD_REQUEST, f"unknown op {op[:64]!r}",
-                            id=obj["id"] if _is_id(obj.get("id")) else _NO_ID)
+                            id=obj["id"] if _is_id(obj.get("id")) else _NO_ID, request=op)
     try:
         req = decoder(obj)
     except ProtocolError as exc:

@@ -114,11 +114,16 @@ def test_decode_errors_name_the_request():
     assert [orjson.loads(e.payload())["request"] for e in r.entries] == ["subscribe", "subscribe"]
     r = dec({"op": "unsubscribe", "subjects": ["bad"]})
     assert orjson.loads(r.entries[0].payload())["request"] == "unsubscribe"
-    # no known op: no `request` (an unknown op is any string; it is not echoed)
-    for raw in (b"nul", b'{"op":"nope"}'):
+    # no op at all: no `request`; an unknown op is a request too, echoed as sent (1.1: present whenever
+    # the error answers a request)
+    for raw in (b"nul", b'{"op":1}'):
         with pytest.raises(ProtocolError) as exc:
             protocol.decode(raw)
         assert "request" not in orjson.loads(exc.value.payload())
+    with pytest.raises(ProtocolError) as exc:
+        protocol.decode(b'{"op":"nope","id":3}')
+    assert orjson.loads(exc.value.payload()) == {"op": "error", "code": "bad_request", "id": 3,
+                                                  "request": "nope", "message": "unknown op 'nope'"}
 
 
 def test_refresh_decodes_and_refreshed_encodes():

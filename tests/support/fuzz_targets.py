@@ -42,8 +42,9 @@ def valid_id(value: Any) -> bool:
 
 def _check_error(exc: ProtocolError, data: bytes | str) -> None:
     assert exc.code in protocol.ERROR_CODES, (exc.code, data)
-    # 1.1: the op of the request it answers, when known (an unknown op is not echoed)
-    assert exc.request is None or exc.request in protocol.OPS, (exc.request, data)
+    # 1.1: the op of the request it answers, whenever the frame had a string op (an unknown one echoed)
+    if exc.request is not None and exc.request not in protocol.OPS:
+        assert orjson.loads(data)["op"] == exc.request, (exc.request, data)
     assert isinstance(exc.message, str) and exc.message, data
     if exc.has_id:
         assert valid_id(exc.id), f"error echoes an id outside the 1.1 rule: {exc.id!r} for {data!r}"
@@ -55,6 +56,7 @@ def _check_error(exc: ProtocolError, data: bytes | str) -> None:
         assert "id" not in obj, obj
     if exc.subject is not None:
         assert obj["subject"] == exc.subject, obj
+    assert obj.get("request") == exc.request, obj
 
 
 def _check_subject(subject: Subject, data: bytes | str) -> None:
