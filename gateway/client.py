@@ -1006,22 +1006,16 @@ class Client:
         """Ask the provider; its failure is a failed attempt (ValueError: backoff and retry), and so is
         an async provider without an answer within connect_timeout."""
         assert self._token_provider is not None
+        deadline: asyncio.Timeout | None = None
         try:
             token = self._token_provider()
+            if inspect.isawaitable(token):
+                async with asyncio.timeout(self._connect_timeout) as deadline:  # cancels the provider
+                    token = await token
         except Exception as exc:
+            if deadline is not None and deadline.expired():
+                raise ValueError(f"token provider gave no token within {self._connect_timeout} s") from exc
             raise ValueError(f"token provider failed: {exc!r}") from exc
-        if inspect.isawaitable(token):
-            waited = asyncio.ensure_future(token)
-            try:
-                await asyncio.wait({waited}, timeout=self._connect_timeout)
-            finally:
-                if not waited.done():
-                    waited.cancel()  # no answer in time, or we were cancelled (close()): stop asking
-            if waited.cancelled() or not waited.done():
-                raise ValueError(f"token provider gave no token within {self._connect_timeout} s")
-            if (failure := waited.exception()) is not None:
-                raise ValueError(f"token provider failed: {failure!r}") from failure
-            token = waited.result()
         if not isinstance(token, str) or not token:
             raise ValueError(f"token provider returned {type(token).__name__}, not a token")
         return token

@@ -360,12 +360,11 @@ export class GatewayClient {
   _askToken() {  // the provider's answer, or a rejection after connectTimeout (a provider that hangs)
     let asked;
     try { asked = Promise.resolve(this.tokenProvider()); } catch (e) { asked = Promise.reject(e); }
+    let timer;
     const timeout = new Promise((_, reject) => {
-      clearTimeout(this._tokenTimer);
-      this._tokenTimer = setTimeout(
-        () => reject(new Error(`no token within ${this.connectTimeout} ms`)), this.connectTimeout);
+      timer = setTimeout(() => reject(new Error(`no token within ${this.connectTimeout} ms`)), this.connectTimeout);
     });
-    const timer = this._tokenTimer;
+    this._tokenTimer = timer;  // close() clears it
     return Promise.race([asked, timeout]).finally(() => clearTimeout(timer));
   }
 
